@@ -1,0 +1,83 @@
+#pragma once
+// The site configuration: one INI file (see docs/configuration.md and design.md).
+//
+// LoadConfig parses and validates the whole file and reports every problem it finds at once,
+// each naming the section/key and quoting the value. Relative paths are resolved against the
+// folder of the config file.
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "crypto/identity.h"
+#include "relay/status.h"
+
+namespace relay::config {
+
+struct Endpoint {  // host:port for TCP listeners
+  std::string host;
+  std::uint16_t port = 0;
+};
+
+struct PeerConfig {
+  std::string name;                  // from [peer.NAME]
+  crypto::PublicIdentity public_key;  // public_key =
+  std::string zmq_connect;           // optional, "tcp://host:port"
+  std::string files_dir;             // optional (sneakernet, issue 4)
+  std::string diode_send;            // optional (diode, issue 4)
+  std::uint32_t window = 8;          // frames in flight before back-pressure
+  std::uint32_t max_frame_events = 2048;
+  std::uint64_t max_frame_bytes = 4u << 20;
+};
+
+enum class SinkKind { kJsonl, kMattermost };
+
+struct ChannelConfig {
+  std::string name;                // from [channel.NAME]
+  std::vector<std::string> peers;  // peer names, each a [peer.NAME]
+  SinkKind sink = SinkKind::kJsonl;
+  std::string jsonl_path;          // absolute after loading
+  std::string mattermost_channel_id;
+};
+
+struct Config {
+  std::string path;        // the file loaded (absolute)
+  std::string dir;         // its folder
+  // [site]
+  std::string site_name;
+  std::string key_file;
+  std::string data_dir;
+  std::chrono::milliseconds dedup_ttl{std::chrono::hours(24 * 7)};
+  // [ingest]
+  Endpoint ingest_listen;
+  std::uint64_t ingest_max_body = 16u << 20;     // bytes of one HTTP request body
+  std::uint64_t ingest_max_text = 64u << 10;     // bytes of one message's text
+  // [zmq]
+  std::string zmq_listen;  // optional, "tcp://host:port"
+  std::chrono::milliseconds heartbeat_interval{1000};
+  std::chrono::milliseconds peer_timeout{5000};
+  // [diode]
+  std::string diode_listen;  // optional
+  // [mattermost]
+  std::string mattermost_url;
+  std::string mattermost_token_file;
+
+  std::vector<PeerConfig> peers;
+  std::vector<ChannelConfig> channels;
+
+  const PeerConfig* FindPeer(const std::string& name) const;
+  const ChannelConfig* FindChannel(const std::string& name) const;
+};
+
+// Parses and validates `path`. On failure the Status message holds every problem, one per
+// line, e.g. "europe.conf: [peer.aws] public_key = 'xyz': bad public key: ...".
+Result<Config> LoadConfig(const std::string& path);
+
+// Helpers shared with the CLI: "1500ms", "2s", "5m", "1h", "7d" and "64KiB", "16MiB", "1GiB".
+Result<std::chrono::milliseconds> ParseDuration(const std::string& text);
+Result<std::uint64_t> ParseSize(const std::string& text);
+// "host:port" or "[v6]:port".
+Result<Endpoint> ParseEndpoint(const std::string& text);
+
+}  // namespace relay::config

@@ -1,0 +1,112 @@
+#pragma once
+// Frames and signed link messages: the bytes that cross a link (see docs/wire-format.md).
+//
+// A frame carries a batch of events from one site to one peer: a plaintext header (format
+// version, sender, recipient, ephemeral X25519 key, nonce, link sequence range, event count),
+// the payload sealed with XChaCha20-Poly1305 (IETF) under a key derived from X25519(ephemeral,
+// recipient) bound to both sites' public keys, with the header as associated data, and an
+// Ed25519 signature by the sender over header + ciphertext.
+//
+// A control message (hello, ack, heartbeat) is a small signed, unencrypted message.
+//
+// Opening is strict: every way a frame can be wrong maps to one RejectReason with a message that
+// says what was wrong. Replay detection needs durable state, so the caller does it, using
+// RejectReason::kReplay for the error it reports.
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "crypto/identity.h"
+#include "relay/status.h"
+
+namespace relay::crypto {
+
+inline constexpr std::uint8_t kFrameVersion = 1;
+inline constexpr std::uint8_t kControlVersion = 1;
+
+enum class RejectReason : std::uint8_t {
+  kTruncated = 0,        // shorter than its header says, or than a header
+  kBadMagic,             // not a relay frame / control message at all
+  kUnsupportedVersion,   // known magic, unknown format version
+  kUnknownSender,        // sender key is not a configured peer
+  kWrongRecipient,       // addressed to another site
+  kBadSignature,         // Ed25519 signature does not verify
+  kDecryptFailed,        // signature fine but AEAD open failed (should not happen unless keyed wrong)
+  kMalformed,            // well signed and decrypted but the content does not parse
+  kReplay,               // a frame sequence already accepted (reported by the caller)
+  kCount
+};
+// Stable snake_case name used as the metrics label: "truncated", "bad_signature", ...
+const char* RejectReasonName(RejectReason reason);
+
+struct Rejection {
+  RejectReason reason;
+  std::string message;  // says what was wrong, e.g. "frame truncated: 41 bytes, header needs 170"
+};
+
+struct FrameHeader {
+  std::uint8_t version = kFrameVersion;
+  PublicKey sender{};     // sender's sign_pk
+  PublicKey recipient{};  // recipient's sign_pk
+  std::uint64_t first_seq = 0;  // link sequence range of the events inside
+  std::uint64_t last_seq = 0;
+  std::uint32_t event_count = 0;
+};
+
+struct OpenedFrame {
+  FrameHeader header;
+  std::string plaintext;
+};
+
+// Looks up a peer by its sign_pk; nullopt when the key is not a configured peer.
+using PeerLookup = std::function<std::optional<PublicIdentity>(const PublicKey& sign_pk)>;
+
+// Seals `plaintext` for `recipient`. header.sender/recipient are filled from the keys.
+std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
+                      std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
+                      std::string_view plaintext);
+
+// Verifies and decrypts a frame addressed to `self`. On failure returns a Rejection.
+// Order of checks: length/magic/version, recipient, sender lookup, signature, decryption.
+struct OpenResult {
+  std::optional<OpenedFrame> frame;
+  Rejection rejection{RejectReason::kMalformed, ""};
+  bool ok() const { return frame.has_value(); }
+};
+OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_view bytes);
+
+// True when the bytes start with the frame magic (as opposed to a control message).
+bool LooksLikeFrame(std::string_view bytes);
+
+// --- Control messages -----------------------------------------------------------------------
+enum class ControlType : std::uint8_t {
+  kHello = 1,     // "I am sender, I want to talk to recipient"; body empty
+  kHelloAck = 2,  // answer to hello; body empty
+  kAck = 3,       // body: u64 big-endian: sender has durably accepted every event through seq
+  kPing = 4,      // heartbeat; body empty
+  kRehello = 5,   // "I do not know this connection; say hello again"; body empty
+};
+
+struct ControlMessage {
+  ControlType type = ControlType::kPing;
+  PublicKey sender{};
+  PublicKey recipient{};
+  std::int64_t timestamp_ms = 0;  // sender's wall clock, Unix ms
+  std::string body;
+};
+
+std::string SealControl(const SiteKey& sender, const PublicIdentity& recipient, ControlType type,
+                        std::int64_t timestamp_ms, std::string_view body);
+
+struct ControlResult {
+  std::optional<ControlMessage> message;
+  Rejection rejection{RejectReason::kMalformed, ""};
+  bool ok() const { return message.has_value(); }
+};
+// Verifies a control message addressed to `self` and signed by a known peer.
+ControlResult OpenControl(const SiteKey& self, const PeerLookup& peers, std::string_view bytes);
+
+}  // namespace relay::crypto

@@ -1,0 +1,214 @@
+#include "relay/event.h"
+
+#include <msgpack.hpp>
+
+namespace relay {
+namespace {
+
+constexpr std::uint32_t kEventFields = 13;
+
+const char* const kKindNames[] = {"post", "edit", "delete", "reaction_add", "reaction_remove"};
+
+// Strict accessors: each names the field that is wrong.
+Status WantStr(const msgpack::object& o, const char* field, std::string* out) {
+  if (o.type != msgpack::type::STR) return Status::Error(std::string("field '") + field + "' is not a string");
+  out->assign(o.via.str.ptr, o.via.str.size);
+  return Status::Ok();
+}
+
+Status WantUint(const msgpack::object& o, const char* field, std::uint64_t* out) {
+  if (o.type != msgpack::type::POSITIVE_INTEGER)
+    return Status::Error(std::string("field '") + field + "' is not an unsigned integer");
+  *out = o.via.u64;
+  return Status::Ok();
+}
+
+Status WantInt(const msgpack::object& o, const char* field, std::int64_t* out) {
+  if (o.type == msgpack::type::POSITIVE_INTEGER) {
+    if (o.via.u64 > static_cast<std::uint64_t>(INT64_MAX))
+      return Status::Error(std::string("field '") + field + "' is out of range");
+    *out = static_cast<std::int64_t>(o.via.u64);
+    return Status::Ok();
+  }
+  if (o.type == msgpack::type::NEGATIVE_INTEGER) {
+    *out = o.via.i64;
+    return Status::Ok();
+  }
+  return Status::Error(std::string("field '") + field + "' is not an integer");
+}
+
+msgpack::object_handle Unpack(std::string_view bytes, Status* status) {
+  msgpack::object_handle handle;
+  try {
+    std::size_t offset = 0;
+    handle = msgpack::unpack(bytes.data(), bytes.size(), offset);
+    if (offset != bytes.size()) *status = Status::Error("trailing bytes after the msgpack value");
+  } catch (const std::exception& e) {
+    *status = Status::Error(std::string("malformed msgpack: ") + e.what());
+  }
+  return handle;
+}
+
+Result<Event> DecodeEventObject(const msgpack::object& o) {
+  if (o.type != msgpack::type::ARRAY) return Status::Error("event is not a msgpack array");
+  const auto& a = o.via.array;
+  if (a.size < 1) return Status::Error("event array is empty");
+  std::uint64_t version = 0;
+  if (Status s = WantUint(a.ptr[0], "version", &version); !s) return s;
+  if (version != kEventFormatVersion)
+    return Status::Error("unsupported event format version " + std::to_string(version));
+  if (a.size != kEventFields)
+    return Status::Error("event has " + std::to_string(a.size) + " fields, expected " +
+                         std::to_string(kEventFields));
+  Event e;
+  std::uint64_t kind = 0;
+  Status s;
+  if (!(s = WantStr(a.ptr[1], "id", &e.id))) return s;
+  if (!(s = WantStr(a.ptr[2], "origin_site", &e.origin_site))) return s;
+  if (!(s = WantUint(a.ptr[3], "origin_seq", &e.origin_seq))) return s;
+  if (!(s = WantUint(a.ptr[4], "kind", &kind))) return s;
+  if (kind < 1 || kind > 5) return Status::Error("unknown event kind " + std::to_string(kind));
+  e.kind = static_cast<EventKind>(kind);
+  if (!(s = WantStr(a.ptr[5], "channel", &e.channel))) return s;
+  if (!(s = WantStr(a.ptr[6], "author", &e.author))) return s;
+  if (!(s = WantStr(a.ptr[7], "text", &e.text))) return s;
+  if (!(s = WantStr(a.ptr[8], "thread", &e.thread))) return s;
+  if (!(s = WantStr(a.ptr[9], "ref", &e.ref))) return s;
+  if (!(s = WantInt(a.ptr[10], "created_at", &e.created_at_ms))) return s;
+  const msgpack::object& hops = a.ptr[11];
+  if (hops.type != msgpack::type::ARRAY) return Status::Error("field 'hops' is not an array");
+  if (hops.via.array.size > kMaxHops)
+    return Status::Error("field 'hops' has " + std::to_string(hops.via.array.size) +
+                         " entries, more than the limit " + std::to_string(kMaxHops));
+  for (std::uint32_t i = 0; i < hops.via.array.size; ++i) {
+    std::string hop;
+    if (!(s = WantStr(hops.via.array.ptr[i], "hops[]", &hop))) return s;
+    e.hops.push_back(std::move(hop));
+  }
+  const msgpack::object& props = a.ptr[12];
+  if (props.type != msgpack::type::MAP) return Status::Error("field 'props' is not a map");
+  for (std::uint32_t i = 0; i < props.via.map.size; ++i) {
+    std::string k, v;
+    if (!(s = WantStr(props.via.map.ptr[i].key, "props key", &k))) return s;
+    if (!(s = WantStr(props.via.map.ptr[i].val, "props value", &v))) return s;
+    e.props.emplace_back(std::move(k), std::move(v));
+  }
+  if (e.id != MakeEventId(e.origin_site, e.origin_seq))
+    return Status::Error("event id '" + e.id + "' does not match its origin '" + e.origin_site +
+                         "' and sequence " + std::to_string(e.origin_seq));
+  return e;
+}
+
+}  // namespace
+
+const char* EventKindName(EventKind kind) {
+  auto i = static_cast<std::size_t>(kind);
+  return (i >= 1 && i <= 5) ? kKindNames[i - 1] : "unknown";
+}
+
+bool ParseEventKind(std::string_view name, EventKind* kind) {
+  for (std::size_t i = 0; i < 5; ++i) {
+    if (name == kKindNames[i]) {
+      *kind = static_cast<EventKind>(i + 1);
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq) {
+  std::string id;
+  id.reserve(origin_site.size() + 21);
+  id.append(origin_site);
+  id.push_back(':');
+  id.append(std::to_string(origin_seq));
+  return id;
+}
+
+void EncodeEvent(const Event& e, std::string* out) {
+  msgpack::sbuffer buf(256 + e.text.size());
+  msgpack::packer<msgpack::sbuffer> pk(buf);
+  pk.pack_array(kEventFields);
+  pk.pack_uint8(kEventFormatVersion);
+  pk.pack(e.id);
+  pk.pack(e.origin_site);
+  pk.pack_uint64(e.origin_seq);
+  pk.pack_uint8(static_cast<std::uint8_t>(e.kind));
+  pk.pack(e.channel);
+  pk.pack(e.author);
+  pk.pack(e.text);
+  pk.pack(e.thread);
+  pk.pack(e.ref);
+  pk.pack_int64(e.created_at_ms);
+  pk.pack_array(static_cast<std::uint32_t>(e.hops.size()));
+  for (const auto& h : e.hops) pk.pack(h);
+  pk.pack_map(static_cast<std::uint32_t>(e.props.size()));
+  for (const auto& [k, v] : e.props) {
+    pk.pack(k);
+    pk.pack(v);
+  }
+  out->append(buf.data(), buf.size());
+}
+
+Result<Event> DecodeEvent(std::string_view bytes) {
+  Status status;
+  msgpack::object_handle h = Unpack(bytes, &status);
+  if (!status) return status.Wrap("event");
+  auto r = DecodeEventObject(h.get());
+  if (!r) return r.status().Wrap("event");
+  return r;
+}
+
+std::string EncodeFramePayload(const std::vector<FramedEvent>& events) {
+  std::size_t size = 16;
+  for (const auto& e : events) size += e.encoded.size() + 16;
+  msgpack::sbuffer buf(size);
+  msgpack::packer<msgpack::sbuffer> pk(buf);
+  pk.pack_array(static_cast<std::uint32_t>(events.size()));
+  for (const auto& e : events) {
+    pk.pack_array(2);
+    pk.pack_uint64(e.seq);
+    pk.pack_bin(static_cast<std::uint32_t>(e.encoded.size()));
+    pk.pack_bin_body(e.encoded.data(), static_cast<std::uint32_t>(e.encoded.size()));
+  }
+  return std::string(buf.data(), buf.size());
+}
+
+Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
+  // msgpack's unpack references (does not copy) BIN bodies when the reference function says so.
+  msgpack::object_handle h;
+  try {
+    std::size_t offset = 0;
+    auto always_ref = [](msgpack::type::object_type, std::size_t, void*) { return true; };
+    h = msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref);
+    if (offset != bytes.size()) return Status::Error("frame payload: trailing bytes");
+  } catch (const std::exception& e) {
+    return Status::Error(std::string("frame payload: malformed msgpack: ") + e.what());
+  }
+  const msgpack::object& o = h.get();
+  if (o.type != msgpack::type::ARRAY) return Status::Error("frame payload is not an array");
+  std::vector<FramedEvent> out;
+  out.reserve(o.via.array.size);
+  std::uint64_t last = 0;
+  for (std::uint32_t i = 0; i < o.via.array.size; ++i) {
+    const msgpack::object& item = o.via.array.ptr[i];
+    if (item.type != msgpack::type::ARRAY || item.via.array.size != 2)
+      return Status::Error("frame payload entry " + std::to_string(i) + " is not a [seq, event] pair");
+    FramedEvent fe;
+    if (Status s = WantUint(item.via.array.ptr[0], "seq", &fe.seq); !s)
+      return s.Wrap("frame payload entry " + std::to_string(i));
+    if (fe.seq <= last)
+      return Status::Error("frame payload entry " + std::to_string(i) +
+                           ": sequence " + std::to_string(fe.seq) + " is not increasing");
+    last = fe.seq;
+    const msgpack::object& bin = item.via.array.ptr[1];
+    if (bin.type != msgpack::type::BIN)
+      return Status::Error("frame payload entry " + std::to_string(i) + ": event is not bin");
+    // With always_ref, bin bodies point into `bytes`.
+    fe.encoded = std::string_view(bin.via.bin.ptr, bin.via.bin.size);
+    out.push_back(fe);
+  }
+  return out;
+}
+
+}  // namespace relay

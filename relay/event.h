@@ -1,0 +1,69 @@
+#pragma once
+// The event model: one chat operation travelling between sites.
+//
+// An event has a globally unique id "<origin_site>:<origin_seq>". It is encoded with msgpack as a
+// versioned array (see docs/wire-format.md, "Event"); DecodeEvent is strict: wrong types, wrong
+// field counts, an unknown version or kind are errors that name the field.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "relay/status.h"
+
+namespace relay {
+
+enum class EventKind : std::uint8_t {
+  kPost = 1,
+  kEdit = 2,
+  kDelete = 3,
+  kReactionAdd = 4,
+  kReactionRemove = 5,
+};
+
+// "post", "edit", ... as used in the JSONL sink and the ingest API.
+const char* EventKindName(EventKind kind);
+// Parses a kind name; false for an unknown name.
+bool ParseEventKind(std::string_view name, EventKind* kind);
+
+inline constexpr std::uint8_t kEventFormatVersion = 1;
+// An event's hop list may hold at most this many sites; longer paths are dropped as loops.
+inline constexpr std::size_t kMaxHops = 16;
+
+struct Event {
+  std::string id;           // "<origin_site>:<origin_seq>", globally unique
+  std::string origin_site;  // site whose relay first accepted the event
+  std::uint64_t origin_seq = 0;
+  EventKind kind = EventKind::kPost;
+  std::string channel;
+  std::string author;
+  std::string text;
+  std::string thread;  // id of the thread root event, or empty
+  std::string ref;     // for edit/delete/reaction: id of the event it applies to, or empty
+  std::int64_t created_at_ms = 0;  // Unix milliseconds at the origin
+  std::vector<std::string> hops;   // sites the event passed through, origin first
+  std::vector<std::pair<std::string, std::string>> props;  // free-form string properties
+
+  bool operator==(const Event&) const = default;
+};
+
+// Builds the globally unique id of an event.
+std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq);
+
+// msgpack encoding of one event (appended to *out) and strict decoding.
+void EncodeEvent(const Event& event, std::string* out);
+Result<Event> DecodeEvent(std::string_view bytes);
+
+// The plaintext payload of a frame: a msgpack array of [log sequence, encoded event] pairs, the
+// sequence being the sender's outbound-log position of that event for this peer.
+struct FramedEvent {
+  std::uint64_t seq = 0;
+  std::string_view encoded;  // an EncodeEvent() result; views into the caller's buffer
+};
+std::string EncodeFramePayload(const std::vector<FramedEvent>& events);
+// Views in the result point into `bytes`, which must outlive them.
+Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes);
+
+}  // namespace relay

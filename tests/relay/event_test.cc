@@ -1,0 +1,77 @@
+#include <catch2/catch.hpp>
+
+#include "relay/event.h"
+
+using relay::Event;
+
+TEST_CASE("event round-trips through msgpack") {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 42;
+  e.id = relay::MakeEventId(e.origin_site, e.origin_seq);
+  e.channel = "war-room";
+  e.author = "alice";
+  e.text = "hello \xe2\x9c\x93";
+  e.thread = "europe:1";
+  e.created_at_ms = 1764129324123;
+  e.hops = {"europe", "aws"};
+  e.props = {{"k", "v"}};
+  std::string bytes;
+  relay::EncodeEvent(e, &bytes);
+  auto back = relay::DecodeEvent(bytes);
+  REQUIRE(back.ok());
+  CHECK(*back == e);
+}
+
+TEST_CASE("event decoding is strict") {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  std::string bytes;
+  relay::EncodeEvent(e, &bytes);
+  SECTION("trailing bytes") {
+    bytes.push_back('\0');
+    auto r = relay::DecodeEvent(bytes);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.message(), Catch::Contains("trailing"));
+  }
+  SECTION("truncated") {
+    bytes.resize(bytes.size() - 1);
+    CHECK_FALSE(relay::DecodeEvent(bytes).ok());
+  }
+  SECTION("id not matching origin") {
+    Event bad = e;
+    bad.id = "aws:1";
+    std::string b;
+    relay::EncodeEvent(bad, &b);
+    auto r = relay::DecodeEvent(b);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.message(), Catch::Contains("does not match"));
+  }
+  SECTION("not msgpack") {
+    CHECK_FALSE(relay::DecodeEvent("\xc1").ok());
+  }
+}
+
+TEST_CASE("frame payload keeps sequences and requires them increasing") {
+  std::string a = "event-a", b = "event-b";
+  auto payload = relay::EncodeFramePayload({{5, a}, {9, b}});
+  auto back = relay::DecodeFramePayload(payload);
+  REQUIRE(back.ok());
+  REQUIRE(back->size() == 2);
+  CHECK((*back)[0].seq == 5);
+  CHECK((*back)[1].encoded == "event-b");
+  auto bad = relay::EncodeFramePayload({{9, a}, {5, b}});
+  auto r = relay::DecodeFramePayload(bad);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.message(), Catch::Contains("not increasing"));
+}
+
+TEST_CASE("event kinds have names") {
+  relay::EventKind k;
+  REQUIRE(relay::ParseEventKind("reaction_add", &k));
+  CHECK(k == relay::EventKind::kReactionAdd);
+  CHECK(std::string(relay::EventKindName(relay::EventKind::kPost)) == "post");
+  CHECK_FALSE(relay::ParseEventKind("nope", &k));
+}
