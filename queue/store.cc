@@ -1,0 +1,347 @@
+#include "queue/store.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/options.h>
+#include <rocksdb/table.h>
+#include <rocksdb/utilities/options_util.h>
+#include <rocksdb/write_batch.h>
+
+#include <array>
+#include <filesystem>
+
+namespace relay::queue {
+namespace {
+
+enum Cf : std::size_t { kOutbound = 0, kInbound, kDedup, kDedupExp, kMeta, kCfCount };
+const char* const kCfNames[kCfCount] = {"outbound", "inbound", "dedup", "dedup_exp", "meta"};
+
+std::string Key64(std::uint64_t v) {
+  std::string k(8, '\0');
+  PutBigEndian64(v, k.data());
+  return k;
+}
+
+rocksdb::Slice ToSlice(std::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
+std::string_view ToView(const rocksdb::Slice& s) { return std::string_view(s.data(), s.size()); }
+
+}  // namespace
+
+void PutBigEndian64(std::uint64_t v, char* out) {
+  for (int i = 7; i >= 0; --i) {
+    out[i] = static_cast<char>(v & 0xff);
+    v >>= 8;
+  }
+}
+
+std::uint64_t GetBigEndian64(const char* in) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<unsigned char>(in[i]);
+  return v;
+}
+
+// --- OutboundEntry ------------------------------------------------------------------------------
+// The packed peer list is: u8 count, then count x (u8 length, name bytes).
+bool OutboundEntry::HasPeer(std::string_view peer) const {
+  if (peers.empty()) return false;
+  std::size_t n = static_cast<unsigned char>(peers[0]);
+  std::size_t pos = 1;
+  for (std::size_t i = 0; i < n && pos < peers.size(); ++i) {
+    std::size_t len = static_cast<unsigned char>(peers[pos]);
+    if (peers.substr(pos + 1, len) == peer) return true;
+    pos += 1 + len;
+  }
+  return false;
+}
+
+std::vector<std::string> OutboundEntry::Peers() const {
+  std::vector<std::string> out;
+  if (peers.empty()) return out;
+  std::size_t n = static_cast<unsigned char>(peers[0]);
+  std::size_t pos = 1;
+  for (std::size_t i = 0; i < n && pos < peers.size(); ++i) {
+    std::size_t len = static_cast<unsigned char>(peers[pos]);
+    out.emplace_back(peers.substr(pos + 1, len));
+    pos += 1 + len;
+  }
+  return out;
+}
+
+// --- WriteBatch ---------------------------------------------------------------------------------
+struct WriteBatch::Impl {
+  // Column family handles are bound at Commit time; until then operations are recorded per CF.
+  struct Op {
+    enum Kind { kPut, kDelete, kDeleteRange } kind;
+    Cf cf;
+    std::string key, value;
+  };
+  std::vector<Op> ops;
+  std::size_t bytes = 0;
+};
+
+WriteBatch::WriteBatch() : impl_(std::make_unique<Impl>()) {}
+WriteBatch::~WriteBatch() = default;
+
+void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
+                                std::string_view encoded_event) {
+  std::string value;
+  std::size_t size = 1 + encoded_event.size();
+  for (const auto& p : peers) size += 1 + p.size();
+  value.reserve(size);
+  value.push_back(static_cast<char>(peers.size()));
+  for (const auto& p : peers) {
+    // Peer names are validated to at most 32 characters by the config.
+    value.push_back(static_cast<char>(p.size()));
+    value.append(p);
+  }
+  value.append(encoded_event);
+  impl_->bytes += value.size() + 8;
+  impl_->ops.push_back({Impl::Op::kPut, kOutbound, Key64(seq), std::move(value)});
+}
+
+void WriteBatch::DeleteOutboundRange(std::uint64_t from, std::uint64_t to_exclusive) {
+  impl_->ops.push_back({Impl::Op::kDeleteRange, kOutbound, Key64(from), Key64(to_exclusive)});
+}
+
+void WriteBatch::PutInbound(std::uint64_t seq, std::string_view encoded_event) {
+  impl_->bytes += encoded_event.size() + 8;
+  impl_->ops.push_back({Impl::Op::kPut, kInbound, Key64(seq), std::string(encoded_event)});
+}
+
+void WriteBatch::DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusive) {
+  impl_->ops.push_back({Impl::Op::kDeleteRange, kInbound, Key64(from), Key64(to_exclusive)});
+}
+
+void WriteBatch::PutDedup(std::string_view key, std::int64_t expire_ms, std::string_view value) {
+  std::string v = Key64(static_cast<std::uint64_t>(expire_ms));
+  v.append(value);
+  std::string exp_key = Key64(static_cast<std::uint64_t>(expire_ms));
+  exp_key.append(key);
+  impl_->bytes += key.size() * 2 + v.size() + 8;
+  impl_->ops.push_back({Impl::Op::kPut, kDedup, std::string(key), std::move(v)});
+  impl_->ops.push_back({Impl::Op::kPut, kDedupExp, std::move(exp_key), std::string()});
+}
+
+void WriteBatch::DeleteDedup(std::string_view key, std::int64_t expire_ms) {
+  std::string exp_key = Key64(static_cast<std::uint64_t>(expire_ms));
+  exp_key.append(key);
+  impl_->ops.push_back({Impl::Op::kDelete, kDedup, std::string(key), {}});
+  impl_->ops.push_back({Impl::Op::kDelete, kDedupExp, std::move(exp_key), {}});
+}
+
+void WriteBatch::PutCounter(std::string_view name, std::uint64_t value) {
+  impl_->ops.push_back({Impl::Op::kPut, kMeta, std::string(name), Key64(value)});
+}
+
+std::size_t WriteBatch::Count() const { return impl_->ops.size(); }
+std::size_t WriteBatch::ByteSize() const { return impl_->bytes; }
+void WriteBatch::Clear() {
+  impl_->ops.clear();
+  impl_->bytes = 0;
+}
+
+// --- Store --------------------------------------------------------------------------------------
+struct Store::Impl {
+  std::unique_ptr<rocksdb::DB> db;
+  std::array<rocksdb::ColumnFamilyHandle*, kCfCount> cf{};
+  ~Impl() {
+    if (db) {
+      for (auto* h : cf)
+        if (h) (void)db->DestroyColumnFamilyHandle(h);
+      (void)db->Close();
+    }
+  }
+};
+
+Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Store::~Store() = default;
+
+Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return Status::Error("cannot create data folder '" + dir + "': " + ec.message());
+
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  db_options.max_background_jobs = 2;
+  db_options.bytes_per_sync = 1 << 20;
+  db_options.max_total_wal_size = 256u << 20;
+  db_options.keep_log_file_num = 4;
+  db_options.max_log_file_size = 16u << 20;
+  // Several writers (ingest committer, inbound, delivery) share the WAL.
+  db_options.enable_pipelined_write = true;
+
+  rocksdb::ColumnFamilyOptions log_options;
+  log_options.write_buffer_size = 64u << 20;
+  log_options.max_write_buffer_number = 4;
+  // Queue contents are short-lived and mostly incompressible chat text: spend no CPU on it.
+  log_options.compression = rocksdb::kNoCompression;
+
+  rocksdb::ColumnFamilyOptions lookup_options;
+  lookup_options.write_buffer_size = 32u << 20;
+  rocksdb::BlockBasedTableOptions table;
+  table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+  lookup_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
+
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+  for (std::size_t i = 0; i < kCfCount; ++i) {
+    bool lookup = (i == kDedup || i == kMeta);
+    cfs.emplace_back(kCfNames[i], lookup ? lookup_options : log_options);
+  }
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(db_options, dir, cfs, &handles, &raw);
+  if (!s.ok()) return Status::Error("cannot open store in '" + dir + "': " + s.ToString());
+  auto impl = std::make_unique<Impl>();
+  impl->db.reset(raw);
+  // handles[0] is the default family, which relay does not use.
+  (void)raw->DestroyColumnFamilyHandle(handles[0]);
+  for (std::size_t i = 0; i < kCfCount; ++i) impl->cf[i] = handles[i + 1];
+  return std::unique_ptr<Store>(new Store(std::move(impl)));
+}
+
+Status Store::Commit(WriteBatch& batch, bool sync) {
+  rocksdb::WriteBatch wb(batch.ByteSize() + 64 * batch.Count() + 64);
+  for (const auto& op : batch.impl_->ops) {
+    rocksdb::Status s;
+    auto* cf = impl_->cf[op.cf];
+    switch (op.kind) {
+      case WriteBatch::Impl::Op::kPut:
+        s = wb.Put(cf, op.key, op.value);
+        break;
+      case WriteBatch::Impl::Op::kDelete:
+        s = wb.Delete(cf, op.key);
+        break;
+      case WriteBatch::Impl::Op::kDeleteRange:
+        s = wb.DeleteRange(cf, op.key, op.value);
+        break;
+    }
+    if (!s.ok()) return Status::Error("building write batch: " + s.ToString());
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = sync;
+  rocksdb::Status s = impl_->db->Write(wo, &wb);
+  if (!s.ok()) {
+    std::string what = s.IsNoSpace() || s.ToString().find("No space") != std::string::npos
+                           ? "store is out of disk space: "
+                           : "store write failed: ";
+    return Status::Error(what + s.ToString());
+  }
+  return Status::Ok();
+}
+
+std::uint64_t Store::GetCounter(std::string_view name, std::uint64_t fallback) const {
+  std::string v;
+  rocksdb::Status s = impl_->db->Get(rocksdb::ReadOptions(), impl_->cf[kMeta], ToSlice(name), &v);
+  if (!s.ok() || v.size() != 8) return fallback;
+  return GetBigEndian64(v.data());
+}
+
+std::vector<std::pair<std::string, std::uint64_t>> Store::ListCounters(
+    std::string_view prefix) const {
+  std::vector<std::pair<std::string, std::uint64_t>> out;
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kMeta]));
+  for (it->Seek(ToSlice(prefix)); it->Valid(); it->Next()) {
+    std::string_view k = ToView(it->key());
+    if (k.substr(0, prefix.size()) != prefix) break;
+    if (it->value().size() == 8) out.emplace_back(k, GetBigEndian64(it->value().data()));
+  }
+  return out;
+}
+
+std::optional<std::string> Store::GetDedup(std::string_view key, std::int64_t now_ms) const {
+  std::string v;
+  rocksdb::Status s = impl_->db->Get(rocksdb::ReadOptions(), impl_->cf[kDedup], ToSlice(key), &v);
+  if (!s.ok() || v.size() < 8) return std::nullopt;
+  auto expire = static_cast<std::int64_t>(GetBigEndian64(v.data()));
+  if (expire <= now_ms) return std::nullopt;
+  return v.substr(8);
+}
+
+Result<std::size_t> Store::SweepDedup(std::int64_t now_ms, std::size_t max) {
+  rocksdb::WriteBatch wb;
+  std::size_t n = 0;
+  std::string upper = Key64(static_cast<std::uint64_t>(now_ms) + 1);
+  rocksdb::Slice upper_slice(upper);
+  rocksdb::ReadOptions ro;
+  ro.iterate_upper_bound = &upper_slice;
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(ro, impl_->cf[kDedupExp]));
+  for (it->SeekToFirst(); it->Valid() && n < max; it->Next(), ++n) {
+    rocksdb::Slice k = it->key();
+    if (k.size() < 8) continue;
+    rocksdb::Slice dedup_key(k.data() + 8, k.size() - 8);
+    // The entry may have been re-put with a later expiry; only delete if it still matches.
+    std::string v;
+    if (impl_->db->Get(rocksdb::ReadOptions(), impl_->cf[kDedup], dedup_key, &v).ok() &&
+        v.size() >= 8 && std::string_view(v.data(), 8) == std::string_view(k.data(), 8)) {
+      (void)wb.Delete(impl_->cf[kDedup], dedup_key);
+    }
+    (void)wb.Delete(impl_->cf[kDedupExp], k);
+  }
+  if (!it->status().ok()) return Status::Error("sweeping dedup index: " + it->status().ToString());
+  if (n == 0) return std::size_t{0};
+  rocksdb::Status s = impl_->db->Write(rocksdb::WriteOptions(), &wb);
+  if (!s.ok()) return Status::Error("sweeping dedup index: " + s.ToString());
+  return n;
+}
+
+Status Store::ScanOutbound(std::uint64_t from,
+                           const std::function<bool(const OutboundEntry&)>& visit) const {
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kOutbound]));
+  for (it->Seek(Key64(from)); it->Valid(); it->Next()) {
+    rocksdb::Slice k = it->key(), v = it->value();
+    if (k.size() != 8 || v.empty()) return Status::Error("corrupt outbound log entry");
+    std::size_t n = static_cast<unsigned char>(v[0]);
+    std::size_t pos = 1;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (pos >= v.size()) return Status::Error("corrupt outbound log entry peer list");
+      pos += 1 + static_cast<unsigned char>(v[pos]);
+    }
+    if (pos > v.size()) return Status::Error("corrupt outbound log entry peer list");
+    OutboundEntry e;
+    e.seq = GetBigEndian64(k.data());
+    e.peers = std::string_view(v.data(), pos);
+    e.event = std::string_view(v.data() + pos, v.size() - pos);
+    if (!visit(e)) return Status::Ok();
+  }
+  if (!it->status().ok()) return Status::Error("reading outbound log: " + it->status().ToString());
+  return Status::Ok();
+}
+
+Status Store::ScanInbound(
+    std::uint64_t from,
+    const std::function<bool(std::uint64_t seq, std::string_view event)>& visit) const {
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kInbound]));
+  for (it->Seek(Key64(from)); it->Valid(); it->Next()) {
+    rocksdb::Slice k = it->key();
+    if (k.size() != 8) return Status::Error("corrupt inbound store key");
+    if (!visit(GetBigEndian64(k.data()), ToView(it->value()))) return Status::Ok();
+  }
+  if (!it->status().ok()) return Status::Error("reading inbound store: " + it->status().ToString());
+  return Status::Ok();
+}
+
+std::optional<std::uint64_t> Store::FirstOutboundSeq() const {
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kOutbound]));
+  it->SeekToFirst();
+  if (!it->Valid() || it->key().size() != 8) return std::nullopt;
+  return GetBigEndian64(it->key().data());
+}
+
+std::uint64_t Store::ApproximateSize() const {
+  std::uint64_t total = 0;
+  for (auto* cf : impl_->cf) {
+    std::uint64_t v = 0;
+    if (impl_->db->GetIntProperty(cf, "rocksdb.total-sst-files-size", &v)) total += v;
+    if (impl_->db->GetIntProperty(cf, "rocksdb.cur-size-all-mem-tables", &v)) total += v;
+  }
+  return total;
+}
+
+}  // namespace relay::queue

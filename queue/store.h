@@ -1,0 +1,108 @@
+#pragma once
+// The durable store of one site (RocksDB underneath), see docs/storage.md.
+//
+// Column families:
+//   outbound  be64(seq) -> OutboundValue   the append-only outbound log; an event routed to N
+//                                           peers is stored once with the list of its peers
+//   inbound   be64(seq) -> encoded event    events accepted from peers, awaiting delivery
+//   dedup     key -> be64(expire_ms) value  event ids ("e:<id>") and client keys ("c:<key>")
+//   dedup_exp be64(expire_ms) key -> ""     the same entries ordered by expiry, for sweeping
+//   meta      name -> be64(value)           counters and cursors (see queue/cursors.h names)
+//
+// All writes go through WriteBatch + Commit, so every change made together is atomic. Commit
+// with sync=true returns only once the batch is on stable storage (WAL fsync).
+// Thread-safety: Store methods may be called from several threads at once (RocksDB is
+// thread-safe); a WriteBatch belongs to one thread.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "relay/status.h"
+
+namespace relay::queue {
+
+class WriteBatch {
+ public:
+  WriteBatch();
+  ~WriteBatch();
+  WriteBatch(const WriteBatch&) = delete;
+  WriteBatch& operator=(const WriteBatch&) = delete;
+
+  // Appends an event to the outbound log for `peers` (names of configured peers).
+  void AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
+                      std::string_view encoded_event);
+  void DeleteOutboundRange(std::uint64_t from, std::uint64_t to_exclusive);
+  void PutInbound(std::uint64_t seq, std::string_view encoded_event);
+  void DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusive);
+  // A dedup/idempotency entry that expires at `expire_ms` (Unix ms).
+  void PutDedup(std::string_view key, std::int64_t expire_ms, std::string_view value);
+  void DeleteDedup(std::string_view key, std::int64_t expire_ms);
+  void PutCounter(std::string_view name, std::uint64_t value);
+
+  std::size_t Count() const;
+  std::size_t ByteSize() const;
+  void Clear();
+
+ private:
+  friend class Store;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// One entry of the outbound log as read back.
+struct OutboundEntry {
+  std::uint64_t seq = 0;
+  std::string_view peers;  // packed peer list; use HasPeer()
+  std::string_view event;  // encoded event
+  bool HasPeer(std::string_view peer) const;
+  std::vector<std::string> Peers() const;
+};
+
+class Store {
+ public:
+  // Opens (creating if needed) the store in `dir`. Error names the folder and RocksDB's reason
+  // (e.g. the folder is locked by another running relay).
+  static Result<std::unique_ptr<Store>> Open(const std::string& dir);
+  ~Store();
+
+  Status Commit(WriteBatch& batch, bool sync);
+
+  // Counters and cursors; `fallback` when never written.
+  std::uint64_t GetCounter(std::string_view name, std::uint64_t fallback = 0) const;
+  // All counters whose name starts with `prefix`, in name order.
+  std::vector<std::pair<std::string, std::uint64_t>> ListCounters(std::string_view prefix) const;
+
+  // Looks up a dedup entry; nullopt when absent or expired at `now_ms`.
+  std::optional<std::string> GetDedup(std::string_view key, std::int64_t now_ms) const;
+  // Removes up to `max` dedup entries that expired at or before `now_ms`; returns how many.
+  Result<std::size_t> SweepDedup(std::int64_t now_ms, std::size_t max);
+
+  // Visits outbound entries with seq >= from in order until `visit` returns false.
+  Status ScanOutbound(std::uint64_t from,
+                      const std::function<bool(const OutboundEntry&)>& visit) const;
+  // Visits inbound entries with seq >= from in order until `visit` returns false.
+  Status ScanInbound(std::uint64_t from,
+                     const std::function<bool(std::uint64_t seq, std::string_view event)>& visit)
+      const;
+  // The lowest outbound seq still stored, or nullopt when the log is empty.
+  std::optional<std::uint64_t> FirstOutboundSeq() const;
+
+  // Approximate bytes on disk (SST + WAL), for metrics.
+  std::uint64_t ApproximateSize() const;
+
+ private:
+  struct Impl;
+  explicit Store(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Big-endian fixed-width encoding used for keys and counter values.
+void PutBigEndian64(std::uint64_t v, char* out);
+std::uint64_t GetBigEndian64(const char* in);
+
+}  // namespace relay::queue

@@ -1,0 +1,113 @@
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "queue/store.h"
+
+using relay::queue::Store;
+using relay::queue::WriteBatch;
+
+namespace {
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "relay-queue-XXXXXX").string();
+    path = mkdtemp(tmpl.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+}  // namespace
+
+TEST_CASE("outbound log stores an event once for several peers and scans in order") {
+  TempDir dir;
+  auto store = Store::Open(dir.path);
+  REQUIRE(store.ok());
+  WriteBatch b;
+  b.AppendOutbound(1, {"aws", "enclave"}, "e1");
+  b.AppendOutbound(2, {"aws"}, "e2");
+  b.AppendOutbound(3, {"enclave"}, "e3");
+  REQUIRE((*store)->Commit(b, true).ok());
+  std::vector<std::string> for_aws;
+  REQUIRE((*store)
+              ->ScanOutbound(1,
+                             [&](const relay::queue::OutboundEntry& e) {
+                               if (e.HasPeer("aws")) for_aws.emplace_back(e.event);
+                               return true;
+                             })
+              .ok());
+  CHECK(for_aws == std::vector<std::string>{"e1", "e2"});
+  std::vector<std::string> peers;
+  REQUIRE((*store)
+              ->ScanOutbound(1,
+                             [&](const relay::queue::OutboundEntry& e) {
+                               peers = e.Peers();
+                               return false;
+                             })
+              .ok());
+  CHECK(peers == std::vector<std::string>{"aws", "enclave"});
+  CHECK_FALSE(relay::queue::OutboundEntry{1, "\x01\x03" "aws", ""}.HasPeer("aw"));
+
+  WriteBatch del;
+  del.DeleteOutboundRange(1, 3);
+  REQUIRE((*store)->Commit(del, false).ok());
+  CHECK((*store)->FirstOutboundSeq() == std::optional<std::uint64_t>(3));
+}
+
+TEST_CASE("counters and entries survive reopening") {
+  TempDir dir;
+  {
+    auto store = Store::Open(dir.path);
+    REQUIRE(store.ok());
+    WriteBatch b;
+    b.PutCounter("acked/aws", 77);
+    b.PutCounter("acked/enclave", 5);
+    b.PutInbound(10, "ten");
+    REQUIRE((*store)->Commit(b, true).ok());
+  }
+  auto store = Store::Open(dir.path);
+  REQUIRE(store.ok());
+  CHECK((*store)->GetCounter("acked/aws") == 77);
+  CHECK((*store)->GetCounter("missing", 9) == 9);
+  auto list = (*store)->ListCounters("acked/");
+  REQUIRE(list.size() == 2);
+  CHECK(list[0].first == "acked/aws");
+  std::string got;
+  REQUIRE((*store)
+              ->ScanInbound(0,
+                            [&](std::uint64_t seq, std::string_view e) {
+                              CHECK(seq == 10);
+                              got = e;
+                              return true;
+                            })
+              .ok());
+  CHECK(got == "ten");
+}
+
+TEST_CASE("a second open of a store in use fails with a clear error") {
+  TempDir dir;
+  auto first = Store::Open(dir.path);
+  REQUIRE(first.ok());
+  auto second = Store::Open(dir.path);
+  REQUIRE_FALSE(second.ok());
+  CHECK_THAT(second.message(), Catch::Contains(dir.path));
+}
+
+TEST_CASE("dedup entries expire and are swept") {
+  TempDir dir;
+  auto store = Store::Open(dir.path);
+  REQUIRE(store.ok());
+  WriteBatch b;
+  b.PutDedup("e:europe:1", 1000, "");
+  b.PutDedup("c:client-7", 5000, "europe:2");
+  REQUIRE((*store)->Commit(b, true).ok());
+  CHECK((*store)->GetDedup("e:europe:1", 999).has_value());
+  CHECK_FALSE((*store)->GetDedup("e:europe:1", 1000).has_value());
+  CHECK((*store)->GetDedup("c:client-7", 1000) == std::optional<std::string>("europe:2"));
+  auto swept = (*store)->SweepDedup(2000, 100);
+  REQUIRE(swept.ok());
+  CHECK(*swept == 1);
+  CHECK_FALSE((*store)->GetDedup("e:europe:1", 0).has_value());
+  CHECK((*store)->GetDedup("c:client-7", 0).has_value());
+}
