@@ -1,0 +1,372 @@
+#include "crypto/frame.h"
+
+#include <sodium.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <limits>
+
+namespace relay::crypto {
+namespace {
+
+// Frame header layout (docs/wire-format.md, "Frame"); all integers big-endian.
+constexpr std::string_view kFrameMagic = "RLYF";
+constexpr std::size_t kVersionOffset = 4;  // shared by frames and control messages
+constexpr std::size_t kFrameFlagsOffset = 5;
+constexpr std::size_t kFrameReservedOffset = 6;
+constexpr std::size_t kFrameSenderOffset = 8;
+constexpr std::size_t kFrameRecipientOffset = 40;
+constexpr std::size_t kFrameEphemeralOffset = 72;
+constexpr std::size_t kFrameNonceOffset = 104;
+constexpr std::size_t kFrameFirstSeqOffset = 128;
+constexpr std::size_t kFrameLastSeqOffset = 136;
+constexpr std::size_t kFrameEventCountOffset = 144;
+constexpr std::size_t kFrameCiphertextLenOffset = 148;
+constexpr std::size_t kFrameHeaderSize = 152;
+constexpr std::size_t kTagSize = crypto_aead_xchacha20poly1305_ietf_ABYTES;
+constexpr std::size_t kSignatureSize = crypto_sign_BYTES;
+constexpr std::string_view kFrameKdfContext = "relay-frame-v1";
+
+// Control message layout (docs/wire-format.md, "Control messages").
+constexpr std::string_view kControlMagic = "RLYC";
+constexpr std::size_t kControlTypeOffset = 5;
+constexpr std::size_t kControlReservedOffset = 6;
+constexpr std::size_t kControlSenderOffset = 8;
+constexpr std::size_t kControlRecipientOffset = 40;
+constexpr std::size_t kControlTimestampOffset = 72;
+constexpr std::size_t kControlBodyLenOffset = 80;
+constexpr std::size_t kControlHeaderSize = 84;
+
+static_assert(crypto_aead_xchacha20poly1305_ietf_NPUBBYTES == 24);
+static_assert(crypto_aead_xchacha20poly1305_ietf_KEYBYTES == 32);
+
+const unsigned char* Bytes(std::string_view s) {
+  return reinterpret_cast<const unsigned char*>(s.data());
+}
+unsigned char* MutableBytes(std::string* s) { return reinterpret_cast<unsigned char*>(s->data()); }
+
+void PutBigEndian(std::uint64_t value, std::size_t width, unsigned char* out) {
+  for (std::size_t i = 0; i < width; ++i)
+    out[i] = static_cast<unsigned char>(value >> (8 * (width - 1 - i)));
+}
+std::uint64_t GetBigEndian(std::string_view bytes, std::size_t offset, std::size_t width) {
+  std::uint64_t value = 0;
+  for (std::size_t i = 0; i < width; ++i)
+    value = (value << 8) | static_cast<unsigned char>(bytes[offset + i]);
+  return value;
+}
+PublicKey GetKey(std::string_view bytes, std::size_t offset) {
+  PublicKey key;
+  std::memcpy(key.data(), bytes.data() + offset, key.size());
+  return key;
+}
+bool KeysEqual(const PublicKey& a, const PublicKey& b) {
+  return sodium_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+std::string Fingerprint(const PublicKey& sign_pk) {
+  PublicIdentity id;
+  id.sign_pk = sign_pk;
+  return id.Fingerprint();
+}
+
+// What differs between the two signed envelopes; the checks themselves are shared.
+struct Envelope {
+  const char* noun;  // "frame", "control message"
+  std::string_view magic;
+  std::uint8_t version;
+  std::size_t header_size;
+  std::size_t body_len_offset;  // u32 length of what lies between header and signature
+  std::size_t sender_offset;
+  std::size_t recipient_offset;
+};
+constexpr Envelope kFrameEnvelope{"frame",
+                                  kFrameMagic,
+                                  kFrameVersion,
+                                  kFrameHeaderSize,
+                                  kFrameCiphertextLenOffset,
+                                  kFrameSenderOffset,
+                                  kFrameRecipientOffset};
+constexpr Envelope kControlEnvelope{
+    "control message",     kControlMagic,        kControlVersion,        kControlHeaderSize,
+    kControlBodyLenOffset, kControlSenderOffset, kControlRecipientOffset};
+
+Rejection Reject(const Envelope& env, RejectReason reason, const std::string& what) {
+  return Rejection{reason, std::string(env.noun) + " rejected: " + what};
+}
+
+// Magic, version and length checks. On success *body_len is the declared length of the body.
+std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view bytes,
+                                      std::uint32_t* body_len) {
+  // Magic and version come before the header-length check: a short non-relay message is
+  // "bad magic", and a future version may have a different header size.
+  if (bytes.size() >= env.magic.size() && bytes.substr(0, env.magic.size()) != env.magic)
+    return Reject(
+        env, RejectReason::kBadMagic,
+        "does not start with '" + std::string(env.magic) + "' (not a relay " + env.noun + ")");
+  if (bytes.size() > kVersionOffset) {
+    unsigned version = static_cast<unsigned char>(bytes[kVersionOffset]);
+    if (version != env.version)
+      return Reject(env, RejectReason::kUnsupportedVersion,
+                    "format version " + std::to_string(version) + " is not supported (this relay " +
+                        "supports version " + std::to_string(env.version) + ")");
+  }
+  if (bytes.size() < env.header_size)
+    return Reject(env, RejectReason::kTruncated,
+                  "truncated: " + std::to_string(bytes.size()) + " bytes, header needs " +
+                      std::to_string(env.header_size));
+  *body_len = static_cast<std::uint32_t>(GetBigEndian(bytes, env.body_len_offset, 4));
+  const std::uint64_t total = env.header_size + std::uint64_t{*body_len} + kSignatureSize;
+  if (bytes.size() < total)
+    return Reject(env, RejectReason::kTruncated,
+                  "truncated: " + std::to_string(bytes.size()) + " bytes, header declares " +
+                      std::to_string(total));
+  if (bytes.size() > total)
+    return Reject(env, RejectReason::kMalformed,
+                  std::to_string(bytes.size() - total) + " trailing bytes after the signature (" +
+                      std::to_string(bytes.size()) + " bytes, header declares " +
+                      std::to_string(total) + ")");
+  return std::nullopt;
+}
+
+// Recipient, sender and signature checks, in that order. On success *peer is the sender.
+std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
+                                      const PeerLookup& peers, std::string_view bytes,
+                                      PublicIdentity* peer) {
+  const PublicKey recipient = GetKey(bytes, env.recipient_offset);
+  if (!KeysEqual(recipient, self.identity().sign_pk))
+    return Reject(env, RejectReason::kWrongRecipient,
+                  "addressed to site " + Fingerprint(recipient) + ", but this site is " +
+                      self.identity().Fingerprint());
+  const PublicKey sender = GetKey(bytes, env.sender_offset);
+  std::optional<PublicIdentity> found = peers ? peers(sender) : std::nullopt;
+  if (!found || !KeysEqual(found->sign_pk, sender))
+    return Reject(env, RejectReason::kUnknownSender,
+                  "sender " + Fingerprint(sender) + " is not a configured peer");
+  Signature sig;
+  std::memcpy(sig.data(), bytes.data() + bytes.size() - kSignatureSize, kSignatureSize);
+  if (!VerifySignature(sender, bytes.substr(0, bytes.size() - kSignatureSize), sig))
+    return Reject(env, RejectReason::kBadSignature,
+                  "bad signature from peer " + Fingerprint(sender));
+  *peer = *found;
+  return std::nullopt;
+}
+
+// key = BLAKE2b-256("relay-frame-v1" || shared || eph_pk || recipient box_pk || sender box_pk ||
+//                   sender sign_pk || recipient sign_pk)
+void DeriveFrameKey(const std::array<std::uint8_t, 32>& shared, const PublicKey& eph_pk,
+                    const PublicIdentity& sender, const PublicIdentity& recipient,
+                    unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES]) {
+  crypto_generichash_state state;
+  crypto_generichash_init(&state, nullptr, 0, crypto_aead_xchacha20poly1305_ietf_KEYBYTES);
+  crypto_generichash_update(&state, Bytes(kFrameKdfContext), kFrameKdfContext.size());
+  crypto_generichash_update(&state, shared.data(), shared.size());
+  crypto_generichash_update(&state, eph_pk.data(), eph_pk.size());
+  crypto_generichash_update(&state, recipient.box_pk.data(), recipient.box_pk.size());
+  crypto_generichash_update(&state, sender.box_pk.data(), sender.box_pk.size());
+  crypto_generichash_update(&state, sender.sign_pk.data(), sender.sign_pk.size());
+  crypto_generichash_update(&state, recipient.sign_pk.data(), recipient.sign_pk.size());
+  crypto_generichash_final(&state, key, crypto_aead_xchacha20poly1305_ietf_KEYBYTES);
+  sodium_memzero(&state, sizeof state);
+}
+
+void AppendSignature(const SiteKey& sender, std::string* out) {
+  Signature sig = sender.Sign(*out);
+  out->append(reinterpret_cast<const char*>(sig.data()), sig.size());
+}
+
+}  // namespace
+
+const char* RejectReasonName(RejectReason reason) {
+  static const char* const kNames[] = {"truncated",      "bad_magic",       "unsupported_version",
+                                       "unknown_sender", "wrong_recipient", "bad_signature",
+                                       "decrypt_failed", "malformed",       "replay"};
+  static_assert(std::size(kNames) == static_cast<std::size_t>(RejectReason::kCount));
+  auto i = static_cast<std::size_t>(reason);
+  return i < std::size(kNames) ? kNames[i] : "unknown";
+}
+
+bool LooksLikeFrame(std::string_view bytes) {
+  return bytes.size() >= kFrameMagic.size() && bytes.substr(0, kFrameMagic.size()) == kFrameMagic;
+}
+
+std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
+                      std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
+                      std::string_view plaintext) {
+  if (first_seq > last_seq ||
+      plaintext.size() > std::numeric_limits<std::uint32_t>::max() - kTagSize) {
+    std::fprintf(stderr, "relay: SealFrame called with an invalid sequence range or size\n");
+    std::abort();
+  }
+  unsigned char eph_pk[32];
+  unsigned char eph_sk[32];
+  crypto_box_keypair(eph_pk, eph_sk);
+  std::array<std::uint8_t, 32> shared{};
+  if (crypto_scalarmult(shared.data(), eph_sk, recipient.box_pk.data()) != 0) {
+    // Only a low-order box key gets here, and PublicIdentity::Parse rejects those: a caller bug.
+    // Continuing would encrypt under a key derived from public values only.
+    std::fprintf(stderr, "relay: SealFrame: recipient %s has a low-order X25519 key\n",
+                 recipient.Fingerprint().c_str());
+    std::abort();
+  }
+  sodium_memzero(eph_sk, sizeof eph_sk);
+  PublicKey eph{};
+  std::memcpy(eph.data(), eph_pk, sizeof eph_pk);
+  unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
+  DeriveFrameKey(shared, eph, sender.identity(), recipient, key);
+  sodium_memzero(shared.data(), shared.size());
+
+  const std::size_t ciphertext_len = plaintext.size() + kTagSize;
+  std::string out(kFrameHeaderSize + ciphertext_len, '\0');
+  unsigned char* h = MutableBytes(&out);
+  std::memcpy(h, kFrameMagic.data(), kFrameMagic.size());
+  h[kVersionOffset] = kFrameVersion;
+  h[kFrameFlagsOffset] = 0;
+  PutBigEndian(0, 2, h + kFrameReservedOffset);
+  std::memcpy(h + kFrameSenderOffset, sender.identity().sign_pk.data(), 32);
+  std::memcpy(h + kFrameRecipientOffset, recipient.sign_pk.data(), 32);
+  std::memcpy(h + kFrameEphemeralOffset, eph_pk, 32);
+  randombytes_buf(h + kFrameNonceOffset, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES);
+  PutBigEndian(first_seq, 8, h + kFrameFirstSeqOffset);
+  PutBigEndian(last_seq, 8, h + kFrameLastSeqOffset);
+  PutBigEndian(event_count, 4, h + kFrameEventCountOffset);
+  PutBigEndian(ciphertext_len, 4, h + kFrameCiphertextLenOffset);
+
+  unsigned long long written = 0;
+  crypto_aead_xchacha20poly1305_ietf_encrypt(h + kFrameHeaderSize, &written, Bytes(plaintext),
+                                             plaintext.size(), h, kFrameHeaderSize, nullptr,
+                                             h + kFrameNonceOffset, key);
+  sodium_memzero(key, sizeof key);
+  AppendSignature(sender, &out);
+  return out;
+}
+
+OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_view bytes) {
+  OpenResult result;
+  const Envelope& env = kFrameEnvelope;
+  std::uint32_t ciphertext_len = 0;
+  if (auto r = CheckFraming(env, bytes, &ciphertext_len)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+  FrameHeader header;
+  header.version = kFrameVersion;
+  header.sender = GetKey(bytes, kFrameSenderOffset);
+  header.recipient = GetKey(bytes, kFrameRecipientOffset);
+  header.first_seq = GetBigEndian(bytes, kFrameFirstSeqOffset, 8);
+  header.last_seq = GetBigEndian(bytes, kFrameLastSeqOffset, 8);
+  header.event_count = static_cast<std::uint32_t>(GetBigEndian(bytes, kFrameEventCountOffset, 4));
+  const unsigned flags = static_cast<unsigned char>(bytes[kFrameFlagsOffset]);
+  const auto reserved = GetBigEndian(bytes, kFrameReservedOffset, 2);
+  if (flags != 0 || reserved != 0) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "flags " + std::to_string(flags) + " and reserved " +
+                                  std::to_string(reserved) + " must both be 0");
+    return result;
+  }
+  if (header.first_seq > header.last_seq) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "sequence range " + std::to_string(header.first_seq) + ".." +
+                                  std::to_string(header.last_seq) + " is inverted");
+    return result;
+  }
+  if (ciphertext_len < kTagSize) {
+    result.rejection =
+        Reject(env, RejectReason::kMalformed,
+               "ciphertext is " + std::to_string(ciphertext_len) + " bytes, shorter than the " +
+                   std::to_string(kTagSize) + "-byte authentication tag");
+    return result;
+  }
+  PublicIdentity peer;
+  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+
+  const PublicKey eph = GetKey(bytes, kFrameEphemeralOffset);
+  std::array<std::uint8_t, 32> shared{};
+  if (!self.SharedSecret(eph, &shared)) {
+    result.rejection =
+        Reject(env, RejectReason::kDecryptFailed,
+               "ephemeral key from peer " + peer.Fingerprint() + " is a low-order point");
+    return result;
+  }
+  unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
+  DeriveFrameKey(shared, eph, peer, self.identity(), key);
+  sodium_memzero(shared.data(), shared.size());
+
+  std::string plaintext(ciphertext_len - kTagSize, '\0');
+  unsigned long long plaintext_len = 0;
+  const int rc = crypto_aead_xchacha20poly1305_ietf_decrypt(
+      MutableBytes(&plaintext), &plaintext_len, nullptr, Bytes(bytes) + kFrameHeaderSize,
+      ciphertext_len, Bytes(bytes), kFrameHeaderSize, Bytes(bytes) + kFrameNonceOffset, key);
+  sodium_memzero(key, sizeof key);
+  if (rc != 0) {
+    result.rejection = Reject(env, RejectReason::kDecryptFailed,
+                              "signature from peer " + peer.Fingerprint() +
+                                  " is valid but decryption failed (keys do not match)");
+    return result;
+  }
+  result.frame = OpenedFrame{header, std::move(plaintext)};
+  return result;
+}
+
+std::string SealControl(const SiteKey& sender, const PublicIdentity& recipient, ControlType type,
+                        std::int64_t timestamp_ms, std::string_view body) {
+  if (body.size() > std::numeric_limits<std::uint32_t>::max()) {
+    std::fprintf(stderr, "relay: SealControl called with an oversized body\n");
+    std::abort();
+  }
+  std::string out(kControlHeaderSize, '\0');
+  unsigned char* h = MutableBytes(&out);
+  std::memcpy(h, kControlMagic.data(), kControlMagic.size());
+  h[kVersionOffset] = kControlVersion;
+  h[kControlTypeOffset] = static_cast<unsigned char>(type);
+  PutBigEndian(0, 2, h + kControlReservedOffset);
+  std::memcpy(h + kControlSenderOffset, sender.identity().sign_pk.data(), 32);
+  std::memcpy(h + kControlRecipientOffset, recipient.sign_pk.data(), 32);
+  PutBigEndian(static_cast<std::uint64_t>(timestamp_ms), 8, h + kControlTimestampOffset);
+  PutBigEndian(body.size(), 4, h + kControlBodyLenOffset);
+  out.append(body);
+  AppendSignature(sender, &out);
+  return out;
+}
+
+ControlResult OpenControl(const SiteKey& self, const PeerLookup& peers, std::string_view bytes) {
+  ControlResult result;
+  const Envelope& env = kControlEnvelope;
+  std::uint32_t body_len = 0;
+  if (auto r = CheckFraming(env, bytes, &body_len)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+  const unsigned type = static_cast<unsigned char>(bytes[kControlTypeOffset]);
+  if (type < static_cast<unsigned>(ControlType::kHello) ||
+      type > static_cast<unsigned>(ControlType::kRehello)) {
+    result.rejection =
+        Reject(env, RejectReason::kMalformed, "unknown message type " + std::to_string(type));
+    return result;
+  }
+  const auto reserved = GetBigEndian(bytes, kControlReservedOffset, 2);
+  if (reserved != 0) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "reserved field is " + std::to_string(reserved) + ", must be 0");
+    return result;
+  }
+  PublicIdentity peer;
+  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+  ControlMessage message;
+  message.type = static_cast<ControlType>(type);
+  message.sender = GetKey(bytes, kControlSenderOffset);
+  message.recipient = GetKey(bytes, kControlRecipientOffset);
+  message.timestamp_ms = static_cast<std::int64_t>(GetBigEndian(bytes, kControlTimestampOffset, 8));
+  message.body.assign(bytes.substr(kControlHeaderSize, body_len));
+  result.message = std::move(message);
+  return result;
+}
+
+}  // namespace relay::crypto

@@ -1,0 +1,247 @@
+#include "relay/cli.h"
+
+#include <unistd.h>
+
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "crypto/identity.h"
+#include "relay/daemon.h"
+#include "relay/demo.h"
+#include "relay/http_server.h"
+#include "relay/json.h"
+
+namespace po = boost::program_options;
+
+namespace relay {
+namespace {
+
+struct Invocation {
+  po::variables_map vm;
+};
+
+struct Command {
+  const char* name;
+  const char* synopsis;  // after "relay NAME"
+  const char* summary;
+  std::function<void(po::options_description&, po::positional_options_description&)> declare;
+  std::function<int(const po::variables_map&)> run;
+};
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "relay: %s\n", message.c_str());
+  return 1;
+}
+
+void AddConfig(po::options_description& o) {
+  o.add_options()("config,c", po::value<std::string>()->required(), "site configuration file");
+}
+
+Result<config::Config> Load(const po::variables_map& vm) {
+  return config::LoadConfig(vm["config"].as<std::string>());
+}
+
+std::string IngestHost(const config::Config& c) {
+  // A daemon listening on every address is reached on loopback.
+  if (c.ingest_listen.host == "0.0.0.0" || c.ingest_listen.host.empty()) return "127.0.0.1";
+  if (c.ingest_listen.host == "::") return "::1";
+  return c.ingest_listen.host;
+}
+
+int CmdKeygen(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  std::string file = vm["file"].as<std::string>();
+  if (Status s = crypto::SiteKey::CreateFile(file); !s) return Fail(s.message());
+  auto key = crypto::SiteKey::LoadFile(file);
+  if (!key) return Fail(key.message());
+  std::fprintf(stderr, "wrote %s (mode 0600); public identity:\n", file.c_str());
+  std::printf("%s\n", key->identity().ToString().c_str());
+  return 0;
+}
+
+int CmdPubkey(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto key = crypto::SiteKey::LoadFile(vm["file"].as<std::string>());
+  if (!key) return Fail(key.message());
+  std::printf("%s\n", key->identity().ToString().c_str());
+  return 0;
+}
+
+int CmdRun(const po::variables_map& vm) { return RunDaemon(vm["config"].as<std::string>()); }
+
+int CmdCheckConfig(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) {
+    std::printf("%s\n", cfg.message().c_str());
+    return 1;
+  }
+  std::printf("%s: ok (site '%s', %zu peer(s), %zu channel(s))\n", cfg->path.c_str(),
+              cfg->site_name.c_str(), cfg->peers.size(), cfg->channels.size());
+  return 0;
+}
+
+int CmdPost(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  std::string body = "{\"channel\":" + JsonString(vm["channel"].as<std::string>()) +
+                     ",\"author\":" + JsonString(vm["author"].as<std::string>()) +
+                     ",\"text\":" + JsonString(vm["text"].as<std::string>());
+  if (vm.count("id")) body += ",\"id\":" + JsonString(vm["id"].as<std::string>());
+  if (vm.count("thread")) body += ",\"thread\":" + JsonString(vm["thread"].as<std::string>());
+  body += "}";
+  HttpClient client(IngestHost(*cfg), cfg->ingest_listen.port);
+  auto r = client.Request("POST", "/v1/messages", body);
+  if (!r) return Fail(r.message() + " (is the relay daemon running?)");
+  if (r->status != 202) return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
+  std::printf("%s\n", r->body.c_str());
+  return 0;
+}
+
+int CmdStatus(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  HttpClient client(IngestHost(*cfg), cfg->ingest_listen.port);
+  auto r = client.Request("GET", "/v1/status");
+  if (!r) return Fail(r.message() + " (is the relay daemon running?)");
+  if (r->status != 200) return Fail("the daemon answered " + std::to_string(r->status));
+  std::printf("%s\n", r->body.c_str());
+  return 0;
+}
+
+int CmdNotYet(const char* what) {
+  return Fail(std::string(what) +
+              " is not available in this build yet (planned: sneakernet bundles, issue 4)");
+}
+
+int CmdDemo(const po::variables_map& vm) {
+  DemoOptions o;
+  o.messages = vm["messages"].as<int>();
+  o.keep = vm.count("keep") > 0;
+  return RunDemo(o);
+}
+
+const std::vector<Command>& Commands() {
+  static const std::vector<Command> kCommands = {
+      {"keygen", "FILE", "create a new site key file (0600); refuses to overwrite",
+       [](auto& o, auto& p) {
+         o.add_options()("file", po::value<std::string>()->required(), "key file to create");
+         p.add("file", 1);
+       },
+       CmdKeygen},
+      {"pubkey", "FILE", "print the site's public identity (one line)",
+       [](auto& o, auto& p) {
+         o.add_options()("file", po::value<std::string>()->required(), "key file");
+         p.add("file", 1);
+       },
+       CmdPubkey},
+      {"run", "--config FILE", "run the daemon in the foreground (systemd runs this)",
+       [](auto& o, auto&) { AddConfig(o); }, CmdRun},
+      {"check-config", "--config FILE", "validate; exit 0 or print every problem and exit 1",
+       [](auto& o, auto&) { AddConfig(o); }, CmdCheckConfig},
+      {"post", "--config FILE --channel NAME --author NAME TEXT",
+       "submit one message through the running daemon's ingest API",
+       [](auto& o, auto& p) {
+         AddConfig(o);
+         o.add_options()("channel", po::value<std::string>()->required(), "channel name")(
+             "author", po::value<std::string>()->required(), "author display name")(
+             "id", po::value<std::string>(), "client idempotency key")(
+             "thread", po::value<std::string>(), "id of the thread root event")(
+             "text", po::value<std::string>()->required(), "message text");
+         p.add("text", 1);
+       },
+       CmdPost},
+      {"status", "--config FILE [--json]", "show the running daemon's peers, links and backlog",
+       [](auto& o, auto&) {
+         AddConfig(o);
+         o.add_options()("json", "machine-readable output");
+       },
+       CmdStatus},
+      {"export", "--config FILE --peer NAME --out DIR", "write sneakernet bundle(s) for a peer",
+       [](auto& o, auto&) {
+         AddConfig(o);
+         o.add_options()("peer", po::value<std::string>()->required(), "peer name")(
+             "out", po::value<std::string>()->required(), "output folder");
+       },
+       [](const po::variables_map&) { return CmdNotYet("relay export"); }},
+      {"import", "--config FILE PATH...", "verify and import bundles / ack files",
+       [](auto& o, auto& p) {
+         AddConfig(o);
+         o.add_options()("path", po::value<std::vector<std::string>>()->required(), "bundles");
+         p.add("path", -1);
+       },
+       [](const po::variables_map&) { return CmdNotYet("relay import"); }},
+      {"demo", "[--messages N] [--keep]",
+       "run two sites on loopback, send messages both ways, print what arrived",
+       [](auto& o, auto&) {
+         o.add_options()("messages", po::value<int>()->default_value(1000),
+                         "messages each way")("keep", "keep the demo folder");
+       },
+       CmdDemo},
+  };
+  return kCommands;
+}
+
+void PrintUsage(std::FILE* out) {
+  std::fprintf(out, "usage: relay COMMAND [OPTIONS]\n\ncommands:\n");
+  for (const auto& c : Commands())
+    std::fprintf(out, "  %-13s %-50s\n  %-13s   %s\n", c.name, c.synopsis, "", c.summary);
+  std::fprintf(out, "\n'relay COMMAND --help' shows a command's options.\n");
+}
+
+void PrintCommandUsage(std::FILE* out, const Command& c, const po::options_description& o) {
+  std::ostringstream s;
+  s << o;
+  std::fprintf(out, "usage: relay %s %s\n%s\n\n%s", c.name, c.synopsis, c.summary,
+               s.str().c_str());
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv) {
+  if (argc < 2) {
+    PrintUsage(stderr);
+    return 2;
+  }
+  std::string name = argv[1];
+  if (name == "--help" || name == "-h" || name == "help") {
+    PrintUsage(stdout);
+    return 0;
+  }
+  const Command* cmd = nullptr;
+  for (const auto& c : Commands())
+    if (name == c.name) cmd = &c;
+  if (!cmd) {
+    std::fprintf(stderr, "relay: unknown command '%s'\n\n", name.c_str());
+    PrintUsage(stderr);
+    return 2;
+  }
+  po::options_description options("options");
+  options.add_options()("help,h", "show this help");
+  po::positional_options_description positional;
+  cmd->declare(options, positional);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc - 1, argv + 1).options(options).positional(positional).run(),
+              vm);
+    if (vm.count("help")) {
+      PrintCommandUsage(stdout, *cmd, options);
+      return 0;
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::fprintf(stderr, "relay %s: %s\n\n", cmd->name, e.what());
+    PrintCommandUsage(stderr, *cmd, options);
+    return 2;
+  }
+  return cmd->run(vm);
+}
+
+}  // namespace relay

@@ -1,0 +1,994 @@
+#include "relay/daemon.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_set>
+
+#include "chat/jsonl_sink.h"
+#include "crypto/frame.h"
+#include "crypto/identity.h"
+#include "queue/store.h"
+#include "relay/event.h"
+#include "relay/http_server.h"
+#include "relay/ingest.h"
+#include "relay/json.h"
+#include "relay/log.h"
+#include "relay/metrics.h"
+#include "transports/zmq_link.h"
+
+namespace relay {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Counter names in the store's meta family.
+constexpr char kNextOrigin[] = "next/origin";  // next origin sequence of this site's events
+constexpr char kNextOut[] = "next/out";        // next outbound log sequence
+constexpr char kNextIn[] = "next/in";          // next inbound store sequence
+constexpr char kDelivered[] = "delivered";     // inbound sequence delivered to sinks through
+std::string AckedKey(const std::string& peer) { return "acked/" + peer; }
+std::string AcceptedKey(const std::string& peer) { return "accepted/" + peer; }
+std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
+
+constexpr std::uint64_t kUnset = ~std::uint64_t{0};
+constexpr std::size_t kMaxInboundQueueBytes = 256u << 20;
+constexpr std::size_t kDeliveryBatchEvents = 8192;
+constexpr std::size_t kDeliveryBatchBytes = 16u << 20;
+constexpr std::size_t kGcScanLimit = 1'000'000;
+
+struct InFlight {
+  std::uint64_t first = 0, last = 0;
+  std::uint32_t events = 0;
+};
+
+struct PeerRuntime {
+  std::string name;
+  crypto::PublicIdentity identity;
+  const config::PeerConfig* config = nullptr;
+  PeerMetrics* metrics = nullptr;
+  // Shipper state, guarded by Impl::ship_mu.
+  bool up = false;
+  std::uint64_t epoch = 0;
+  std::uint64_t acked = 0;     // durable cursor: peer accepted everything through here
+  std::uint64_t send_pos = 1;  // first sequence of the next frame
+  std::uint64_t scan_pos = 1;  // where the next scan resumes (>= send_pos)
+  std::deque<InFlight> inflight;
+  Clock::time_point last_progress{};
+};
+
+struct ChannelRuntime {
+  const config::ChannelConfig* config = nullptr;
+  std::vector<std::size_t> peers;  // indices into Impl::peers
+  std::vector<std::string> peer_names;
+  std::unique_ptr<chat::JsonlFile> jsonl;
+};
+
+struct PendingIngest {
+  IngestRequest request;
+  HttpResponder respond;
+};
+
+struct ReceivedFrame {
+  std::size_t link_peer;
+  std::string bytes;
+};
+
+// Rate limit for repeated warnings (e.g. a flood of rejected frames): at most a few a second.
+class WarnLimiter {
+ public:
+  bool Allow() {
+    auto now = Clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (now - window_ > std::chrono::seconds(1)) {
+      window_ = now;
+      count_ = 0;
+    }
+    return ++count_ <= 5;
+  }
+
+ private:
+  std::mutex mu_;
+  Clock::time_point window_{};
+  int count_ = 0;
+};
+
+}  // namespace
+
+struct Daemon::Impl : transports::LinkHandler {
+  config::Config config;
+  std::optional<crypto::SiteKey> key;
+  std::unique_ptr<queue::Store> store;
+  Metrics metrics;
+  std::vector<PeerRuntime> peers;
+  std::map<std::string, ChannelRuntime> channels;
+  std::unique_ptr<HttpServer> http;
+  std::unique_ptr<transports::ZmqLink> link;
+  WarnLimiter warn_limiter;
+  std::atomic<bool> stopping{false};
+  bool started = false;
+
+  // Outbound log writers (committer, inbound forwarding) allocate sequences and commit under
+  // out_mu, so the log is gap-free up to `published` when the shipper reads it.
+  std::mutex out_mu;
+  std::uint64_t next_out = 1;
+  std::atomic<std::uint64_t> published{0};
+
+  // Ingest committer.
+  std::mutex ingest_mu;
+  std::condition_variable ingest_cv;
+  std::vector<PendingIngest> ingest_queue;
+  bool ingest_closed = false;
+  std::uint64_t next_origin = 1;  // committer thread only
+  std::thread committer;
+
+  // Shipper.
+  std::mutex ship_mu;
+  std::condition_variable ship_cv;
+  std::thread shipper;
+
+  // Inbound.
+  std::mutex in_mu;
+  std::condition_variable in_cv;
+  std::deque<ReceivedFrame> in_queue;
+  std::size_t in_queue_bytes = 0;
+  std::thread inbound;
+  std::vector<std::uint64_t> accepted;  // inbound thread only
+  std::uint64_t next_in = 1;            // inbound thread only
+  std::atomic<std::uint64_t> stored_in{0};  // highest inbound seq committed
+
+  // Delivery.
+  std::mutex deliver_mu;
+  std::condition_variable deliver_cv;
+  std::thread delivery;
+  std::uint64_t delivered = 0;
+
+  // Maintenance.
+  std::mutex maint_mu;
+  std::condition_variable maint_cv;
+  std::thread maintenance;
+
+  explicit Impl(config::Config c) : config(std::move(c)) {}
+
+  std::optional<std::size_t> PeerBySignKey(const crypto::PublicKey& pk) const {
+    for (std::size_t i = 0; i < peers.size(); ++i)
+      if (peers[i].identity.sign_pk == pk) return i;
+    return std::nullopt;
+  }
+
+  // ---- start-up ------------------------------------------------------------------------------
+  Status Open() {
+    if (Status s = crypto::Init(); !s) return s;
+    auto k = crypto::SiteKey::LoadFile(config.key_file);
+    if (!k) return k.status();
+    key.emplace(std::move(k).value());
+    auto st = queue::Store::Open(config.data_dir);
+    if (!st) return st.status();
+    store = std::move(st).value();
+
+    peers.resize(config.peers.size());
+    for (std::size_t i = 0; i < config.peers.size(); ++i) {
+      PeerRuntime& p = peers[i];
+      p.name = config.peers[i].name;
+      p.identity = config.peers[i].public_key;
+      p.config = &config.peers[i];
+      metrics.peers.push_back(std::make_unique<PeerMetrics>());
+      metrics.peers.back()->name = p.name;
+      p.metrics = metrics.peers.back().get();
+      p.acked = store->GetCounter(AckedKey(p.name), 0);
+      p.send_pos = p.scan_pos = p.acked + 1;
+      p.metrics->acked_through = p.acked;
+      accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
+    }
+    if (peers.empty() == false && key->identity() == peers[0].identity) {
+      return Status::Error("peer '" + peers[0].name + "' has this site's own public key");
+    }
+    for (const auto& c : config.channels) {
+      ChannelRuntime& ch = channels[c.name];
+      ch.config = &c;
+      for (const auto& pn : c.peers) {
+        for (std::size_t i = 0; i < peers.size(); ++i) {
+          if (peers[i].name == pn) {
+            ch.peers.push_back(i);
+            ch.peer_names.push_back(pn);
+          }
+        }
+      }
+    }
+    next_origin = store->GetCounter(kNextOrigin, 1);
+    next_out = store->GetCounter(kNextOut, 1);
+    published = next_out - 1;
+    next_in = store->GetCounter(kNextIn, 1);
+    stored_in = next_in - 1;
+    delivered = store->GetCounter(kDelivered, 0);
+    return RecoverSinks();
+  }
+
+  Status RecoverSinks() {
+    for (auto& [name, ch] : channels) {
+      if (ch.config->sink != config::SinkKind::kJsonl) continue;
+      auto f = chat::JsonlFile::Open(ch.config->jsonl_path);
+      if (!f) return f.status().Wrap("channel '" + name + "'");
+      ch.jsonl = std::move(f).value();
+      std::uint64_t recorded = store->GetCounter(SinkPosKey(name), kUnset);
+      if (recorded == kUnset) {
+        // First use of this file: whatever it holds is not ours; start after it.
+        queue::WriteBatch b;
+        b.PutCounter(SinkPosKey(name), ch.jsonl->size());
+        if (Status s = store->Commit(b, true); !s) return s;
+        continue;
+      }
+      std::string note;
+      auto r = ch.jsonl->Recover(recorded, &note);
+      if (!r) return r.status();
+      if (!note.empty()) log::Warning("channel '" + name + "': " + note);
+    }
+    return Status::Ok();
+  }
+
+  Status Start() {
+    if (Status s = Open(); !s) return s;
+
+    std::vector<transports::LinkPeer> link_peers;
+    for (const auto& p : peers) link_peers.push_back({p.name, p.identity, p.config->zmq_connect});
+    transports::ZmqLinkOptions lo;
+    lo.listen = config.zmq_listen;
+    lo.heartbeat_interval = config.heartbeat_interval;
+    lo.peer_timeout = config.peer_timeout;
+    link = std::make_unique<transports::ZmqLink>(*key, std::move(link_peers), lo, this);
+
+    HttpServer::Options ho;
+    ho.host = config.ingest_listen.host;
+    ho.port = config.ingest_listen.port;
+    ho.max_body = config.ingest_max_body;
+    http = std::make_unique<HttpServer>(
+        ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
+
+    committer = std::thread([this] { CommitterLoop(); });
+    shipper = std::thread([this] { ShipperLoop(); });
+    inbound = std::thread([this] { InboundLoop(); });
+    delivery = std::thread([this] { DeliveryLoop(); });
+    maintenance = std::thread([this] { MaintenanceLoop(); });
+    started = true;
+    if (Status s = link->Start(); !s) return s;
+    if (Status s = http->Start(); !s) return s;
+    log::Info("site '" + config.site_name + "' serving: ingest on " + config.ingest_listen.host +
+              ":" + std::to_string(http->port()) +
+              (config.zmq_listen.empty() ? "" : ", zmq on " + config.zmq_listen) + ", " +
+              std::to_string(peers.size()) + " peer(s), " + std::to_string(channels.size()) +
+              " channel(s), identity " + key->identity().Fingerprint());
+    return Status::Ok();
+  }
+
+  void Stop() {
+    if (!started) return;
+    started = false;
+    // Order: stop taking work in, let each stage finish what it holds, then stop the links.
+    if (http) http->Stop();
+    {
+      std::lock_guard<std::mutex> lock(ingest_mu);
+      ingest_closed = true;
+    }
+    ingest_cv.notify_all();
+    if (committer.joinable()) committer.join();
+    stopping = true;
+    if (link) link->Stop();
+    in_cv.notify_all();
+    if (inbound.joinable()) inbound.join();
+    deliver_cv.notify_all();
+    if (delivery.joinable()) delivery.join();
+    ship_cv.notify_all();
+    if (shipper.joinable()) shipper.join();
+    maint_cv.notify_all();
+    if (maintenance.joinable()) maintenance.join();
+    log::Info("site '" + config.site_name + "' stopped");
+  }
+
+  // ---- HTTP ----------------------------------------------------------------------------------
+  void Route(HttpRequest&& req, const HttpResponder& respond) {
+    std::string path = req.target.substr(0, req.target.find('?'));
+    if (path == "/v1/messages") {
+      if (req.method != "POST") {
+        respond({405, "application/json", JsonError("use POST for /v1/messages")});
+        return;
+      }
+      Ingest(std::move(req), respond);
+    } else if (path == "/healthz") {
+      respond({200, "application/json", "{\"status\":\"ok\"}"});
+    } else if (path == "/metrics") {
+      metrics.store_bytes = store->ApproximateSize();
+      respond({200, "text/plain; version=0.0.4", metrics.RenderPrometheus(config.site_name)});
+    } else if (path == "/v1/status") {
+      respond({200, "application/json", StatusJson()});
+    } else {
+      respond({404, "application/json", JsonError("no such endpoint: " + path)});
+    }
+  }
+
+  void Ingest(HttpRequest&& req, const HttpResponder& respond) {
+    ++metrics.ingest_requests;
+    PendingIngest p;
+    IngestError err;
+    if (!ParseIngestBody(req.body, config, &p.request, &err)) {
+      ++metrics.ingest_rejected;
+      respond({err.http_status, "application/json", JsonError(err.message)});
+      return;
+    }
+    p.respond = respond;
+    {
+      std::lock_guard<std::mutex> lock(ingest_mu);
+      if (ingest_closed) {
+        ++metrics.ingest_unavailable;
+        respond({503, "application/json", JsonError("relay is shutting down")});
+        return;
+      }
+      ingest_queue.push_back(std::move(p));
+    }
+    ingest_cv.notify_one();
+  }
+
+  std::string StatusJson() {
+    std::string out = "{\"site\":" + JsonString(config.site_name) +
+                      ",\"identity\":" + JsonString(key->identity().ToString()) +
+                      ",\"events_ingested\":" + std::to_string(metrics.events_ingested.load()) +
+                      ",\"events_delivered\":" + std::to_string(metrics.events_delivered.load()) +
+                      ",\"inbound_backlog\":" + std::to_string(metrics.inbound_backlog.load()) +
+                      ",\"peers\":[";
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      const PeerMetrics& m = *peers[i].metrics;
+      if (i) out += ",";
+      out += "{\"name\":" + JsonString(peers[i].name) +
+             ",\"link\":" + (m.link_up ? std::string("\"up\"") : std::string("\"down\"")) +
+             ",\"queue_depth\":" + std::to_string(m.queue_depth.load()) +
+             ",\"acked_through\":" + std::to_string(m.acked_through.load()) +
+             ",\"last_contact_ms\":" + std::to_string(link->LastContactMs(i)) +
+             ",\"frames_sent\":" + std::to_string(m.frames_sent.load()) +
+             ",\"frames_received\":" + std::to_string(m.frames_received.load()) + "}";
+    }
+    out += "]}";
+    return out;
+  }
+
+  // ---- ingest committer: group commit --------------------------------------------------------
+  void CommitterLoop() {
+    std::vector<PendingIngest> work;
+    std::unordered_map<std::string, std::string> round_keys;  // client id -> event id
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(ingest_mu);
+        ingest_cv.wait(lock, [&] { return !ingest_queue.empty() || ingest_closed; });
+        if (ingest_queue.empty() && ingest_closed) return;
+        work.swap(ingest_queue);
+      }
+      CommitIngest(work, round_keys);
+      work.clear();
+      round_keys.clear();
+    }
+  }
+
+  void CommitIngest(std::vector<PendingIngest>& work,
+                    std::unordered_map<std::string, std::string>& round_keys) {
+    std::int64_t now = NowMs();
+    std::int64_t expire = now + config.dedup_ttl.count();
+    queue::WriteBatch batch;
+    std::vector<std::vector<std::pair<std::string, bool>>> answers(work.size());
+    std::uint64_t new_events = 0, duplicates = 0;
+    std::string encoded;
+    std::lock_guard<std::mutex> lock(out_mu);
+    std::uint64_t origin_before = next_origin, out_before = next_out;
+    for (std::size_t r = 0; r < work.size(); ++r) {
+      for (const IngestMessage& m : work[r].request.messages) {
+        std::string client_key;
+        if (!m.client_id.empty()) {
+          client_key = "c:" + m.client_id;
+          auto it = round_keys.find(client_key);
+          std::optional<std::string> known;
+          if (it != round_keys.end()) {
+            known = it->second;
+          } else {
+            known = store->GetDedup(client_key, now);
+          }
+          if (known) {
+            answers[r].emplace_back(*known, true);
+            ++duplicates;
+            continue;
+          }
+        }
+        const ChannelRuntime& ch = channels.at(m.channel);
+        Event e;
+        e.origin_site = config.site_name;
+        e.origin_seq = next_origin++;
+        e.id = MakeEventId(e.origin_site, e.origin_seq);
+        e.kind = m.kind;
+        e.channel = m.channel;
+        e.author = m.author;
+        e.text = m.text;
+        e.thread = m.thread;
+        e.ref = m.ref;
+        e.created_at_ms = now;
+        e.hops = {config.site_name};
+        e.props = m.props;
+        encoded.clear();
+        EncodeEvent(e, &encoded);
+        if (!ch.peer_names.empty()) batch.AppendOutbound(next_out++, ch.peer_names, encoded);
+        if (!client_key.empty()) {
+          batch.PutDedup(client_key, expire, e.id);
+          round_keys[client_key] = e.id;
+        }
+        answers[r].emplace_back(e.id, false);
+        ++new_events;
+      }
+    }
+    batch.PutCounter(kNextOrigin, next_origin);
+    batch.PutCounter(kNextOut, next_out);
+    Status s = store->Commit(batch, /*sync=*/true);
+    if (!s) {
+      next_origin = origin_before;
+      next_out = out_before;
+      log::Error("ingest commit failed, answering 503: " + s.message());
+      for (auto& w : work) {
+        ++metrics.ingest_unavailable;
+        w.respond({503, "application/json", JsonError("store cannot accept: " + s.message())});
+      }
+      return;
+    }
+    published = next_out - 1;
+    ++metrics.commits;
+    metrics.events_ingested += new_events;
+    metrics.ingest_duplicates += duplicates;
+    ship_cv.notify_all();
+    for (std::size_t r = 0; r < work.size(); ++r) {
+      std::string body;
+      auto one = [&](const std::pair<std::string, bool>& a) {
+        body += "{\"id\":" + JsonString(a.first) + (a.second ? ",\"duplicate\":true}" : "}");
+      };
+      if (work[r].request.batch) {
+        body.reserve(answers[r].size() * 24 + 2);
+        body += "[";
+        for (std::size_t i = 0; i < answers[r].size(); ++i) {
+          if (i) body += ",";
+          one(answers[r][i]);
+        }
+        body += "]";
+      } else {
+        one(answers[r][0]);
+      }
+      work[r].respond({202, "application/json", std::move(body)});
+    }
+  }
+
+  // ---- link callbacks (link thread) ----------------------------------------------------------
+  void OnLinkUp(std::size_t peer, std::uint64_t epoch) override {
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      PeerRuntime& p = peers[peer];
+      p.up = true;
+      p.epoch = epoch;
+      if (!p.inflight.empty()) ++p.metrics->resends;
+      p.inflight.clear();
+      p.send_pos = p.scan_pos = p.acked + 1;
+      p.last_progress = Clock::now();
+      p.metrics->link_up = 1;
+    }
+    log::Info("link to peer '" + peers[peer].name + "' is up");
+    ship_cv.notify_all();
+  }
+
+  void OnLinkDown(std::size_t peer) override {
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      PeerRuntime& p = peers[peer];
+      p.up = false;
+      p.inflight.clear();
+      p.metrics->link_up = 0;
+    }
+    log::Warning("link to peer '" + peers[peer].name + "' is down (no heartbeat)");
+  }
+
+  void OnFrame(std::size_t peer, std::string bytes) override {
+    peers[peer].metrics->last_contact_ms = NowMs();
+    {
+      std::lock_guard<std::mutex> lock(in_mu);
+      if (in_queue_bytes + bytes.size() > kMaxInboundQueueBytes) return;  // resent later
+      in_queue_bytes += bytes.size();
+      in_queue.push_back({peer, std::move(bytes)});
+    }
+    in_cv.notify_one();
+  }
+
+  void OnAck(std::size_t peer, std::uint64_t seq) override {
+    PeerRuntime& p = peers[peer];
+    p.metrics->last_contact_ms = NowMs();
+    bool advanced = false;
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      // Never beyond what was written: an ack from before a store reset must not skip events.
+      seq = std::min<std::uint64_t>(seq, published.load());
+      if (seq > p.acked) {
+        p.acked = seq;
+        advanced = true;
+        while (!p.inflight.empty() && p.inflight.front().last <= seq) p.inflight.pop_front();
+        if (p.send_pos <= seq) p.send_pos = p.scan_pos = seq + 1;
+        p.last_progress = Clock::now();
+        p.metrics->acked_through = seq;
+      }
+    }
+    if (advanced) {
+      // Not synced: a lost cursor update only means those frames are sent again and dropped by
+      // the receiver as already accepted.
+      queue::WriteBatch b;
+      b.PutCounter(AckedKey(p.name), seq);
+      if (Status s = store->Commit(b, false); !s) log::Error("storing ack cursor: " + s.message());
+      ship_cv.notify_all();
+    }
+  }
+
+  void OnRejectedControl(const std::string& reason, const std::string& message) override {
+    for (std::size_t i = 0; i < static_cast<std::size_t>(crypto::RejectReason::kCount); ++i) {
+      if (reason == crypto::RejectReasonName(static_cast<crypto::RejectReason>(i))) {
+        ++metrics.frames_rejected[i];
+        break;
+      }
+    }
+    if (warn_limiter.Allow()) log::Warning("control message rejected: " + message);
+  }
+
+  // ---- shipper -------------------------------------------------------------------------------
+  void ShipperLoop() {
+    std::unique_lock<std::mutex> lock(ship_mu);
+    while (!stopping) {
+      bool did_work = false;
+      auto now = Clock::now();
+      for (std::size_t i = 0; i < peers.size(); ++i) {
+        PeerRuntime& p = peers[i];
+        if (!p.up) continue;
+        // No acknowledgement progress for a whole peer timeout: frames were lost with a
+        // connection that ZeroMQ re-established transparently; send everything again.
+        if (!p.inflight.empty() && now - p.last_progress > config.peer_timeout) {
+          ++p.metrics->resends;
+          p.inflight.clear();
+          p.send_pos = p.scan_pos = p.acked + 1;
+          p.last_progress = now;
+        }
+        if (p.inflight.size() >= p.config->window) continue;
+        std::uint64_t head = published.load();
+        if (p.scan_pos > head) continue;
+        did_work |= BuildAndSend(i, lock);
+      }
+      if (!did_work) ship_cv.wait_for(lock, std::chrono::milliseconds(100));
+    }
+  }
+
+  // Called with ship_mu held; releases it while reading the store and sealing.
+  bool BuildAndSend(std::size_t peer, std::unique_lock<std::mutex>& lock) {
+    PeerRuntime& p = peers[peer];
+    std::uint64_t epoch = p.epoch, from = p.scan_pos, first = p.send_pos;
+    std::uint64_t head = published.load();
+    std::uint64_t max_events = p.config->max_frame_events, max_bytes = p.config->max_frame_bytes;
+    lock.unlock();
+    std::vector<std::string> owned;  // event bytes copied out of the iterator
+    std::vector<std::uint64_t> seqs;
+    std::uint64_t last_scanned = from - 1, bytes = 0;
+    Status s = store->ScanOutbound(from, [&](const queue::OutboundEntry& e) {
+      if (e.seq > head) return false;
+      last_scanned = e.seq;
+      if (e.HasPeer(p.name)) {
+        owned.emplace_back(e.event);
+        seqs.push_back(e.seq);
+        bytes += e.event.size();
+        if (owned.size() >= max_events || bytes >= max_bytes) return false;
+      }
+      return true;
+    });
+    if (!s) {
+      log::Error("shipper: " + s.message());
+      lock.lock();
+      return false;
+    }
+    // Entries may have been removed by GC (acked by everyone): the range is still covered.
+    if (owned.size() < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
+    std::string frame;
+    if (!owned.empty()) {
+      std::vector<FramedEvent> fe;
+      fe.reserve(owned.size());
+      for (std::size_t k = 0; k < owned.size(); ++k) fe.push_back({seqs[k], owned[k]});
+      std::string payload = EncodeFramePayload(fe);
+      frame = crypto::SealFrame(*key, p.identity, first, last_scanned,
+                                static_cast<std::uint32_t>(owned.size()), payload);
+    }
+    lock.lock();
+    if (p.epoch != epoch || !p.up || p.scan_pos != from) return false;  // state moved on
+    p.scan_pos = last_scanned + 1;
+    if (owned.empty()) return false;  // nothing for this peer; send_pos stays
+    p.send_pos = last_scanned + 1;
+    if (p.inflight.empty()) p.last_progress = Clock::now();
+    p.inflight.push_back({first, last_scanned, static_cast<std::uint32_t>(owned.size())});
+    ++p.metrics->frames_sent;
+    p.metrics->events_sent += owned.size();
+    link->SendFrame(peer, epoch, std::move(frame));
+    return true;
+  }
+
+  // ---- inbound -------------------------------------------------------------------------------
+  void Reject(crypto::RejectReason reason, const std::string& message) {
+    ++metrics.frames_rejected[static_cast<std::size_t>(reason)];
+    if (warn_limiter.Allow()) log::Warning(message);
+  }
+
+  void InboundLoop() {
+    std::deque<ReceivedFrame> work;
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(in_mu);
+        in_cv.wait(lock, [&] { return !in_queue.empty() || stopping; });
+        if (in_queue.empty() && stopping) return;
+        work.swap(in_queue);
+        in_queue_bytes = 0;
+      }
+      ProcessFrames(work);
+      work.clear();
+    }
+  }
+
+  struct Forward {
+    std::vector<std::string> peers;
+    std::string encoded;
+  };
+
+  void ProcessFrames(std::deque<ReceivedFrame>& work) {
+    std::int64_t now = NowMs();
+    std::int64_t expire = now + config.dedup_ttl.count();
+    queue::WriteBatch batch;
+    std::vector<std::uint64_t> accepted_before = accepted;
+    std::uint64_t in_before = next_in;
+    std::set<std::size_t> ack_peers;
+    std::unordered_set<std::string> round_ids;
+    std::vector<Forward> forwards;
+    std::vector<std::uint64_t> frames_ok(peers.size(), 0), events_ok(peers.size(), 0);
+    std::uint64_t dedup = 0;
+    auto lookup = [this](const crypto::PublicKey& pk) -> std::optional<crypto::PublicIdentity> {
+      auto i = PeerBySignKey(pk);
+      if (!i) return std::nullopt;
+      return peers[*i].identity;
+    };
+    for (ReceivedFrame& rf : work) {
+      crypto::OpenResult opened = crypto::OpenFrame(*key, lookup, rf.bytes);
+      if (!opened.ok()) {
+        Reject(opened.rejection.reason, opened.rejection.message);
+        continue;
+      }
+      const crypto::FrameHeader& h = opened.frame->header;
+      std::size_t p = *PeerBySignKey(h.sender);
+      const std::string& pname = peers[p].name;
+      std::uint64_t acc = accepted[p];
+      if (h.last_seq <= acc) {
+        Reject(crypto::RejectReason::kReplay,
+               "frame from peer '" + pname + "' rejected: replay of sequences " +
+                   std::to_string(h.first_seq) + ".." + std::to_string(h.last_seq) +
+                   ", already accepted through " + std::to_string(acc));
+        ack_peers.insert(p);  // the sender may have missed our ack
+        continue;
+      }
+      if (acc != 0 && h.first_seq > acc + 1) {
+        ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kGap)];
+        if (warn_limiter.Allow())
+          log::Warning("frame from peer '" + pname + "' starts at " + std::to_string(h.first_seq) +
+                       " but only " + std::to_string(acc) +
+                       " is accepted: dropped, it is sent again in order");
+        continue;
+      }
+      auto payload = DecodeFramePayload(opened.frame->plaintext);
+      std::string bad;
+      std::vector<Event> events;
+      if (!payload) {
+        bad = payload.message();
+      } else if (payload->size() != h.event_count) {
+        bad = "header says " + std::to_string(h.event_count) + " events, payload has " +
+              std::to_string(payload->size());
+      } else {
+        for (const FramedEvent& fe : *payload) {
+          if (fe.seq < h.first_seq || fe.seq > h.last_seq) {
+            bad = "event sequence " + std::to_string(fe.seq) + " outside the frame's range";
+            break;
+          }
+          if (fe.seq <= acc) {
+            events.emplace_back();  // placeholder, already accepted earlier
+            continue;
+          }
+          auto ev = DecodeEvent(fe.encoded);
+          if (!ev) {
+            bad = ev.message();
+            break;
+          }
+          events.push_back(std::move(ev).value());
+        }
+      }
+      if (!bad.empty()) {
+        Reject(crypto::RejectReason::kMalformed,
+               "frame from peer '" + pname + "' rejected: malformed payload: " + bad);
+        continue;
+      }
+      for (std::size_t k = 0; k < events.size(); ++k) {
+        const FramedEvent& fe = (*payload)[k];
+        if (fe.seq <= acc) continue;
+        Event& ev = events[k];
+        auto ch = channels.find(ev.channel);
+        if (ch == channels.end() ||
+            std::find(ch->second.peers.begin(), ch->second.peers.end(), p) ==
+                ch->second.peers.end()) {
+          ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kUnroutable)];
+          if (warn_limiter.Allow())
+            log::Warning("event " + ev.id + " from peer '" + pname + "' for channel '" +
+                         ev.channel + "', which is not bridged with that peer: dropped");
+          continue;
+        }
+        if (std::find(ev.hops.begin(), ev.hops.end(), config.site_name) != ev.hops.end() ||
+            ev.origin_site == config.site_name || ev.hops.size() >= kMaxHops) {
+          ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kLoop)];
+          continue;
+        }
+        std::string dkey = "e:" + ev.id;
+        if (round_ids.count(dkey) || store->GetDedup(dkey, now)) {
+          ++dedup;
+          continue;
+        }
+        round_ids.insert(dkey);
+        batch.PutInbound(next_in++, fe.encoded);
+        batch.PutDedup(dkey, expire, "");
+        ++events_ok[p];
+        // Forward to the channel's other peers that the event has not passed through.
+        Forward f;
+        for (std::size_t q : ch->second.peers) {
+          if (q == p) continue;
+          if (std::find(ev.hops.begin(), ev.hops.end(), peers[q].name) != ev.hops.end()) continue;
+          f.peers.push_back(peers[q].name);
+        }
+        if (!f.peers.empty()) {
+          ev.hops.push_back(config.site_name);
+          EncodeEvent(ev, &f.encoded);
+          forwards.push_back(std::move(f));
+        }
+      }
+      accepted[p] = h.last_seq;
+      batch.PutCounter(AcceptedKey(pname), h.last_seq);
+      ack_peers.insert(p);
+      ++frames_ok[p];
+    }
+    if (batch.Count() > 0) {
+      batch.PutCounter(kNextIn, next_in);
+      Status s;
+      if (forwards.empty()) {
+        s = store->Commit(batch, true);
+      } else {
+        std::lock_guard<std::mutex> lock(out_mu);
+        std::uint64_t out_before = next_out;
+        for (const Forward& f : forwards) batch.AppendOutbound(next_out++, f.peers, f.encoded);
+        batch.PutCounter(kNextOut, next_out);
+        s = store->Commit(batch, true);
+        if (s) {
+          published = next_out - 1;
+        } else {
+          next_out = out_before;
+        }
+      }
+      if (!s) {
+        // Nothing is acknowledged; the senders will send these frames again.
+        log::Error("storing received events failed: " + s.message());
+        accepted = accepted_before;
+        next_in = in_before;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        return;
+      }
+      stored_in = next_in - 1;
+      if (!forwards.empty()) {
+        metrics.events_forwarded += forwards.size();
+        ship_cv.notify_all();
+      }
+      deliver_cv.notify_one();
+    }
+    metrics.dedup_hits += dedup;
+    for (std::size_t p = 0; p < peers.size(); ++p) {
+      peers[p].metrics->frames_received += frames_ok[p];
+      peers[p].metrics->events_received += events_ok[p];
+    }
+    for (std::size_t p : ack_peers) link->SendAck(p, accepted[p]);
+  }
+
+  // ---- delivery ------------------------------------------------------------------------------
+  void DeliveryLoop() {
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(deliver_mu);
+        deliver_cv.wait_for(lock, std::chrono::milliseconds(500),
+                            [&] { return stored_in.load() > delivered || stopping; });
+        if (stored_in.load() <= delivered && stopping) return;
+      }
+      if (stored_in.load() > delivered && !DeliverBatch()) {
+        ++metrics.delivery_failures;
+        std::unique_lock<std::mutex> lock(deliver_mu);
+        deliver_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stopping.load(); });
+        if (stopping) return;
+      }
+    }
+  }
+
+  // Writes the next batch of stored events to their sinks. False on a sink failure, after
+  // restoring every file to its recorded size so that the retry cannot duplicate lines.
+  bool DeliverBatch() {
+    std::map<std::string, std::string> lines;  // channel -> lines
+    std::uint64_t last = delivered, count = 0, bytes = 0;
+    Status s = store->ScanInbound(delivered + 1, [&](std::uint64_t seq, std::string_view enc) {
+      auto ev = DecodeEvent(enc);
+      last = seq;
+      if (ev) {
+        auto ch = channels.find(ev->channel);
+        if (ch != channels.end() && ch->second.jsonl) {
+          std::string& out = lines[ev->channel];
+          std::size_t before = out.size();
+          chat::AppendJsonlLine(*ev, &out);
+          bytes += out.size() - before;
+          ++count;
+        }
+      } else {
+        log::Error("stored event " + std::to_string(seq) + " does not decode: " + ev.message());
+      }
+      return count < kDeliveryBatchEvents && bytes < kDeliveryBatchBytes;
+    });
+    if (!s) {
+      log::Error("delivery: " + s.message());
+      return false;
+    }
+    if (last == delivered) return true;
+    queue::WriteBatch batch;
+    for (auto& [name, text] : lines) {
+      chat::JsonlFile& f = *channels[name].jsonl;
+      std::uint64_t before = f.size();
+      Status w = f.Append(text);
+      if (w) w = f.Sync();
+      if (!w) {
+        log::Error("delivery to channel '" + name + "' failed (retrying): " + w.message());
+        RollbackSinks(lines, name, before);
+        return false;
+      }
+      batch.PutCounter(SinkPosKey(name), f.size());
+    }
+    batch.PutCounter(kDelivered, last);
+    batch.DeleteInboundRange(delivered + 1, last + 1);
+    // Not synced: the files are synced, and a lost cursor means the files are cut back to the
+    // recorded sizes at start and the same events written again.
+    if (Status c = store->Commit(batch, false); !c) {
+      log::Error("recording delivery failed (retrying): " + c.message());
+      RollbackSinks(lines, "", 0);
+      return false;
+    }
+    delivered = last;
+    metrics.events_delivered += count;
+    metrics.inbound_backlog = stored_in.load() - delivered;
+    return true;
+  }
+
+  // Cuts each touched file back to its recorded size.
+  void RollbackSinks(const std::map<std::string, std::string>& lines, const std::string& failed,
+                     std::uint64_t failed_before) {
+    for (const auto& entry : lines) {
+      const std::string& name = entry.first;
+      chat::JsonlFile& f = *channels[name].jsonl;
+      std::uint64_t recorded =
+          name == failed ? failed_before : store->GetCounter(SinkPosKey(name), f.size());
+      std::string note;
+      if (auto r = f.Recover(recorded, &note); !r) log::Error(r.message());
+    }
+  }
+
+  // ---- maintenance ---------------------------------------------------------------------------
+  void MaintenanceLoop() {
+    while (!stopping) {
+      {
+        std::unique_lock<std::mutex> lock(maint_mu);
+        maint_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stopping.load(); });
+      }
+      if (stopping) return;
+      CollectOutbound();
+      auto swept = store->SweepDedup(NowMs(), 100000);
+      if (!swept) log::Error(swept.message());
+      metrics.store_bytes = store->ApproximateSize();
+    }
+  }
+
+  // Deletes the log prefix that every peer has acknowledged, and refreshes the per-peer depth
+  // and oldest-unacked gauges.
+  void CollectOutbound() {
+    std::vector<std::uint64_t> acked(peers.size());
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      for (std::size_t i = 0; i < peers.size(); ++i) acked[i] = peers[i].acked;
+    }
+    auto first = store->FirstOutboundSeq();
+    std::vector<std::uint64_t> depth(peers.size(), 0);
+    std::vector<std::int64_t> oldest(peers.size(), 0);
+    std::uint64_t head = published.load();
+    std::uint64_t delete_to = first.value_or(0);  // exclusive end of the deletable prefix
+    bool prefix = true;
+    std::size_t scanned = 0;
+    if (first) {
+      Status s = store->ScanOutbound(*first, [&](const queue::OutboundEntry& e) {
+        if (e.seq > head || ++scanned > kGcScanLimit) return false;
+        bool done = true;
+        for (std::size_t i = 0; i < peers.size(); ++i) {
+          if (!e.HasPeer(peers[i].name) || e.seq <= acked[i]) continue;
+          done = false;
+          ++depth[i];
+          if (oldest[i] == 0) {
+            auto ev = DecodeEvent(e.event);
+            oldest[i] = ev ? ev->created_at_ms : 1;
+          }
+        }
+        if (prefix && done) {
+          delete_to = e.seq + 1;
+        } else {
+          prefix = false;
+        }
+        return true;
+      });
+      if (!s) log::Error("queue GC: " + s.message());
+    }
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      peers[i].metrics->queue_depth = depth[i];
+      peers[i].metrics->oldest_unacked_ms = oldest[i];
+      peers[i].metrics->last_contact_ms = link->LastContactMs(i);
+    }
+    if (first && delete_to > *first) {
+      queue::WriteBatch b;
+      b.DeleteOutboundRange(*first, delete_to);
+      if (Status s = store->Commit(b, false); !s) log::Error("queue GC: " + s.message());
+    }
+  }
+};
+
+Daemon::Daemon(config::Config config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+Daemon::~Daemon() { Stop(); }
+Status Daemon::Start() { return impl_->Start(); }
+void Daemon::Stop() { impl_->Stop(); }
+std::uint16_t Daemon::ingest_port() const { return impl_->http ? impl_->http->port() : 0; }
+
+int RunDaemon(const std::string& config_path) {
+  auto cfg = config::LoadConfig(config_path);
+  if (!cfg) {
+    log::Error("invalid configuration:\n" + cfg.message());
+    return 1;
+  }
+  // Block the stop signals in every thread; the main thread waits for them synchronously.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  Daemon daemon(std::move(cfg).value());
+  if (Status s = daemon.Start(); !s) {
+    log::Error(s.message());
+    daemon.Stop();
+    return 1;
+  }
+  int sig = 0;
+  sigwait(&signals, &sig);
+  log::Info(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
+  daemon.Stop();
+  return 0;
+}
+
+}  // namespace relay

@@ -1,0 +1,135 @@
+#include "relay/ingest.h"
+
+#include <simdjson.h>
+
+namespace relay {
+namespace {
+
+using simdjson::dom::element;
+using simdjson::dom::element_type;
+
+bool Fail(IngestError* error, int status, std::string message) {
+  error->http_status = status;
+  error->message = std::move(message);
+  return false;
+}
+
+std::string Where(std::size_t index, bool batch) {
+  return batch ? "message " + std::to_string(index) + ": " : std::string();
+}
+
+// Reads an optional string field into *out; "null" counts as absent.
+bool StringField(element value, const char* name, std::string* out, std::string* problem) {
+  if (value.type() == element_type::NULL_VALUE) return true;
+  if (value.type() != element_type::STRING) {
+    *problem = std::string("field '") + name + "' must be a string";
+    return false;
+  }
+  std::string_view sv = value.get_string().value_unsafe();
+  out->assign(sv.data(), sv.size());
+  return true;
+}
+
+bool ParseOne(element obj, std::size_t index, bool batch, const config::Config& config,
+              IngestMessage* msg, IngestError* error) {
+  std::string where = Where(index, batch);
+  if (obj.type() != element_type::OBJECT)
+    return Fail(error, 400, where + "a message must be a JSON object");
+  bool has_channel = false, has_author = false, has_text = false;
+  std::string kind_name;
+  simdjson::dom::object fields = obj.get_object().value_unsafe();
+  for (auto field : fields) {
+    std::string_view key = field.key;
+    std::string problem;
+    bool ok = true;
+    if (key == "channel") {
+      ok = StringField(field.value, "channel", &msg->channel, &problem);
+      has_channel = ok && field.value.type() == element_type::STRING;
+    } else if (key == "author") {
+      ok = StringField(field.value, "author", &msg->author, &problem);
+      has_author = ok && field.value.type() == element_type::STRING;
+    } else if (key == "text") {
+      ok = StringField(field.value, "text", &msg->text, &problem);
+      has_text = ok && field.value.type() == element_type::STRING;
+    } else if (key == "id") {
+      ok = StringField(field.value, "id", &msg->client_id, &problem);
+    } else if (key == "thread") {
+      ok = StringField(field.value, "thread", &msg->thread, &problem);
+    } else if (key == "ref") {
+      ok = StringField(field.value, "ref", &msg->ref, &problem);
+    } else if (key == "kind") {
+      ok = StringField(field.value, "kind", &kind_name, &problem);
+    } else if (key == "props") {
+      if (field.value.type() == element_type::NULL_VALUE) continue;
+      if (field.value.type() != element_type::OBJECT)
+        return Fail(error, 400, where + "field 'props' must be an object of strings");
+      simdjson::dom::object props = field.value.get_object().value_unsafe();
+      for (auto prop : props) {
+        if (prop.value.type() != element_type::STRING)
+          return Fail(error, 400,
+                      where + "props value '" + std::string(prop.key) + "' must be a string");
+        if (prop.key.size() > kMaxFieldBytes)
+          return Fail(error, 400, where + "a props key is longer than 256 bytes");
+        msg->props.emplace_back(std::string(prop.key),
+                                std::string(prop.value.get_string().value_unsafe()));
+      }
+    } else {
+      return Fail(error, 400, where + "unknown field '" + std::string(key) + "'");
+    }
+    if (!ok) return Fail(error, 400, where + problem);
+  }
+  if (!has_channel) return Fail(error, 400, where + "missing field 'channel'");
+  if (!has_author) return Fail(error, 400, where + "missing field 'author'");
+  if (!has_text) return Fail(error, 400, where + "missing field 'text'");
+  if (!config.FindChannel(msg->channel))
+    return Fail(error, 400, where + "unknown channel '" + msg->channel + "'");
+  if (msg->author.empty()) return Fail(error, 400, where + "field 'author' is empty");
+  for (auto [name, value] : {std::pair<const char*, const std::string*>{"author", &msg->author},
+                             {"id", &msg->client_id},
+                             {"thread", &msg->thread},
+                             {"ref", &msg->ref}}) {
+    if (value->size() > kMaxFieldBytes)
+      return Fail(error, 400,
+                  where + "field '" + name + "' is longer than " + std::to_string(kMaxFieldBytes) +
+                      " bytes");
+  }
+  if (msg->text.size() > config.ingest_max_text)
+    return Fail(error, 413,
+                where + "field 'text' has " + std::to_string(msg->text.size()) +
+                    " bytes, more than the limit of " + std::to_string(config.ingest_max_text));
+  if (!kind_name.empty() && !ParseEventKind(kind_name, &msg->kind))
+    return Fail(error, 400, where + "unknown kind '" + kind_name + "'");
+  if (msg->kind != EventKind::kPost && msg->ref.empty())
+    return Fail(error, 400, where + "kind '" + kind_name + "' needs field 'ref'");
+  return true;
+}
+
+}  // namespace
+
+bool ParseIngestBody(std::string_view body, const config::Config& config, IngestRequest* out,
+                     IngestError* error) {
+  // One parser per thread: the ingest API runs on one I/O thread, tests may use others.
+  thread_local simdjson::dom::parser parser;
+  element root;
+  auto err = parser.parse(body.data(), body.size()).get(root);
+  if (err) {
+    return Fail(error, 400, std::string("malformed JSON: ") + simdjson::error_message(err));
+  }
+  if (root.type() == element_type::ARRAY) {
+    out->batch = true;
+    simdjson::dom::array array = root.get_array().value_unsafe();
+    if (array.size() == 0) return Fail(error, 400, "empty batch: the array holds no message");
+    out->messages.reserve(array.size());
+    std::size_t i = 0;
+    for (element item : array) {
+      out->messages.emplace_back();
+      if (!ParseOne(item, i++, true, config, &out->messages.back(), error)) return false;
+    }
+    return true;
+  }
+  out->batch = false;
+  out->messages.emplace_back();
+  return ParseOne(root, 0, false, config, &out->messages.back(), error);
+}
+
+}  // namespace relay

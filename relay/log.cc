@@ -1,0 +1,52 @@
+#include "relay/log.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+
+#include "relay/json.h"
+
+namespace relay::log {
+namespace {
+
+std::atomic<int> g_min_level{static_cast<int>(Level::kInfo)};
+
+const char* LevelName(Level level) {
+  switch (level) {
+    case Level::kDebug: return "debug";
+    case Level::kInfo: return "info";
+    case Level::kWarning: return "warning";
+    case Level::kError: return "error";
+  }
+  return "info";
+}
+
+}  // namespace
+
+void SetMinLevel(Level level) { g_min_level = static_cast<int>(level); }
+
+void Write(Level level, std::string_view message) {
+  if (static_cast<int>(level) > g_min_level) return;
+  static const bool journald = std::getenv("JOURNAL_STREAM") != nullptr;
+  std::string line;
+  if (journald) {
+    line = "<" + std::to_string(static_cast<int>(level)) + ">";
+  } else {
+    auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count();
+    line = FormatTimestampMs(now) + " ";
+  }
+  line.append(LevelName(level));
+  line.append(": ");
+  line.append(message);
+  line.push_back('\n');
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fflush(stderr);
+}
+
+}  // namespace relay::log

@@ -1,0 +1,128 @@
+#include "relay/metrics.h"
+
+#include <algorithm>
+#include <chrono>
+
+namespace relay {
+namespace {
+
+void Family(std::string* out, const char* name, const char* type, const char* help) {
+  out->append("# HELP ").append(name).append(" ").append(help).append("\n");
+  out->append("# TYPE ").append(name).append(" ").append(type).append("\n");
+}
+
+void Sample(std::string* out, const char* name, const std::string& labels, std::int64_t v) {
+  out->append(name);
+  if (!labels.empty()) out->append("{").append(labels).append("}");
+  out->append(" ").append(std::to_string(v)).append("\n");
+}
+
+void Simple(std::string* out, const char* name, const char* type, const char* help,
+            std::int64_t v) {
+  Family(out, name, type, help);
+  Sample(out, name, "", v);
+}
+
+std::string PeerLabel(const PeerMetrics& p) { return "peer=\"" + p.name + "\""; }
+
+}  // namespace
+
+const char* InboundDropName(InboundDrop d) {
+  switch (d) {
+    case InboundDrop::kGap: return "gap";
+    case InboundDrop::kUnroutable: return "unroutable";
+    case InboundDrop::kLoop: return "loop";
+    case InboundDrop::kCount: break;
+  }
+  return "unknown";
+}
+
+std::string Metrics::RenderPrometheus(const std::string& site) const {
+  std::string out;
+  auto i64 = [](std::uint64_t v) { return static_cast<std::int64_t>(v); };
+  Family(&out, "relay_info", "gauge", "Constant 1, labelled with the site name.");
+  Sample(&out, "relay_info", "site=\"" + site + "\"", 1);
+  Simple(&out, "relay_events_ingested_total", "counter",
+         "Events accepted through the ingest API and made durable.", i64(events_ingested));
+  Simple(&out, "relay_ingest_requests_total", "counter", "POST /v1/messages requests.",
+         i64(ingest_requests));
+  Simple(&out, "relay_ingest_duplicates_total", "counter",
+         "Messages whose client id was already accepted (answered idempotently).",
+         i64(ingest_duplicates));
+  Simple(&out, "relay_ingest_rejected_total", "counter", "Ingest requests answered 400 or 413.",
+         i64(ingest_rejected));
+  Simple(&out, "relay_ingest_unavailable_total", "counter",
+         "Ingest requests answered 503 (store could not accept).", i64(ingest_unavailable));
+  Simple(&out, "relay_store_commits_total", "counter", "Synced ingest write batches.",
+         i64(commits));
+  Simple(&out, "relay_events_delivered_total", "counter", "Events written to a local sink.",
+         i64(events_delivered));
+  Simple(&out, "relay_delivery_failures_total", "counter", "Failed sink writes (retried).",
+         i64(delivery_failures));
+  Simple(&out, "relay_dedup_hits_total", "counter",
+         "Received events dropped because their id was already accepted.", i64(dedup_hits));
+  Simple(&out, "relay_events_forwarded_total", "counter",
+         "Received events queued for further peers.", i64(events_forwarded));
+  Simple(&out, "relay_inbound_backlog", "gauge", "Received events not yet delivered to a sink.",
+         i64(inbound_backlog));
+  Simple(&out, "relay_store_bytes", "gauge", "Approximate size of the store on disk and in memory.",
+         i64(store_bytes));
+
+  Family(&out, "relay_frames_rejected_total", "counter",
+         "Frames and control messages rejected, by reason.");
+  for (std::size_t i = 0; i < frames_rejected.size(); ++i) {
+    Sample(&out, "relay_frames_rejected_total",
+           std::string("reason=\"") + crypto::RejectReasonName(static_cast<crypto::RejectReason>(i)) +
+               "\"",
+           i64(frames_rejected[i]));
+  }
+  for (std::size_t i = 0; i < inbound_dropped.size(); ++i) {
+    Sample(&out, "relay_frames_rejected_total",
+           std::string("reason=\"") + InboundDropName(static_cast<InboundDrop>(i)) + "\"",
+           i64(inbound_dropped[i]));
+  }
+
+  struct PeerFamily {
+    const char* name;
+    const char* type;
+    const char* help;
+    std::int64_t (*get)(const PeerMetrics&);
+  };
+  static const PeerFamily kPeerFamilies[] = {
+      {"relay_frames_sent_total", "counter", "Frames sent to the peer (including resends).",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.frames_sent.load()); }},
+      {"relay_frames_received_total", "counter", "Frames from the peer accepted.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.frames_received.load()); }},
+      {"relay_events_sent_total", "counter", "Events sent to the peer (including resends).",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.events_sent.load()); }},
+      {"relay_events_received_total", "counter", "New events accepted from the peer.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.events_received.load()); }},
+      {"relay_queue_depth", "gauge", "Events queued for the peer and not yet acknowledged.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.queue_depth.load()); }},
+      {"relay_acked_through", "gauge", "Outbound log position acknowledged by the peer.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.acked_through.load()); }},
+      {"relay_oldest_unacked_age_seconds", "gauge",
+       "Age of the oldest event not yet acknowledged by the peer (0 when none).",
+       [](const PeerMetrics& p) {
+         std::int64_t t = p.oldest_unacked_ms.load();
+         if (t == 0) return std::int64_t{0};
+         std::int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
+         return std::max<std::int64_t>(0, (now - t) / 1000);
+       }},
+      {"relay_link_up", "gauge", "1 when the ZeroMQ link to the peer is up.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.link_up.load()); }},
+      {"relay_last_contact_timestamp_seconds", "gauge", "Unix time of the last valid message.",
+       [](const PeerMetrics& p) { return p.last_contact_ms.load() / 1000; }},
+      {"relay_frame_resends_total", "counter", "Times unacknowledged frames were sent again.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.resends.load()); }},
+  };
+  for (const auto& f : kPeerFamilies) {
+    Family(&out, f.name, f.type, f.help);
+    for (const auto& p : peers) Sample(&out, f.name, PeerLabel(*p), f.get(*p));
+  }
+  return out;
+}
+
+}  // namespace relay
