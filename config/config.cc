@@ -1,0 +1,817 @@
+#include "config/config.h"
+
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string_view>
+#include <utility>
+
+namespace relay::config {
+namespace {
+
+namespace fs = std::filesystem;
+namespace po = boost::program_options;
+
+constexpr std::size_t kMaxPeerNameLength = 32;  // also the site name
+constexpr std::size_t kMaxChannelNameLength = 64;
+constexpr std::uint64_t kMaxPort = 65535;
+constexpr std::uint64_t kMinWindow = 1;
+constexpr std::uint64_t kMaxWindow = 1024;
+constexpr std::uint64_t kMinFrameEvents = 1;
+constexpr std::uint64_t kMaxFrameEvents = 100000;
+constexpr std::uint64_t kMinFrameBytes = std::uint64_t{1} << 10;
+constexpr std::uint64_t kMaxFrameBytes = std::uint64_t{64} << 20;
+// The Mattermost sink is parsed and validated, but the daemon has no adapter for it yet; while
+// this is false every channel with sink = mattermost is reported as a problem.
+constexpr bool kMattermostAvailable = false;
+
+constexpr std::string_view kWhitespace = " \t\r\n\f\v";
+constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
+
+constexpr std::string_view kPeerPrefix = "peer.";
+constexpr std::string_view kChannelPrefix = "channel.";
+
+std::string_view Trim(std::string_view s) {
+  const auto begin = s.find_first_not_of(kWhitespace);
+  if (begin == std::string_view::npos) return {};
+  const auto end = s.find_last_not_of(kWhitespace);
+  return s.substr(begin, end - begin + 1);
+}
+
+std::string Quote(std::string_view s) { return "'" + std::string(s) + "'"; }
+
+bool IsSpace(char c) { return kWhitespace.find(c) != std::string_view::npos; }
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsLowerAlnum(char c) { return (c >= 'a' && c <= 'z') || IsDigit(c); }
+bool IsAlnum(char c) { return IsLowerAlnum(c) || (c >= 'A' && c <= 'Z'); }
+
+template <typename Pred>
+bool AllOf(std::string_view s, Pred pred) {
+  return std::all_of(s.begin(), s.end(), pred);
+}
+
+// [a-z0-9-]{1,32}: site and peer names.
+bool IsValidPeerName(std::string_view name) {
+  return !name.empty() && name.size() <= kMaxPeerNameLength &&
+         AllOf(name, [](char c) { return IsLowerAlnum(c) || c == '-'; });
+}
+
+// [a-z0-9][a-z0-9._-]{0,63}
+bool IsValidChannelName(std::string_view name) {
+  return !name.empty() && name.size() <= kMaxChannelNameLength && IsLowerAlnum(name.front()) &&
+         AllOf(name, [](char c) { return IsLowerAlnum(c) || c == '.' || c == '_' || c == '-'; });
+}
+
+constexpr std::string_view kPeerNameRule = "must be 1 to 32 characters from a-z, 0-9 and '-'";
+constexpr std::string_view kChannelNameRule =
+    "must be 1 to 64 characters from a-z, 0-9, '.', '_' and '-', starting with a-z or 0-9";
+
+// A plain decimal number: digits only (no sign, no spaces).
+Result<std::uint64_t> ParseUnsigned(std::string_view digits) {
+  if (digits.empty() || !AllOf(digits, IsDigit)) {
+    return Status::Error("expected a whole number, got " + Quote(digits));
+  }
+  std::uint64_t value = 0;
+  const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
+  if (error != std::errc() || end != digits.data() + digits.size()) {
+    return Status::Error("number " + Quote(digits) + " is too large");
+  }
+  return value;
+}
+
+// Splits "64 KiB" into the leading digits and the (trimmed) rest.
+std::pair<std::string_view, std::string_view> SplitNumber(std::string_view text) {
+  std::size_t n = 0;
+  while (n < text.size() && IsDigit(text[n])) ++n;
+  return {text.substr(0, n), Trim(text.substr(n))};
+}
+
+struct Unit {
+  std::string_view name;
+  std::uint64_t factor;
+};
+
+constexpr Unit kDurationUnits[] = {
+    {"ms", 1}, {"s", 1000}, {"m", 60 * 1000}, {"h", 60 * 60 * 1000}, {"d", 24 * 60 * 60 * 1000},
+};
+
+constexpr Unit kSizeUnits[] = {
+    {"", 1},
+    {"B", 1},
+    {"K", std::uint64_t{1} << 10},
+    {"KiB", std::uint64_t{1} << 10},
+    {"M", std::uint64_t{1} << 20},
+    {"MiB", std::uint64_t{1} << 20},
+    {"G", std::uint64_t{1} << 30},
+    {"GiB", std::uint64_t{1} << 30},
+    {"T", std::uint64_t{1} << 40},
+    {"TiB", std::uint64_t{1} << 40},
+};
+
+// "1024", "64KiB", "16 MiB" -> bytes. `what` names the kind of value in errors.
+Result<std::uint64_t> ParseNumberWithUnit(const std::string& text, std::string_view what,
+                                          const Unit* units, std::size_t unit_count,
+                                          std::uint64_t max, std::string_view expected_units) {
+  const auto fail = [&](const std::string& why) {
+    return Status::Error("bad " + std::string(what) + " " + Quote(text) + ": " + why);
+  };
+  const auto [digits, unit_name] = SplitNumber(Trim(text));
+  if (digits.empty()) return fail("no number at the start; " + std::string(expected_units));
+  const auto number = ParseUnsigned(digits);
+  if (!number) return fail(number.message());
+  const Unit* unit = nullptr;
+  for (std::size_t i = 0; i < unit_count; ++i) {
+    if (units[i].name == unit_name) unit = &units[i];
+  }
+  if (unit == nullptr) {
+    if (unit_name.empty()) return fail("missing unit (" + std::string(expected_units) + ")");
+    return fail("unknown unit " + Quote(unit_name) + " (" + std::string(expected_units) + ")");
+  }
+  if (*number > max / unit->factor) return fail("too large");
+  return *number * unit->factor;
+}
+
+bool IsHostChar(char c) { return IsAlnum(c) || c == '.' || c == '-' || c == '_'; }
+bool IsIpv6Char(char c) { return IsAlnum(c) || c == ':' || c == '.' || c == '%'; }
+
+Result<Endpoint> ParseHostPort(std::string_view text, bool allow_wildcard) {
+  const auto fail = [&](const std::string& why) {
+    return Status::Error("bad endpoint " + Quote(text) + ": " + why);
+  };
+  if (text.empty()) return fail("expected host:port");
+  std::string_view host;
+  std::string_view port;
+  if (text.front() == '[') {
+    const auto close = text.find(']');
+    if (close == std::string_view::npos) return fail("missing ']' after the IPv6 address");
+    host = text.substr(1, close - 1);
+    const auto rest = text.substr(close + 1);
+    if (rest.empty() || rest.front() != ':') return fail("expected ':port' after ']'");
+    port = rest.substr(1);
+    if (host.find(':') == std::string_view::npos || !AllOf(host, IsIpv6Char)) {
+      return fail("bad IPv6 address " + Quote(host));
+    }
+  } else {
+    const auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) return fail("missing ':port'");
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos) {
+      return fail("an IPv6 address must be in brackets, e.g. '[::1]:7400'");
+    }
+    if (host.empty()) return fail("missing host before ':'");
+    if (host == "*") {
+      if (!allow_wildcard) return fail("'*' is not allowed here (use 0.0.0.0 or [::])");
+    } else if (!AllOf(host, IsHostChar)) {
+      return fail("bad host " + Quote(host));
+    }
+  }
+  if (port.empty()) return fail("missing port after ':'");
+  const auto number = ParseUnsigned(port);
+  if (!number || *number > kMaxPort)
+    return fail("bad port " + Quote(port) + " (expected 0..65535)");
+  return Endpoint{std::string(host), static_cast<std::uint16_t>(*number)};
+}
+
+// "scheme://host:port" with a port in 1..65535.
+Result<Endpoint> ParseUrlEndpoint(std::string_view value, std::string_view scheme,
+                                  bool allow_wildcard) {
+  const std::string prefix = std::string(scheme) + "://";
+  const std::string expected =
+      "expected " + prefix + (allow_wildcard ? "host:port or " + prefix + "*:port" : "host:port");
+  if (value.substr(0, prefix.size()) != prefix) return Status::Error(expected);
+  auto endpoint = ParseHostPort(value.substr(prefix.size()), allow_wildcard);
+  if (!endpoint) return Status::Error(expected + ": " + endpoint.message());
+  if (endpoint->port == 0) return Status::Error("port must be 1..65535");
+  return endpoint;
+}
+
+std::string FormatMilliseconds(std::chrono::milliseconds ms) {
+  return std::to_string(ms.count()) + "ms";
+}
+
+Status ReadFile(const std::string& path, std::string* out) {
+  const std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"),
+                                                             &std::fclose);
+  if (!file) {
+    return Status::Error("cannot open config file " + Quote(path) + ": " + std::strerror(errno));
+  }
+  char buffer[1 << 14];
+  std::size_t n = 0;
+  while ((n = std::fread(buffer, 1, sizeof buffer, file.get())) > 0) out->append(buffer, n);
+  if (std::ferror(file.get())) {
+    return Status::Error("cannot read config file " + Quote(path) + ": " + std::strerror(errno));
+  }
+  return Status::Ok();
+}
+
+struct Entry {
+  std::string key;
+  std::string value;
+};
+
+struct Section {
+  std::string name;  // "site", "peer.aws", ...
+  std::vector<Entry> entries;
+};
+
+enum class SectionKind { kSite, kIngest, kZmq, kDiode, kMattermost, kPeer, kChannel, kUnknown };
+
+SectionKind KindOf(std::string_view name) {
+  if (name == "site") return SectionKind::kSite;
+  if (name == "ingest") return SectionKind::kIngest;
+  if (name == "zmq") return SectionKind::kZmq;
+  if (name == "diode") return SectionKind::kDiode;
+  if (name == "mattermost") return SectionKind::kMattermost;
+  if (name.starts_with(kPeerPrefix)) return SectionKind::kPeer;
+  if (name.starts_with(kChannelPrefix)) return SectionKind::kChannel;
+  return SectionKind::kUnknown;
+}
+
+// Loads one file: a line scan for syntax and comments, Boost.Program_options for the key/value
+// pairs, then validation of every section. Problems are collected, never thrown.
+class Loader {
+ public:
+  Loader(std::string display_name, Config* config)
+      : display_name_(std::move(display_name)), config_(config) {}
+
+  void Load(const std::string& text);
+  const std::vector<std::string>& problems() const { return problems_; }
+
+ private:
+  std::string Prescan(std::string_view text);
+  void ParseWithBoost(const std::string& cleaned);
+
+  void Problem(const std::string& text) { problems_.push_back(display_name_ + ": " + text); }
+  void LineProblem(int line, const std::string& text) {
+    Problem("line " + std::to_string(line) + ": " + text);
+  }
+  void ValueProblem(const Section& section, const Entry& entry, std::string_view why) {
+    Problem("[" + section.name + "] " + entry.key + " = " + Quote(entry.value) + ": " +
+            std::string(why));
+  }
+
+  const Section* FindSection(std::string_view name) const;
+  void CheckKeys(const Section& section, std::initializer_list<std::string_view> known);
+  const Entry* Optional(const Section& section, std::string_view key);
+  const Entry* Required(const Section& section, std::string_view key, std::string_view why = "");
+  std::string ResolvePath(std::string_view value) const;
+  void ReadPath(const Section& section, std::string_view key, bool required, std::string* out);
+  void ReadDuration(const Section& section, std::string_view key, std::chrono::milliseconds* out);
+  void ReadSize(const Section& section, std::string_view key, std::uint64_t min, std::uint64_t max,
+                std::uint64_t* out);
+  void ReadNumber(const Section& section, std::string_view key, std::uint64_t min,
+                  std::uint64_t max, std::uint32_t* out);
+
+  void ValidateSite(const Section& section);
+  void ValidateIngest(const Section& section);
+  void ValidateZmq(const Section& section);
+  void ValidateDiode(const Section& section);
+  void ValidatePeer(const Section& section);
+  void ValidateChannel(const Section& section);
+  void ValidateMattermost(const Section* section);
+
+  std::string display_name_;
+  Config* config_;
+  std::vector<std::string> problems_;
+  std::vector<Section> sections_;         // in file order, each name once
+  std::set<std::string> declared_peers_;  // every [peer.X], valid or not (avoids cascades)
+  std::map<std::string, std::string> jsonl_paths_;  // resolved path -> channel
+  std::vector<std::string> mattermost_channels_;    // channels with sink = mattermost
+};
+
+// Handles what Boost does not, line by line, and returns text for Boost with every bad line
+// blanked. Boost 1.74 treats '#' anywhere as the start of a comment (so "a#b" would silently
+// become "a"), knows nothing of ';' comments, and throws at the first bad line. Here a '#' or ';'
+// at the start of a line or after whitespace starts a comment; any other '#' is an error. Keys of
+// unknown, nameless or repeated sections are dropped (their header is the one problem reported).
+std::string Loader::Prescan(std::string_view text) {
+  if (text.starts_with(kUtf8Bom)) text.remove_prefix(kUtf8Bom.size());
+  std::string cleaned;
+  std::map<std::string, int> seen;  // section -> line of its header
+  bool in_section = false;
+  bool skip = false;  // keys of the current section are dropped
+  int line_number = 0;
+  while (!text.empty()) {
+    ++line_number;
+    const auto newline = text.find('\n');
+    std::string_view line = text.substr(0, newline);
+    text.remove_prefix(newline == std::string_view::npos ? text.size() : newline + 1);
+
+    for (std::size_t i = 0; i < line.size(); ++i) {
+      if ((line[i] == '#' || line[i] == ';') && (i == 0 || IsSpace(line[i - 1]))) {
+        line = line.substr(0, i);
+        break;
+      }
+    }
+    line = Trim(line);
+    std::string out;
+    if (line.empty()) {
+      // blank or comment
+    } else if (line.find('#') != std::string_view::npos) {
+      LineProblem(line_number, Quote(line) +
+                                   ": '#' starts a comment only at the start of a line "
+                                   "or after whitespace");
+    } else if (line.front() == '[') {
+      in_section = true;
+      skip = true;
+      const bool closed = line.back() == ']';
+      const std::string_view inner = Trim(line.substr(1, line.size() - (closed ? 2 : 1)));
+      if (!closed) {
+        LineProblem(line_number, "missing ']' in section header " + Quote(line));
+      } else if (inner.empty()) {
+        LineProblem(line_number, "empty section name " + Quote(line));
+      } else if (inner == "peer" || inner == "peer." || inner == "channel" || inner == "channel.") {
+        const std::string kind(inner.substr(0, inner.find('.')));
+        LineProblem(line_number,
+                    "section [" + std::string(inner) + "] has no name; use [" + kind + ".NAME]");
+      } else if (inner.back() == '.') {
+        // Boost would drop the final '.', and the keys would land in another section.
+        LineProblem(line_number, "section name [" + std::string(inner) + "] ends with '.'");
+      } else if (KindOf(inner) == SectionKind::kUnknown) {
+        LineProblem(line_number, "unknown section [" + std::string(inner) + "]");
+      } else if (const auto it = seen.find(std::string(inner)); it != seen.end()) {
+        LineProblem(line_number, "section [" + std::string(inner) +
+                                     "] appears again (first on line " +
+                                     std::to_string(it->second) + ")");
+      } else {
+        seen.emplace(inner, line_number);
+        sections_.push_back(Section{std::string(inner), {}});
+        skip = false;
+        out = "[" + std::string(inner) + "]";
+      }
+    } else if (const auto equals = line.find('='); equals == std::string_view::npos) {
+      LineProblem(line_number, "expected 'key = value' or '[section]', got " + Quote(line));
+    } else {
+      const std::string_view key = Trim(line.substr(0, equals));
+      if (key.empty()) {
+        LineProblem(line_number, "missing key name before '=' in " + Quote(line));
+      } else if (!AllOf(key, [](char c) { return IsAlnum(c) || c == '_' || c == '-'; })) {
+        LineProblem(line_number, "bad key name " + Quote(key));
+      } else if (!in_section) {
+        LineProblem(line_number, "key " + Quote(key) + " is outside any section");
+      } else if (!skip) {
+        out = line;
+      }
+    }
+    cleaned += out;
+    cleaned += '\n';
+  }
+  return cleaned;
+}
+
+void Loader::ParseWithBoost(const std::string& cleaned) {
+  std::istringstream stream(cleaned);
+  po::parsed_options parsed(nullptr);
+  try {
+    const po::options_description no_registered_options;
+    parsed = po::parse_config_file(stream, no_registered_options, /*allow_unregistered=*/true);
+  } catch (const std::exception& e) {
+    // Not expected after Prescan, but Boost's word is final.
+    Problem(std::string("cannot parse: ") + e.what());
+    return;
+  }
+  for (const po::option& option : parsed.options) {
+    // Prescan admits only keys without '.' inside named sections, so the last '.' splits them.
+    const auto dot = option.string_key.rfind('.');
+    if (dot == std::string::npos) {
+      Problem("key " + Quote(option.string_key) + " is outside any section");
+      continue;
+    }
+    const std::string section_name = option.string_key.substr(0, dot);
+    Entry entry{option.string_key.substr(dot + 1), option.value.empty() ? "" : option.value[0]};
+    auto section = std::find_if(sections_.begin(), sections_.end(),
+                                [&](const Section& s) { return s.name == section_name; });
+    if (section == sections_.end()) {
+      sections_.push_back(Section{section_name, {}});
+      section = sections_.end() - 1;
+    }
+    const auto previous = std::find_if(section->entries.begin(), section->entries.end(),
+                                       [&](const Entry& e) { return e.key == entry.key; });
+    if (previous != section->entries.end()) {
+      // The first value stays, so later checks do not report the same key again.
+      Problem("duplicate key " + Quote(entry.key) + " in [" + section_name +
+              "]: " + Quote(previous->value) + ", then " + Quote(entry.value));
+      continue;
+    }
+    section->entries.push_back(std::move(entry));
+  }
+}
+
+const Section* Loader::FindSection(std::string_view name) const {
+  for (const Section& section : sections_) {
+    if (section.name == name) return &section;
+  }
+  return nullptr;
+}
+
+void Loader::CheckKeys(const Section& section, std::initializer_list<std::string_view> known) {
+  for (const Entry& entry : section.entries) {
+    if (std::find(known.begin(), known.end(), entry.key) == known.end()) {
+      Problem("unknown key " + Quote(entry.key) + " in [" + section.name + "]");
+    }
+  }
+}
+
+const Entry* FindEntry(const Section& section, std::string_view key) {
+  for (const Entry& entry : section.entries) {
+    if (entry.key == key) return &entry;
+  }
+  return nullptr;
+}
+
+// The entry for `key`, or null if absent. An empty value is reported and yields null.
+const Entry* Loader::Optional(const Section& section, std::string_view key) {
+  const Entry* entry = FindEntry(section, key);
+  if (entry != nullptr && entry->value.empty()) {
+    ValueProblem(section, *entry, "empty value (remove the line to use the default)");
+    return nullptr;
+  }
+  return entry;
+}
+
+// Like Optional, but absence is a problem too; `why` says when the key is required.
+const Entry* Loader::Required(const Section& section, std::string_view key, std::string_view why) {
+  const Entry* entry = FindEntry(section, key);
+  if (entry == nullptr) {
+    Problem("missing required key " + Quote(key) + " in [" + section.name + "]" +
+            (why.empty() ? "" : " (" + std::string(why) + ")"));
+    return nullptr;
+  }
+  if (entry->value.empty()) {
+    ValueProblem(section, *entry, "empty value");
+    return nullptr;
+  }
+  return entry;
+}
+
+std::string Loader::ResolvePath(std::string_view value) const {
+  const fs::path path(value);
+  if (path.is_absolute()) return path.lexically_normal().string();
+  return (fs::path(config_->dir) / path).lexically_normal().string();
+}
+
+void Loader::ReadPath(const Section& section, std::string_view key, bool required,
+                      std::string* out) {
+  const Entry* entry = required ? Required(section, key) : Optional(section, key);
+  if (entry != nullptr) *out = ResolvePath(entry->value);
+}
+
+void Loader::ReadDuration(const Section& section, std::string_view key,
+                          std::chrono::milliseconds* out) {
+  const Entry* entry = Optional(section, key);
+  if (entry == nullptr) return;
+  const auto duration = ParseDuration(entry->value);
+  if (!duration) {
+    ValueProblem(section, *entry, duration.message());
+  } else if (duration->count() <= 0) {
+    ValueProblem(section, *entry, "must be more than 0");
+  } else {
+    *out = *duration;
+  }
+}
+
+void Loader::ReadSize(const Section& section, std::string_view key, std::uint64_t min,
+                      std::uint64_t max, std::uint64_t* out) {
+  const Entry* entry = Optional(section, key);
+  if (entry == nullptr) return;
+  const auto size = ParseSize(entry->value);
+  if (!size) {
+    ValueProblem(section, *entry, size.message());
+  } else if (*size < min || *size > max) {
+    ValueProblem(section, *entry,
+                 "must be from " + std::to_string(min) + " to " + std::to_string(max) + " bytes");
+  } else {
+    *out = *size;
+  }
+}
+
+void Loader::ReadNumber(const Section& section, std::string_view key, std::uint64_t min,
+                        std::uint64_t max, std::uint32_t* out) {
+  const Entry* entry = Optional(section, key);
+  if (entry == nullptr) return;
+  const auto number = ParseUnsigned(entry->value);
+  if (!number || *number < min || *number > max) {
+    ValueProblem(
+        section, *entry,
+        "must be a whole number from " + std::to_string(min) + " to " + std::to_string(max));
+  } else {
+    *out = static_cast<std::uint32_t>(*number);
+  }
+}
+
+void Loader::ValidateSite(const Section& section) {
+  CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl"});
+  if (const Entry* name = Required(section, "name")) {
+    if (IsValidPeerName(name->value)) {
+      config_->site_name = name->value;
+    } else {
+      ValueProblem(section, *name, kPeerNameRule);
+    }
+  }
+  ReadPath(section, "key_file", /*required=*/true, &config_->key_file);
+  ReadPath(section, "data_dir", /*required=*/true, &config_->data_dir);
+  ReadDuration(section, "dedup_ttl", &config_->dedup_ttl);
+}
+
+void Loader::ValidateIngest(const Section& section) {
+  CheckKeys(section, {"listen", "max_body", "max_text"});
+  if (const Entry* listen = Required(section, "listen")) {
+    const auto endpoint = ParseEndpoint(listen->value);
+    if (!endpoint) {
+      ValueProblem(section, *listen, endpoint.message());
+    } else if (endpoint->port == 0) {
+      ValueProblem(section, *listen, "port must be 1..65535");
+    } else {
+      config_->ingest_listen = *endpoint;
+    }
+  }
+  const std::uint64_t max = std::numeric_limits<std::uint64_t>::max();
+  ReadSize(section, "max_body", 1, max, &config_->ingest_max_body);
+  ReadSize(section, "max_text", 1, max, &config_->ingest_max_text);
+  if (config_->ingest_max_text > config_->ingest_max_body) {
+    Problem("[ingest] max_text (" + std::to_string(config_->ingest_max_text) +
+            " bytes) must not exceed max_body (" + std::to_string(config_->ingest_max_body) +
+            " bytes)");
+  }
+}
+
+void Loader::ValidateZmq(const Section& section) {
+  CheckKeys(section, {"listen", "heartbeat_interval", "peer_timeout"});
+  if (const Entry* listen = Optional(section, "listen")) {
+    const auto endpoint = ParseUrlEndpoint(listen->value, "tcp", /*allow_wildcard=*/true);
+    if (endpoint) {
+      config_->zmq_listen = listen->value;
+    } else {
+      ValueProblem(section, *listen, endpoint.message());
+    }
+  }
+  ReadDuration(section, "heartbeat_interval", &config_->heartbeat_interval);
+  ReadDuration(section, "peer_timeout", &config_->peer_timeout);
+  if (config_->peer_timeout <= config_->heartbeat_interval) {
+    Problem("[zmq] peer_timeout (" + FormatMilliseconds(config_->peer_timeout) +
+            ") must exceed heartbeat_interval (" + FormatMilliseconds(config_->heartbeat_interval) +
+            ")");
+  }
+}
+
+void Loader::ValidateDiode(const Section& section) {
+  CheckKeys(section, {"listen"});
+  if (const Entry* listen = Optional(section, "listen")) {
+    const auto endpoint = ParseUrlEndpoint(listen->value, "udp", /*allow_wildcard=*/false);
+    if (endpoint) {
+      config_->diode_listen = listen->value;
+    } else {
+      ValueProblem(section, *listen, endpoint.message());
+    }
+  }
+}
+
+void Loader::ValidatePeer(const Section& section) {
+  PeerConfig peer;
+  peer.name = section.name.substr(kPeerPrefix.size());
+  if (!IsValidPeerName(peer.name)) {
+    Problem("[" + section.name + "]: bad peer name " + Quote(peer.name) + ": " +
+            std::string(kPeerNameRule));
+  } else if (peer.name == config_->site_name) {
+    Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
+  }
+  CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
+                      "max_frame_events", "max_frame_bytes"});
+  if (const Entry* key = Required(section, "public_key")) {
+    auto identity = crypto::PublicIdentity::Parse(key->value);
+    if (!identity) {
+      ValueProblem(section, *key, "bad public key: " + identity.message());
+    } else {
+      peer.public_key = *identity;
+      for (const PeerConfig& other : config_->peers) {
+        if (other.public_key == peer.public_key) {
+          ValueProblem(section, *key, "same public key as [peer." + other.name + "]");
+        }
+      }
+    }
+  }
+  if (const Entry* connect = Optional(section, "zmq_connect")) {
+    const auto endpoint = ParseUrlEndpoint(connect->value, "tcp", /*allow_wildcard=*/false);
+    if (endpoint) {
+      peer.zmq_connect = connect->value;
+    } else {
+      ValueProblem(section, *connect, endpoint.message());
+    }
+  }
+  ReadPath(section, "files_dir", /*required=*/false, &peer.files_dir);
+  if (const Entry* send = Optional(section, "diode_send")) {
+    const auto endpoint = ParseUrlEndpoint(send->value, "udp", /*allow_wildcard=*/false);
+    if (endpoint) {
+      peer.diode_send = send->value;
+    } else {
+      ValueProblem(section, *send, endpoint.message());
+    }
+  }
+  ReadNumber(section, "window", kMinWindow, kMaxWindow, &peer.window);
+  ReadNumber(section, "max_frame_events", kMinFrameEvents, kMaxFrameEvents, &peer.max_frame_events);
+  ReadSize(section, "max_frame_bytes", kMinFrameBytes, kMaxFrameBytes, &peer.max_frame_bytes);
+  config_->peers.push_back(std::move(peer));
+}
+
+void Loader::ValidateChannel(const Section& section) {
+  ChannelConfig channel;
+  channel.name = section.name.substr(kChannelPrefix.size());
+  if (!IsValidChannelName(channel.name)) {
+    Problem("[" + section.name + "]: bad channel name " + Quote(channel.name) + ": " +
+            std::string(kChannelNameRule));
+  }
+  CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id"});
+  if (const Entry* peers = Required(section, "peers")) {
+    std::string_view rest = peers->value;
+    while (true) {
+      const auto comma = rest.find(',');
+      const std::string name(Trim(rest.substr(0, comma)));
+      if (name.empty()) {
+        ValueProblem(section, *peers, "empty peer name in the list");
+      } else if (declared_peers_.count(name) == 0) {
+        ValueProblem(section, *peers,
+                     "unknown peer " + Quote(name) + " (there is no [peer." + name + "] section)");
+      } else if (std::find(channel.peers.begin(), channel.peers.end(), name) !=
+                 channel.peers.end()) {
+        ValueProblem(section, *peers, "peer " + Quote(name) + " is listed twice");
+      } else {
+        channel.peers.push_back(name);
+      }
+      if (comma == std::string_view::npos) break;
+      rest.remove_prefix(comma + 1);
+    }
+  }
+  if (const Entry* sink = Optional(section, "sink")) {
+    if (sink->value == "jsonl") {
+      channel.sink = SinkKind::kJsonl;
+    } else if (sink->value == "mattermost") {
+      channel.sink = SinkKind::kMattermost;
+    } else {
+      ValueProblem(section, *sink,
+                   "unknown sink " + Quote(sink->value) + " (expected jsonl or mattermost)");
+    }
+  }
+  // Keys of the other sink are errors rather than silently ignored.
+  const auto reject = [&](std::string_view key, std::string_view sink_name) {
+    for (const Entry& entry : section.entries) {
+      if (entry.key == key) {
+        ValueProblem(section, entry, "only used with sink = " + std::string(sink_name));
+      }
+    }
+  };
+  if (channel.sink == SinkKind::kJsonl) {
+    reject("mattermost_channel_id", "mattermost");
+    if (const Entry* path = Required(section, "jsonl_path", "required when sink = jsonl")) {
+      channel.jsonl_path = ResolvePath(path->value);
+      const auto [it, inserted] = jsonl_paths_.emplace(channel.jsonl_path, channel.name);
+      if (!inserted) {
+        ValueProblem(section, *path, "the same file as [channel." + it->second + "] jsonl_path");
+      }
+    }
+  } else {
+    reject("jsonl_path", "jsonl");
+    if (const Entry* id =
+            Required(section, "mattermost_channel_id", "required when sink = mattermost")) {
+      channel.mattermost_channel_id = id->value;
+    }
+    mattermost_channels_.push_back(channel.name);
+    if (!kMattermostAvailable) {
+      Problem("[" + section.name +
+              "] sink = mattermost: the Mattermost adapter is not available in this build yet");
+    }
+  }
+  config_->channels.push_back(std::move(channel));
+}
+
+void Loader::ValidateMattermost(const Section* section) {
+  const bool needed = !mattermost_channels_.empty();
+  const std::string why = needed ? "required because [channel." + mattermost_channels_.front() +
+                                       "] uses sink = mattermost"
+                                 : "";
+  if (section == nullptr) {
+    if (needed) Problem("missing section [mattermost] (" + why + ")");
+    return;
+  }
+  CheckKeys(*section, {"url", "token_file"});
+  const Entry* url = needed ? Required(*section, "url", why) : Optional(*section, "url");
+  if (url != nullptr) {
+    const std::string_view value = url->value;
+    const auto scheme_end = value.find("://");
+    const std::string_view scheme = value.substr(0, scheme_end);
+    if (scheme_end == std::string_view::npos || (scheme != "http" && scheme != "https") ||
+        value.size() == scheme_end + 3) {
+      ValueProblem(*section, *url, "expected http://HOST or https://HOST");
+    } else {
+      config_->mattermost_url = url->value;
+    }
+  }
+  const Entry* token =
+      needed ? Required(*section, "token_file", why) : Optional(*section, "token_file");
+  if (token != nullptr) config_->mattermost_token_file = ResolvePath(token->value);
+}
+
+void Loader::Load(const std::string& text) {
+  ParseWithBoost(Prescan(text));
+
+  const Section* site = FindSection("site");
+  if (site != nullptr) {
+    ValidateSite(*site);
+  } else {
+    Problem("missing section [site]");
+  }
+  if (const Section* ingest = FindSection("ingest")) {
+    ValidateIngest(*ingest);
+  } else {
+    Problem("missing section [ingest]");
+  }
+  if (const Section* zmq = FindSection("zmq")) ValidateZmq(*zmq);
+  if (const Section* diode = FindSection("diode")) ValidateDiode(*diode);
+  for (const Section& section : sections_) {
+    if (KindOf(section.name) == SectionKind::kPeer) {
+      declared_peers_.insert(section.name.substr(kPeerPrefix.size()));
+    }
+  }
+  for (const Section& section : sections_) {
+    if (KindOf(section.name) == SectionKind::kPeer) ValidatePeer(section);
+  }
+  for (const Section& section : sections_) {
+    if (KindOf(section.name) == SectionKind::kChannel) ValidateChannel(section);
+  }
+  ValidateMattermost(FindSection("mattermost"));
+}
+
+}  // namespace
+
+const PeerConfig* Config::FindPeer(const std::string& name) const {
+  for (const PeerConfig& peer : peers) {
+    if (peer.name == name) return &peer;
+  }
+  return nullptr;
+}
+
+const ChannelConfig* Config::FindChannel(const std::string& name) const {
+  for (const ChannelConfig& channel : channels) {
+    if (channel.name == name) return &channel;
+  }
+  return nullptr;
+}
+
+Result<Config> LoadConfig(const std::string& path) {
+  std::string text;
+  if (Status status = ReadFile(path, &text); !status) return status;
+
+  Config config;
+  std::error_code error;
+  const fs::path absolute = fs::absolute(path, error);
+  if (error) {
+    return Status::Error("cannot resolve config file path " + Quote(path) + ": " + error.message());
+  }
+  config.path = absolute.lexically_normal().string();
+  config.dir = absolute.lexically_normal().parent_path().string();
+
+  if (Status status = crypto::Init(); !status) return status.Wrap("cannot check public keys");
+
+  Loader loader(path, &config);
+  loader.Load(text);
+  if (loader.problems().empty()) return config;
+  std::string message;
+  for (const std::string& problem : loader.problems()) {
+    if (!message.empty()) message += '\n';
+    message += problem;
+  }
+  return Status::Error(message);
+}
+
+Result<std::chrono::milliseconds> ParseDuration(const std::string& text) {
+  const auto ms = ParseNumberWithUnit(
+      text, "duration", kDurationUnits, std::size(kDurationUnits),
+      static_cast<std::uint64_t>(std::numeric_limits<std::chrono::milliseconds::rep>::max()),
+      "expected ms, s, m, h or d, e.g. '1500ms', '2s', '7d'");
+  if (!ms) return ms.status();
+  return std::chrono::milliseconds(static_cast<std::chrono::milliseconds::rep>(*ms));
+}
+
+Result<std::uint64_t> ParseSize(const std::string& text) {
+  return ParseNumberWithUnit(text, "size", kSizeUnits, std::size(kSizeUnits),
+                             std::numeric_limits<std::uint64_t>::max(),
+                             "expected B, KiB, MiB, GiB or TiB, or K, M, G, T for the same; "
+                             "no unit means bytes");
+}
+
+Result<Endpoint> ParseEndpoint(const std::string& text) {
+  return ParseHostPort(text, /*allow_wildcard=*/false);
+}
+
+}  // namespace relay::config
