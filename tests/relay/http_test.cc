@@ -1,0 +1,414 @@
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "relay/http_server.h"
+
+using relay::HttpClient;
+using relay::HttpRequest;
+using relay::HttpResponder;
+using relay::HttpResponse;
+using relay::HttpServer;
+
+namespace {
+
+// Echoes method, target and content type in headers-free form: "<METHOD> <target> <type>\n<body>".
+void Echo(HttpRequest&& request, HttpResponder respond) {
+  HttpResponse response;
+  response.content_type = "text/plain";
+  response.body = request.method + " " + request.target + " " + request.content_type + "\n" +
+                  std::move(request.body);
+  respond(std::move(response));
+}
+
+HttpServer::Options Loopback() {
+  HttpServer::Options options;
+  options.host = "127.0.0.1";
+  options.port = 0;
+  return options;
+}
+
+// A raw loopback TCP connection for sending bytes no well-behaved client would send.
+class RawConnection {
+ public:
+  explicit RawConnection(std::uint16_t port) : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
+    REQUIRE(fd_ >= 0);
+    timeval timeout{5, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0);
+  }
+  ~RawConnection() { ::close(fd_); }
+  RawConnection(const RawConnection&) = delete;
+  RawConnection& operator=(const RawConnection&) = delete;
+
+  void Send(const std::string& bytes) {
+    REQUIRE(::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
+            static_cast<ssize_t>(bytes.size()));
+  }
+  // Reads until the peer closes (or the 5 s receive timeout expires).
+  std::string ReadToEof() {
+    std::string out;
+    char chunk[4096];
+    for (;;) {
+      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      if (n <= 0) return out;
+      out.append(chunk, static_cast<std::size_t>(n));
+    }
+  }
+  // Reads until `count` occurrences of `marker` have arrived.
+  std::string ReadUntil(const std::string& marker, int count) {
+    std::string out;
+    char chunk[4096];
+    auto occurrences = [&] {
+      int found = 0;
+      for (auto pos = out.find(marker); pos != std::string::npos; pos = out.find(marker, pos + 1)) {
+        ++found;
+      }
+      return found;
+    };
+    while (occurrences() < count) {
+      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      if (n <= 0) break;
+      out.append(chunk, static_cast<std::size_t>(n));
+    }
+    return out;
+  }
+
+ private:
+  int fd_;
+};
+
+// Holds Responders handed out by a deferring handler until the test answers them.
+struct PendingResponders {
+  void Add(HttpResponder responder) {
+    std::lock_guard lock(mu);
+    responders.push_back(std::move(responder));
+    cv.notify_all();
+  }
+  HttpResponder WaitForOne() {
+    std::unique_lock lock(mu);
+    REQUIRE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return !responders.empty(); }));
+    HttpResponder responder = std::move(responders.front());
+    responders.erase(responders.begin());
+    return responder;
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<HttpResponder> responders;
+};
+
+}  // namespace
+
+TEST_CASE("GET and POST round trip") {
+  HttpServer server(Loopback(), Echo);
+  REQUIRE(server.Start().ok());
+  REQUIRE(server.port() != 0);
+
+  HttpClient client("127.0.0.1", server.port());
+  auto get = client.Request("GET", "/healthz?verbose=1");
+  REQUIRE(get.ok());
+  CHECK(get->status == 200);
+  CHECK(get->content_type == "text/plain");
+  CHECK(get->body == "GET /healthz?verbose=1 \n");
+
+  auto post = client.Request("POST", "/v1/messages", "{\"text\":\"hi\"}");
+  REQUIRE(post.ok());
+  CHECK(post->status == 200);
+  CHECK(post->body == "POST /v1/messages application/json\n{\"text\":\"hi\"}");
+
+  // A batch-sized body survives intact.
+  std::string big(1 << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  auto large = client.Request("POST", "/v1/batch", big, "application/msgpack");
+  REQUIRE(large.ok());
+  CHECK(large->body == "POST /v1/batch application/msgpack\n" + big);
+}
+
+TEST_CASE("handler chooses status and content type; server header is set") {
+  HttpServer server(Loopback(), [](HttpRequest&&, HttpResponder respond) {
+    respond(HttpResponse{404, "application/problem+json", "{\"error\":\"no such thing\"}"});
+  });
+  REQUIRE(server.Start().ok());
+  RawConnection raw(server.port());
+  raw.Send("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  const std::string reply = raw.ReadToEof();
+  CHECK(reply.rfind("HTTP/1.1 404", 0) == 0);
+  CHECK(reply.find("Server: relay\r\n") != std::string::npos);
+  CHECK(reply.find("Content-Type: application/problem+json\r\n") != std::string::npos);
+  CHECK(reply.find("Content-Length: 25\r\n") != std::string::npos);
+  CHECK(reply.find("Connection: close\r\n") != std::string::npos);
+}
+
+TEST_CASE("keep-alive serves several requests on one connection") {
+  std::atomic<int> calls{0};
+  HttpServer server(Loopback(), [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+
+  SECTION("client reuses its connection") {
+    HttpClient client("127.0.0.1", server.port());
+    for (int i = 0; i < 20; ++i) {
+      auto response = client.Request("POST", "/n", std::to_string(i));
+      REQUIRE(response.ok());
+      CHECK(response->body == "POST /n application/json\n" + std::to_string(i));
+    }
+    CHECK(calls == 20);
+  }
+  SECTION("one raw connection gets every answer, then a close") {
+    RawConnection raw(server.port());
+    raw.Send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    std::string first = raw.ReadUntil("GET /a", 1);
+    CHECK(first.find("HTTP/1.1 200") == 0);
+    CHECK(first.find("Connection: close") == std::string::npos);
+    raw.Send("GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    std::string second = raw.ReadToEof();  // the server closes after answering
+    CHECK(second.find("GET /b") != std::string::npos);
+    CHECK(calls == 2);
+  }
+}
+
+TEST_CASE("a response can be deferred and sent from another thread") {
+  std::mutex mu;
+  std::vector<std::thread> answerers;
+  HttpServer server(Loopback(), [&](HttpRequest&& request, HttpResponder respond) {
+    std::lock_guard lock(mu);
+    answerers.emplace_back([body = std::move(request.body), respond = std::move(respond)] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      respond(HttpResponse{202, "text/plain", "durable:" + body});
+      respond(HttpResponse{500, "text/plain", "second call must be ignored"});
+    });
+  });
+  REQUIRE(server.Start().ok());
+
+  HttpClient client("127.0.0.1", server.port());
+  for (int i = 0; i < 3; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    auto response = client.Request("POST", "/v1/messages", "m" + std::to_string(i));
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    REQUIRE(response.ok());
+    CHECK(response->status == 202);
+    CHECK(response->body == "durable:m" + std::to_string(i));
+    CHECK(elapsed >= std::chrono::milliseconds(50));
+  }
+  server.Stop();
+  for (auto& t : answerers) t.join();
+}
+
+TEST_CASE("a body over max_body is answered 413 without calling the handler") {
+  std::atomic<int> calls{0};
+  HttpServer::Options options = Loopback();
+  options.max_body = 1024;
+  HttpServer server(options, [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+
+  HttpClient client("127.0.0.1", server.port());
+  auto ok = client.Request("POST", "/small", std::string(1024, 'x'));  // exactly the limit
+  REQUIRE(ok.ok());
+  CHECK(ok->status == 200);
+  CHECK(calls == 1);
+
+  auto too_big = client.Request("POST", "/big", std::string(4096, 'x'));
+  REQUIRE(too_big.ok());
+  CHECK(too_big->status == 413);
+  CHECK(too_big->content_type == "application/json");
+  CHECK(too_big->body == "{\"error\":\"request body larger than 1024 bytes\"}");
+  CHECK(calls == 1);
+
+  // The server closed that connection; the client reconnects transparently.
+  auto after = client.Request("GET", "/again");
+  REQUIRE(after.ok());
+  CHECK(after->status == 200);
+  CHECK(calls == 2);
+
+  SECTION("also when the client waits for 100-continue") {
+    RawConnection raw(server.port());
+    raw.Send(
+        "POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n");
+    const std::string reply = raw.ReadToEof();
+    CHECK(reply.rfind("HTTP/1.1 413", 0) == 0);
+    CHECK(calls == 2);
+  }
+  SECTION("100-continue is honoured for an acceptable body") {
+    RawConnection raw(server.port());
+    raw.Send(
+        "POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+        "Connection: close\r\n\r\n");
+    CHECK(raw.ReadUntil("\r\n\r\n", 1) == "HTTP/1.1 100 Continue\r\n\r\n");
+    raw.Send("hello");
+    const std::string reply = raw.ReadToEof();
+    CHECK(reply.rfind("HTTP/1.1 200", 0) == 0);
+    CHECK(reply.find("\r\n\r\nPOST /c \nhello") != std::string::npos);
+    CHECK(calls == 3);
+  }
+}
+
+TEST_CASE("malformed requests get 400 and the connection is closed") {
+  std::atomic<int> calls{0};
+  HttpServer server(Loopback(), [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+
+  RawConnection raw(server.port());
+  raw.Send(std::string("\x01\x02\x03 \xff garbage\r\n\r\n"));
+  const std::string reply = raw.ReadToEof();  // returns only once the server closed
+  CHECK(reply.rfind("HTTP/1.1 400", 0) == 0);
+  CHECK(reply.find("{\"error\":\"malformed HTTP request: ") != std::string::npos);
+  CHECK(reply.find("Connection: close") != std::string::npos);
+  CHECK(calls == 0);
+
+  // The server is still fine.
+  HttpClient client("127.0.0.1", server.port());
+  auto response = client.Request("GET", "/");
+  REQUIRE(response.ok());
+  CHECK(response->status == 200);
+}
+
+TEST_CASE("client errors name the address") {
+  std::uint16_t port = 0;
+  {
+    HttpServer server(Loopback(), Echo);
+    REQUIRE(server.Start().ok());
+    port = server.port();
+  }  // nothing listens on `port` any more
+  HttpClient client("127.0.0.1", port);
+  auto response = client.Request("GET", "/");
+  REQUIRE_FALSE(response.ok());
+  const std::string address = "127.0.0.1:" + std::to_string(port);
+  CHECK(response.message().find("cannot connect to " + address) == 0);
+  CHECK(response.message().find("refused") != std::string::npos);
+}
+
+TEST_CASE("Start reports an address that is already in use") {
+  HttpServer first(Loopback(), Echo);
+  REQUIRE(first.Start().ok());
+  HttpServer::Options options = Loopback();
+  options.port = first.port();
+  HttpServer second(options, Echo);
+  const relay::Status status = second.Start();
+  REQUIRE_FALSE(status.ok());
+  CHECK(status.message().find("cannot listen on 127.0.0.1:" + std::to_string(first.port()) +
+                              ": ") == 0);
+  CHECK(status.message().find("in use") != std::string::npos);
+}
+
+TEST_CASE("IPv6 loopback works for server and client", "[ipv6]") {
+  HttpServer::Options options;
+  options.host = "::1";
+  HttpServer server(options, Echo);
+  const relay::Status started = server.Start();
+  if (!started.ok()) {
+    WARN("no IPv6 loopback here: " << started.message());
+    return;
+  }
+  HttpClient client("::1", server.port());
+  auto response = client.Request("GET", "/v6");
+  REQUIRE(response.ok());
+  CHECK(response->body == "GET /v6 \n");
+}
+
+TEST_CASE("a Responder called after Stop or after the server is gone does nothing") {
+  PendingResponders pending;
+  auto server = std::make_unique<HttpServer>(
+      Loopback(), [&](HttpRequest&&, HttpResponder respond) { pending.Add(std::move(respond)); });
+  REQUIRE(server->Start().ok());
+
+  std::future<bool> client_failed = std::async(std::launch::async, [port = server->port()] {
+    HttpClient client("127.0.0.1", port);
+    return !client.Request("POST", "/v1/messages", "x").ok();
+  });
+  HttpResponder responder = pending.WaitForOne();
+  HttpResponder copy = responder;
+  server->Stop();
+  // Stop closed the connection, so the waiting client fails instead of hanging.
+  REQUIRE(client_failed.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  CHECK(client_failed.get());
+
+  responder(HttpResponse{200, "text/plain", "too late"});
+  server->Stop();  // idempotent
+  server.reset();
+  copy(HttpResponse{200, "text/plain", "far too late"});
+  std::thread([r = std::move(copy)] { r(HttpResponse{}); }).join();
+  SUCCEED("no crash");
+}
+
+TEST_CASE("a dropped Responder closes the connection") {
+  HttpServer server(Loopback(), [](HttpRequest&&, HttpResponder) {});
+  REQUIRE(server.Start().ok());
+  HttpClient client("127.0.0.1", server.port());
+  auto response = client.Request("GET", "/");
+  REQUIRE_FALSE(response.ok());
+  CHECK(response.message().find("reading response from 127.0.0.1:") == 0);
+}
+
+TEST_CASE("max_connections refuses further connections") {
+  HttpServer::Options options = Loopback();
+  options.max_connections = 1;
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+
+  auto held = std::make_unique<HttpClient>("127.0.0.1", server.port());
+  REQUIRE(held->Request("GET", "/first").ok());  // its connection stays open (keep-alive)
+
+  HttpClient refused("127.0.0.1", server.port());
+  CHECK_FALSE(refused.Request("GET", "/second").ok());
+
+  held.reset();  // frees the slot once the server notices the close
+  bool served = false;
+  for (int i = 0; i < 200 && !served; ++i) {
+    served = refused.Request("GET", "/third").ok();
+    if (!served) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(served);
+}
+
+TEST_CASE("many concurrent clients all get their own answers") {
+  HttpServer server(Loopback(), Echo);
+  REQUIRE(server.Start().ok());
+
+  constexpr int kThreads = 8;
+  constexpr int kRequests = 200;
+  std::atomic<int> correct{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      HttpClient client("127.0.0.1", server.port());
+      for (int i = 0; i < kRequests; ++i) {
+        const std::string body = "thread " + std::to_string(t) + " request " + std::to_string(i);
+        auto response = client.Request("POST", "/t" + std::to_string(t), body);
+        if (response.ok() && response->status == 200 &&
+            response->body == "POST /t" + std::to_string(t) + " application/json\n" + body) {
+          ++correct;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(correct == kThreads * kRequests);
+}
