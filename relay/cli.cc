@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
+#include <chrono>
+#include <simdjson.h>
+#include <sstream>
 #include <cstdio>
 #include <functional>
 #include <iostream>
@@ -112,7 +115,39 @@ int CmdStatus(const po::variables_map& vm) {
   auto r = client.Request("GET", "/v1/status");
   if (!r) return Fail(r.message() + " (is the relay daemon running?)");
   if (r->status != 200) return Fail("the daemon answered " + std::to_string(r->status));
-  std::printf("%s\n", r->body.c_str());
+  if (vm.count("json")) {
+    std::printf("%s\n", r->body.c_str());
+    return 0;
+  }
+  simdjson::dom::parser parser;
+  simdjson::dom::element doc;
+  if (parser.parse(r->body).get(doc)) return Fail("the daemon's status is not JSON: " + r->body);
+  auto str = [](simdjson::dom::element e, const char* k) {
+    std::string_view v;
+    return e[k].get(v) ? std::string("?") : std::string(v);
+  };
+  auto num = [](simdjson::dom::element e, const char* k) {
+    std::int64_t v = 0;
+    return e[k].get(v) ? std::int64_t{-1} : v;
+  };
+  std::printf("site %s  ingested %lld  delivered %lld  inbound backlog %lld\n",
+              str(doc, "site").c_str(), static_cast<long long>(num(doc, "events_ingested")),
+              static_cast<long long>(num(doc, "events_delivered")),
+              static_cast<long long>(num(doc, "inbound_backlog")));
+  std::printf("%-16s %-5s %10s %12s %s\n", "PEER", "LINK", "BACKLOG", "ACKED", "LAST CONTACT");
+  simdjson::dom::array peers;
+  if (!doc["peers"].get(peers)) {
+    std::int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count();
+    for (simdjson::dom::element p : peers) {
+      std::int64_t last = num(p, "last_contact_ms");
+      std::string ago = last <= 0 ? "never" : std::to_string((now - last) / 1000) + " s ago";
+      std::printf("%-16s %-5s %10lld %12lld %s\n", str(p, "name").c_str(), str(p, "link").c_str(),
+                  static_cast<long long>(num(p, "queue_depth")),
+                  static_cast<long long>(num(p, "acked_through")), ago.c_str());
+    }
+  }
   return 0;
 }
 
