@@ -93,8 +93,8 @@ Result<std::uint64_t> JsonlFile::Recover(std::uint64_t recorded_size, std::strin
     if (ftruncate(fd_, static_cast<off_t>(recorded_size)) != 0)
       return Status::Error(Errno("cannot truncate sink file", path_));
     if (fdatasync(fd_) != 0) return Status::Error(Errno("cannot sync sink file", path_));
-    *note = "cut " + std::to_string(size_ - recorded_size) + " bytes of an unrecorded batch from '" +
-            path_ + "'; it is written again";
+    *note = "cut " + std::to_string(size_ - recorded_size) +
+            " bytes of an unrecorded batch from '" + path_ + "'; it is written again";
     size_ = recorded_size;
   } else if (size_ < recorded_size) {
     *note = "sink file '" + path_ + "' is shorter (" + std::to_string(size_) +

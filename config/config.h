@@ -21,12 +21,12 @@ struct Endpoint {  // host:port for TCP listeners
 };
 
 struct PeerConfig {
-  std::string name;                  // from [peer.NAME]
+  std::string name;                   // from [peer.NAME]
   crypto::PublicIdentity public_key;  // public_key =
-  std::string zmq_connect;           // optional, "tcp://host:port"
-  std::string files_dir;             // optional (sneakernet, issue 4)
-  std::string diode_send;            // optional (diode, issue 4)
-  std::uint32_t window = 8;          // frames in flight before back-pressure
+  std::string zmq_connect;            // optional, "tcp://host:port"
+  std::string files_dir;              // optional (sneakernet, issue 4)
+  std::string diode_send;             // optional (diode, issue 4)
+  std::uint32_t window = 8;           // frames in flight before back-pressure
   std::uint32_t max_frame_events = 2048;
   std::uint64_t max_frame_bytes = 4u << 20;
 };
@@ -37,13 +37,13 @@ struct ChannelConfig {
   std::string name;                // from [channel.NAME]
   std::vector<std::string> peers;  // peer names, each a [peer.NAME]
   SinkKind sink = SinkKind::kJsonl;
-  std::string jsonl_path;          // absolute after loading
+  std::string jsonl_path;  // absolute after loading
   std::string mattermost_channel_id;
 };
 
 struct Config {
-  std::string path;        // the file loaded (absolute)
-  std::string dir;         // its folder
+  std::string path;  // the file loaded (absolute)
+  std::string dir;   // its folder
   // [site]
   std::string site_name;
   std::string key_file;
@@ -51,8 +51,8 @@ struct Config {
   std::chrono::milliseconds dedup_ttl{std::chrono::hours(24 * 7)};
   // [ingest]
   Endpoint ingest_listen;
-  std::uint64_t ingest_max_body = 16u << 20;     // bytes of one HTTP request body
-  std::uint64_t ingest_max_text = 64u << 10;     // bytes of one message's text
+  std::uint64_t ingest_max_body = 16u << 20;  // bytes of one HTTP request body
+  std::uint64_t ingest_max_text = 64u << 10;  // bytes of one message's text
   // [zmq]
   std::string zmq_listen;  // optional, "tcp://host:port"
   std::chrono::milliseconds heartbeat_interval{1000};

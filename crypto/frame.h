@@ -28,15 +28,15 @@ inline constexpr std::uint8_t kFrameVersion = 1;
 inline constexpr std::uint8_t kControlVersion = 1;
 
 enum class RejectReason : std::uint8_t {
-  kTruncated = 0,        // shorter than its header says, or than a header
-  kBadMagic,             // not a relay frame / control message at all
-  kUnsupportedVersion,   // known magic, unknown format version
-  kUnknownSender,        // sender key is not a configured peer
-  kWrongRecipient,       // addressed to another site
-  kBadSignature,         // Ed25519 signature does not verify
-  kDecryptFailed,        // signature fine but AEAD open failed (should not happen unless keyed wrong)
-  kMalformed,            // well signed and decrypted but the content does not parse
-  kReplay,               // a frame sequence already accepted (reported by the caller)
+  kTruncated = 0,       // shorter than its header says, or than a header
+  kBadMagic,            // not a relay frame / control message at all
+  kUnsupportedVersion,  // known magic, unknown format version
+  kUnknownSender,       // sender key is not a configured peer
+  kWrongRecipient,      // addressed to another site
+  kBadSignature,        // Ed25519 signature does not verify
+  kDecryptFailed,  // signature fine but AEAD open failed (should not happen unless keyed wrong)
+  kMalformed,      // well signed and decrypted but the content does not parse
+  kReplay,         // a frame sequence already accepted (reported by the caller)
   kCount
 };
 // Stable snake_case name used as the metrics label: "truncated", "bad_signature", ...
@@ -49,8 +49,8 @@ struct Rejection {
 
 struct FrameHeader {
   std::uint8_t version = kFrameVersion;
-  PublicKey sender{};     // sender's sign_pk
-  PublicKey recipient{};  // recipient's sign_pk
+  PublicKey sender{};           // sender's sign_pk
+  PublicKey recipient{};        // recipient's sign_pk
   std::uint64_t first_seq = 0;  // link sequence range of the events inside
   std::uint64_t last_seq = 0;
   std::uint32_t event_count = 0;

@@ -86,9 +86,9 @@ class Store {
   Status ScanOutbound(std::uint64_t from,
                       const std::function<bool(const OutboundEntry&)>& visit) const;
   // Visits inbound entries with seq >= from in order until `visit` returns false.
-  Status ScanInbound(std::uint64_t from,
-                     const std::function<bool(std::uint64_t seq, std::string_view event)>& visit)
-      const;
+  Status ScanInbound(
+      std::uint64_t from,
+      const std::function<bool(std::uint64_t seq, std::string_view event)>& visit) const;
   // The lowest outbound seq still stored, or nullopt when the log is empty.
   std::optional<std::uint64_t> FirstOutboundSeq() const;
 

@@ -2,13 +2,13 @@
 
 #include <unistd.h>
 
+#include <simdjson.h>
 #include <boost/program_options.hpp>
 #include <chrono>
-#include <simdjson.h>
-#include <sstream>
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -102,7 +102,8 @@ int CmdPost(const po::variables_map& vm) {
   HttpClient client(IngestHost(*cfg), cfg->ingest_listen.port);
   auto r = client.Request("POST", "/v1/messages", body);
   if (!r) return Fail(r.message() + " (is the relay daemon running?)");
-  if (r->status != 202) return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
+  if (r->status != 202)
+    return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
   std::printf("%s\n", r->body.c_str());
   return 0;
 }
@@ -216,8 +217,8 @@ const std::vector<Command>& Commands() {
       {"demo", "[--messages N] [--keep]",
        "run two sites on loopback, send messages both ways, print what arrived",
        [](auto& o, auto&) {
-         o.add_options()("messages", po::value<int>()->default_value(1000),
-                         "messages each way")("keep", "keep the demo folder");
+         o.add_options()("messages", po::value<int>()->default_value(1000), "messages each way")(
+             "keep", "keep the demo folder");
        },
        CmdDemo},
   };
@@ -234,8 +235,7 @@ void PrintUsage(std::FILE* out) {
 void PrintCommandUsage(std::FILE* out, const Command& c, const po::options_description& o) {
   std::ostringstream s;
   s << o;
-  std::fprintf(out, "usage: relay %s %s\n%s\n\n%s", c.name, c.synopsis, c.summary,
-               s.str().c_str());
+  std::fprintf(out, "usage: relay %s %s\n%s\n\n%s", c.name, c.synopsis, c.summary, s.str().c_str());
 }
 
 }  // namespace
@@ -264,8 +264,9 @@ int RunCli(int argc, char** argv) {
   cmd->declare(options, positional);
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc - 1, argv + 1).options(options).positional(positional).run(),
-              vm);
+    po::store(
+        po::command_line_parser(argc - 1, argv + 1).options(options).positional(positional).run(),
+        vm);
     if (vm.count("help")) {
       PrintCommandUsage(stdout, *cmd, options);
       return 0;

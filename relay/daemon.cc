@@ -146,8 +146,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::deque<ReceivedFrame> in_queue;
   std::size_t in_queue_bytes = 0;
   std::thread inbound;
-  std::vector<std::uint64_t> accepted;  // inbound thread only
-  std::uint64_t next_in = 1;            // inbound thread only
+  std::vector<std::uint64_t> accepted;      // inbound thread only
+  std::uint64_t next_in = 1;                // inbound thread only
   std::atomic<std::uint64_t> stored_in{0};  // highest inbound seq committed
 
   // Delivery.
@@ -726,9 +726,8 @@ struct Daemon::Impl : transports::LinkHandler {
         if (fe.seq <= acc) continue;
         Event& ev = events[k];
         auto ch = channels.find(ev.channel);
-        if (ch == channels.end() ||
-            std::find(ch->second.peers.begin(), ch->second.peers.end(), p) ==
-                ch->second.peers.end()) {
+        if (ch == channels.end() || std::find(ch->second.peers.begin(), ch->second.peers.end(),
+                                              p) == ch->second.peers.end()) {
           ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kUnroutable)];
           if (warn_limiter.Allow())
             log::Warning("event " + ev.id + " from peer '" + pname + "' for channel '" +

@@ -11,7 +11,8 @@ const char* const kKindNames[] = {"post", "edit", "delete", "reaction_add", "rea
 
 // Strict accessors: each names the field that is wrong.
 Status WantStr(const msgpack::object& o, const char* field, std::string* out) {
-  if (o.type != msgpack::type::STR) return Status::Error(std::string("field '") + field + "' is not a string");
+  if (o.type != msgpack::type::STR)
+    return Status::Error(std::string("field '") + field + "' is not a string");
   out->assign(o.via.str.ptr, o.via.str.size);
   return Status::Ok();
 }
@@ -193,13 +194,14 @@ Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
   for (std::uint32_t i = 0; i < o.via.array.size; ++i) {
     const msgpack::object& item = o.via.array.ptr[i];
     if (item.type != msgpack::type::ARRAY || item.via.array.size != 2)
-      return Status::Error("frame payload entry " + std::to_string(i) + " is not a [seq, event] pair");
+      return Status::Error("frame payload entry " + std::to_string(i) +
+                           " is not a [seq, event] pair");
     FramedEvent fe;
     if (Status s = WantUint(item.via.array.ptr[0], "seq", &fe.seq); !s)
       return s.Wrap("frame payload entry " + std::to_string(i));
     if (fe.seq <= last)
-      return Status::Error("frame payload entry " + std::to_string(i) +
-                           ": sequence " + std::to_string(fe.seq) + " is not increasing");
+      return Status::Error("frame payload entry " + std::to_string(i) + ": sequence " +
+                           std::to_string(fe.seq) + " is not increasing");
     last = fe.seq;
     const msgpack::object& bin = item.via.array.ptr[1];
     if (bin.type != msgpack::type::BIN)

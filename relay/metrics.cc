@@ -29,10 +29,14 @@ std::string PeerLabel(const PeerMetrics& p) { return "peer=\"" + p.name + "\""; 
 
 const char* InboundDropName(InboundDrop d) {
   switch (d) {
-    case InboundDrop::kGap: return "gap";
-    case InboundDrop::kUnroutable: return "unroutable";
-    case InboundDrop::kLoop: return "loop";
-    case InboundDrop::kCount: break;
+    case InboundDrop::kGap:
+      return "gap";
+    case InboundDrop::kUnroutable:
+      return "unroutable";
+    case InboundDrop::kLoop:
+      return "loop";
+    case InboundDrop::kCount:
+      break;
   }
   return "unknown";
 }
@@ -72,8 +76,8 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
          "Frames and control messages rejected, by reason.");
   for (std::size_t i = 0; i < frames_rejected.size(); ++i) {
     Sample(&out, "relay_frames_rejected_total",
-           std::string("reason=\"") + crypto::RejectReasonName(static_cast<crypto::RejectReason>(i)) +
-               "\"",
+           std::string("reason=\"") +
+               crypto::RejectReasonName(static_cast<crypto::RejectReason>(i)) + "\"",
            i64(frames_rejected[i]));
   }
   for (std::size_t i = 0; i < inbound_dropped.size(); ++i) {

@@ -19,7 +19,7 @@ struct PeerMetrics {
   std::atomic<std::uint64_t> frames_received{0};
   std::atomic<std::uint64_t> events_sent{0};
   std::atomic<std::uint64_t> events_received{0};
-  std::atomic<std::uint64_t> queue_depth{0};     // events routed to the peer, not yet acked
+  std::atomic<std::uint64_t> queue_depth{0};  // events routed to the peer, not yet acked
   std::atomic<std::uint64_t> acked_through{0};
   std::atomic<std::int64_t> oldest_unacked_ms{0};  // created_at of the oldest unacked event
   std::atomic<int> link_up{0};
@@ -29,17 +29,17 @@ struct PeerMetrics {
 
 // Reasons a frame or control message can be rejected, beyond crypto::RejectReason.
 enum class InboundDrop : std::size_t {
-  kGap = 0,         // frame starts after a sequence not yet received (resent later)
-  kUnroutable,      // event for a channel not bridged with that peer
-  kLoop,            // event whose hop list already holds this site
+  kGap = 0,     // frame starts after a sequence not yet received (resent later)
+  kUnroutable,  // event for a channel not bridged with that peer
+  kLoop,        // event whose hop list already holds this site
   kCount
 };
 
 struct Metrics {
   std::atomic<std::uint64_t> events_ingested{0};
   std::atomic<std::uint64_t> ingest_requests{0};
-  std::atomic<std::uint64_t> ingest_duplicates{0};  // repeated client ids
-  std::atomic<std::uint64_t> ingest_rejected{0};    // 4xx answers
+  std::atomic<std::uint64_t> ingest_duplicates{0};   // repeated client ids
+  std::atomic<std::uint64_t> ingest_rejected{0};     // 4xx answers
   std::atomic<std::uint64_t> ingest_unavailable{0};  // 503 answers
   std::atomic<std::uint64_t> commits{0};             // synced ingest write batches
   std::atomic<std::uint64_t> events_delivered{0};

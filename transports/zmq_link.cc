@@ -73,7 +73,7 @@ struct ZmqLink::Impl {
   std::thread thread;
   std::atomic<bool> stop{false};
   std::mutex mu;
-  std::deque<Outgoing> outbox;  // guarded by mu
+  std::deque<Outgoing> outbox;                      // guarded by mu
   std::map<std::string, std::size_t> router_peers;  // routing id -> peer, link thread only
 
   Impl(const crypto::SiteKey& k, std::vector<LinkPeer> ps, ZmqLinkOptions o, LinkHandler* h)
@@ -132,7 +132,8 @@ struct ZmqLink::Impl {
         return p.dealer->send(zmq::buffer(bytes), zmq::send_flags::dontwait).has_value();
       }
       if (p.router_id && router) {
-        if (!router->send(zmq::buffer(*p.router_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait))
+        if (!router->send(zmq::buffer(*p.router_id),
+                          zmq::send_flags::sndmore | zmq::send_flags::dontwait))
           return false;
         return router->send(zmq::buffer(bytes), zmq::send_flags::dontwait).has_value();
       }
@@ -166,8 +167,8 @@ struct ZmqLink::Impl {
   }
 
   void HandleControl(const std::optional<std::string>& router_id, std::string_view bytes) {
-    auto r = crypto::OpenControl(key, [this](const crypto::PublicKey& pk) { return Lookup(pk); },
-                                 bytes);
+    auto r = crypto::OpenControl(
+        key, [this](const crypto::PublicKey& pk) { return Lookup(pk); }, bytes);
     if (!r.ok()) {
       handler->OnRejectedControl(crypto::RejectReasonName(r.rejection.reason), r.rejection.message);
       return;
@@ -237,7 +238,8 @@ struct ZmqLink::Impl {
         std::copy(bytes.begin() + 8, bytes.begin() + 40, pk.begin());
         if (auto idx = PeerIndex(pk)) {
           try {
-            router->send(zmq::buffer(*router_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+            router->send(zmq::buffer(*router_id),
+                         zmq::send_flags::sndmore | zmq::send_flags::dontwait);
             router->send(zmq::buffer(Control(*idx, crypto::ControlType::kRehello)),
                          zmq::send_flags::dontwait);
           } catch (const zmq::error_t&) {
@@ -266,8 +268,9 @@ struct ZmqLink::Impl {
       std::string bytes = msg.to_string();
       if (crypto::LooksLikeFrame(bytes)) {
         auto it = router_peers.find(rid);
-        HandleFrame(it == router_peers.end() ? std::nullopt : std::optional<std::size_t>(it->second),
-                    rid, std::move(bytes));
+        HandleFrame(
+            it == router_peers.end() ? std::nullopt : std::optional<std::size_t>(it->second), rid,
+            std::move(bytes));
       } else {
         HandleControl(rid, bytes);
       }

@@ -47,7 +47,11 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
                              })
               .ok());
   CHECK(peers == std::vector<std::string>{"aws", "enclave"});
-  CHECK_FALSE(relay::queue::OutboundEntry{1, "\x01\x03" "aws", ""}.HasPeer("aw"));
+  CHECK_FALSE(relay::queue::OutboundEntry{1,
+                                          "\x01\x03"
+                                          "aws",
+                                          ""}
+                  .HasPeer("aw"));
 
   WriteBatch del;
   del.DeleteOutboundRange(1, 3);

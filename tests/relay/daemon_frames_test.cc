@@ -180,8 +180,8 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   };
 
   // A good frame is accepted, acknowledged and delivered.
-  std::string good = relay::crypto::SealFrame(*eu, aws->identity(), 1, 1, 1,
-                                              Payload({{1, MakeEvent(1)}}));
+  std::string good =
+      relay::crypto::SealFrame(*eu, aws->identity(), 1, 1, 1, Payload({{1, MakeEvent(1)}}));
   send(good);
   REQUIRE(wait_ack(1));
   REQUIRE(WaitFor([&] { return CountLines(sink) == 1; }));
@@ -200,8 +200,8 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
     CHECK(peer.acked == 1);
   }
   SECTION("tampered, misaddressed and foreign frames") {
-    std::string next = relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1,
-                                                Payload({{2, MakeEvent(2)}}));
+    std::string next =
+        relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}}));
     std::string flipped = next;
     flipped[flipped.size() - 1] ^= 1;
     send(flipped);
@@ -211,7 +211,8 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
     version[4] = 9;
     send(version);
     send(relay::crypto::SealFrame(*eu, stranger.identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}})));
-    send(relay::crypto::SealFrame(stranger, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}})));
+    send(
+        relay::crypto::SealFrame(stranger, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}})));
     send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1, "\xc1 not msgpack"));
     // A frame that skips sequences: dropped until the missing ones come, not acknowledged.
     send(relay::crypto::SealFrame(*eu, aws->identity(), 7, 7, 1, Payload({{7, MakeEvent(7)}})));

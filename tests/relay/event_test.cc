@@ -49,9 +49,7 @@ TEST_CASE("event decoding is strict") {
     REQUIRE_FALSE(r.ok());
     CHECK_THAT(r.message(), Catch::Contains("does not match"));
   }
-  SECTION("not msgpack") {
-    CHECK_FALSE(relay::DecodeEvent("\xc1").ok());
-  }
+  SECTION("not msgpack") { CHECK_FALSE(relay::DecodeEvent("\xc1").ok()); }
 }
 
 TEST_CASE("frame payload keeps sequences and requires them increasing") {

@@ -81,7 +81,8 @@ TEST_CASE("ingest rejects bad bodies with an error naming the problem") {
 }
 
 TEST_CASE("ingest answers 413 for text over the limit") {
-  std::string body = R"({"channel":"war-room","author":"a","text":")" + std::string(101, 'x') + "\"}";
+  std::string body =
+      R"({"channel":"war-room","author":"a","text":")" + std::string(101, 'x') + "\"}";
   relay::IngestError err = MustFail(body);
   CHECK(err.http_status == 413);
   CHECK_THAT(err.message, Catch::Contains("101 bytes"));
