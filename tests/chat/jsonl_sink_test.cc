@@ -7,16 +7,11 @@
 
 #include "chat/jsonl_sink.h"
 
-namespace {
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "relay-chat-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+#include "tests/test_util.h"
 
+using relay::testing::TempDir;
+
+namespace {
 std::string Slurp(const std::string& p) {
   std::ifstream in(p);
   std::stringstream s;
@@ -50,7 +45,7 @@ TEST_CASE("a sink line holds every documented field") {
 
 TEST_CASE("recovery cuts an unrecorded batch and keeps a recorded one") {
   TempDir dir;
-  std::string path = dir.path + "/sub/war-room.jsonl";
+  std::string path = dir.path().string() + "/sub/war-room.jsonl";
   {
     auto f = relay::chat::JsonlFile::Open(path);
     REQUIRE(f.ok());
@@ -81,7 +76,7 @@ TEST_CASE("recovery cuts an unrecorded batch and keeps a recorded one") {
 
 TEST_CASE("opening a sink in a place that cannot hold a file fails clearly") {
   TempDir dir;
-  std::string blocker = dir.path + "/file";
+  std::string blocker = dir.path().string() + "/file";
   std::ofstream(blocker) << "x";
   auto f = relay::chat::JsonlFile::Open(blocker + "/war-room.jsonl");
   REQUIRE_FALSE(f.ok());

@@ -13,40 +13,15 @@
 
 #include "crypto/identity.h"
 
+#include "tests/test_util.h"
+
+using relay::testing::TempDir;
+
 namespace relay::config {
 namespace {
 
 namespace fs = std::filesystem;
 using std::chrono::milliseconds;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "relay-config-test-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const fs::path& path() const { return path_; }
-
-  // Writes `text` to `name` inside the folder and returns the file's path.
-  std::string Write(const std::string& name, const std::string& text) const {
-    const fs::path file = path_ / name;
-    std::ofstream out(file, std::ios::binary);
-    out << text;
-    REQUIRE(out.good());
-    return file.string();
-  }
-
- private:
-  fs::path path_;
-};
 
 std::string NewPublicKey() {
   REQUIRE(crypto::Init().ok());

@@ -11,28 +11,14 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
+
+using relay::testing::TempDir;
+
 namespace relay::crypto {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh temporary directory, removed with its contents at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "relay-crypto-test-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string File(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 std::string Base64Url(const std::vector<unsigned char>& bytes) {
   std::string out(sodium_base64_ENCODED_LEN(bytes.size(), sodium_base64_VARIANT_URLSAFE_NO_PADDING),

@@ -6,23 +6,19 @@
 
 #include "queue/store.h"
 
+#include "tests/test_util.h"
+
+using relay::testing::TempDir;
+
 using relay::queue::Store;
 using relay::queue::WriteBatch;
 
 namespace {
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "relay-queue-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
 }  // namespace
 
 TEST_CASE("outbound log stores an event once for several peers and scans in order") {
   TempDir dir;
-  auto store = Store::Open(dir.path);
+  auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
   WriteBatch b;
   b.AppendOutbound(1, {"aws", "enclave"}, "e1");
@@ -62,7 +58,7 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
 TEST_CASE("counters and entries survive reopening") {
   TempDir dir;
   {
-    auto store = Store::Open(dir.path);
+    auto store = Store::Open(dir.path().string());
     REQUIRE(store.ok());
     WriteBatch b;
     b.PutCounter("acked/aws", 77);
@@ -70,7 +66,7 @@ TEST_CASE("counters and entries survive reopening") {
     b.PutInbound(10, "ten");
     REQUIRE((*store)->Commit(b, true).ok());
   }
-  auto store = Store::Open(dir.path);
+  auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
   CHECK((*store)->GetCounter("acked/aws") == 77);
   CHECK((*store)->GetCounter("missing", 9) == 9);
@@ -91,16 +87,16 @@ TEST_CASE("counters and entries survive reopening") {
 
 TEST_CASE("a second open of a store in use fails with a clear error") {
   TempDir dir;
-  auto first = Store::Open(dir.path);
+  auto first = Store::Open(dir.path().string());
   REQUIRE(first.ok());
-  auto second = Store::Open(dir.path);
+  auto second = Store::Open(dir.path().string());
   REQUIRE_FALSE(second.ok());
-  CHECK_THAT(second.message(), Catch::Contains(dir.path));
+  CHECK_THAT(second.message(), Catch::Contains(dir.path().string()));
 }
 
 TEST_CASE("dedup entries expire and are swept") {
   TempDir dir;
-  auto store = Store::Open(dir.path);
+  auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
   WriteBatch b;
   b.PutDedup("e:europe:1", 1000, "");

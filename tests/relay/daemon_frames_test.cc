@@ -22,31 +22,15 @@
 #include "relay/http_server.h"
 #include "transports/zmq_link.h"
 
+#include "tests/test_util.h"
+
+using relay::testing::TempDir;
+using relay::testing::FreePort;
+
 namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-std::uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "relay-daemon-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 // The fake peer's side of the link: records link state and acknowledgements.
 struct FakePeer : relay::transports::LinkHandler {
@@ -133,7 +117,7 @@ bool WaitFor(Pred pred, std::chrono::milliseconds limit = 10s) {
 TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes nothing") {
   REQUIRE(relay::crypto::Init().ok());
   TempDir dir;
-  std::string aws_key = dir.path + "/aws.key", eu_key = dir.path + "/europe.key";
+  std::string aws_key = dir.path().string() + "/aws.key", eu_key = dir.path().string() + "/europe.key";
   REQUIRE(relay::crypto::SiteKey::CreateFile(aws_key).ok());
   REQUIRE(relay::crypto::SiteKey::CreateFile(eu_key).ok());
   auto aws = relay::crypto::SiteKey::LoadFile(aws_key);
@@ -143,8 +127,8 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   relay::crypto::SiteKey stranger = relay::crypto::SiteKey::Generate();
 
   std::uint16_t ingest = FreePort(), zmq = FreePort();
-  std::string conf = dir.path + "/aws.conf";
-  std::string sink = dir.path + "/war-room.jsonl";
+  std::string conf = dir.path().string() + "/aws.conf";
+  std::string sink = dir.path().string() + "/war-room.jsonl";
   std::ofstream(conf) << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
                       << "[ingest]\nlisten = 127.0.0.1:" << ingest << "\n"
                       << "[zmq]\nlisten = tcp://127.0.0.1:" << zmq << "\n"

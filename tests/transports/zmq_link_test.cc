@@ -11,24 +11,17 @@
 #include "crypto/frame.h"
 #include "transports/zmq_link.h"
 
+#include "tests/test_util.h"
+
+using relay::testing::TempDir;
+using relay::testing::FreePort;
+
 namespace {
 
 using namespace std::chrono_literals;
 using relay::transports::LinkPeer;
 using relay::transports::ZmqLink;
 using relay::transports::ZmqLinkOptions;
-
-std::uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-  close(fd);
-  return ntohs(a.sin_port);
-}
 
 struct Recorder : relay::transports::LinkHandler {
   std::mutex mu;
