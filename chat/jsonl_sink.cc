@@ -61,6 +61,20 @@ void AppendJsonlLine(const Event& e, std::string* out) {
     }
     out->push_back('}');
   }
+  if (!e.files.empty()) {
+    out->append(",\"files\":[");
+    for (std::size_t i = 0; i < e.files.size(); ++i) {
+      if (i) out->push_back(',');
+      out->append("{\"name\":");
+      AppendJsonString(out, e.files[i].name);
+      out->append(",\"mime_type\":");
+      AppendJsonString(out, e.files[i].mime_type);
+      out->append(",\"size\":" + std::to_string(e.files[i].data.size()) + ",\"data_base64\":\"");
+      out->append(Base64(e.files[i].data));
+      out->append("\"}");
+    }
+    out->push_back(']');
+  }
   out->append("}\n");
 }
 

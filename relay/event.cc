@@ -5,7 +5,7 @@
 namespace relay {
 namespace {
 
-constexpr std::uint32_t kEventFields = 13;
+constexpr std::uint32_t kEventFields = 14;
 
 const char* const kKindNames[] = {"post", "edit", "delete", "reaction_add", "reaction_remove"};
 
@@ -94,6 +94,20 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
     if (!(s = WantStr(props.via.map.ptr[i].val, "props value", &v))) return s;
     e.props.emplace_back(std::move(k), std::move(v));
   }
+  const msgpack::object& files = a.ptr[13];
+  if (files.type != msgpack::type::ARRAY) return Status::Error("field 'files' is not an array");
+  for (std::uint32_t i = 0; i < files.via.array.size; ++i) {
+    const msgpack::object& f = files.via.array.ptr[i];
+    if (f.type != msgpack::type::ARRAY || f.via.array.size != 3)
+      return Status::Error("field 'files[" + std::to_string(i) + "]' is not a [name, type, data]");
+    Attachment at;
+    if (!(s = WantStr(f.via.array.ptr[0], "files[].name", &at.name))) return s;
+    if (!(s = WantStr(f.via.array.ptr[1], "files[].mime_type", &at.mime_type))) return s;
+    if (f.via.array.ptr[2].type != msgpack::type::BIN)
+      return Status::Error("field 'files[].data' is not bin");
+    at.data.assign(f.via.array.ptr[2].via.bin.ptr, f.via.array.ptr[2].via.bin.size);
+    e.files.push_back(std::move(at));
+  }
   if (e.id != MakeEventId(e.origin_site, e.origin_seq))
     return Status::Error("event id '" + e.id + "' does not match its origin '" + e.origin_site +
                          "' and sequence " + std::to_string(e.origin_seq));
@@ -147,6 +161,14 @@ void EncodeEvent(const Event& e, std::string* out) {
   for (const auto& [k, v] : e.props) {
     pk.pack(k);
     pk.pack(v);
+  }
+  pk.pack_array(static_cast<std::uint32_t>(e.files.size()));
+  for (const auto& f : e.files) {
+    pk.pack_array(3);
+    pk.pack(f.name);
+    pk.pack(f.mime_type);
+    pk.pack_bin(static_cast<std::uint32_t>(f.data.size()));
+    pk.pack_bin_body(f.data.data(), static_cast<std::uint32_t>(f.data.size()));
   }
   out->append(buf.data(), buf.size());
 }

@@ -32,6 +32,14 @@ inline constexpr std::uint8_t kEventFormatVersion = 1;
 // An event's hop list may hold at most this many sites; longer paths are dropped as loops.
 inline constexpr std::size_t kMaxHops = 16;
 
+// A file carried inside an event (e.g. a chat attachment), bytes and all.
+struct Attachment {
+  std::string name;
+  std::string mime_type;
+  std::string data;
+  bool operator==(const Attachment&) const = default;
+};
+
 struct Event {
   std::string id;           // "<origin_site>:<origin_seq>", globally unique
   std::string origin_site;  // site whose relay first accepted the event
@@ -45,6 +53,7 @@ struct Event {
   std::int64_t created_at_ms = 0;  // Unix milliseconds at the origin
   std::vector<std::string> hops;   // sites the event passed through, origin first
   std::vector<std::pair<std::string, std::string>> props;  // free-form string properties
+  std::vector<Attachment> files;                           // attachments, carried whole
 
   bool operator==(const Event&) const = default;
 };

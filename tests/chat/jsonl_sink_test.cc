@@ -41,6 +41,13 @@ TEST_CASE("a sink line holds every documented field") {
   line.clear();
   relay::chat::AppendJsonlLine(e, &line);
   CHECK_THAT(line, Catch::Contains("\"thread\":null"));
+  e.files = {{"a.txt", "text/plain", "hi"}};
+  line.clear();
+  relay::chat::AppendJsonlLine(e, &line);
+  CHECK_THAT(
+      line,
+      Catch::Contains(
+          R"("files":[{"name":"a.txt","mime_type":"text/plain","size":2,"data_base64":"aGk="}])"));
 }
 
 TEST_CASE("recovery cuts an unrecorded batch and keeps a recorded one") {

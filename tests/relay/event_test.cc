@@ -16,6 +16,7 @@ TEST_CASE("event round-trips through msgpack") {
   e.created_at_ms = 1764129324123;
   e.hops = {"europe", "aws"};
   e.props = {{"k", "v"}};
+  e.files = {{"plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6)}};
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
   auto back = relay::DecodeEvent(bytes);

@@ -18,3 +18,14 @@ TEST_CASE("timestamps are RFC 3339 UTC with milliseconds") {
   CHECK(relay::FormatTimestampMs(0) == "1970-01-01T00:00:00.000Z");
   CHECK(relay::FormatTimestampMs(1764129324123) == "2025-11-26T03:55:24.123Z");
 }
+
+TEST_CASE("base64 follows RFC 4648 test vectors") {
+  CHECK(relay::Base64("") == "");
+  CHECK(relay::Base64("f") == "Zg==");
+  CHECK(relay::Base64("fo") == "Zm8=");
+  CHECK(relay::Base64("foo") == "Zm9v");
+  CHECK(relay::Base64("foob") == "Zm9vYg==");
+  CHECK(relay::Base64("fooba") == "Zm9vYmE=");
+  CHECK(relay::Base64("foobar") == "Zm9vYmFy");
+  CHECK(relay::Base64(std::string("\xff\x00\xfe", 3)) == "/wD+");
+}
