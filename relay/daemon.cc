@@ -1,5 +1,6 @@
 #include "relay/daemon.h"
 
+#include <pthread.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -48,7 +49,7 @@ constexpr std::uint64_t kUnset = ~std::uint64_t{0};
 constexpr std::size_t kMaxInboundQueueBytes = 256u << 20;
 constexpr std::size_t kDeliveryBatchEvents = 8192;
 constexpr std::size_t kDeliveryBatchBytes = 16u << 20;
-constexpr std::size_t kGcScanLimit = 1'000'000;
+constexpr std::size_t kGcScanLimit = 50'000;
 
 struct InFlight {
   std::uint64_t first = 0, last = 0;
@@ -160,6 +161,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::mutex maint_mu;
   std::condition_variable maint_cv;
   std::thread maintenance;
+  std::uint64_t gc_deleted_through = 0;  // maintenance thread only
 
   explicit Impl(config::Config c) : config(std::move(c)) {}
 
@@ -257,11 +259,26 @@ struct Daemon::Impl : transports::LinkHandler {
     http = std::make_unique<HttpServer>(
         ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
 
-    committer = std::thread([this] { CommitterLoop(); });
-    shipper = std::thread([this] { ShipperLoop(); });
-    inbound = std::thread([this] { InboundLoop(); });
-    delivery = std::thread([this] { DeliveryLoop(); });
-    maintenance = std::thread([this] { MaintenanceLoop(); });
+    committer = std::thread([this] {
+      pthread_setname_np(pthread_self(), "relay-commit");
+      CommitterLoop();
+    });
+    shipper = std::thread([this] {
+      pthread_setname_np(pthread_self(), "relay-ship");
+      ShipperLoop();
+    });
+    inbound = std::thread([this] {
+      pthread_setname_np(pthread_self(), "relay-inbound");
+      InboundLoop();
+    });
+    delivery = std::thread([this] {
+      pthread_setname_np(pthread_self(), "relay-deliver");
+      DeliveryLoop();
+    });
+    maintenance = std::thread([this] {
+      pthread_setname_np(pthread_self(), "relay-maint");
+      MaintenanceLoop();
+    });
     started = true;
     if (Status s = link->Start(); !s) return s;
     if (Status s = http->Start(); !s) return s;
@@ -908,51 +925,53 @@ struct Daemon::Impl : transports::LinkHandler {
   }
 
   // Deletes the log prefix that every peer has acknowledged, and refreshes the per-peer depth
-  // and oldest-unacked gauges.
+  // and oldest-unacked gauges. Everything at or below the lowest peer cursor is deletable
+  // without reading it (a peer's cursor passes entries not meant for it too). The gauges come
+  // from a bounded scan above that point; past the bound, depth falls back to the upper bound
+  // "log head minus cursor".
   void CollectOutbound() {
     std::vector<std::uint64_t> acked(peers.size());
     {
       std::lock_guard<std::mutex> lock(ship_mu);
       for (std::size_t i = 0; i < peers.size(); ++i) acked[i] = peers[i].acked;
     }
-    auto first = store->FirstOutboundSeq();
+    std::uint64_t head = published.load();
+    std::uint64_t low = head;
+    for (std::uint64_t a : acked) low = std::min(low, a);
+    if (low > gc_deleted_through) {
+      queue::WriteBatch b;
+      b.DeleteOutboundRange(gc_deleted_through + 1, low + 1);
+      if (Status s = store->Commit(b, false); !s) {
+        log::Error("queue GC: " + s.message());
+      } else {
+        gc_deleted_through = low;
+      }
+    }
     std::vector<std::uint64_t> depth(peers.size(), 0);
     std::vector<std::int64_t> oldest(peers.size(), 0);
-    std::uint64_t head = published.load();
-    std::uint64_t delete_to = first.value_or(0);  // exclusive end of the deletable prefix
-    bool prefix = true;
     std::size_t scanned = 0;
-    if (first) {
-      Status s = store->ScanOutbound(*first, [&](const queue::OutboundEntry& e) {
-        if (e.seq > head || ++scanned > kGcScanLimit) return false;
-        bool done = true;
-        for (std::size_t i = 0; i < peers.size(); ++i) {
-          if (!e.HasPeer(peers[i].name) || e.seq <= acked[i]) continue;
-          done = false;
-          ++depth[i];
-          if (oldest[i] == 0) {
-            auto ev = DecodeEvent(e.event);
-            oldest[i] = ev ? ev->created_at_ms : 1;
-          }
+    bool complete = true;
+    Status s = store->ScanOutbound(low + 1, [&](const queue::OutboundEntry& e) {
+      if (e.seq > head) return false;
+      if (++scanned > kGcScanLimit) {
+        complete = false;
+        return false;
+      }
+      for (std::size_t i = 0; i < peers.size(); ++i) {
+        if (e.seq <= acked[i] || !e.HasPeer(peers[i].name)) continue;
+        ++depth[i];
+        if (oldest[i] == 0) {
+          auto ev = DecodeEvent(e.event);
+          oldest[i] = ev ? ev->created_at_ms : 1;
         }
-        if (prefix && done) {
-          delete_to = e.seq + 1;
-        } else {
-          prefix = false;
-        }
-        return true;
-      });
-      if (!s) log::Error("queue GC: " + s.message());
-    }
+      }
+      return true;
+    });
+    if (!s) log::Error("queue GC: " + s.message());
     for (std::size_t i = 0; i < peers.size(); ++i) {
-      peers[i].metrics->queue_depth = depth[i];
+      peers[i].metrics->queue_depth = complete ? depth[i] : head - std::min(head, acked[i]);
       peers[i].metrics->oldest_unacked_ms = oldest[i];
       peers[i].metrics->last_contact_ms = link->LastContactMs(i);
-    }
-    if (first && delete_to > *first) {
-      queue::WriteBatch b;
-      b.DeleteOutboundRange(*first, delete_to);
-      if (Status s = store->Commit(b, false); !s) log::Error("queue GC: " + s.message());
     }
   }
 };

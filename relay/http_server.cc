@@ -1,3 +1,4 @@
+#include <pthread.h>
 // HttpServer on Boost.Beast: one io_context, one I/O thread, one Session per connection.
 //
 // Lifetime design. A Responder may outlive the connection, Stop() and even the HttpServer, and
@@ -405,6 +406,7 @@ Status HttpServer::Start() {
     core.Accept();
     impl_->started = true;
     impl_->thread = std::thread([&core] {
+      pthread_setname_np(pthread_self(), "relay-http");
       // Handlers catch their own exceptions; this is the last line of defence.
       for (;;) {
         try {

@@ -1,5 +1,7 @@
 #include "relay/json.h"
 
+#include <climits>
+#include <cstring>
 #include <ctime>
 
 namespace relay {
@@ -132,6 +134,14 @@ std::string Base64(std::string_view bytes) {
 }
 
 std::string FormatTimestampMs(std::int64_t unix_ms) {
+  // Sink lines are written in batches with mostly the same second: cache its formatted prefix.
+  thread_local std::int64_t cached_second = INT64_MIN;
+  thread_local char cached_prefix[40];
+  if (unix_ms >= 0 && unix_ms / 1000 == cached_second) {
+    char out[48];
+    std::snprintf(out, sizeof out, "%s.%03dZ", cached_prefix, static_cast<int>(unix_ms % 1000));
+    return out;
+  }
   std::time_t secs = static_cast<std::time_t>(unix_ms / 1000);
   int ms = static_cast<int>(unix_ms % 1000);
   if (ms < 0) {
@@ -142,6 +152,10 @@ std::string FormatTimestampMs(std::int64_t unix_ms) {
   gmtime_r(&secs, &tm);
   char buf[40];
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  if (unix_ms >= 0) {
+    cached_second = unix_ms / 1000;
+    std::memcpy(cached_prefix, buf, sizeof cached_prefix);
+  }
   char out[48];
   std::snprintf(out, sizeof out, "%s.%03dZ", buf, ms);
   return out;

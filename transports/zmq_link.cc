@@ -1,5 +1,6 @@
 #include "transports/zmq_link.h"
 
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -405,7 +406,10 @@ Status ZmqLink::Start() {
                            "': " + e.what());
     }
   }
-  impl_->thread = std::thread([this] { impl_->Run(); });
+  impl_->thread = std::thread([this] {
+    pthread_setname_np(pthread_self(), "relay-link");
+    impl_->Run();
+  });
   return Status::Ok();
 }
 

@@ -32,9 +32,23 @@ struct Sites {
   }
 };
 
+// What a signature covers (docs/wire-format.md): header || BLAKE2b-256(body), computed here
+// independently of the implementation. The header size tells frames (152) from control (84).
+std::string SignedInput(std::string_view message) {
+  const std::size_t header = message.substr(0, 4) == "RLYF" ? 152 : 84;
+  std::string_view signed_part = message.substr(0, message.size() - 64);
+  std::string input(signed_part.substr(0, header));
+  unsigned char digest[32];
+  crypto_generichash(digest, sizeof digest,
+                     reinterpret_cast<const unsigned char*>(signed_part.data()) + header,
+                     signed_part.size() - header, nullptr, 0);
+  input.append(reinterpret_cast<const char*>(digest), sizeof digest);
+  return input;
+}
+
 // Re-signs a message with `key` so that only the deliberate change is wrong.
 void Resign(const SiteKey& key, std::string* bytes) {
-  const Signature sig = key.Sign(std::string_view(*bytes).substr(0, bytes->size() - 64));
+  const Signature sig = key.Sign(SignedInput(*bytes));
   bytes->replace(bytes->size() - 64, 64, reinterpret_cast<const char*>(sig.data()), 64);
 }
 
@@ -109,7 +123,7 @@ TEST_CASE("frame header bytes follow the documented layout", "[crypto][frame]") 
   CHECK(u[151] == 5 + 16);
   Signature sig;
   std::copy(u + f.size() - 64, u + f.size(), sig.begin());
-  CHECK(VerifySignature(s.a.identity().sign_pk, std::string_view(f).substr(0, f.size() - 64), sig));
+  CHECK(VerifySignature(s.a.identity().sign_pk, SignedInput(f), sig));
 
   // Fresh ephemeral key and nonce every time.
   const std::string g =
