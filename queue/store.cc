@@ -1,5 +1,6 @@
 #include "queue/store.h"
 
+#include <rocksdb/compaction_filter.h>
 #include <rocksdb/db.h>
 #include <rocksdb/filter_policy.h>
 #include <rocksdb/options.h>
@@ -8,13 +9,30 @@
 #include <rocksdb/write_batch.h>
 
 #include <array>
+#include <chrono>
 #include <filesystem>
 
 namespace relay::queue {
 namespace {
 
-enum Cf : std::size_t { kOutbound = 0, kInbound, kDedup, kDedupExp, kMeta, kCfCount };
-const char* const kCfNames[kCfCount] = {"outbound", "inbound", "dedup", "dedup_exp", "meta"};
+enum Cf : std::size_t { kOutbound = 0, kInbound, kDedup, kMeta, kCfCount };
+const char* const kCfNames[kCfCount] = {"outbound", "inbound", "dedup", "meta"};
+
+// Drops dedup entries whose expiry (the value's first 8 bytes) has passed by the wall clock.
+// Lookups check the expiry themselves, so an expired entry that survives until the next
+// compaction is never used.
+class DedupExpiryFilter : public rocksdb::CompactionFilter {
+ public:
+  bool Filter(int /*level*/, const rocksdb::Slice& /*key*/, const rocksdb::Slice& value,
+              std::string* /*new_value*/, bool* /*value_changed*/) const override {
+    if (value.size() < 8) return true;
+    auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count();
+    return static_cast<std::int64_t>(GetBigEndian64(value.data())) <= now;
+  }
+  const char* Name() const override { return "relay.DedupExpiryFilter"; }
+};
 
 std::string Key64(std::uint64_t v) {
   std::string k(8, '\0');
@@ -115,18 +133,12 @@ void WriteBatch::DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusi
 void WriteBatch::PutDedup(std::string_view key, std::int64_t expire_ms, std::string_view value) {
   std::string v = Key64(static_cast<std::uint64_t>(expire_ms));
   v.append(value);
-  std::string exp_key = Key64(static_cast<std::uint64_t>(expire_ms));
-  exp_key.append(key);
-  impl_->bytes += key.size() * 2 + v.size() + 8;
+  impl_->bytes += key.size() + v.size();
   impl_->ops.push_back({Impl::Op::kPut, kDedup, std::string(key), std::move(v)});
-  impl_->ops.push_back({Impl::Op::kPut, kDedupExp, std::move(exp_key), std::string()});
 }
 
-void WriteBatch::DeleteDedup(std::string_view key, std::int64_t expire_ms) {
-  std::string exp_key = Key64(static_cast<std::uint64_t>(expire_ms));
-  exp_key.append(key);
+void WriteBatch::DeleteDedup(std::string_view key) {
   impl_->ops.push_back({Impl::Op::kDelete, kDedup, std::string(key), {}});
-  impl_->ops.push_back({Impl::Op::kDelete, kDedupExp, std::move(exp_key), {}});
 }
 
 void WriteBatch::PutCounter(std::string_view name, std::uint64_t value) {
@@ -180,6 +192,7 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
 
   rocksdb::ColumnFamilyOptions lookup_options;
   lookup_options.write_buffer_size = 32u << 20;
+  static DedupExpiryFilter expiry_filter;
   rocksdb::BlockBasedTableOptions table;
   table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
   lookup_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
@@ -189,6 +202,7 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   for (std::size_t i = 0; i < kCfCount; ++i) {
     bool lookup = (i == kDedup || i == kMeta);
     cfs.emplace_back(kCfNames[i], lookup ? lookup_options : log_options);
+    if (i == kDedup) cfs.back().options.compaction_filter = &expiry_filter;
   }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
@@ -261,31 +275,12 @@ std::optional<std::string> Store::GetDedup(std::string_view key, std::int64_t no
   return v.substr(8);
 }
 
-Result<std::size_t> Store::SweepDedup(std::int64_t now_ms, std::size_t max) {
-  rocksdb::WriteBatch wb;
-  std::size_t n = 0;
-  std::string upper = Key64(static_cast<std::uint64_t>(now_ms) + 1);
-  rocksdb::Slice upper_slice(upper);
-  rocksdb::ReadOptions ro;
-  ro.iterate_upper_bound = &upper_slice;
-  std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(ro, impl_->cf[kDedupExp]));
-  for (it->SeekToFirst(); it->Valid() && n < max; it->Next(), ++n) {
-    rocksdb::Slice k = it->key();
-    if (k.size() < 8) continue;
-    rocksdb::Slice dedup_key(k.data() + 8, k.size() - 8);
-    // The entry may have been re-put with a later expiry; only delete if it still matches.
-    std::string v;
-    if (impl_->db->Get(rocksdb::ReadOptions(), impl_->cf[kDedup], dedup_key, &v).ok() &&
-        v.size() >= 8 && std::string_view(v.data(), 8) == std::string_view(k.data(), 8)) {
-      (void)wb.Delete(impl_->cf[kDedup], dedup_key);
-    }
-    (void)wb.Delete(impl_->cf[kDedupExp], k);
-  }
-  if (!it->status().ok()) return Status::Error("sweeping dedup index: " + it->status().ToString());
-  if (n == 0) return std::size_t{0};
-  rocksdb::Status s = impl_->db->Write(rocksdb::WriteOptions(), &wb);
-  if (!s.ok()) return Status::Error("sweeping dedup index: " + s.ToString());
-  return n;
+Status Store::CompactDedup() {
+  rocksdb::CompactRangeOptions o;
+  o.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+  rocksdb::Status s = impl_->db->CompactRange(o, impl_->cf[kDedup], nullptr, nullptr);
+  if (!s.ok()) return Status::Error("compacting dedup index: " + s.ToString());
+  return Status::Ok();
 }
 
 Status Store::ScanOutbound(std::uint64_t from,

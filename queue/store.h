@@ -5,8 +5,8 @@
 //   outbound  be64(seq) -> OutboundValue   the append-only outbound log; an event routed to N
 //                                           peers is stored once with the list of its peers
 //   inbound   be64(seq) -> encoded event    events accepted from peers, awaiting delivery
-//   dedup     key -> be64(expire_ms) value  event ids ("e:<id>") and client keys ("c:<key>")
-//   dedup_exp be64(expire_ms) key -> ""     the same entries ordered by expiry, for sweeping
+//   dedup     key -> be64(expire_ms) value  event ids ("e:<id>") and client keys ("c:<key>");
+//                                           expired entries are dropped by a compaction filter
 //   meta      name -> be64(value)           counters and cursors (see queue/cursors.h names)
 //
 // All writes go through WriteBatch + Commit, so every change made together is atomic. Commit
@@ -41,7 +41,7 @@ class WriteBatch {
   void DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusive);
   // A dedup/idempotency entry that expires at `expire_ms` (Unix ms).
   void PutDedup(std::string_view key, std::int64_t expire_ms, std::string_view value);
-  void DeleteDedup(std::string_view key, std::int64_t expire_ms);
+  void DeleteDedup(std::string_view key);
   void PutCounter(std::string_view name, std::uint64_t value);
 
   std::size_t Count() const;
@@ -79,8 +79,9 @@ class Store {
 
   // Looks up a dedup entry; nullopt when absent or expired at `now_ms`.
   std::optional<std::string> GetDedup(std::string_view key, std::int64_t now_ms) const;
-  // Removes up to `max` dedup entries that expired at or before `now_ms`; returns how many.
-  Result<std::size_t> SweepDedup(std::int64_t now_ms, std::size_t max);
+  // Compacts the dedup family now, which drops every entry expired by the wall clock (the
+  // compaction filter does this on its own whenever RocksDB compacts; this forces it).
+  Status CompactDedup();
 
   // Visits outbound entries with seq >= from in order until `visit` returns false.
   Status ScanOutbound(std::uint64_t from,

@@ -162,6 +162,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::condition_variable maint_cv;
   std::thread maintenance;
   std::uint64_t gc_deleted_through = 0;  // maintenance thread only
+  Clock::time_point last_dedup_compaction = Clock::now();
 
   explicit Impl(config::Config c) : config(std::move(c)) {}
 
@@ -918,8 +919,12 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       if (stopping) return;
       CollectOutbound();
-      auto swept = store->SweepDedup(NowMs(), 100000);
-      if (!swept) log::Error(swept.message());
+      // Expired dedup entries go with RocksDB's compactions; force one every few hours so
+      // an idle site does not keep them for ever.
+      if (Clock::now() - last_dedup_compaction > std::chrono::hours(6)) {
+        last_dedup_compaction = Clock::now();
+        if (Status c = store->CompactDedup(); !c) log::Error(c.message());
+      }
       metrics.store_bytes = store->ApproximateSize();
     }
   }
