@@ -34,7 +34,7 @@ constexpr std::uint64_t kMinFrameBytes = std::uint64_t{1} << 10;
 constexpr std::uint64_t kMaxFrameBytes = std::uint64_t{64} << 20;
 // The Mattermost sink is parsed and validated, but the daemon has no adapter for it yet; while
 // this is false every channel with sink = mattermost is reported as a problem.
-constexpr bool kMattermostAvailable = false;
+constexpr bool kMattermostAvailable = true;
 
 constexpr std::string_view kWhitespace = " \t\r\n\f\v";
 constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
@@ -632,7 +632,7 @@ void Loader::ValidateChannel(const Section& section) {
     Problem("[" + section.name + "]: bad channel name " + Quote(channel.name) + ": " +
             std::string(kChannelNameRule));
   }
-  CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id"});
+  CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id", "webhook_url"});
   if (const Entry* peers = Required(section, "peers")) {
     std::string_view rest = peers->value;
     while (true) {
@@ -658,9 +658,11 @@ void Loader::ValidateChannel(const Section& section) {
       channel.sink = SinkKind::kJsonl;
     } else if (sink->value == "mattermost") {
       channel.sink = SinkKind::kMattermost;
+    } else if (sink->value == "webhook") {
+      channel.sink = SinkKind::kWebhook;
     } else {
       ValueProblem(section, *sink,
-                   "unknown sink " + Quote(sink->value) + " (expected jsonl or mattermost)");
+                   "unknown sink " + Quote(sink->value) + " (expected jsonl, mattermost or webhook)");
     }
   }
   // Keys of the other sink are errors rather than silently ignored.
@@ -671,7 +673,22 @@ void Loader::ValidateChannel(const Section& section) {
       }
     }
   };
-  if (channel.sink == SinkKind::kJsonl) {
+  if (channel.sink != SinkKind::kWebhook) reject("webhook_url", "webhook");
+  if (channel.sink == SinkKind::kWebhook) {
+    reject("mattermost_channel_id", "mattermost");
+    reject("jsonl_path", "jsonl");
+    if (const Entry* url = Required(section, "webhook_url", "required when sink = webhook")) {
+      const std::string_view value = url->value;
+      const auto scheme_end = value.find("://");
+      const std::string_view scheme = value.substr(0, scheme_end);
+      if (scheme_end == std::string_view::npos || (scheme != "http" && scheme != "https") ||
+          value.size() == scheme_end + 3) {
+        ValueProblem(section, *url, "expected http://HOST/hooks/ID or https://...");
+      } else {
+        channel.webhook_url = url->value;
+      }
+    }
+  } else if (channel.sink == SinkKind::kJsonl) {
     reject("mattermost_channel_id", "mattermost");
     if (const Entry* path = Required(section, "jsonl_path", "required when sink = jsonl")) {
       channel.jsonl_path = ResolvePath(path->value);
@@ -704,7 +721,9 @@ void Loader::ValidateMattermost(const Section* section) {
     if (needed) Problem("missing section [mattermost] (" + why + ")");
     return;
   }
-  CheckKeys(*section, {"url", "token_file"});
+  CheckKeys(*section, {"url", "token_file", "ca_file", "client_cert", "client_key", "timeout",
+                       "display_name", "icon_url", "max_file_bytes", "catchup_overlap",
+                       "poll_interval"});
   const Entry* url = needed ? Required(*section, "url", why) : Optional(*section, "url");
   if (url != nullptr) {
     const std::string_view value = url->value;
@@ -720,6 +739,25 @@ void Loader::ValidateMattermost(const Section* section) {
   const Entry* token =
       needed ? Required(*section, "token_file", why) : Optional(*section, "token_file");
   if (token != nullptr) config_->mattermost_token_file = ResolvePath(token->value);
+  ReadPath(*section, "ca_file", /*required=*/false, &config_->mattermost_ca_file);
+  ReadPath(*section, "client_cert", /*required=*/false, &config_->mattermost_client_cert);
+  ReadPath(*section, "client_key", /*required=*/false, &config_->mattermost_client_key);
+  if (config_->mattermost_client_cert.empty() != config_->mattermost_client_key.empty()) {
+    Problem("[mattermost]: client_cert and client_key go together (mutual TLS needs both)");
+  }
+  ReadDuration(*section, "timeout", &config_->mattermost_timeout);
+  ReadDuration(*section, "catchup_overlap", &config_->mattermost_catchup_overlap);
+  ReadDuration(*section, "poll_interval", &config_->mattermost_poll_interval);
+  ReadSize(*section, "max_file_bytes", 1, std::uint64_t{1} << 30,
+           &config_->mattermost_max_file_bytes);
+  if (const Entry* name = Optional(*section, "display_name")) {
+    if (name->value.find("{author}") == std::string::npos) {
+      ValueProblem(*section, *name, "must contain {author}");
+    } else {
+      config_->mattermost_display_name = name->value;
+    }
+  }
+  if (const Entry* icon = Optional(*section, "icon_url")) config_->mattermost_icon_url = icon->value;
 }
 
 void Loader::Load(const std::string& text) {

@@ -31,7 +31,7 @@ struct PeerConfig {
   std::uint64_t max_frame_bytes = 4u << 20;
 };
 
-enum class SinkKind { kJsonl, kMattermost };
+enum class SinkKind { kJsonl, kMattermost, kWebhook };
 
 struct ChannelConfig {
   std::string name;                // from [channel.NAME]
@@ -39,6 +39,7 @@ struct ChannelConfig {
   SinkKind sink = SinkKind::kJsonl;
   std::string jsonl_path;  // absolute after loading
   std::string mattermost_channel_id;
+  std::string webhook_url;  // sink = webhook: a Slack-compatible incoming webhook
 };
 
 struct Config {
@@ -62,6 +63,16 @@ struct Config {
   // [mattermost]
   std::string mattermost_url;
   std::string mattermost_token_file;
+  std::string mattermost_ca_file;      // optional CA bundle (TLS)
+  std::string mattermost_client_cert;  // optional client certificate (mutual TLS)
+  std::string mattermost_client_key;
+  std::chrono::milliseconds mattermost_timeout{10000};
+  // How remote authors are shown; {author} and {site} are replaced.
+  std::string mattermost_display_name = "{author} ({site})";
+  std::string mattermost_icon_url;  // optional override_icon_url, same placeholders
+  std::uint64_t mattermost_max_file_bytes = 50u << 20;
+  std::chrono::milliseconds mattermost_catchup_overlap{60000};
+  std::chrono::milliseconds mattermost_poll_interval{300000};  // periodic catch-up safety net
 
   std::vector<PeerConfig> peers;
   std::vector<ChannelConfig> channels;

@@ -396,7 +396,7 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
        {"missing required key 'peers' in [channel.ops]"}},
       {"unknown sink",
        Valid("[channel.ops]\npeers = aws\nsink = slack\njsonl_path = x\n"),
-       {"[channel.ops] sink = 'slack': unknown sink 'slack' (expected jsonl or mattermost)"}},
+       {"[channel.ops] sink = 'slack': unknown sink 'slack' (expected jsonl, mattermost or webhook)"}},
       {"missing jsonl_path",
        Valid("[channel.ops]\npeers = aws\nsink = jsonl\n"),
        {"missing required key 'jsonl_path' in [channel.ops] (required when sink = jsonl)"}},
@@ -408,23 +408,26 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
              "jsonl_path = ./x.jsonl\n"),
        {"[channel.b] jsonl_path = './x.jsonl': the same file as [channel.a] jsonl_path"}},
       // sink = mattermost
-      {"mattermost sink",
+      {"webhook sink without its url",
+       Valid("[channel.ops]\npeers = aws\nsink = webhook\n"),
+       {"missing required key 'webhook_url' in [channel.ops] (required when sink = webhook)"}},
+      {"webhook url that is not http",
+       Valid("[channel.ops]\npeers = aws\nsink = webhook\nwebhook_url = ftp://x/hooks/1\n"),
+       {"[channel.ops] webhook_url = 'ftp://x/hooks/1': expected http://HOST/hooks/ID"}},
+      {"mattermost client certificate without its key",
        Valid("[channel.ops]\npeers = aws\nsink = mattermost\nmattermost_channel_id = abc\n" +
-             mattermost),
-       {"[channel.ops] sink = mattermost: the Mattermost adapter is not available in this build "
-        "yet"}},
+             mattermost + "client_cert = c.pem\n"),
+       {"[mattermost]: client_cert and client_key go together"}},
       {"mattermost sink without its settings",
        Valid("[channel.ops]\npeers = aws\nsink = mattermost\njsonl_path = x\n"),
        {"[channel.ops] jsonl_path = 'x': only used with sink = jsonl",
         "missing required key 'mattermost_channel_id' in [channel.ops] (required when sink = "
         "mattermost)",
-        "[channel.ops] sink = mattermost: the Mattermost adapter is not available",
         "missing section [mattermost] (required because [channel.ops] uses sink = mattermost)"}},
       {"mattermost section incomplete",
        Valid("[channel.ops]\npeers = aws\nsink = mattermost\nmattermost_channel_id = abc\n"
              "[mattermost]\nurl = chat.example\n"),
-       {"[channel.ops] sink = mattermost: the Mattermost adapter is not available",
-        "[mattermost] url = 'chat.example': expected http://HOST or https://HOST",
+       {"[mattermost] url = 'chat.example': expected http://HOST or https://HOST",
         "missing required key 'token_file' in [mattermost] (required because [channel.ops] uses "
         "sink = mattermost)"}},
       {"unknown mattermost key",
