@@ -7,6 +7,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <future>
 #include <map>
 #include <mutex>
 #include <set>
@@ -22,6 +23,7 @@
 #include "relay/ingest.h"
 #include "relay/json.h"
 #include "relay/log.h"
+#include "relay/mattermost_bridge.h"
 #include "relay/metrics.h"
 #include "transports/zmq_link.h"
 
@@ -83,6 +85,11 @@ struct PendingIngest {
   HttpResponder respond;
 };
 
+struct PendingCapture {
+  CaptureSubmission* submission;
+  std::promise<Status>* done;
+};
+
 struct ReceivedFrame {
   std::size_t link_peer;
   std::string bytes;
@@ -118,6 +125,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::map<std::string, ChannelRuntime> channels;
   std::unique_ptr<HttpServer> http;
   std::unique_ptr<transports::ZmqLink> link;
+  std::unique_ptr<MattermostBridge> bridge;  // when a channel uses sink = mattermost or webhook
   WarnLimiter warn_limiter;
   std::atomic<bool> stopping{false};
   bool started = false;
@@ -132,6 +140,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::mutex ingest_mu;
   std::condition_variable ingest_cv;
   std::vector<PendingIngest> ingest_queue;
+  std::vector<PendingCapture> capture_queue;
   bool ingest_closed = false;
   std::uint64_t next_origin = 1;  // committer thread only
   std::thread committer;
@@ -156,6 +165,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::condition_variable deliver_cv;
   std::thread delivery;
   std::uint64_t delivered = 0;
+  std::atomic<std::uint64_t> delivered_through{0};  // `delivered`, readable by other threads
+  std::uint64_t inbound_removed = 0;  // maintenance thread only: inbound entries deleted through
 
   // Maintenance.
   std::mutex maint_mu;
@@ -217,6 +228,7 @@ struct Daemon::Impl : transports::LinkHandler {
     next_in = store->GetCounter(kNextIn, 1);
     stored_in = next_in - 1;
     delivered = store->GetCounter(kDelivered, 0);
+    delivered_through = delivered;
     return RecoverSinks();
   }
 
@@ -260,6 +272,17 @@ struct Daemon::Impl : transports::LinkHandler {
     http = std::make_unique<HttpServer>(
         ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
 
+    bool chat_sinks = false;
+    for (const auto& c : config.channels)
+      chat_sinks |= c.sink == config::SinkKind::kMattermost || c.sink == config::SinkKind::kWebhook;
+    if (chat_sinks) {
+      MattermostBridge::Hooks hooks;
+      hooks.submit = [this](CaptureSubmission& sub) { return SubmitCapture(sub); };
+      hooks.stored_head = [this] { return stored_in.load(); };
+      hooks.store = store.get();
+      hooks.metrics = &metrics;
+      bridge = std::make_unique<MattermostBridge>(config, std::move(hooks));
+    }
     committer = std::thread([this] {
       pthread_setname_np(pthread_self(), "relay-commit");
       CommitterLoop();
@@ -281,6 +304,9 @@ struct Daemon::Impl : transports::LinkHandler {
       MaintenanceLoop();
     });
     started = true;
+    if (bridge) {
+      if (Status s = bridge->Start(); !s) return s;
+    }
     if (Status s = link->Start(); !s) return s;
     if (Status s = http->Start(); !s) return s;
     log::Info("site '" + config.site_name + "' serving: ingest on " + config.ingest_listen.host +
@@ -296,6 +322,7 @@ struct Daemon::Impl : transports::LinkHandler {
     started = false;
     // Order: stop taking work in, let each stage finish what it holds, then stop the links.
     if (http) http->Stop();
+    if (bridge) bridge->Stop();
     {
       std::lock_guard<std::mutex> lock(ingest_mu);
       ingest_closed = true;
@@ -383,21 +410,94 @@ struct Daemon::Impl : transports::LinkHandler {
   // ---- ingest committer: group commit --------------------------------------------------------
   void CommitterLoop() {
     std::vector<PendingIngest> work;
+    std::vector<PendingCapture> captures;
     std::unordered_map<std::string, std::string> round_keys;  // client id -> event id
     while (true) {
       {
         std::unique_lock<std::mutex> lock(ingest_mu);
-        ingest_cv.wait(lock, [&] { return !ingest_queue.empty() || ingest_closed; });
-        if (ingest_queue.empty() && ingest_closed) return;
+        ingest_cv.wait(
+            lock, [&] { return !ingest_queue.empty() || !capture_queue.empty() || ingest_closed; });
+        if (ingest_queue.empty() && capture_queue.empty() && ingest_closed) return;
         work.swap(ingest_queue);
+        captures.swap(capture_queue);
       }
-      CommitIngest(work, round_keys);
+      CommitIngest(work, captures, round_keys);
       work.clear();
+      captures.clear();
       round_keys.clear();
     }
   }
 
-  void CommitIngest(std::vector<PendingIngest>& work,
+  // Submits captured chat changes through the committer (called by the Mattermost bridge).
+  Status SubmitCapture(CaptureSubmission& submission) {
+    std::promise<Status> done;
+    auto result = done.get_future();
+    {
+      std::lock_guard<std::mutex> lock(ingest_mu);
+      if (ingest_closed) return Status::Error("relay is shutting down");
+      capture_queue.push_back({&submission, &done});
+    }
+    ingest_cv.notify_one();
+    return result.get();
+  }
+
+  // Adds captured changes to the batch: post ids become event ids (through the mapping, which
+  // a post captured in the same round may have just created).
+  std::uint64_t AddCaptures(std::vector<PendingCapture>& captures, queue::WriteBatch& batch,
+                            std::int64_t now) {
+    std::int64_t map_expire = now + MattermostBridge::kMappingTtlMs;
+    std::unordered_map<std::string, std::string> round_map;  // post id -> event id
+    auto event_of = [&](const std::string& post_id) -> std::optional<std::string> {
+      if (post_id.empty()) return std::nullopt;
+      auto it = round_map.find(post_id);
+      if (it != round_map.end()) return it->second;
+      return store->GetDedup(MattermostBridge::PostToEventKey(post_id), now);
+    };
+    std::uint64_t added = 0;
+    std::string encoded;
+    for (PendingCapture& pc : captures) {
+      for (CapturedChange& c : pc.submission->changes) {
+        Event e;
+        e.kind = c.kind;
+        if (c.kind != EventKind::kPost) {
+          auto ref = event_of(c.post_id);
+          if (!ref) {
+            log::Debug("capture: change to post " + c.post_id + " that was never bridged: skipped");
+            continue;
+          }
+          e.ref = *ref;
+        }
+        if (auto thread = event_of(c.thread_post_id)) e.thread = *thread;
+        auto ch = channels.find(c.channel);
+        if (ch == channels.end()) continue;
+        e.origin_site = config.site_name;
+        e.origin_seq = next_origin++;
+        e.id = MakeEventId(e.origin_site, e.origin_seq);
+        e.channel = c.channel;
+        e.author = std::move(c.author);
+        e.text = std::move(c.text);
+        e.created_at_ms = now;
+        e.hops = {config.site_name};
+        e.props = std::move(c.props);
+        e.files = std::move(c.files);
+        encoded.clear();
+        EncodeEvent(e, &encoded);
+        if (!ch->second.peer_names.empty())
+          batch.AppendOutbound(next_out++, ch->second.peer_names, encoded);
+        if (c.kind == EventKind::kPost) {
+          round_map[c.post_id] = e.id;
+          batch.PutDedup(MattermostBridge::PostToEventKey(c.post_id), map_expire, e.id);
+          batch.PutDedup(MattermostBridge::EventToPostKey(e.id), map_expire, c.post_id);
+        }
+        ++added;
+      }
+      for (const auto& [k, v] : pc.submission->state) batch.PutDedup(k, map_expire, v);
+      for (const auto& [k, v] : pc.submission->counters) batch.PutCounter(k, v);
+    }
+    return added;
+  }
+
+  void CommitIngest(std::vector<PendingIngest>& work, std::vector<PendingCapture>& captures,
                     std::unordered_map<std::string, std::string>& round_keys) {
     std::int64_t now = NowMs();
     std::int64_t expire = now + config.dedup_ttl.count();
@@ -450,9 +550,11 @@ struct Daemon::Impl : transports::LinkHandler {
         ++new_events;
       }
     }
+    new_events += AddCaptures(captures, batch, now);
     batch.PutCounter(kNextOrigin, next_origin);
     batch.PutCounter(kNextOut, next_out);
     Status s = store->Commit(batch, /*sync=*/true);
+    for (PendingCapture& pc : captures) pc.done->set_value(s);
     if (!s) {
       next_origin = origin_before;
       next_out = out_before;
@@ -815,6 +917,7 @@ struct Daemon::Impl : transports::LinkHandler {
         ship_cv.notify_all();
       }
       deliver_cv.notify_one();
+      if (bridge) bridge->Notify();
     }
     metrics.dedup_hits += dedup;
     for (std::size_t p = 0; p < peers.size(); ++p) {
@@ -883,7 +986,6 @@ struct Daemon::Impl : transports::LinkHandler {
       batch.PutCounter(SinkPosKey(name), f.size());
     }
     batch.PutCounter(kDelivered, last);
-    batch.DeleteInboundRange(delivered + 1, last + 1);
     // Not synced: the files are synced, and a lost cursor means the files are cut back to the
     // recorded sizes at start and the same events written again.
     if (Status c = store->Commit(batch, false); !c) {
@@ -892,6 +994,7 @@ struct Daemon::Impl : transports::LinkHandler {
       return false;
     }
     delivered = last;
+    delivered_through = last;
     metrics.events_delivered += count;
     metrics.inbound_backlog = stored_in.load() - delivered;
     return true;
@@ -919,6 +1022,7 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       if (stopping) return;
       CollectOutbound();
+      CollectInbound();
       // Expired dedup entries go with RocksDB's compactions; force one every few hours so
       // an idle site does not keep them for ever.
       if (Clock::now() - last_dedup_compaction > std::chrono::hours(6)) {
@@ -927,6 +1031,21 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       metrics.store_bytes = store->ApproximateSize();
     }
+  }
+
+  // Deletes inbound events that every local sink has taken: the JSONL delivery and, for
+  // Mattermost and webhook channels, the bridge (which has its own cursor).
+  void CollectInbound() {
+    std::uint64_t removable = delivered_through.load();
+    if (bridge) removable = std::min(removable, bridge->replayed_through());
+    if (removable <= inbound_removed) return;
+    queue::WriteBatch b;
+    b.DeleteInboundRange(inbound_removed + 1, removable + 1);
+    if (Status s = store->Commit(b, false); !s) {
+      log::Error("inbound GC: " + s.message());
+      return;
+    }
+    inbound_removed = removable;
   }
 
   // Deletes the log prefix that every peer has acknowledged, and refreshes the per-peer depth

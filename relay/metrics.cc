@@ -72,6 +72,23 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_store_bytes", "gauge", "Approximate size of the store on disk and in memory.",
          i64(store_bytes));
 
+  Simple(&out, "relay_mattermost_captured_total", "counter",
+         "Changes captured from the local Mattermost and committed.", i64(mm_captured));
+  Simple(&out, "relay_mattermost_catchups_total", "counter", "REST catch-up queries.",
+         i64(mm_catchups));
+  Simple(&out, "relay_mattermost_ws_connects_total", "counter", "WebSocket (re)connections.",
+         i64(mm_ws_connects));
+  Simple(&out, "relay_mattermost_seq_gaps_total", "counter",
+         "WebSocket sequence gaps (each followed by a REST catch-up).", i64(mm_seq_gaps));
+  Simple(&out, "relay_mattermost_replayed_total", "counter",
+         "Events applied to the local Mattermost (or webhook).", i64(mm_replayed));
+  Simple(&out, "relay_mattermost_replay_failures_total", "counter",
+         "Events that could never be applied (permanent 4xx) and were skipped.",
+         i64(mm_replay_failures));
+  Simple(&out, "relay_mattermost_retries_total", "counter",
+         "Chat server calls retried after 429, 5xx or a timeout.", i64(mm_retries));
+  Simple(&out, "relay_mattermost_files_too_large_total", "counter",
+         "Attachments not carried because they exceed max_file_bytes.", i64(mm_files_too_large));
   Family(&out, "relay_frames_rejected_total", "counter",
          "Frames and control messages rejected, by reason.");
   for (std::size_t i = 0; i < frames_rejected.size(); ++i) {

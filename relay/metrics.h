@@ -48,6 +48,15 @@ struct Metrics {
   std::atomic<std::uint64_t> events_forwarded{0};
   std::atomic<std::uint64_t> store_bytes{0};
   std::atomic<std::uint64_t> inbound_backlog{0};
+  // Mattermost adapter.
+  std::atomic<std::uint64_t> mm_captured{0};         // changes captured and committed
+  std::atomic<std::uint64_t> mm_catchups{0};         // REST catch-up queries
+  std::atomic<std::uint64_t> mm_ws_connects{0};      // WebSocket (re)connections
+  std::atomic<std::uint64_t> mm_seq_gaps{0};         // WebSocket sequence gaps seen
+  std::atomic<std::uint64_t> mm_replayed{0};         // events applied to the local server
+  std::atomic<std::uint64_t> mm_replay_failures{0};  // events that could never be applied
+  std::atomic<std::uint64_t> mm_retries{0};          // calls retried (429, 5xx, timeouts)
+  std::atomic<std::uint64_t> mm_files_too_large{0};  // attachments over the size limit
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(crypto::RejectReason::kCount)>
       frames_rejected{};
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(InboundDrop::kCount)>

@@ -1,0 +1,151 @@
+#pragma once
+// A client for the parts of the Mattermost REST API v4 and WebSocket API that relay uses
+// (see ../shared/docs/mattermost-api.md). libcurl for REST, Boost.Beast for the WebSocket.
+//
+// Every call returns a MmResult: a value, or an MmError that says whether retrying can help
+// (429 with Retry-After, 5xx, timeouts, connection failures) or not (other 4xx). Replies are
+// parsed strictly: a body that is not the JSON the API documents is an error naming what is
+// wrong, never a crash. The token is never logged or put in an error message.
+// Thread-safety: one MattermostClient per thread.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace relay::chat {
+
+struct MattermostOptions {
+  std::string url;      // "https://chat.example" or "http://127.0.0.1:8065" (no trailing slash)
+  std::string token;    // bot or personal access token
+  std::string ca_file;  // optional CA bundle for TLS
+  std::string client_cert, client_key;  // optional, for mutual TLS
+  std::chrono::milliseconds timeout{10000};
+};
+
+struct MmError {
+  int http_status = 0;    // 0 when no HTTP answer (connect failure, timeout)
+  bool retryable = false;  // 429, 5xx, timeouts, connection errors
+  std::chrono::milliseconds retry_after{0};  // from Retry-After on 429, else 0
+  std::string id;       // Mattermost error id, e.g. "api.post.create_post.root_id.app_error"
+  std::string message;  // says what failed: method, path, status, server message
+};
+
+template <typename T>
+struct MmResult {
+  std::optional<T> value;
+  MmError error;
+  bool ok() const { return value.has_value(); }
+};
+
+struct MmReaction {
+  std::string user_id;
+  std::string post_id;
+  std::string emoji_name;
+  std::int64_t create_at = 0;
+};
+
+struct MmPost {
+  std::string id, channel_id, user_id, root_id, original_id, message, type;
+  std::int64_t create_at = 0, update_at = 0, edit_at = 0, delete_at = 0;
+  std::vector<std::string> file_ids;
+  std::string props_json = "{}";     // the post's props object, as JSON text
+  std::vector<MmReaction> reactions;  // from metadata.reactions when present
+};
+
+struct MmPostList {
+  std::vector<std::string> order;
+  std::vector<MmPost> posts;  // every post in "posts" (including roots not in order)
+};
+
+struct MmFileInfo {
+  std::string id, name, mime_type;
+  std::int64_t size = 0;
+};
+
+struct MmUser {
+  std::string id, username, first_name, last_name, nickname;
+};
+
+struct MmNewPost {
+  std::string channel_id;
+  std::string message;
+  std::string root_id;
+  std::vector<std::string> file_ids;
+  std::string props_json = "{}";
+};
+
+class MattermostClient {
+ public:
+  explicit MattermostClient(MattermostOptions options);
+  ~MattermostClient();
+  MattermostClient(const MattermostClient&) = delete;
+  MattermostClient& operator=(const MattermostClient&) = delete;
+
+  MmResult<MmUser> GetMe();
+  MmResult<MmUser> GetUser(const std::string& user_id);
+  MmResult<MmPost> GetPost(const std::string& post_id);
+  MmResult<MmPost> CreatePost(const MmNewPost& post);
+  // PUT /posts/{id}/patch with message and the FULL props map (props replace, not merge).
+  MmResult<MmPost> PatchPost(const std::string& post_id, const std::string& message,
+                             const std::string& props_json);
+  MmResult<bool> DeletePost(const std::string& post_id);
+  MmResult<bool> AddReaction(const std::string& user_id, const std::string& post_id,
+                             const std::string& emoji_name);
+  MmResult<bool> RemoveReaction(const std::string& user_id, const std::string& post_id,
+                                const std::string& emoji_name);
+  // GET /channels/{id}/posts?since=ms (exclusive; at most 1000 rows).
+  MmResult<MmPostList> GetPostsSince(const std::string& channel_id, std::int64_t since_ms);
+  MmResult<MmFileInfo> UploadFile(const std::string& channel_id, const std::string& name,
+                                  const std::string& data);
+  MmResult<MmFileInfo> GetFileInfo(const std::string& file_id);
+  // Downloads at most max_bytes; larger files are an error (not retryable).
+  MmResult<std::string> DownloadFile(const std::string& file_id, std::size_t max_bytes);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Parses one Post object (JSON text). Exposed for tests and for WebSocket event payloads.
+MmResult<MmPost> ParseMmPost(const std::string& json);
+MmResult<MmReaction> ParseMmReaction(const std::string& json);
+
+// One WebSocket event as received: {"event", "data", "broadcast", "seq"}.
+struct MmWsEvent {
+  std::string event;           // "hello", "posted", "post_edited", "post_deleted", ...
+  std::int64_t seq = -1;
+  std::string channel_id;      // broadcast.channel_id, or data.channel_id
+  std::string connection_id;   // data.connection_id on hello
+  std::string post_json;       // data.post (the JSON string, unwrapped) when present
+  std::string reaction_json;   // data.reaction (unwrapped) when present
+};
+MmResult<MmWsEvent> ParseMmWsEvent(const std::string& json);
+
+// A WebSocket session to /api/v4/websocket, authenticated with the token. Resumes with
+// connection_id + sequence_number when given. Read() blocks for up to `wait`.
+class MattermostWebSocket {
+ public:
+  explicit MattermostWebSocket(MattermostOptions options);
+  ~MattermostWebSocket();
+  MattermostWebSocket(const MattermostWebSocket&) = delete;
+  MattermostWebSocket& operator=(const MattermostWebSocket&) = delete;
+
+  // Connects (closing any previous connection). Empty connection_id: a fresh session.
+  MmResult<bool> Connect(const std::string& connection_id, std::int64_t next_seq);
+  // The next event, nullopt-valued result with error.http_status == 0 and retryable on
+  // timeout (error.id == "timeout"); other errors mean the connection is gone.
+  MmResult<MmWsEvent> Read(std::chrono::milliseconds wait);
+  void Close();
+  // Makes a blocked Read() return soon (from another thread).
+  void Interrupt();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace relay::chat

@@ -1,0 +1,765 @@
+#include "relay/mattermost_bridge.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "chat/mattermost_client.h"
+#include "chat/webhook.h"
+#include "queue/store.h"
+#include "relay/log.h"
+#include "relay/metrics.h"
+
+namespace relay {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using chat::MmError;
+using chat::MmPost;
+using Json = nlohmann::json;
+
+std::int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+constexpr char kReplayedCounter[] = "mm/replayed";
+std::string CursorKey(const std::string& channel) { return "mmcursor/" + channel; }
+std::string StateKey(const std::string& post_id) { return "s:" + post_id; }
+std::string ReactionsKey(const std::string& post_id) { return "x:" + post_id; }
+std::string IntentKey(const std::string& event_id) { return "i:" + event_id; }
+std::string ReactorsKey(const std::string& post_id, const std::string& emoji) {
+  return "r:" + post_id + ":" + emoji;
+}
+
+// Props the relay sets on the posts it creates; never copied from a captured post.
+const std::set<std::string> kRelayProps = {
+    "relay_event_id",    "relay_origin",        "from_webhook", "override_username",
+    "override_icon_url", "override_icon_emoji", "from_bot"};
+
+// What capture remembers of a post between versions.
+struct PostState {
+  bool known = false;
+  std::int64_t update_at = 0, edit_at = 0, delete_at = 0;
+  std::string Encode() const {
+    return std::to_string(update_at) + "|" + std::to_string(edit_at) + "|" +
+           std::to_string(delete_at);
+  }
+  static PostState Decode(const std::string& s) {
+    PostState st;
+    std::istringstream in(s);
+    char bar;
+    if (in >> st.update_at >> bar >> st.edit_at >> bar >> st.delete_at) st.known = true;
+    return st;
+  }
+};
+
+std::set<std::string> SplitSet(const std::string& s) {
+  std::set<std::string> out;
+  std::size_t pos = 0;
+  while (pos < s.size()) {
+    auto comma = s.find('\n', pos);
+    if (comma == std::string::npos) comma = s.size();
+    if (comma > pos) out.insert(s.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
+
+std::string JoinSet(const std::set<std::string>& set) {
+  std::string out;
+  for (const auto& s : set) {
+    if (!out.empty()) out.push_back('\n');
+    out += s;
+  }
+  return out;
+}
+
+Json ParseProps(const std::string& text) {
+  Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() ? j : Json::object();
+}
+
+std::string Replace(std::string text, const std::string& key, const std::string& value) {
+  for (std::size_t pos = text.find(key); pos != std::string::npos;
+       pos = text.find(key, pos + value.size())) {
+    text.replace(pos, key.size(), value);
+  }
+  return text;
+}
+
+}  // namespace
+
+struct MattermostBridge::Impl {
+  const config::Config& config;
+  Hooks hooks;
+  chat::MattermostOptions options;
+  std::map<std::string, std::string> relay_by_mm;  // mattermost channel id -> relay channel
+  std::map<std::string, const config::ChannelConfig*> sinks;  // relay channel -> config
+  bool capture_enabled = false;
+
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  std::thread capture_thread, replay_thread;
+  std::atomic<std::uint64_t> replayed{0};
+  std::string bot_id;  // set by whichever thread learns it first, under mu
+
+  Impl(const config::Config& c, Hooks h) : config(c), hooks(std::move(h)) {}
+
+  void Sleep(std::chrono::milliseconds d) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait_for(lock, d, [&] { return stop.load(); });
+  }
+
+  std::optional<std::string> Get(const std::string& key) {
+    return hooks.store->GetDedup(key, NowMs());
+  }
+
+  // Runs `call` until it succeeds, fails for good, or the bridge stops. Counts retries.
+  template <typename T, typename F>
+  chat::MmResult<T> Retry(const char* what, F call) {
+    std::chrono::milliseconds backoff(250);
+    while (true) {
+      chat::MmResult<T> r = call();
+      if (r.ok() || !r.error.retryable || stop) return r;
+      ++hooks.metrics->mm_retries;
+      std::chrono::milliseconds wait = r.error.http_status == 429 && r.error.retry_after.count() > 0
+                                           ? r.error.retry_after
+                                           : backoff;
+      log::Warning(std::string("mattermost: ") + what + " failed, retrying in " +
+                   std::to_string(wait.count()) + " ms: " + r.error.message);
+      Sleep(wait);
+      backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
+    }
+  }
+
+  std::string BotId(chat::MattermostClient& client) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!bot_id.empty()) return bot_id;
+    }
+    auto me = Retry<chat::MmUser>("GET /users/me", [&] { return client.GetMe(); });
+    if (!me.ok()) return "";
+    std::lock_guard<std::mutex> lock(mu);
+    bot_id = me.value->id;
+    return bot_id;
+  }
+
+  // ---- capture ---------------------------------------------------------------------------------
+  struct Round {
+    CaptureSubmission sub;
+    std::map<std::string, PostState> states;
+    std::map<std::string, std::set<std::string>> reactions;
+  };
+
+  PostState LoadState(Round& round, const std::string& post_id) {
+    auto it = round.states.find(post_id);
+    if (it != round.states.end()) return it->second;
+    auto v = Get(StateKey(post_id));
+    return v ? PostState::Decode(*v) : PostState{};
+  }
+
+  std::set<std::string>& LoadReactions(Round& round, const std::string& post_id) {
+    auto it = round.reactions.find(post_id);
+    if (it != round.reactions.end()) return it->second;
+    auto v = Get(ReactionsKey(post_id));
+    return round.reactions[post_id] = v ? SplitSet(*v) : std::set<std::string>{};
+  }
+
+  std::map<std::string, std::string> usernames;  // capture thread only
+
+  std::string Username(chat::MattermostClient& client, const std::string& user_id) {
+    auto it = usernames.find(user_id);
+    if (it != usernames.end()) return it->second;
+    auto u = Retry<chat::MmUser>("GET /users/{id}", [&] { return client.GetUser(user_id); });
+    std::string name = u.ok() && !u.value->username.empty() ? u.value->username : user_id;
+    usernames[user_id] = name;
+    return name;
+  }
+
+  std::vector<Attachment> Download(chat::MattermostClient& client, const MmPost& post,
+                                   std::string* note) {
+    std::vector<Attachment> files;
+    for (const std::string& id : post.file_ids) {
+      auto info =
+          Retry<chat::MmFileInfo>("GET /files/{id}/info", [&] { return client.GetFileInfo(id); });
+      if (!info.ok()) {
+        *note += "[attachment " + id + " could not be read: " + info.error.message + "]";
+        continue;
+      }
+      if (static_cast<std::uint64_t>(info.value->size) > config.mattermost_max_file_bytes) {
+        ++hooks.metrics->mm_files_too_large;
+        *note += "[attachment '" + info.value->name + "' (" + std::to_string(info.value->size) +
+                 " bytes) is over the relay's limit of " +
+                 std::to_string(config.mattermost_max_file_bytes) + " bytes]";
+        continue;
+      }
+      auto data = Retry<std::string>("GET /files/{id}", [&] {
+        return client.DownloadFile(id, config.mattermost_max_file_bytes);
+      });
+      if (!data.ok()) {
+        *note += "[attachment '" + info.value->name + "' could not be read]";
+        continue;
+      }
+      files.push_back({info.value->name, info.value->mime_type, std::move(*data.value)});
+    }
+    return files;
+  }
+
+  void AddReactionChange(chat::MattermostClient& client, Round& round, const std::string& channel,
+                         const std::string& post_id, const std::string& user_id,
+                         const std::string& emoji, bool added) {
+    CapturedChange c;
+    c.kind = added ? EventKind::kReactionAdd : EventKind::kReactionRemove;
+    c.channel = channel;
+    c.author = Username(client, user_id);
+    c.text = emoji;
+    c.post_id = post_id;
+    round.sub.changes.push_back(std::move(c));
+  }
+
+  // Turns one version of a post into changes. `deleted` forces deletion (post_deleted carries
+  // the post as it was before); `reactions_known` says the post's reaction list is complete
+  // (REST reads), so it can be compared with what was seen.
+  void ProcessPost(chat::MattermostClient& client, Round& round, MmPost post, bool deleted,
+                   bool reactions_known) {
+    if (!post.original_id.empty()) return;  // archived pre-edit copy
+    auto ch = relay_by_mm.find(post.channel_id);
+    if (ch == relay_by_mm.end()) return;
+    const std::string& channel = ch->second;
+    std::string bot = BotId(client);
+    if (deleted && post.delete_at == 0) post.delete_at = std::max<std::int64_t>(post.update_at, 1);
+    Json props = ParseProps(post.props_json);
+    bool relay_made = props.contains("relay_event_id") || (!bot.empty() && post.user_id == bot);
+
+    if (reactions_known && post.delete_at == 0) {
+      std::set<std::string>& seen = LoadReactions(round, post.id);
+      std::set<std::string> now;
+      for (const auto& r : post.reactions) {
+        if (r.user_id == bot) continue;
+        now.insert(r.user_id + "/" + r.emoji_name);
+      }
+      if (now != seen) {
+        for (const auto& r : now) {
+          if (seen.count(r)) continue;
+          auto slash = r.find('/');
+          AddReactionChange(client, round, channel, post.id, r.substr(0, slash),
+                            r.substr(slash + 1), true);
+        }
+        for (const auto& r : seen) {
+          if (now.count(r)) continue;
+          auto slash = r.find('/');
+          AddReactionChange(client, round, channel, post.id, r.substr(0, slash),
+                            r.substr(slash + 1), false);
+        }
+        seen = now;
+      }
+    }
+    if (relay_made) return;
+
+    PostState st = LoadState(round, post.id);
+    if (st.known && st.update_at >= post.update_at && !(deleted && st.delete_at == 0)) return;
+    PostState next;
+    next.known = true;
+    next.update_at = std::max(st.update_at, post.update_at);
+    next.edit_at = post.edit_at;
+    next.delete_at = post.delete_at;
+    Json carried = Json::object();
+    for (auto it = props.begin(); it != props.end(); ++it)
+      if (!kRelayProps.count(it.key())) carried[it.key()] = it.value();
+    if (!st.known) {
+      if (post.delete_at == 0) {
+        CapturedChange c;
+        c.kind = EventKind::kPost;
+        c.channel = channel;
+        c.author = Username(client, post.user_id);
+        c.text = post.message;
+        c.post_id = post.id;
+        c.thread_post_id = post.root_id;
+        std::string note;
+        c.files = Download(client, post, &note);
+        if (!note.empty()) c.text += (c.text.empty() ? "" : "\n") + note;
+        if (!carried.empty()) c.props.emplace_back("mm_props", carried.dump());
+        round.sub.changes.push_back(std::move(c));
+      }
+    } else if (post.delete_at > 0 && st.delete_at == 0) {
+      CapturedChange c;
+      c.kind = EventKind::kDelete;
+      c.channel = channel;
+      c.author = Username(client, post.user_id);
+      c.post_id = post.id;
+      round.sub.changes.push_back(std::move(c));
+    } else if (post.delete_at == 0 && post.edit_at != st.edit_at) {
+      CapturedChange c;
+      c.kind = EventKind::kEdit;
+      c.channel = channel;
+      c.author = Username(client, post.user_id);
+      c.text = post.message;
+      c.post_id = post.id;
+      if (!carried.empty()) c.props.emplace_back("mm_props", carried.dump());
+      round.sub.changes.push_back(std::move(c));
+    } else if (post.delete_at > 0) {
+      next.delete_at = st.delete_at;
+    }
+    round.states[post.id] = next;
+  }
+
+  void ProcessReaction(chat::MattermostClient& client, Round& round, const std::string& mm_channel,
+                       const chat::MmReaction& r, bool added) {
+    auto ch = relay_by_mm.find(mm_channel);
+    if (ch == relay_by_mm.end()) return;
+    if (r.user_id == BotId(client)) return;
+    std::set<std::string>& seen = LoadReactions(round, r.post_id);
+    std::string key = r.user_id + "/" + r.emoji_name;
+    if (added == (seen.count(key) > 0)) return;  // already known
+    if (added) {
+      seen.insert(key);
+    } else {
+      seen.erase(key);
+    }
+    AddReactionChange(client, round, ch->second, r.post_id, r.user_id, r.emoji_name, added);
+  }
+
+  bool Submit(Round& round) {
+    for (auto& [id, st] : round.states) round.sub.state.emplace_back(StateKey(id), st.Encode());
+    for (auto& [id, set] : round.reactions)
+      round.sub.state.emplace_back(ReactionsKey(id), JoinSet(set));
+    if (round.sub.changes.empty() && round.sub.state.empty() && round.sub.counters.empty())
+      return true;
+    std::size_t n = round.sub.changes.size();
+    Status s = hooks.submit(round.sub);
+    if (!s) {
+      log::Error("mattermost capture: storing " + std::to_string(n) +
+                 " captured change(s) failed, they are captured again: " + s.message());
+      return false;
+    }
+    hooks.metrics->mm_captured += n;
+    return true;
+  }
+
+  // Catches up one channel over REST `since`, from its cursor minus the overlap window.
+  bool CatchUp(chat::MattermostClient& client, const std::string& mm_channel,
+               const std::string& channel) {
+    std::uint64_t cursor = hooks.store->GetCounter(CursorKey(channel), 0);
+    std::int64_t since = std::max<std::int64_t>(
+        0, static_cast<std::int64_t>(cursor) - config.mattermost_catchup_overlap.count());
+    auto list = Retry<chat::MmPostList>("GET /channels/{id}/posts?since",
+                                        [&] { return client.GetPostsSince(mm_channel, since); });
+    if (!list.ok()) {
+      log::Error("mattermost capture: catch-up of channel '" + channel +
+                 "' failed: " + list.error.message);
+      return false;
+    }
+    ++hooks.metrics->mm_catchups;
+    if (list.value->order.size() >= 1000)
+      log::Warning("mattermost capture: channel '" + channel +
+                   "' returned the server's 1000-row cap; changes hidden by the cap are picked up "
+                   "by the next catch-up from the new cursor");
+    std::vector<MmPost> posts = list.value->posts;
+    std::sort(posts.begin(), posts.end(),
+              [](const MmPost& a, const MmPost& b) { return a.update_at < b.update_at; });
+    Round round;
+    std::int64_t max_update = static_cast<std::int64_t>(cursor);
+    for (MmPost& p : posts) {
+      max_update = std::max(max_update, p.update_at);
+      ProcessPost(client, round, std::move(p), /*deleted=*/false, /*reactions_known=*/true);
+    }
+    round.sub.counters.emplace_back(CursorKey(channel), static_cast<std::uint64_t>(max_update));
+    return Submit(round);
+  }
+
+  bool CatchUpAll(chat::MattermostClient& client) {
+    bool ok = true;
+    for (const auto& [mm, channel] : relay_by_mm) ok = CatchUp(client, mm, channel) && ok;
+    return ok;
+  }
+
+  void CaptureLoop() {
+    chat::MattermostClient client(options);
+    chat::MattermostWebSocket ws(options);
+    std::string connection_id;
+    std::int64_t next_seq = 0;
+    bool connected = false;
+    bool need_catchup = true;
+    auto last_catchup = Clock::now();
+    std::chrono::milliseconds backoff(500);
+    while (!stop) {
+      if (!connected) {
+        auto r = ws.Connect(connection_id, next_seq);
+        if (!r.ok()) {
+          log::Warning("mattermost capture: WebSocket connect failed: " + r.error.message);
+          Sleep(backoff);
+          backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
+          // A server that cannot be reached over the WebSocket may still answer REST.
+          if (need_catchup && CatchUpAll(client)) {
+            need_catchup = false;
+            last_catchup = Clock::now();
+          }
+          continue;
+        }
+        connected = true;
+        backoff = std::chrono::milliseconds(500);
+        ++hooks.metrics->mm_ws_connects;
+      }
+      if (need_catchup || Clock::now() - last_catchup > config.mattermost_poll_interval) {
+        if (CatchUpAll(client)) {
+          need_catchup = false;
+          last_catchup = Clock::now();
+        }
+      }
+      auto r = ws.Read(std::chrono::milliseconds(500));
+      if (!r.ok()) {
+        if (r.error.id == "timeout") continue;
+        log::Warning("mattermost capture: WebSocket lost (" + r.error.message + "), resuming");
+        connected = false;
+        continue;
+      }
+      const chat::MmWsEvent& ev = *r.value;
+      if (ev.event == "hello") {
+        if (ev.connection_id != connection_id) need_catchup = true;  // events may be lost
+        connection_id = ev.connection_id;
+        next_seq = ev.seq + 1;
+        continue;
+      }
+      if (ev.seq >= 0) {
+        if (ev.seq != next_seq) {
+          // A gap: events were lost. Start a fresh session and catch up over REST.
+          log::Warning("mattermost capture: WebSocket sequence gap (expected " +
+                       std::to_string(next_seq) + ", got " + std::to_string(ev.seq) +
+                       "): reconnecting and catching up");
+          ++hooks.metrics->mm_seq_gaps;
+          ws.Close();
+          connection_id.clear();
+          next_seq = 0;
+          connected = false;
+          need_catchup = true;
+          continue;
+        }
+        next_seq = ev.seq + 1;
+      }
+      Round round;
+      if (ev.event == "posted" || ev.event == "post_edited" || ev.event == "post_deleted") {
+        auto post = chat::ParseMmPost(ev.post_json);
+        if (!post.ok()) {
+          log::Warning("mattermost capture: unreadable " + ev.event +
+                       " event: " + post.error.message);
+          continue;
+        }
+        ProcessPost(client, round, std::move(*post.value), ev.event == "post_deleted", false);
+      } else if (ev.event == "reaction_added" || ev.event == "reaction_removed") {
+        auto reaction = chat::ParseMmReaction(ev.reaction_json);
+        if (!reaction.ok()) continue;
+        ProcessReaction(client, round, ev.channel_id, *reaction.value,
+                        ev.event == "reaction_added");
+      } else {
+        continue;
+      }
+      if (!Submit(round)) need_catchup = true;
+    }
+  }
+
+  // ---- replay ----------------------------------------------------------------------------------
+  std::string PropsFor(const Event& e) {
+    Json props = Json::object();
+    for (const auto& [k, v] : e.props) {
+      if (k == "mm_props") {
+        Json carried = ParseProps(v);
+        for (auto it = carried.begin(); it != carried.end(); ++it)
+          if (!kRelayProps.count(it.key())) props[it.key()] = it.value();
+      }
+    }
+    std::string origin = e.origin_site;
+    props["relay_event_id"] = e.ref.empty() || e.kind == EventKind::kPost ? e.id : e.ref;
+    props["relay_origin"] = origin;
+    props["from_webhook"] = "true";
+    props["override_username"] =
+        Replace(Replace(config.mattermost_display_name, "{author}", e.author), "{site}", origin);
+    if (!config.mattermost_icon_url.empty())
+      props["override_icon_url"] =
+          Replace(Replace(config.mattermost_icon_url, "{author}", e.author), "{site}", origin);
+    return props.dump();
+  }
+
+  // Result of applying one event: done (also for events skipped for good), or retry later.
+  enum class Applied { kDone, kStopped };
+
+  Applied Fail(const Event& e, const std::string& why) {
+    ++hooks.metrics->mm_replay_failures;
+    log::Error("mattermost replay: event " + e.id + " (" + EventKindName(e.kind) +
+               ") in channel '" + e.channel + "' cannot be applied and is skipped: " + why);
+    return Applied::kDone;
+  }
+
+  Status Put(const std::vector<std::pair<std::string, std::string>>& kv,
+             const std::vector<std::string>& erase, bool sync) {
+    queue::WriteBatch b;
+    std::int64_t expire = NowMs() + kMappingTtlMs;
+    for (const auto& [k, v] : kv) b.PutDedup(k, expire, v);
+    for (const auto& k : erase) b.DeleteDedup(k);
+    return hooks.store->Commit(b, sync);
+  }
+
+  // Looks for a post this relay created for `event_id` (after a crash between create and
+  // mapping): the origin marker in props identifies it.
+  std::optional<std::string> FindCreated(chat::MattermostClient& client,
+                                         const std::string& mm_channel, const std::string& event_id,
+                                         std::int64_t intent_ms) {
+    auto list = Retry<chat::MmPostList>("GET /channels/{id}/posts?since", [&] {
+      return client.GetPostsSince(mm_channel, std::max<std::int64_t>(0, intent_ms - 120000));
+    });
+    if (!list.ok()) return std::nullopt;
+    for (const MmPost& p : list.value->posts) {
+      if (!p.original_id.empty()) continue;
+      Json props = ParseProps(p.props_json);
+      if (props.value("relay_event_id", "") == event_id) return p.id;
+    }
+    return std::nullopt;
+  }
+
+  Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
+    if (Get(EventToPostKey(e.id))) return Applied::kDone;  // created before
+    if (auto intent = Get(IntentKey(e.id))) {
+      std::int64_t at = std::atoll(intent->c_str());
+      if (auto found = FindCreated(client, mm_channel, e.id, at)) {
+        log::Info("mattermost replay: event " + e.id + " was created before a restart as post " +
+                  *found + "; not creating it again");
+        if (Status s = Put({{EventToPostKey(e.id), *found}, {PostToEventKey(*found), e.id}},
+                           {IntentKey(e.id)}, false);
+            !s)
+          return Applied::kStopped;
+        return Applied::kDone;
+      }
+    } else if (Status s = Put({{IntentKey(e.id), std::to_string(NowMs())}}, {}, true); !s) {
+      log::Error("mattermost replay: " + s.message());
+      return Applied::kStopped;
+    }
+    chat::MmNewPost np;
+    np.channel_id = mm_channel;
+    np.message = e.text;
+    if (!e.thread.empty()) {
+      if (auto root = Get(EventToPostKey(e.thread))) {
+        np.root_id = *root;
+      } else {
+        log::Warning("mattermost replay: thread root " + e.thread + " of event " + e.id +
+                     " is unknown here; posting it as a new thread");
+      }
+    }
+    for (const Attachment& f : e.files) {
+      auto up = Retry<chat::MmFileInfo>(
+          "POST /files", [&] { return client.UploadFile(mm_channel, f.name, f.data); });
+      if (stop) return Applied::kStopped;
+      if (!up.ok()) {
+        np.message +=
+            "\n[attachment '" + f.name + "' could not be uploaded: " + up.error.message + "]";
+        continue;
+      }
+      np.file_ids.push_back(up.value->id);
+    }
+    np.props_json = PropsFor(e);
+    auto created = Retry<MmPost>("POST /posts", [&] { return client.CreatePost(np); });
+    if (stop && !created.ok()) return Applied::kStopped;
+    if (!created.ok()) {
+      (void)Put({}, {IntentKey(e.id)}, false);
+      return Fail(e, created.error.message);
+    }
+    if (Status s = Put(
+            {{EventToPostKey(e.id), created.value->id}, {PostToEventKey(created.value->id), e.id}},
+            {IntentKey(e.id)}, false);
+        !s) {
+      log::Error("mattermost replay: " + s.message());
+      return Applied::kStopped;
+    }
+    return Applied::kDone;
+  }
+
+  Applied ApplyReaction(chat::MattermostClient& client, const Event& e, const std::string& local) {
+    std::string emoji = e.text;
+    std::string key = ReactorsKey(local, emoji);
+    std::set<std::string> reactors = SplitSet(Get(key).value_or(""));
+    std::string who = e.author + "@" + e.origin_site;
+    bool add = e.kind == EventKind::kReactionAdd;
+    if (add == (reactors.count(who) > 0)) return Applied::kDone;
+    bool was_empty = reactors.empty();
+    if (add) {
+      reactors.insert(who);
+    } else {
+      reactors.erase(who);
+    }
+    std::string bot = BotId(client);
+    if (add && was_empty) {
+      auto r =
+          Retry<bool>("POST /reactions", [&] { return client.AddReaction(bot, local, emoji); });
+      if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+    } else if (!add && reactors.empty()) {
+      auto r =
+          Retry<bool>("DELETE reaction", [&] { return client.RemoveReaction(bot, local, emoji); });
+      if (!r.ok() && r.error.http_status != 404)
+        return stop ? Applied::kStopped : Fail(e, r.error.message);
+    }
+    if (Status s = Put({{key, JoinSet(reactors)}}, {}, false); !s) return Applied::kStopped;
+    return Applied::kDone;
+  }
+
+  Applied Apply(chat::MattermostClient& client, const Event& e, const config::ChannelConfig& ch) {
+    if (ch.sink == config::SinkKind::kWebhook) {
+      if (e.kind != EventKind::kPost) return Applied::kDone;  // webhooks cannot edit or delete
+      Json body = {
+          {"text", e.text},
+          {"username", Replace(Replace(config.mattermost_display_name, "{author}", e.author),
+                               "{site}", e.origin_site)},
+          {"props", {{"relay_event_id", e.id}, {"relay_origin", e.origin_site}}}};
+      if (!config.mattermost_icon_url.empty())
+        body["icon_url"] = Replace(Replace(config.mattermost_icon_url, "{author}", e.author),
+                                   "{site}", e.origin_site);
+      auto r = Retry<bool>("POST webhook",
+                           [&] { return chat::PostWebhook(ch.webhook_url, body.dump(), options); });
+      if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+      return Applied::kDone;
+    }
+    const std::string& mm_channel = ch.mattermost_channel_id;
+    if (e.kind == EventKind::kPost) return ApplyPost(client, e, mm_channel);
+    auto local = Get(EventToPostKey(e.ref));
+    if (!local) return Fail(e, "the post it applies to (" + e.ref + ") is not known here");
+    switch (e.kind) {
+      case EventKind::kEdit: {
+        auto r = Retry<MmPost>("PUT /posts/{id}/patch",
+                               [&] { return client.PatchPost(*local, e.text, PropsFor(e)); });
+        if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+        return Applied::kDone;
+      }
+      case EventKind::kDelete: {
+        auto r = Retry<bool>("DELETE /posts/{id}", [&] { return client.DeletePost(*local); });
+        if (!r.ok() && r.error.http_status != 404)
+          return stop ? Applied::kStopped : Fail(e, r.error.message);
+        return Applied::kDone;
+      }
+      case EventKind::kReactionAdd:
+      case EventKind::kReactionRemove:
+        return ApplyReaction(client, e, *local);
+      case EventKind::kPost:
+        break;
+    }
+    return Applied::kDone;
+  }
+
+  void ReplayLoop() {
+    chat::MattermostClient client(options);
+    std::uint64_t cursor = hooks.store->GetCounter(kReplayedCounter, 0);
+    replayed = cursor;
+    while (!stop) {
+      std::uint64_t head = hooks.stored_head();
+      if (head <= cursor) {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stop.load(); });
+        continue;
+      }
+      std::vector<std::pair<std::uint64_t, std::string>> batch;
+      Status s = hooks.store->ScanInbound(cursor + 1, [&](std::uint64_t seq, std::string_view ev) {
+        if (seq > head) return false;
+        batch.emplace_back(seq, std::string(ev));
+        return batch.size() < 256;
+      });
+      if (!s) {
+        log::Error("mattermost replay: " + s.message());
+        Sleep(std::chrono::milliseconds(1000));
+        continue;
+      }
+      if (batch.empty()) {
+        // Entries between cursor and head were removed after the JSONL delivery; none were ours.
+        cursor = head;
+        continue;
+      }
+      for (const auto& [seq, bytes] : batch) {
+        auto ev = DecodeEvent(bytes);
+        if (ev) {
+          auto it = sinks.find(ev->channel);
+          if (it != sinks.end()) {
+            if (Apply(client, *ev, *it->second) == Applied::kStopped) return;
+            ++hooks.metrics->mm_replayed;
+          }
+        }
+        cursor = seq;
+        queue::WriteBatch b;
+        b.PutCounter(kReplayedCounter, cursor);
+        // Not synced: replaying an event again is a no-op (mappings and reactor sets).
+        if (Status c = hooks.store->Commit(b, false); !c) {
+          log::Error("mattermost replay: " + c.message());
+          return;
+        }
+        replayed = cursor;
+      }
+    }
+  }
+};
+
+MattermostBridge::MattermostBridge(const config::Config& config, Hooks hooks)
+    : impl_(std::make_unique<Impl>(config, std::move(hooks))) {}
+
+MattermostBridge::~MattermostBridge() { Stop(); }
+
+Status MattermostBridge::Start() {
+  Impl& m = *impl_;
+  for (const auto& ch : m.config.channels) {
+    if (ch.sink == config::SinkKind::kMattermost) {
+      m.relay_by_mm[ch.mattermost_channel_id] = ch.name;
+      m.sinks[ch.name] = &ch;
+      m.capture_enabled = true;
+    } else if (ch.sink == config::SinkKind::kWebhook) {
+      m.sinks[ch.name] = &ch;
+    }
+  }
+  m.options.url = m.config.mattermost_url;
+  while (!m.options.url.empty() && m.options.url.back() == '/') m.options.url.pop_back();
+  m.options.ca_file = m.config.mattermost_ca_file;
+  m.options.client_cert = m.config.mattermost_client_cert;
+  m.options.client_key = m.config.mattermost_client_key;
+  m.options.timeout = m.config.mattermost_timeout;
+  if (m.capture_enabled) {
+    std::ifstream in(m.config.mattermost_token_file);
+    if (!in) {
+      return Status::Error("cannot read the Mattermost token file '" +
+                           m.config.mattermost_token_file + "'");
+    }
+    std::getline(in, m.options.token);
+    while (!m.options.token.empty() &&
+           std::isspace(static_cast<unsigned char>(m.options.token.back())))
+      m.options.token.pop_back();
+    if (m.options.token.empty())
+      return Status::Error("the Mattermost token file '" + m.config.mattermost_token_file +
+                           "' is empty");
+    m.capture_thread = std::thread([&m] {
+      pthread_setname_np(pthread_self(), "relay-mm-capt");
+      m.CaptureLoop();
+    });
+  }
+  m.replay_thread = std::thread([&m] {
+    pthread_setname_np(pthread_self(), "relay-mm-play");
+    m.ReplayLoop();
+  });
+  return Status::Ok();
+}
+
+void MattermostBridge::Stop() {
+  if (!impl_) return;
+  impl_->stop = true;
+  impl_->cv.notify_all();
+  if (impl_->capture_thread.joinable()) impl_->capture_thread.join();
+  if (impl_->replay_thread.joinable()) impl_->replay_thread.join();
+}
+
+void MattermostBridge::Notify() { impl_->cv.notify_all(); }
+
+std::uint64_t MattermostBridge::replayed_through() const { return impl_->replayed.load(); }
+
+}  // namespace relay

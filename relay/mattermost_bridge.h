@@ -1,0 +1,93 @@
+#pragma once
+// The Mattermost side of a site: capture (server -> events) and replay (events -> server).
+//
+// Capture follows the bridged channels over the WebSocket and catches up over REST `since`
+// after every start, new connection id, sequence gap and periodically, with an overlap window;
+// per-post state (update_at, edit_at, delete_at, reactions) makes it idempotent. Captured
+// changes are committed through the daemon's committer together with the capture state and the
+// channel cursor, so a change is captured exactly once across crashes.
+//
+// Replay reads the inbound store in order (its own cursor), and applies each event to the
+// server: create (with an intent record so a crash between "created" and "mapped" cannot create
+// a duplicate), edit, delete, reactions (one bot reaction per emoji while any remote reactor is
+// left) and attachments. 429 and 5xx are retried; a 4xx that can never succeed is counted and
+// skipped so one bad event does not block the channel.
+//
+// Loop prevention: posts created by the relay carry props.relay_event_id and are never
+// captured; neither is anything by the relay's bot user.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "config/config.h"
+#include "relay/event.h"
+#include "relay/status.h"
+
+namespace relay {
+
+namespace queue {
+class Store;
+class WriteBatch;
+}  // namespace queue
+struct Metrics;
+
+// One change captured from the chat server. Post ids are resolved to event ids by the
+// committer (the mapping may be created in the same commit).
+struct CapturedChange {
+  EventKind kind = EventKind::kPost;
+  std::string channel;         // relay channel name
+  std::string author;          // display name of the chat user
+  std::string text;            // message text, or the emoji name for reactions
+  std::string post_id;         // the post this change is about
+  std::string thread_post_id;  // root post of a reply, or empty
+  std::vector<std::pair<std::string, std::string>> props;
+  std::vector<Attachment> files;
+};
+
+// A capture commit: changes plus state that must become durable with them.
+struct CaptureSubmission {
+  std::vector<CapturedChange> changes;
+  std::vector<std::pair<std::string, std::string>> state;  // long-lived key/values
+  std::vector<std::pair<std::string, std::uint64_t>> counters;
+};
+
+class MattermostBridge {
+ public:
+  struct Hooks {
+    // Commits a submission (blocks until durable or failed).
+    std::function<Status(CaptureSubmission&)> submit;
+    // Highest inbound sequence committed so far.
+    std::function<std::uint64_t()> stored_head;
+    queue::Store* store = nullptr;
+    Metrics* metrics = nullptr;
+  };
+  MattermostBridge(const config::Config& config, Hooks hooks);
+  ~MattermostBridge();  // stops
+  MattermostBridge(const MattermostBridge&) = delete;
+  MattermostBridge& operator=(const MattermostBridge&) = delete;
+
+  // Reads the token file (error names it) and starts the capture and replay threads. A server
+  // that cannot be reached is retried in the background, not an error.
+  Status Start();
+  void Stop();
+  // Wakes the replay thread (new inbound events).
+  void Notify();
+  // Inbound sequence through which every event for a Mattermost channel has been applied.
+  std::uint64_t replayed_through() const;
+
+  // Key names in the store, shared with the committer.
+  static std::string PostToEventKey(const std::string& post_id) { return "m:" + post_id; }
+  static std::string EventToPostKey(const std::string& event_id) { return "p:" + event_id; }
+  // How long id mappings and capture state are kept.
+  static constexpr std::int64_t kMappingTtlMs = 400LL * 24 * 3600 * 1000;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace relay
