@@ -207,8 +207,10 @@ struct Daemon::Impl : transports::LinkHandler {
       p.metrics->acked_through = p.acked;
       accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
     }
-    if (peers.empty() == false && key->identity() == peers[0].identity) {
-      return Status::Error("peer '" + peers[0].name + "' has this site's own public key");
+    for (const PeerRuntime& p : peers) {
+      if (key->identity() == p.identity)
+        return Status::Error("[peer." + p.name + "] public_key is this site's own public key (" +
+                             config.key_file + "): paste the peer's `relay pubkey` output");
     }
     for (const auto& c : config.channels) {
       ChannelRuntime& ch = channels[c.name];
@@ -221,6 +223,16 @@ struct Daemon::Impl : transports::LinkHandler {
           }
         }
       }
+    }
+    if (store->GetCounter(kNextOut, kUnset) == kUnset) {
+      // A new store starts its sequences at the current time in microseconds, not at 1: if a
+      // site loses its data folder but keeps its key, its new events must not reuse event ids
+      // or link sequences its peers have already accepted (they would be dropped as replays).
+      std::uint64_t start = static_cast<std::uint64_t>(NowMs()) * 1000;
+      queue::WriteBatch b;
+      b.PutCounter(kNextOrigin, start);
+      b.PutCounter(kNextOut, start);
+      if (Status s = store->Commit(b, true); !s) return s;
     }
     next_origin = store->GetCounter(kNextOrigin, 1);
     next_out = store->GetCounter(kNextOut, 1);
@@ -663,7 +675,7 @@ struct Daemon::Impl : transports::LinkHandler {
         break;
       }
     }
-    if (warn_limiter.Allow()) log::Warning("control message rejected: " + message);
+    if (warn_limiter.Allow()) log::Warning(message);
   }
 
   // ---- shipper -------------------------------------------------------------------------------
@@ -1055,13 +1067,21 @@ struct Daemon::Impl : transports::LinkHandler {
   // "log head minus cursor".
   void CollectOutbound() {
     std::vector<std::uint64_t> acked(peers.size());
-    {
-      std::lock_guard<std::mutex> lock(ship_mu);
-      for (std::size_t i = 0; i < peers.size(); ++i) acked[i] = peers[i].acked;
-    }
     std::uint64_t head = published.load();
     std::uint64_t low = head;
-    for (std::uint64_t a : acked) low = std::min(low, a);
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      for (std::size_t i = 0; i < peers.size(); ++i) {
+        const PeerRuntime& p = peers[i];
+        acked[i] = p.acked;
+        // A peer with nothing in flight whose shipper scanned past its cursor and found nothing
+        // for it does not hold back the entries it skipped (it may never get an event to ack).
+        std::uint64_t passed = p.acked;
+        if (p.inflight.empty() && p.send_pos == p.acked + 1 && p.scan_pos > p.send_pos)
+          passed = p.scan_pos - 1;
+        low = std::min(low, passed);
+      }
+    }
     if (low > gc_deleted_through) {
       queue::WriteBatch b;
       b.DeleteOutboundRange(gc_deleted_through + 1, low + 1);

@@ -567,15 +567,35 @@ struct MattermostBridge::Impl {
       np.file_ids.push_back(up.value->id);
     }
     np.props_json = PropsFor(e);
-    auto created = Retry<MmPost>("POST /posts", [&] { return client.CreatePost(np); });
+    // A failed create may still have created the post (the answer was lost): before trying
+    // again, look for it by its origin marker.
+    std::int64_t intent_ms = NowMs();
+    bool first_try = true;
+    auto created = Retry<std::string>("POST /posts", [&]() -> chat::MmResult<std::string> {
+      chat::MmResult<std::string> r;
+      if (!first_try) {
+        if (auto found = FindCreated(client, mm_channel, e.id, intent_ms)) {
+          r.value = *found;
+          return r;
+        }
+      }
+      first_try = false;
+      auto c = client.CreatePost(np);
+      if (c.ok()) {
+        r.value = c.value->id;
+      } else {
+        r.error = c.error;
+      }
+      return r;
+    });
     if (stop && !created.ok()) return Applied::kStopped;
     if (!created.ok()) {
       (void)Put({}, {IntentKey(e.id)}, false);
       return Fail(e, created.error.message);
     }
-    if (Status s = Put(
-            {{EventToPostKey(e.id), created.value->id}, {PostToEventKey(created.value->id), e.id}},
-            {IntentKey(e.id)}, false);
+    const std::string post_id = *created.value;
+    if (Status s = Put({{EventToPostKey(e.id), post_id}, {PostToEventKey(post_id), e.id}},
+                       {IntentKey(e.id)}, false);
         !s) {
       log::Error("mattermost replay: " + s.message());
       return Applied::kStopped;
