@@ -1,0 +1,229 @@
+"""Two emulated Mattermost servers bridged by two relays: full chat fidelity across crashes,
+reconnects and downtime (issue 3). The emulator lives in tests/mattermost_emulator."""
+import json
+import os
+import sys
+import time
+import urllib.request
+
+from relay_harness import REPO, RelayTestCase, wait_for
+
+sys.path.insert(0, os.path.join(REPO, "tests", "mattermost_emulator"))
+from emulator import Emulator  # noqa: E402
+
+BOT_TOKEN = "relaybottoken0000000000000"
+
+
+def control(emu, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(emu.url + "/__control/" + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+        return json.loads(raw) if raw else None
+
+
+class ChatSite:
+    """A relay site with its own emulated Mattermost server."""
+
+    def __init__(self, test, name, human):
+        self.test = test
+        self.human = human
+        self.emu = Emulator(users=[f"relay-bot:{BOT_TOKEN}:bot=true", f"{human}:{human}token"],
+                            channels=["war-room"], config={"replica_lag_ms": 0}, seed=7).start()
+        test.addCleanup(self.emu.stop)
+        self.channel_id = self.emu.channel("war-room")["id"]
+        self.site = test.site(name)
+        self.token_file = os.path.join(self.site.dir, "mm.token")
+        with open(self.token_file, "w") as f:
+            f.write(BOT_TOKEN + "\n")
+
+    def configure(self, peer, dial):
+        extra = (f"[channel.war-room]\npeers = {peer.site.name}\nsink = mattermost\n"
+                 f"mattermost_channel_id = {self.channel_id}\n\n"
+                 f"[mattermost]\nurl = {self.emu.url}\ntoken_file = {self.token_file}\n"
+                 f"catchup_overlap = 2s\npoll_interval = 2s\ntimeout = 3s\n")
+        self.site.write_config({peer.site.name: {"site": peer.site, "dial": dial}}, {}, extra=extra)
+
+    # Acting as the human user on this server.
+    def say(self, message, root_id="", file_ids=None):
+        body = {"as": self.human, "channel_id": self.channel_id, "message": message}
+        if root_id:
+            body["root_id"] = root_id
+        if file_ids:
+            body["file_ids"] = file_ids
+        return control(self.emu, "POST", "posts", body)
+
+    def edit(self, post_id, message):
+        return control(self.emu, "PUT", f"posts/{post_id}/patch", {"as": self.human,
+                                                                    "message": message})
+
+    def delete(self, post_id):
+        return control(self.emu, "DELETE", f"posts/{post_id}", {"as": self.human})
+
+    def react(self, post_id, emoji, add=True):
+        return control(self.emu, "POST" if add else "DELETE", "reactions",
+                       {"as": self.human, "post_id": post_id, "emoji_name": emoji})
+
+    def upload(self, name, content):
+        return control(self.emu, "POST", "files", {"as": self.human, "channel_id": self.channel_id,
+                                                   "name": name, "content": content})
+
+    def rows(self):
+        """Every stored row of the channel (deleted and archived included)."""
+        return control(self.emu, "GET", f"state/channels/{self.channel_id}/posts")["posts"]
+
+    def live(self):
+        """Current, non-deleted posts (no archived edit copies)."""
+        return [p for p in self.rows() if not p.get("original_id") and not p.get("delete_at")]
+
+    def relayed(self):
+        """Current posts the relay created, keyed by the origin event id."""
+        out = {}
+        for p in self.rows():
+            if p.get("original_id"):
+                continue
+            eid = (p.get("props") or {}).get("relay_event_id")
+            if eid:
+                self.test.assertNotIn(eid, out, f"two posts for event {eid}: duplicate replay")
+                out[eid] = p
+        return out
+
+    def by_message(self, message):
+        return [p for p in self.relayed().values() if p.get("message") == message]
+
+
+class MattermostBridgeTest(RelayTestCase):
+    def chat_pair(self):
+        eu = ChatSite(self, "europe", "alice")
+        aws = ChatSite(self, "aws", "bob")
+        eu.configure(aws, dial=True)
+        aws.configure(eu, dial=False)
+        eu.site.start()
+        aws.site.start()
+        return eu, aws
+
+    def wait_post(self, where, message, timeout=30):
+        self.wait_for(lambda: where.by_message(message), timeout,
+                      f"'{message}' on {where.site.name}'s server",
+                      lambda: [p.get("message") for p in where.relayed().values()])
+        found = where.by_message(message)
+        self.assertEqual(len(found), 1, f"'{message}' replayed {len(found)} times")
+        return found[0]
+
+    def test_full_fidelity_both_ways(self):
+        eu, aws = self.chat_pair()
+        root = eu.say("hello from europe")
+        remote_root = self.wait_post(aws, "hello from europe")
+        props = remote_root["props"]
+        self.assertEqual(props.get("from_webhook"), "true")
+        self.assertEqual(props.get("override_username"), "alice (europe)")
+        self.assertEqual(props.get("relay_origin"), "europe")
+
+        # A reply on the other side lands in the right thread at the origin.
+        reply = aws.say("reply from aws", root_id=remote_root["id"])
+        back = self.wait_post(eu, "reply from aws")
+        self.assertEqual(back["root_id"], root["id"])
+        self.assertEqual(back["props"].get("override_username"), "bob (aws)")
+
+        # Edit crosses (props replaced in full: the relay's markers survive the patch).
+        eu.edit(root["id"], "hello from europe (edited)")
+        self.wait_for(lambda: aws.relayed().get(props["relay_event_id"], {}).get("message")
+                      == "hello from europe (edited)", 30, "the edit on aws")
+        edited = aws.relayed()[props["relay_event_id"]]
+        self.assertEqual(edited["props"].get("override_username"), "alice (europe)")
+
+        # Reactions: one bot reaction per emoji on the other side, removed with the last reactor.
+        aws.react(reply["id"], "thumbsup")
+        bot_eu = eu.emu.user("relay-bot").id
+        self.wait_for(lambda: any(r["user_id"] == bot_eu and r["emoji_name"] == "thumbsup"
+                                  for r in control(eu.emu, "GET",
+                                                   f"state/reactions?post_id={back['id']}")
+                                  .get("reactions", []) if not r.get("delete_at")),
+                      30, "the reaction on europe")
+        aws.react(reply["id"], "thumbsup", add=False)
+        self.wait_for(lambda: not any(r["user_id"] == bot_eu and not r.get("delete_at")
+                                      for r in control(eu.emu, "GET",
+                                                       f"state/reactions?post_id={back['id']}")
+                                      .get("reactions", [])),
+                      30, "the reaction removed on europe")
+
+        # Attachments are carried whole.
+        info = aws.upload("plan.txt", "the plan, in full")
+        fid = info["file_infos"][0]["id"] if "file_infos" in info else info["id"]
+        aws.say("see attachment", file_ids=[fid])
+        with_file = self.wait_post(eu, "see attachment")
+        self.assertEqual(len(with_file.get("file_ids") or []), 1)
+        files = control(eu.emu, "GET", "state/files")
+        files = files.get("files", files) if isinstance(files, dict) else files
+        names = [f.get("name") for f in files if f.get("id") in with_file["file_ids"]]
+        self.assertEqual(names, ["plan.txt"])
+
+        # Deleting the root deletes the thread on the other side too.
+        eu.delete(root["id"])
+        self.wait_for(lambda: props["relay_event_id"] not in
+                      {(p.get("props") or {}).get("relay_event_id") for p in aws.live()},
+                      30, "the delete on aws")
+
+        # Nothing echoes back: europe's server holds no relayed copy of its own posts.
+        self.assertFalse([p for p in eu.relayed().values()
+                          if (p.get("props") or {}).get("relay_origin") == "europe"])
+        self.assertEqual(eu.site.metric("relay_mattermost_replay_failures_total"), 0)
+
+    def test_posts_made_while_relay_down_arrive_after_start(self):
+        eu, aws = self.chat_pair()
+        eu.say("before")
+        self.wait_post(aws, "before")
+        eu.site.kill9()
+        for i in range(5):
+            eu.say(f"while down {i}")
+        time.sleep(0.5)
+        eu.site.start()
+        for i in range(5):
+            self.wait_post(aws, f"while down {i}")
+
+    def test_kill_between_create_and_mapping_makes_no_duplicate(self):
+        eu, aws = self.chat_pair()
+        eu.say("warm up")
+        self.wait_post(aws, "warm up")
+        # aws's server creates posts but its answers are lost (503 after processing): the relay
+        # is killed while it retries, between "created" and "mapped".
+        control(aws.emu, "POST", "faults", {"kind": "status", "status": 503, "process": True,
+                                             "count": 1000, "path_prefix": "/api/v4/posts",
+                                             "method": "POST"})
+        eu.say("exactly once please")
+        self.wait_for(lambda: any(p.get("message") == "exactly once please" for p in aws.rows()),
+                      30, "the post created on aws's server")
+        aws.site.kill9()
+        control(aws.emu, "DELETE", "faults")
+        aws.site.start()
+        eu.say("after the crash")
+        self.wait_post(aws, "after the crash")
+        copies = [p for p in aws.rows() if p.get("message") == "exactly once please"
+                  and not p.get("original_id")]
+        self.assertEqual(len(copies), 1, f"{len(copies)} copies of the post on aws")
+
+    def test_websocket_cut_events_during_gap_arrive(self):
+        eu, aws = self.chat_pair()
+        eu.say("before the cut")
+        self.wait_post(aws, "before the cut")
+        # The server forgets the connection (like a restart): missed events cannot be replayed.
+        control(eu.emu, "POST", "ws/drop", {"keep_buffer": False})
+        for i in range(3):
+            eu.say(f"during the gap {i}")
+        for i in range(3):
+            self.wait_post(aws, f"during the gap {i}")
+        # A sequence gap on a live connection is noticed and caught up too.
+        control(eu.emu, "POST", "ws/skip_seq", {"count": 2})
+        eu.say("after a seq gap")
+        self.wait_post(aws, "after a seq gap")
+
+    def test_429_storm_is_ridden_out(self):
+        eu, aws = self.chat_pair()
+        control(aws.emu, "POST", "faults", {"kind": "rate_limit", "count": 20, "retry_after": 1,
+                                             "path_prefix": "/api/v4/posts"})
+        for i in range(5):
+            eu.say(f"storm {i}")
+        for i in range(5):
+            self.wait_post(aws, f"storm {i}", timeout=60)
+        self.assertGreater(aws.site.metric("relay_mattermost_retries_total"), 0)
