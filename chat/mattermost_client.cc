@@ -19,6 +19,7 @@
 #include "chat/mattermost_client.h"
 
 #include <curl/curl.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 
 #include <algorithm>
@@ -517,6 +518,7 @@ bool IsTlsConfigError(CURLcode code) {
     case CURLE_SSL_CRL_BADFILE:
     case CURLE_SSL_ISSUER_ERROR:
     case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_CLIENTCERT:
       return true;
     default:
       return false;
@@ -967,6 +969,21 @@ struct OpState {
   beast::error_code ec;
 };
 
+// Whether a TLS handshake failed over a certificate (ours or the server's): retrying does not
+// help until the configuration changes.
+bool IsCertificateRejection(const beast::error_code& ec) {
+  if (ec.category() != asio::error::get_ssl_category()) return false;
+  switch (ERR_GET_REASON(static_cast<unsigned long>(ec.value()))) {
+    case SSL_R_CERTIFICATE_VERIFY_FAILED:
+    case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+    case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+      return true;
+    default:
+      return false;
+  }
+}
+
 struct WsUrl {
   bool tls = false;
   std::string host;         // for DNS and certificate checks (no brackets)
@@ -1176,7 +1193,7 @@ struct MattermostWebSocket::Impl {
       if (auto failed = Await(
               op, deadline, [c] { c->CloseSocket(); }, "TLS handshake")) {
         // A rejected certificate is a configuration problem, not a network one.
-        if (failed->id == "connect" && op->ec.category() == asio::error::get_ssl_category()) {
+        if (failed->id == "connect" && IsCertificateRejection(op->ec)) {
           failed->id = "tls_config";
           failed->retryable = false;
         }
