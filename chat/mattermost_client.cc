@@ -885,6 +885,20 @@ MmResult<MmPostList> MattermostClient::GetPostsSince(const std::string& channel_
   });
 }
 
+MmResult<MmPostList> MattermostClient::GetPostsPage(const std::string& channel_id, int page,
+                                                    int per_page) {
+  Impl::Request req;
+  req.path = "/api/v4/channels/" + Escape(channel_id) + "/posts?page=" + std::to_string(page) +
+             "&per_page=" + std::to_string(per_page);
+  return impl_->Call<MmPostList>(req, [](const Json& j) -> MmResult<MmPostList> {
+    if (!j.is_object()) {
+      return Fail<MmPostList>(
+          ParseError(std::string("post list is a JSON ") + TypeName(j) + ", expected an object"));
+    }
+    return PostListFromJson(j);
+  });
+}
+
 MmResult<MmFileInfo> MattermostClient::UploadFile(const std::string& channel_id,
                                                   const std::string& name,
                                                   const std::string& data) {

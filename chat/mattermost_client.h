@@ -27,8 +27,8 @@ struct MattermostOptions {
 };
 
 struct MmError {
-  int http_status = 0;    // 0 when no HTTP answer (connect failure, timeout)
-  bool retryable = false;  // 429, 5xx, timeouts, connection errors
+  int http_status = 0;                       // 0 when no HTTP answer (connect failure, timeout)
+  bool retryable = false;                    // 429, 5xx, timeouts, connection errors
   std::chrono::milliseconds retry_after{0};  // from Retry-After on 429, else 0
   std::string id;       // Mattermost error id, e.g. "api.post.create_post.root_id.app_error"
   std::string message;  // says what failed: method, path, status, server message
@@ -52,7 +52,7 @@ struct MmPost {
   std::string id, channel_id, user_id, root_id, original_id, message, type;
   std::int64_t create_at = 0, update_at = 0, edit_at = 0, delete_at = 0;
   std::vector<std::string> file_ids;
-  std::string props_json = "{}";     // the post's props object, as JSON text
+  std::string props_json = "{}";      // the post's props object, as JSON text
   std::vector<MmReaction> reactions;  // from metadata.reactions when present
 };
 
@@ -99,6 +99,8 @@ class MattermostClient {
                                 const std::string& emoji_name);
   // GET /channels/{id}/posts?since=ms (exclusive; at most 1000 rows).
   MmResult<MmPostList> GetPostsSince(const std::string& channel_id, std::int64_t since_ms);
+  // GET /channels/{id}/posts?page=N&per_page=M: current (not deleted) posts, newest first.
+  MmResult<MmPostList> GetPostsPage(const std::string& channel_id, int page, int per_page);
   MmResult<MmFileInfo> UploadFile(const std::string& channel_id, const std::string& name,
                                   const std::string& data);
   MmResult<MmFileInfo> GetFileInfo(const std::string& file_id);
@@ -116,12 +118,12 @@ MmResult<MmReaction> ParseMmReaction(const std::string& json);
 
 // One WebSocket event as received: {"event", "data", "broadcast", "seq"}.
 struct MmWsEvent {
-  std::string event;           // "hello", "posted", "post_edited", "post_deleted", ...
+  std::string event;  // "hello", "posted", "post_edited", "post_deleted", ...
   std::int64_t seq = -1;
-  std::string channel_id;      // broadcast.channel_id, or data.channel_id
-  std::string connection_id;   // data.connection_id on hello
-  std::string post_json;       // data.post (the JSON string, unwrapped) when present
-  std::string reaction_json;   // data.reaction (unwrapped) when present
+  std::string channel_id;     // broadcast.channel_id, or data.channel_id
+  std::string connection_id;  // data.connection_id on hello
+  std::string post_json;      // data.post (the JSON string, unwrapped) when present
+  std::string reaction_json;  // data.reaction (unwrapped) when present
 };
 MmResult<MmWsEvent> ParseMmWsEvent(const std::string& json);
 

@@ -182,6 +182,20 @@ class MattermostBridgeTest(RelayTestCase):
         for i in range(5):
             self.wait_post(aws, f"while down {i}")
 
+    def test_catch_up_beyond_the_servers_1000_row_cap(self):
+        eu, aws = self.chat_pair()
+        eu.say("first")
+        self.wait_post(aws, "first")
+        eu.site.stop()
+        n = 1200
+        for i in range(n):
+            eu.say(f"backlog {i}")
+        eu.site.start()
+        self.wait_for(lambda: len(aws.relayed()) >= n + 1, 120, f"{n} backlog posts on aws",
+                      lambda: f"{len(aws.relayed())} arrived")
+        got = sorted(p["message"] for p in aws.relayed().values())
+        self.assertEqual(got, sorted(["first"] + [f"backlog {i}" for i in range(n)]))
+
     def test_kill_between_create_and_mapping_makes_no_duplicate(self):
         eu, aws = self.chat_pair()
         eu.say("warm up")
@@ -227,3 +241,27 @@ class MattermostBridgeTest(RelayTestCase):
         for i in range(5):
             self.wait_post(aws, f"storm {i}", timeout=60)
         self.assertGreater(aws.site.metric("relay_mattermost_retries_total"), 0)
+
+
+class WebhookSinkTest(RelayTestCase):
+    def test_new_posts_reach_an_incoming_webhook_once(self):
+        eu = ChatSite(self, "europe", "alice")
+        aws = ChatSite(self, "aws", "bob")
+        hook = control(aws.emu, "POST", "hooks", {"channel_id": aws.channel_id, "user": "bob"})
+        eu.configure(aws, dial=True)
+        extra = (f"[channel.war-room]\npeers = europe\nsink = webhook\n"
+                 f"webhook_url = {aws.emu.url}/hooks/{hook['id']}\n")
+        aws.site.write_config({"europe": {"site": eu.site, "dial": False}}, {}, extra=extra)
+        eu.site.start()
+        aws.site.start()
+        eu.say("to the webhook")
+        root = eu.say("edits do not cross a webhook")
+        self.wait_for(lambda: [p for p in aws.live() if p.get("message") == "to the webhook"], 30,
+                      "the webhook post on aws")
+        eu.edit(root["id"], "edited")
+        eu.say("last")
+        self.wait_for(lambda: [p for p in aws.live() if p.get("message") == "last"], 30, "'last'")
+        posts = [p for p in aws.live() if (p.get("props") or {}).get("from_webhook") == "true"]
+        self.assertEqual(sorted(p["message"] for p in posts),
+                         ["edits do not cross a webhook", "last", "to the webhook"])
+        self.assertEqual({(p.get("props") or {}).get("relay_origin") for p in posts}, {"europe"})
