@@ -111,64 +111,81 @@ class MattermostBridgeTest(RelayTestCase):
         self.assertEqual(len(found), 1, f"'{message}' replayed {len(found)} times")
         return found[0]
 
-    def test_full_fidelity_both_ways(self):
-        eu, aws = self.chat_pair()
-        root = eu.say("hello from europe")
-        remote_root = self.wait_post(aws, "hello from europe")
+    def reactions_by(self, site, post_id, user_id):
+        rows = control(site.emu, "GET", f"state/reactions?post_id={post_id}").get("reactions", [])
+        return {r["emoji_name"] for r in rows if r["user_id"] == user_id and not r.get("delete_at")}
+
+    def exercise(self, src, dst):
+        """Every kind of change made on src's server appears on dst's server exactly once."""
+        tag = src.site.name
+        root = src.say(f"hello from {tag}")
+        remote_root = self.wait_post(dst, f"hello from {tag}")
         props = remote_root["props"]
         self.assertEqual(props.get("from_webhook"), "true")
-        self.assertEqual(props.get("override_username"), "alice (europe)")
-        self.assertEqual(props.get("relay_origin"), "europe")
+        self.assertEqual(props.get("override_username"), f"{src.human} ({tag})")
+        self.assertEqual(props.get("relay_origin"), tag)
+        eid = props["relay_event_id"]
 
-        # A reply on the other side lands in the right thread at the origin.
-        reply = aws.say("reply from aws", root_id=remote_root["id"])
-        back = self.wait_post(eu, "reply from aws")
-        self.assertEqual(back["root_id"], root["id"])
-        self.assertEqual(back["props"].get("override_username"), "bob (aws)")
+        # A reply at the origin lands in the right thread at the peer.
+        reply = src.say(f"reply from {tag}", root_id=root["id"])
+        remote_reply = self.wait_post(dst, f"reply from {tag}")
+        self.assertEqual(remote_reply["root_id"], remote_root["id"])
 
-        # Edit crosses (props replaced in full: the relay's markers survive the patch).
-        eu.edit(root["id"], "hello from europe (edited)")
-        self.wait_for(lambda: aws.relayed().get(props["relay_event_id"], {}).get("message")
-                      == "hello from europe (edited)", 30, "the edit on aws")
-        edited = aws.relayed()[props["relay_event_id"]]
-        self.assertEqual(edited["props"].get("override_username"), "alice (europe)")
+        # Edit crosses; props are replaced in full, so the relay's markers must be re-sent.
+        src.edit(root["id"], f"hello from {tag} (edited)")
+        self.wait_for(lambda: dst.relayed().get(eid, {}).get("message")
+                      == f"hello from {tag} (edited)", 30, f"the edit from {tag}")
+        self.assertEqual(dst.relayed()[eid]["props"].get("override_username"),
+                         f"{src.human} ({tag})")
 
-        # Reactions: one bot reaction per emoji on the other side, removed with the last reactor.
-        aws.react(reply["id"], "thumbsup")
-        bot_eu = eu.emu.user("relay-bot").id
-        self.wait_for(lambda: any(r["user_id"] == bot_eu and r["emoji_name"] == "thumbsup"
-                                  for r in control(eu.emu, "GET",
-                                                   f"state/reactions?post_id={back['id']}")
-                                  .get("reactions", []) if not r.get("delete_at")),
-                      30, "the reaction on europe")
-        aws.react(reply["id"], "thumbsup", add=False)
-        self.wait_for(lambda: not any(r["user_id"] == bot_eu and not r.get("delete_at")
-                                      for r in control(eu.emu, "GET",
-                                                       f"state/reactions?post_id={back['id']}")
-                                      .get("reactions", [])),
-                      30, "the reaction removed on europe")
+        # Reactions: one bot reaction per emoji at the peer, removed with the last reactor.
+        bot = dst.emu.user("relay-bot").id
+        src.react(root["id"], "thumbsup")
+        self.wait_for(lambda: "thumbsup" in self.reactions_by(dst, remote_root["id"], bot), 30,
+                      f"the reaction from {tag}")
+        src.react(root["id"], "thumbsup", add=False)
+        self.wait_for(lambda: "thumbsup" not in self.reactions_by(dst, remote_root["id"], bot),
+                      30, f"the reaction from {tag} removed")
 
         # Attachments are carried whole.
-        info = aws.upload("plan.txt", "the plan, in full")
-        fid = info["file_infos"][0]["id"] if "file_infos" in info else info["id"]
-        aws.say("see attachment", file_ids=[fid])
-        with_file = self.wait_post(eu, "see attachment")
+        info = src.upload(f"plan-{tag}.txt", f"the plan from {tag}")
+        fid = info["file_infos"][0]["id"]
+        src.say(f"see attachment from {tag}", file_ids=[fid])
+        with_file = self.wait_post(dst, f"see attachment from {tag}")
         self.assertEqual(len(with_file.get("file_ids") or []), 1)
-        files = control(eu.emu, "GET", "state/files")
+        files = control(dst.emu, "GET", "state/files")
         files = files.get("files", files) if isinstance(files, dict) else files
-        names = [f.get("name") for f in files if f.get("id") in with_file["file_ids"]]
-        self.assertEqual(names, ["plan.txt"])
+        got = [f for f in files if f.get("id") in with_file["file_ids"]]
+        self.assertEqual([f.get("name") for f in got], [f"plan-{tag}.txt"])
+        self.assertEqual(got[0].get("size"), len(f"the plan from {tag}"))
 
-        # Deleting the root deletes the thread on the other side too.
-        eu.delete(root["id"])
-        self.wait_for(lambda: props["relay_event_id"] not in
-                      {(p.get("props") or {}).get("relay_event_id") for p in aws.live()},
-                      30, "the delete on aws")
+        # Deleting the root deletes the thread at the peer too.
+        src.delete(root["id"])
+        self.wait_for(lambda: not {eid, remote_reply["props"]["relay_event_id"]} &
+                      {(p.get("props") or {}).get("relay_event_id") for p in dst.live()},
+                      30, f"the delete from {tag}")
 
-        # Nothing echoes back: europe's server holds no relayed copy of its own posts.
-        self.assertFalse([p for p in eu.relayed().values()
-                          if (p.get("props") or {}).get("relay_origin") == "europe"])
-        self.assertEqual(eu.site.metric("relay_mattermost_replay_failures_total"), 0)
+    def test_full_fidelity_both_ways(self):
+        eu, aws = self.chat_pair()
+        self.exercise(eu, aws)
+        self.exercise(aws, eu)
+        # Nothing echoes back: no server holds a relayed copy of its own site's posts.
+        for s in (eu, aws):
+            self.assertFalse([p for p in s.relayed().values()
+                              if (p.get("props") or {}).get("relay_origin") == s.site.name])
+            self.assertEqual(s.site.metric("relay_mattermost_replay_failures_total"), 0)
+
+    def test_remote_reply_to_a_relayed_post_lands_in_the_origin_thread(self):
+        eu, aws = self.chat_pair()
+        root = eu.say("question from europe")
+        remote_root = self.wait_post(aws, "question from europe")
+        aws.say("answer from aws", root_id=remote_root["id"])
+        back = self.wait_post(eu, "answer from aws")
+        self.assertEqual(back["root_id"], root["id"])
+        aws.react(remote_root["id"], "white_check_mark")
+        bot = eu.emu.user("relay-bot").id
+        self.wait_for(lambda: "white_check_mark" in self.reactions_by(eu, root["id"], bot), 30,
+                      "a reaction on a relayed post reaching the original")
 
     def test_posts_made_while_relay_down_arrive_after_start(self):
         eu, aws = self.chat_pair()
