@@ -185,7 +185,9 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   db_options.enable_pipelined_write = true;
 
   rocksdb::ColumnFamilyOptions log_options;
-  log_options.write_buffer_size = 64u << 20;
+  // Large memtables: most entries are deleted within seconds, and an entry whose delete lands
+  // in the same memtable is never written to an SST file.
+  log_options.write_buffer_size = 256u << 20;
   log_options.max_write_buffer_number = 4;
   // Queue contents are short-lived and mostly incompressible chat text: spend no CPU on it.
   log_options.compression = rocksdb::kNoCompression;
@@ -273,6 +275,29 @@ std::optional<std::string> Store::GetDedup(std::string_view key, std::int64_t no
   auto expire = static_cast<std::int64_t>(GetBigEndian64(v.data()));
   if (expire <= now_ms) return std::nullopt;
   return v.substr(8);
+}
+
+std::vector<bool> Store::HasDedup(const std::vector<std::string>& keys,
+                                  std::int64_t now_ms) const {
+  std::vector<bool> out(keys.size(), false);
+  std::vector<rocksdb::Slice> slices;
+  std::vector<std::size_t> index;
+  slices.reserve(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i].empty()) continue;
+    slices.emplace_back(keys[i]);
+    index.push_back(i);
+  }
+  if (slices.empty()) return out;
+  std::vector<rocksdb::PinnableSlice> values(slices.size());
+  std::vector<rocksdb::Status> statuses(slices.size());
+  impl_->db->MultiGet(rocksdb::ReadOptions(), impl_->cf[kDedup], slices.size(), slices.data(),
+                      values.data(), statuses.data());
+  for (std::size_t j = 0; j < slices.size(); ++j) {
+    if (!statuses[j].ok() || values[j].size() < 8) continue;
+    out[index[j]] = static_cast<std::int64_t>(GetBigEndian64(values[j].data())) > now_ms;
+  }
+  return out;
 }
 
 Status Store::CompactDedup() {

@@ -79,6 +79,9 @@ class Store {
 
   // Looks up a dedup entry; nullopt when absent or expired at `now_ms`.
   std::optional<std::string> GetDedup(std::string_view key, std::int64_t now_ms) const;
+  // Batched lookup: for each key, whether a live (unexpired at now_ms) entry exists. Empty keys
+  // are answered false without a lookup.
+  std::vector<bool> HasDedup(const std::vector<std::string>& keys, std::int64_t now_ms) const;
   // Compacts the dedup family now, which drops every entry expired by the wall clock (the
   // compaction filter does this on its own whenever RocksDB compacts; this forces it).
   Status CompactDedup();

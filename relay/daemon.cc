@@ -165,7 +165,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::condition_variable deliver_cv;
   std::thread delivery;
   std::uint64_t delivered = 0;
-  std::atomic<std::uint64_t> delivered_through{0};  // `delivered`, readable by other threads
+  std::atomic<std::uint64_t> delivered_through{0};
+  std::map<std::string, std::string> delivery_lines;  // delivery thread only  // `delivered`, readable by other threads
   std::uint64_t inbound_removed = 0;  // maintenance thread only: inbound entries deleted through
 
   // Maintenance.
@@ -711,17 +712,16 @@ struct Daemon::Impl : transports::LinkHandler {
     std::uint64_t head = published.load();
     std::uint64_t max_events = p.config->max_frame_events, max_bytes = p.config->max_frame_bytes;
     lock.unlock();
-    std::vector<std::string> owned;  // event bytes copied out of the iterator
-    std::vector<std::uint64_t> seqs;
+    // Events are copied once, from the store's iterator straight into the payload.
+    FramePayloadWriter payload(static_cast<std::size_t>(max_bytes) + 64 * 1024);
     std::uint64_t last_scanned = from - 1, bytes = 0;
     Status s = store->ScanOutbound(from, [&](const queue::OutboundEntry& e) {
       if (e.seq > head) return false;
       last_scanned = e.seq;
       if (e.HasPeer(p.name)) {
-        owned.emplace_back(e.event);
-        seqs.push_back(e.seq);
+        payload.Add(e.seq, e.event);
         bytes += e.event.size();
-        if (owned.size() >= max_events || bytes >= max_bytes) return false;
+        if (payload.count() >= max_events || bytes >= max_bytes) return false;
       }
       return true;
     });
@@ -730,26 +730,22 @@ struct Daemon::Impl : transports::LinkHandler {
       lock.lock();
       return false;
     }
+    const std::uint32_t count = payload.count();
     // Entries may have been removed by GC (acked by everyone): the range is still covered.
-    if (owned.size() < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
+    if (count < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
     std::string frame;
-    if (!owned.empty()) {
-      std::vector<FramedEvent> fe;
-      fe.reserve(owned.size());
-      for (std::size_t k = 0; k < owned.size(); ++k) fe.push_back({seqs[k], owned[k]});
-      std::string payload = EncodeFramePayload(fe);
-      frame = crypto::SealFrame(*key, p.identity, first, last_scanned,
-                                static_cast<std::uint32_t>(owned.size()), payload);
+    if (count > 0) {
+      frame = crypto::SealFrame(*key, p.identity, first, last_scanned, count, payload.Finish());
     }
     lock.lock();
     if (p.epoch != epoch || !p.up || p.scan_pos != from) return false;  // state moved on
     p.scan_pos = last_scanned + 1;
-    if (owned.empty()) return false;  // nothing for this peer; send_pos stays
+    if (count == 0) return false;  // nothing for this peer; send_pos stays
     p.send_pos = last_scanned + 1;
     if (p.inflight.empty()) p.last_progress = Clock::now();
-    p.inflight.push_back({first, last_scanned, static_cast<std::uint32_t>(owned.size())});
+    p.inflight.push_back({first, last_scanned, count});
     ++p.metrics->frames_sent;
-    p.metrics->events_sent += owned.size();
+    p.metrics->events_sent += count;
     link->SendFrame(peer, epoch, std::move(frame));
     return true;
   }
@@ -853,6 +849,11 @@ struct Daemon::Impl : transports::LinkHandler {
                "frame from peer '" + pname + "' rejected: malformed payload: " + bad);
         continue;
       }
+      // One batched lookup of the frame's event ids in the dedup index.
+      std::vector<std::string> dkeys(events.size());
+      for (std::size_t k = 0; k < events.size(); ++k)
+        if ((*payload)[k].seq > acc) dkeys[k] = "e:" + events[k].id;
+      std::vector<bool> known = store->HasDedup(dkeys, now);
       for (std::size_t k = 0; k < events.size(); ++k) {
         const FramedEvent& fe = (*payload)[k];
         if (fe.seq <= acc) continue;
@@ -871,8 +872,8 @@ struct Daemon::Impl : transports::LinkHandler {
           ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kLoop)];
           continue;
         }
-        std::string dkey = "e:" + ev.id;
-        if (round_ids.count(dkey) || store->GetDedup(dkey, now)) {
+        std::string& dkey = dkeys[k];
+        if (known[k] || round_ids.count(dkey)) {
           ++dedup;
           continue;
         }
@@ -960,7 +961,9 @@ struct Daemon::Impl : transports::LinkHandler {
   // Writes the next batch of stored events to their sinks. False on a sink failure, after
   // restoring every file to its recorded size so that the retry cannot duplicate lines.
   bool DeliverBatch() {
-    std::map<std::string, std::string> lines;  // channel -> lines
+    // channel -> lines of this batch; the buffers are kept across batches (no regrowth).
+    std::map<std::string, std::string>& lines = delivery_lines;
+    for (auto& [name, text] : lines) text.clear();
     std::uint64_t last = delivered, count = 0, bytes = 0;
     Status s = store->ScanInbound(delivered + 1, [&](std::uint64_t seq, std::string_view enc) {
       auto ev = DecodeEvent(enc);
@@ -986,6 +989,7 @@ struct Daemon::Impl : transports::LinkHandler {
     if (last == delivered) return true;
     queue::WriteBatch batch;
     for (auto& [name, text] : lines) {
+      if (text.empty()) continue;  // channel not in this batch
       chat::JsonlFile& f = *channels[name].jsonl;
       std::uint64_t before = f.size();
       Status w = f.Append(text);

@@ -182,19 +182,43 @@ Result<Event> DecodeEvent(std::string_view bytes) {
   return r;
 }
 
+namespace {
+void PutBe(std::string* out, std::uint64_t v, int bytes) {
+  for (int i = bytes - 1; i >= 0; --i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+}  // namespace
+
+FramePayloadWriter::FramePayloadWriter(std::size_t reserve_bytes) {
+  buf_.reserve(reserve_bytes + 5);
+  buf_.push_back(static_cast<char>(0xdd));  // array32; the count is patched by Finish()
+  PutBe(&buf_, 0, 4);
+}
+
+void FramePayloadWriter::Add(std::uint64_t seq, std::string_view encoded_event) {
+  buf_.push_back(static_cast<char>(0x92));  // fixarray of 2
+  buf_.push_back(static_cast<char>(0xcf));  // uint64
+  PutBe(&buf_, seq, 8);
+  buf_.push_back(static_cast<char>(0xc6));  // bin32
+  PutBe(&buf_, encoded_event.size(), 4);
+  buf_.append(encoded_event);
+  ++count_;
+}
+
+std::string FramePayloadWriter::Finish() {
+  for (int i = 0; i < 4; ++i)
+    buf_[1 + static_cast<std::size_t>(i)] = static_cast<char>((count_ >> (8 * (3 - i))) & 0xff);
+  std::string out = std::move(buf_);
+  buf_.clear();
+  count_ = 0;
+  return out;
+}
+
 std::string EncodeFramePayload(const std::vector<FramedEvent>& events) {
-  std::size_t size = 16;
+  std::size_t size = 0;
   for (const auto& e : events) size += e.encoded.size() + 16;
-  msgpack::sbuffer buf(size);
-  msgpack::packer<msgpack::sbuffer> pk(buf);
-  pk.pack_array(static_cast<std::uint32_t>(events.size()));
-  for (const auto& e : events) {
-    pk.pack_array(2);
-    pk.pack_uint64(e.seq);
-    pk.pack_bin(static_cast<std::uint32_t>(e.encoded.size()));
-    pk.pack_bin_body(e.encoded.data(), static_cast<std::uint32_t>(e.encoded.size()));
-  }
-  return std::string(buf.data(), buf.size());
+  FramePayloadWriter w(size);
+  for (const auto& e : events) w.Add(e.seq, e.encoded);
+  return w.Finish();
 }
 
 Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {

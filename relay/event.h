@@ -72,6 +72,22 @@ struct FramedEvent {
   std::string_view encoded;  // an EncodeEvent() result; views into the caller's buffer
 };
 std::string EncodeFramePayload(const std::vector<FramedEvent>& events);
+
+// Builds a frame payload one event at a time, copying each encoded event once. It writes the
+// fixed-width msgpack forms (array32, uint64, bin32), which every msgpack decoder accepts.
+class FramePayloadWriter {
+ public:
+  explicit FramePayloadWriter(std::size_t reserve_bytes = 0);
+  void Add(std::uint64_t seq, std::string_view encoded_event);
+  std::uint32_t count() const { return count_; }
+  std::size_t size() const { return buf_.size(); }
+  // The finished payload; the writer is empty afterwards.
+  std::string Finish();
+
+ private:
+  std::string buf_;
+  std::uint32_t count_ = 0;
+};
 // Views in the result point into `bytes`, which must outlive them.
 Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes);
 

@@ -1,5 +1,6 @@
 #include "relay/json.h"
 
+#include <array>
 #include <climits>
 #include <cstring>
 #include <ctime>
@@ -38,6 +39,14 @@ std::size_t Utf8SequenceLength(std::string_view s, std::size_t i) {
 
 }  // namespace
 
+// Bytes that end a run of characters copied as they are.
+constexpr std::array<bool, 256> MakeSpecialTable() {
+  std::array<bool, 256> t{};
+  for (int c = 0; c < 256; ++c) t[c] = c < 0x20 || c == '"' || c == '\\' || c >= 0x80;
+  return t;
+}
+constexpr std::array<bool, 256> kSpecial = MakeSpecialTable();
+
 void AppendJsonString(std::string* out, std::string_view s) {
   static const char kHex[] = "0123456789abcdef";
   out->reserve(out->size() + s.size() + 2);
@@ -46,11 +55,7 @@ void AppendJsonString(std::string* out, std::string_view s) {
   while (i < s.size()) {
     // Copy runs of plain characters at once.
     std::size_t run = i;
-    while (run < s.size()) {
-      unsigned char c = static_cast<unsigned char>(s[run]);
-      if (c < 0x20 || c == '"' || c == '\\' || c >= 0x80) break;
-      ++run;
-    }
+    while (run < s.size() && !kSpecial[static_cast<unsigned char>(s[run])]) ++run;
     out->append(s.data() + i, run - i);
     i = run;
     if (i >= s.size()) break;

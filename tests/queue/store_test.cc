@@ -115,3 +115,15 @@ TEST_CASE("dedup entries expire, and compaction drops expired ones") {
   CHECK_FALSE((*store)->GetDedup("e:europe:1", 0).has_value());
   CHECK((*store)->GetDedup("c:client-7", 0).has_value());
 }
+
+TEST_CASE("batched dedup lookups answer each key") {
+  TempDir dir;
+  auto store = Store::Open(dir.path().string());
+  REQUIRE(store.ok());
+  WriteBatch b;
+  b.PutDedup("e:a", 5000, "");
+  b.PutDedup("e:b", 100, "");
+  REQUIRE((*store)->Commit(b, true).ok());
+  auto known = (*store)->HasDedup({"e:a", "", "e:b", "e:c"}, 1000);
+  CHECK(known == std::vector<bool>{true, false, false, false});
+}
