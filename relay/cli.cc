@@ -6,6 +6,7 @@
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <sstream>
@@ -152,9 +153,145 @@ int CmdStatus(const po::variables_map& vm) {
   return 0;
 }
 
-int CmdNotYet(const char* what) {
-  return Fail(std::string(what) +
-              " is not available in this build yet (planned: sneakernet bundles, issue 4)");
+// True when the site's daemon answers on its ingest address.
+bool DaemonRunning(const config::Config& c) {
+  HttpClient client(IngestHost(c), c.ingest_listen.port);
+  auto r = client.Request("GET", "/healthz");
+  return r && r->status == 200;
+}
+
+// Runs `work` against the site's store: through the running daemon when there is one (the
+// daemon owns the store), else with the store opened here.
+template <typename T>
+Result<T> WithStore(const config::Config& c, const std::string& endpoint, const std::string& body,
+                    const std::function<Result<T>(const std::string&)>& parse,
+                    const std::function<Result<T>(Daemon&)>& offline) {
+  if (DaemonRunning(c)) {
+    HttpClient client(IngestHost(c), c.ingest_listen.port);
+    auto r = client.Request("POST", endpoint, body);
+    if (!r) return Status::Error(r.message());
+    if (r->status != 200) {
+      simdjson::dom::parser parser;
+      simdjson::dom::element doc;
+      std::string_view error;
+      if (!parser.parse(r->body).get(doc) && !doc["error"].get(error))
+        return Status::Error(std::string(error));
+      return Status::Error("the daemon answered " + std::to_string(r->status) + ": " + r->body);
+    }
+    return parse(r->body);
+  }
+  Daemon daemon(c, Daemon::Options{/*offline=*/true});
+  if (Status s = daemon.Start(); !s) {
+    daemon.Stop();
+    return s.Wrap("opening the site's store (is another relay using it?)");
+  }
+  Result<T> result = offline(daemon);
+  daemon.Stop();
+  return result;
+}
+
+int CmdExport(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  ExportOptions o;
+  o.peer = vm["peer"].as<std::string>();
+  const config::PeerConfig* peer = cfg->FindPeer(o.peer);
+  if (!peer) return Fail("unknown peer '" + o.peer + "' (no [peer." + o.peer + "] section)");
+  o.out_dir = vm.count("out") ? vm["out"].as<std::string>() : peer->files_dir;
+  if (o.out_dir.empty()) return Fail("no --out folder, and [peer." + o.peer + "] has no files_dir");
+  o.out_dir = std::filesystem::absolute(o.out_dir).string();
+  o.all = vm.count("all") > 0;
+  o.ack = vm.count("ack") > 0;
+  if (vm.count("max-bytes")) {
+    auto n = config::ParseSize(vm["max-bytes"].as<std::string>());
+    if (!n) return Fail("--max-bytes: " + n.message());
+    o.max_bytes = *n;
+  }
+  if (vm.count("ttl")) {
+    auto d = config::ParseDuration(vm["ttl"].as<std::string>());
+    if (!d) return Fail("--ttl: " + d.message());
+    o.ttl = *d;
+  }
+  bool tty = isatty(STDERR_FILENO);
+  o.progress = [tty](const std::string& file, std::uint64_t events, std::uint64_t bytes) {
+    if (tty)
+      std::fprintf(stderr, "  wrote %s (%llu events, %llu bytes so far)\n", file.c_str(),
+                   static_cast<unsigned long long>(events), static_cast<unsigned long long>(bytes));
+  };
+  std::string body = "{\"peer\":" + JsonString(o.peer) + ",\"out\":" + JsonString(o.out_dir) +
+                     ",\"all\":" + (o.all ? "true" : "false") +
+                     ",\"ack\":" + (o.ack ? "true" : "false") +
+                     ",\"max_bytes\":" + std::to_string(o.max_bytes) +
+                     ",\"ttl_ms\":" + std::to_string(o.ttl.count()) + "}";
+  auto parse = [](const std::string& json) -> Result<ExportReport> {
+    simdjson::dom::parser parser;
+    simdjson::dom::element doc;
+    if (parser.parse(json).get(doc)) return Status::Error("the daemon's answer is not JSON");
+    ExportReport r;
+    simdjson::dom::array files;
+    if (!doc["files"].get(files))
+      for (simdjson::dom::element f : files) {
+        std::string_view v;
+        if (!f.get(v)) r.files.emplace_back(v);
+      }
+    if (doc["events"].get(r.events)) r.events = 0;
+    if (doc["bytes"].get(r.bytes)) r.bytes = 0;
+    std::string_view note;
+    if (!doc["note"].get(note)) r.note = std::string(note);
+    return r;
+  };
+  auto r = WithStore<ExportReport>(*cfg, "/v1/bundles/export", body, parse,
+                                   [&](Daemon& d) { return d.Export(o); });
+  if (!r) return Fail("export: " + r.message());
+  for (const auto& f : r->files) std::printf("%s\n", f.c_str());
+  if (!r->note.empty()) std::fprintf(stderr, "%s\n", r->note.c_str());
+  if (!o.ack && !r->files.empty())
+    std::fprintf(stderr, "exported %llu event(s) for '%s' in %zu file(s), %llu bytes\n",
+                 static_cast<unsigned long long>(r->events), o.peer.c_str(), r->files.size(),
+                 static_cast<unsigned long long>(r->bytes));
+  return 0;
+}
+
+int CmdImport(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  std::vector<std::string> paths;
+  for (const auto& p : vm["path"].as<std::vector<std::string>>())
+    paths.push_back(std::filesystem::absolute(p).string());
+  std::string body = "{\"paths\":[";
+  for (std::size_t i = 0; i < paths.size(); ++i) body += (i ? "," : "") + JsonString(paths[i]);
+  body += "]}";
+  using Results = std::vector<ImportResult>;
+  auto parse = [](const std::string& json) -> Result<Results> {
+    simdjson::dom::parser parser;
+    simdjson::dom::element doc;
+    simdjson::dom::array list;
+    if (parser.parse(json).get(doc) || doc["results"].get(list))
+      return Status::Error("the daemon's answer is not the expected JSON");
+    Results out;
+    for (simdjson::dom::element e : list) {
+      ImportResult r;
+      std::string_view v;
+      if (!e["path"].get(v)) r.path = std::string(v);
+      if (!e["message"].get(v)) r.message = std::string(v);
+      if (e["ok"].get(r.ok)) r.ok = false;
+      if (e["events"].get(r.events)) r.events = 0;
+      out.push_back(std::move(r));
+    }
+    return out;
+  };
+  auto r = WithStore<Results>(*cfg, "/v1/bundles/import", body, parse,
+                              [&](Daemon& d) -> Result<Results> { return d.Import(paths); });
+  if (!r) return Fail("import: " + r.message());
+  int refused = 0;
+  for (const auto& res : *r) {
+    std::printf("%s: %s%s\n", res.path.c_str(), res.ok ? "" : "REFUSED: ", res.message.c_str());
+    if (!res.ok) ++refused;
+  }
+  if (r->empty()) return Fail("import: no .bundle or .ack files found");
+  return refused == 0 ? 0 : 1;
 }
 
 int CmdDemo(const po::variables_map& vm) {
@@ -200,20 +337,25 @@ const std::vector<Command>& Commands() {
          o.add_options()("json", "machine-readable output");
        },
        CmdStatus},
-      {"export", "--config FILE --peer NAME --out DIR", "write sneakernet bundle(s) for a peer",
+      {"export", "--config FILE --peer NAME --out DIR [--all] [--ack]",
+       "write sneakernet bundle(s) for a peer (or, with --ack, an acknowledgement file)",
        [](auto& o, auto&) {
          AddConfig(o);
          o.add_options()("peer", po::value<std::string>()->required(), "peer name")(
-             "out", po::value<std::string>()->required(), "output folder");
+             "out", po::value<std::string>(), "output folder (default: the peer's files_dir)")(
+             "all", "re-export everything the peer has not acknowledged")(
+             "ack", "write an acknowledgement of what this site has from the peer")(
+             "max-bytes", po::value<std::string>(), "largest bundle file (default 256MiB)")(
+             "ttl", po::value<std::string>(), "bundles expire after this (default 30d; 0s: never)");
        },
-       [](const po::variables_map&) { return CmdNotYet("relay export"); }},
+       CmdExport},
       {"import", "--config FILE PATH...", "verify and import bundles / ack files",
        [](auto& o, auto& p) {
          AddConfig(o);
          o.add_options()("path", po::value<std::vector<std::string>>()->required(), "bundles");
          p.add("path", -1);
        },
-       [](const po::variables_map&) { return CmdNotYet("relay import"); }},
+       CmdImport},
       {"demo", "[--messages N] [--keep]",
        "run two sites on loopback, send messages both ways, print what arrived",
        [](auto& o, auto&) {

@@ -1,12 +1,17 @@
 #include "relay/daemon.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
+#include <filesystem>
+#include <fstream>
 #include <future>
 #include <map>
 #include <mutex>
@@ -14,7 +19,9 @@
 #include <thread>
 #include <unordered_set>
 
+#include <simdjson.h>
 #include "chat/jsonl_sink.h"
+#include "crypto/bundle.h"
 #include "crypto/frame.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
@@ -46,6 +53,9 @@ constexpr char kDelivered[] = "delivered";     // inbound sequence delivered to 
 std::string AckedKey(const std::string& peer) { return "acked/" + peer; }
 std::string AcceptedKey(const std::string& peer) { return "accepted/" + peer; }
 std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
+std::string ExportedKey(const std::string& peer) { return "exported/" + peer; }
+std::string RangesKey(const std::string& peer) { return "rr:" + peer; }
+constexpr std::int64_t kForeverMs = 100LL * 365 * 24 * 3600 * 1000;  // "never" for the dedup family
 
 constexpr std::uint64_t kUnset = ~std::uint64_t{0};
 constexpr std::size_t kMaxInboundQueueBytes = 256u << 20;
@@ -95,6 +105,13 @@ struct ReceivedFrame {
   std::string bytes;
 };
 
+// A sneakernet bundle of frames, imported as one unit on the inbound thread.
+struct BundleImport {
+  std::deque<ReceivedFrame> frames;
+  std::string bundle_key;  // "b:<bundle id>", recorded with the events
+  std::promise<Status> done;
+};
+
 // Rate limit for repeated warnings (e.g. a flood of rejected frames): at most a few a second.
 class WarnLimiter {
  public:
@@ -129,6 +146,9 @@ struct Daemon::Impl : transports::LinkHandler {
   WarnLimiter warn_limiter;
   std::atomic<bool> stopping{false};
   bool started = false;
+  bool offline = false;  // Options::offline
+  std::mutex bundle_mu;
+  std::vector<std::thread> bundle_threads;  // export/import requests, joined at Stop
 
   // Outbound log writers (committer, inbound forwarding) allocate sequences and commit under
   // out_mu, so the log is gap-free up to `published` when the shipper reads it.
@@ -156,7 +176,10 @@ struct Daemon::Impl : transports::LinkHandler {
   std::deque<ReceivedFrame> in_queue;
   std::size_t in_queue_bytes = 0;
   std::thread inbound;
-  std::vector<std::uint64_t> accepted;      // inbound thread only
+  std::vector<std::uint64_t> accepted;  // inbound thread only
+  // Ranges of each peer's log received in bundles beyond `accepted` (inbound thread only).
+  std::vector<std::map<std::uint64_t, std::uint64_t>> file_ranges;
+  std::deque<BundleImport*> in_imports;     // guarded by in_mu
   std::uint64_t next_in = 1;                // inbound thread only
   std::atomic<std::uint64_t> stored_in{0};  // highest inbound seq committed
 
@@ -166,7 +189,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::thread delivery;
   std::uint64_t delivered = 0;
   std::atomic<std::uint64_t> delivered_through{0};
-  std::map<std::string, std::string> delivery_lines;  // delivery thread only  // `delivered`, readable by other threads
+  std::map<std::string, std::string>
+      delivery_lines;  // delivery thread only  // `delivered`, readable by other threads
   std::uint64_t inbound_removed = 0;  // maintenance thread only: inbound entries deleted through
 
   // Maintenance.
@@ -207,6 +231,7 @@ struct Daemon::Impl : transports::LinkHandler {
       p.send_pos = p.scan_pos = p.acked + 1;
       p.metrics->acked_through = p.acked;
       accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
+      file_ranges.push_back(DecodeRanges(store->GetDedup(RangesKey(p.name), NowMs()).value_or("")));
     }
     for (const PeerRuntime& p : peers) {
       if (key->identity() == p.identity)
@@ -269,6 +294,13 @@ struct Daemon::Impl : transports::LinkHandler {
 
   Status Start() {
     if (Status s = Open(); !s) return s;
+    if (offline) {
+      committer = std::thread([this] { CommitterLoop(); });
+      inbound = std::thread([this] { InboundLoop(); });
+      delivery = std::thread([this] { DeliveryLoop(); });
+      started = true;
+      return Status::Ok();
+    }
 
     std::vector<transports::LinkPeer> link_peers;
     for (const auto& p : peers) link_peers.push_back({p.name, p.identity, p.config->zmq_connect});
@@ -335,6 +367,11 @@ struct Daemon::Impl : transports::LinkHandler {
     started = false;
     // Order: stop taking work in, let each stage finish what it holds, then stop the links.
     if (http) http->Stop();
+    {
+      std::lock_guard<std::mutex> lock(bundle_mu);
+      for (auto& t : bundle_threads) t.join();
+      bundle_threads.clear();
+    }
     if (bridge) bridge->Stop();
     {
       std::lock_guard<std::mutex> lock(ingest_mu);
@@ -369,6 +406,12 @@ struct Daemon::Impl : transports::LinkHandler {
     } else if (path == "/metrics") {
       metrics.store_bytes = store->ApproximateSize();
       respond({200, "text/plain; version=0.0.4", metrics.RenderPrometheus(config.site_name)});
+    } else if (path == "/v1/bundles/export" || path == "/v1/bundles/import") {
+      if (req.method != "POST") {
+        respond({405, "application/json", JsonError("use POST for " + path)});
+        return;
+      }
+      BundleRequest(path, std::move(req.body), respond);
     } else if (path == "/v1/status") {
       respond({200, "application/json", StatusJson()});
     } else {
@@ -396,6 +439,62 @@ struct Daemon::Impl : transports::LinkHandler {
       ingest_queue.push_back(std::move(p));
     }
     ingest_cv.notify_one();
+  }
+
+  // Export and import can take a while: they run on their own thread and answer when done.
+  void BundleRequest(const std::string& path, std::string body, const HttpResponder& respond) {
+    std::lock_guard<std::mutex> lock(bundle_mu);
+    bundle_threads.emplace_back([this, path, body = std::move(body), respond] {
+      simdjson::dom::parser parser;
+      simdjson::dom::element doc;
+      if (parser.parse(body).get(doc) || doc.type() != simdjson::dom::element_type::OBJECT) {
+        respond({400, "application/json", JsonError("body must be a JSON object")});
+        return;
+      }
+      if (path == "/v1/bundles/import") {
+        std::vector<std::string> paths;
+        simdjson::dom::array list;
+        if (doc["paths"].get(list)) {
+          respond({400, "application/json", JsonError("missing field 'paths' (array of strings)")});
+          return;
+        }
+        for (simdjson::dom::element e : list) {
+          std::string_view v;
+          if (e.get(v)) {
+            respond({400, "application/json", JsonError("'paths' must hold strings")});
+            return;
+          }
+          paths.emplace_back(v);
+        }
+        respond({200, "application/json", ImportResultsJson(Import(paths))});
+        return;
+      }
+      ExportOptions o;
+      std::string_view v;
+      if (doc["peer"].get(v)) {
+        respond({400, "application/json", JsonError("missing field 'peer'")});
+        return;
+      }
+      o.peer = std::string(v);
+      if (doc["out"].get(v)) {
+        respond({400, "application/json", JsonError("missing field 'out'")});
+        return;
+      }
+      o.out_dir = std::string(v);
+      bool flag = false;
+      if (!doc["all"].get(flag)) o.all = flag;
+      if (!doc["ack"].get(flag)) o.ack = flag;
+      std::uint64_t n = 0;
+      if (!doc["max_bytes"].get(n)) o.max_bytes = n;
+      std::int64_t ttl = 0;
+      if (!doc["ttl_ms"].get(ttl)) o.ttl = std::chrono::milliseconds(ttl);
+      auto r = Export(o);
+      if (!r) {
+        respond({400, "application/json", JsonError(r.message())});
+        return;
+      }
+      respond({200, "application/json", ExportReportJson(*r)});
+    });
   }
 
   std::string StatusJson() {
@@ -705,14 +804,20 @@ struct Daemon::Impl : transports::LinkHandler {
     }
   }
 
-  // Called with ship_mu held; releases it while reading the store and sealing.
-  bool BuildAndSend(std::size_t peer, std::unique_lock<std::mutex>& lock) {
-    PeerRuntime& p = peers[peer];
-    std::uint64_t epoch = p.epoch, from = p.scan_pos, first = p.send_pos;
-    std::uint64_t head = published.load();
+  struct BuiltFrame {
+    std::string bytes;           // empty when the range held no event for the peer
+    std::uint32_t count = 0;     // events inside
+    std::uint64_t last_seq = 0;  // the range it covers ends here
+  };
+
+  // Seals the next frame for `peer`: scans the log from `from` (not beyond `head`), taking the
+  // peer's events up to the frame limits; the frame covers [first, last_seq]. Events are copied
+  // once, from the store's iterator straight into the payload. Used by the shipper and by
+  // sneakernet export.
+  Result<BuiltFrame> BuildFrame(std::size_t peer, std::uint64_t first, std::uint64_t from,
+                                std::uint64_t head) {
+    const PeerRuntime& p = peers[peer];
     std::uint64_t max_events = p.config->max_frame_events, max_bytes = p.config->max_frame_bytes;
-    lock.unlock();
-    // Events are copied once, from the store's iterator straight into the payload.
     FramePayloadWriter payload(static_cast<std::size_t>(max_bytes) + 64 * 1024);
     std::uint64_t last_scanned = from - 1, bytes = 0;
     Status s = store->ScanOutbound(from, [&](const queue::OutboundEntry& e) {
@@ -725,29 +830,244 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       return true;
     });
-    if (!s) {
-      log::Error("shipper: " + s.message());
-      lock.lock();
+    if (!s) return s;
+    BuiltFrame f;
+    f.count = payload.count();
+    // Entries may have been removed by GC (acked by everyone): the range is still covered.
+    if (f.count < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
+    f.last_seq = last_scanned;
+    if (f.count > 0)
+      f.bytes = crypto::SealFrame(*key, p.identity, first, last_scanned, f.count, payload.Finish());
+    return f;
+  }
+
+  // Called with ship_mu held; releases it while reading the store and sealing.
+  bool BuildAndSend(std::size_t peer, std::unique_lock<std::mutex>& lock) {
+    PeerRuntime& p = peers[peer];
+    std::uint64_t epoch = p.epoch, from = p.scan_pos, first = p.send_pos;
+    std::uint64_t head = published.load();
+    lock.unlock();
+    auto built = BuildFrame(peer, first, from, head);
+    lock.lock();
+    if (!built) {
+      log::Error("shipper: " + built.message());
       return false;
     }
-    const std::uint32_t count = payload.count();
-    // Entries may have been removed by GC (acked by everyone): the range is still covered.
-    if (count < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
-    std::string frame;
-    if (count > 0) {
-      frame = crypto::SealFrame(*key, p.identity, first, last_scanned, count, payload.Finish());
-    }
-    lock.lock();
     if (p.epoch != epoch || !p.up || p.scan_pos != from) return false;  // state moved on
-    p.scan_pos = last_scanned + 1;
-    if (count == 0) return false;  // nothing for this peer; send_pos stays
-    p.send_pos = last_scanned + 1;
+    p.scan_pos = built->last_seq + 1;
+    if (built->count == 0) return false;  // nothing for this peer; send_pos stays
+    p.send_pos = built->last_seq + 1;
     if (p.inflight.empty()) p.last_progress = Clock::now();
-    p.inflight.push_back({first, last_scanned, count});
+    p.inflight.push_back({first, built->last_seq, built->count});
     ++p.metrics->frames_sent;
-    p.metrics->events_sent += count;
-    link->SendFrame(peer, epoch, std::move(frame));
+    p.metrics->events_sent += built->count;
+    link->SendFrame(peer, epoch, std::move(built->bytes));
     return true;
+  }
+
+  // ---- sneakernet bundles ----------------------------------------------------------------------
+  std::optional<std::size_t> PeerByName(const std::string& name) const {
+    for (std::size_t i = 0; i < peers.size(); ++i)
+      if (peers[i].name == name) return i;
+    return std::nullopt;
+  }
+
+  // Writes `bytes` to dir/name atomically: a temporary file, fsync, rename, fsync of the folder.
+  // A pulled disk never holds half a bundle under the final name.
+  Status WriteAtomically(const std::string& dir, const std::string& name,
+                         const std::string& bytes) {
+    std::string tmp = dir + "/.tmp-" + name, final_path = dir + "/" + name;
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0) return Status::Error("cannot create '" + tmp + "': " + std::strerror(errno));
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        Status st = Status::Error("cannot write '" + tmp + "': " + std::strerror(errno));
+        ::close(fd);
+        ::unlink(tmp.c_str());
+        return st;
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    if (::fsync(fd) != 0 || ::close(fd) != 0) {
+      ::unlink(tmp.c_str());
+      return Status::Error("cannot sync '" + tmp + "': " + std::strerror(errno));
+    }
+    if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
+      ::unlink(tmp.c_str());
+      return Status::Error("cannot rename to '" + final_path + "': " + std::strerror(errno));
+    }
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      ::fsync(dfd);
+      ::close(dfd);
+    }
+    return Status::Ok();
+  }
+
+  std::string BundleName(const std::string& peer, const char* ext, std::int64_t now, int part) {
+    std::string stamp = FormatTimestampMs(now);  // 2026-11-26T04:05:35.489Z
+    std::string compact;
+    for (char c : stamp)
+      if (std::isdigit(static_cast<unsigned char>(c))) compact.push_back(c);
+    return config.site_name + "-to-" + peer + "-" + compact + "-" + std::to_string(part) + ext;
+  }
+
+  Result<ExportReport> Export(const ExportOptions& o) {
+    auto idx = PeerByName(o.peer);
+    if (!idx)
+      return Status::Error("unknown peer '" + o.peer + "' (no [peer." + o.peer + "] section)");
+    std::error_code ec;
+    if (!std::filesystem::is_directory(o.out_dir, ec))
+      return Status::Error("output folder '" + o.out_dir + "' does not exist");
+    std::int64_t now = NowMs();
+    std::int64_t expires = o.ttl.count() > 0 ? now + o.ttl.count() : 0;
+    const PeerRuntime& p = peers[*idx];
+    ExportReport report;
+    if (o.ack) {
+      // What this site has stored from the peer: its accepted cursor (durable value).
+      std::uint64_t through = store->GetCounter(AcceptedKey(p.name), 0);
+      std::string bytes = crypto::SealAck(*key, p.identity, through, now, expires);
+      std::string name = BundleName(p.name, ".ack", now, 1);
+      if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
+      report.files.push_back(o.out_dir + "/" + name);
+      report.bytes = bytes.size();
+      report.note =
+          "acknowledges everything from '" + p.name + "' through " + std::to_string(through);
+      return report;
+    }
+    std::uint64_t acked;
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      acked = p.acked;
+    }
+    std::uint64_t exported = store->GetCounter(ExportedKey(p.name), 0);
+    std::uint64_t first = (o.all ? acked : std::max(acked, exported)) + 1;
+    std::uint64_t head = published.load();
+    std::vector<std::string> frames;
+    std::size_t frames_bytes = 0;
+    int part = 0;
+    auto flush = [&]() -> Status {
+      if (frames.empty()) return Status::Ok();
+      std::string bytes = crypto::SealBundle(*key, p.identity, frames, now, expires);
+      std::string name = BundleName(p.name, ".bundle", now, ++part);
+      if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
+      report.files.push_back(o.out_dir + "/" + name);
+      report.bytes += bytes.size();
+      if (o.progress) o.progress(report.files.back(), report.events, report.bytes);
+      frames.clear();
+      frames_bytes = 0;
+      return Status::Ok();
+    };
+    std::uint64_t pos = first;
+    while (pos <= head) {
+      auto built = BuildFrame(*idx, pos, pos, head);
+      if (!built) return built.status();
+      if (built->count == 0) break;
+      if (!frames.empty() && frames_bytes + built->bytes.size() > o.max_bytes)
+        if (Status s = flush(); !s) return s;
+      report.events += built->count;
+      frames_bytes += built->bytes.size();
+      frames.push_back(std::move(built->bytes));
+      pos = built->last_seq + 1;
+    }
+    if (Status s = flush(); !s) return s;
+    if (report.files.empty()) {
+      report.note = "nothing to export for '" + p.name + "' (everything after " +
+                    std::to_string(first - 1) +
+                    " is acknowledged or exported; --all re-exports "
+                    "what is not acknowledged)";
+      return report;
+    }
+    queue::WriteBatch b;
+    b.PutCounter(ExportedKey(p.name), std::max(exported, pos - 1));
+    if (Status s = store->Commit(b, true); !s) return s;
+    return report;
+  }
+
+  std::vector<ImportResult> Import(const std::vector<std::string>& paths) {
+    std::vector<std::string> files;
+    std::vector<ImportResult> results;
+    for (const std::string& path : paths) {
+      std::error_code ec;
+      if (std::filesystem::is_directory(path, ec)) {
+        std::vector<std::string> found;
+        for (const auto& entry : std::filesystem::directory_iterator(path, ec)) {
+          std::string name = entry.path().filename().string();
+          if (name.rfind(".tmp-", 0) == 0) continue;  // an export still being written
+          std::string ext = entry.path().extension().string();
+          if (entry.is_regular_file() && (ext == ".bundle" || ext == ".ack"))
+            found.push_back(entry.path().string());
+        }
+        if (ec) results.push_back({path, false, "cannot read folder: " + ec.message(), 0});
+        std::sort(found.begin(), found.end());
+        files.insert(files.end(), found.begin(), found.end());
+      } else {
+        files.push_back(path);
+      }
+    }
+    for (const std::string& f : files) results.push_back(ImportOne(f));
+    return results;
+  }
+
+  ImportResult ImportOne(const std::string& path) {
+    ImportResult r{path, false, "", 0};
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+      r.message = std::string("cannot read: ") + std::strerror(errno);
+      return r;
+    }
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto lookup = [this](const crypto::PublicKey& pk) -> std::optional<crypto::PublicIdentity> {
+      auto i = PeerBySignKey(pk);
+      if (!i) return std::nullopt;
+      return peers[*i].identity;
+    };
+    std::int64_t now = NowMs();
+    crypto::BundleResult opened = crypto::OpenBundle(*key, lookup, bytes, now);
+    if (!opened.ok()) {
+      if (!opened.expired)
+        ++metrics.frames_rejected[static_cast<std::size_t>(opened.rejection.reason)];
+      r.message = opened.rejection.message;
+      return r;
+    }
+    const crypto::Bundle& b = *opened.bundle;
+    std::string bundle_key = "b:" + crypto::BundleIdHex(b.header.id);
+    if (store->GetDedup(bundle_key, now)) {
+      r.ok = true;
+      r.message = "already imported; nothing applied again";
+      return r;
+    }
+    std::size_t p = *PeerBySignKey(b.header.sender);
+    if (b.header.kind == crypto::BundleKind::kAck) {
+      OnAck(p, b.ack_through);
+      queue::WriteBatch wb;
+      wb.PutDedup(bundle_key, now + kForeverMs, std::to_string(now));
+      if (Status s = store->Commit(wb, true); !s) {
+        r.message = s.message();
+        return r;
+      }
+      r.ok = true;
+      r.message = "peer '" + peers[p].name + "' acknowledges everything through " +
+                  std::to_string(b.ack_through);
+      return r;
+    }
+    BundleImport import;
+    import.bundle_key = bundle_key;
+    for (const std::string& frame : b.frames) import.frames.push_back({p, frame});
+    std::uint64_t before = peers[p].metrics->events_received.load();
+    Status s = ImportFrames(import);
+    if (!s) {
+      r.message = "bundle refused, nothing imported: " + s.message();
+      return r;
+    }
+    r.ok = true;
+    r.events = peers[p].metrics->events_received.load() - before;
+    r.message = "imported " + std::to_string(r.events) + " new event(s) from '" + peers[p].name +
+                "' (" + std::to_string(b.frames.size()) + " frame(s))";
+    return r;
   }
 
   // ---- inbound -------------------------------------------------------------------------------
@@ -758,17 +1078,64 @@ struct Daemon::Impl : transports::LinkHandler {
 
   void InboundLoop() {
     std::deque<ReceivedFrame> work;
+    std::deque<BundleImport*> imports;
     while (true) {
       {
         std::unique_lock<std::mutex> lock(in_mu);
-        in_cv.wait(lock, [&] { return !in_queue.empty() || stopping; });
-        if (in_queue.empty() && stopping) return;
+        in_cv.wait(lock, [&] { return !in_queue.empty() || !in_imports.empty() || stopping; });
+        if (in_queue.empty() && in_imports.empty() && stopping) return;
         work.swap(in_queue);
+        imports.swap(in_imports);
         in_queue_bytes = 0;
       }
-      ProcessFrames(work);
+      if (!work.empty()) (void)ProcessFrames(work, nullptr);
       work.clear();
+      for (BundleImport* b : imports) b->done.set_value(ProcessFrames(b->frames, b));
+      imports.clear();
     }
+  }
+
+  // Hands a bundle's frames to the inbound thread and waits until they are stored (or not).
+  Status ImportFrames(BundleImport& bundle) {
+    auto result = bundle.done.get_future();
+    {
+      std::lock_guard<std::mutex> lock(in_mu);
+      if (stopping) return Status::Error("relay is shutting down");
+      in_imports.push_back(&bundle);
+    }
+    in_cv.notify_one();
+    return result.get();
+  }
+
+  // Records that a file frame covered [first, last] of the peer's log, and moves the peer's
+  // accepted cursor over every range that now joins it.
+  void CoverRange(std::size_t p, std::uint64_t first, std::uint64_t last) {
+    auto& ranges = file_ranges[p];
+    std::uint64_t& end = ranges[first];
+    end = std::max(end, last);
+    while (!ranges.empty() && ranges.begin()->first <= accepted[p] + 1) {
+      accepted[p] = std::max(accepted[p], ranges.begin()->second);
+      ranges.erase(ranges.begin());
+    }
+  }
+
+  static std::string EncodeRanges(const std::map<std::uint64_t, std::uint64_t>& ranges) {
+    std::string out;
+    for (const auto& [a, b] : ranges) out += std::to_string(a) + "-" + std::to_string(b) + ",";
+    return out;
+  }
+
+  static std::map<std::uint64_t, std::uint64_t> DecodeRanges(const std::string& text) {
+    std::map<std::uint64_t, std::uint64_t> out;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      auto dash = text.find('-', pos), comma = text.find(',', pos);
+      if (dash == std::string::npos || comma == std::string::npos || dash > comma) break;
+      out[std::stoull(text.substr(pos, dash - pos))] =
+          std::stoull(text.substr(dash + 1, comma - dash - 1));
+      pos = comma + 1;
+    }
+    return out;
   }
 
   struct Forward {
@@ -776,11 +1143,16 @@ struct Daemon::Impl : transports::LinkHandler {
     std::string encoded;
   };
 
-  void ProcessFrames(std::deque<ReceivedFrame>& work) {
+  // Verifies, de-duplicates and stores received frames in one synced batch, then acknowledges.
+  // Frames from the link must continue the peer's sequence (replay and gap checks). Frames of a
+  // sneakernet bundle (`bundle` set) may come in any order: they are checked by event id only,
+  // mark their range as received, and are all-or-nothing (any bad frame refuses the bundle).
+  Status ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport* bundle) {
     std::int64_t now = NowMs();
     std::int64_t expire = now + config.dedup_ttl.count();
     queue::WriteBatch batch;
     std::vector<std::uint64_t> accepted_before = accepted;
+    auto ranges_before = file_ranges;
     std::uint64_t in_before = next_in;
     std::set<std::size_t> ack_peers;
     std::unordered_set<std::string> round_ids;
@@ -796,13 +1168,19 @@ struct Daemon::Impl : transports::LinkHandler {
       crypto::OpenResult opened = crypto::OpenFrame(*key, lookup, rf.bytes);
       if (!opened.ok()) {
         Reject(opened.rejection.reason, opened.rejection.message);
+        if (bundle) return Status::Error(opened.rejection.message);
         continue;
       }
       const crypto::FrameHeader& h = opened.frame->header;
       std::size_t p = *PeerBySignKey(h.sender);
       const std::string& pname = peers[p].name;
-      std::uint64_t acc = accepted[p];
-      if (h.last_seq <= acc) {
+      // Bundle frames: every event is checked against the dedup index instead of the cursor.
+      std::uint64_t acc = bundle ? 0 : accepted[p];
+      if (bundle && rf.link_peer != p) {
+        return Status::Error("a frame inside the bundle is from peer '" + pname +
+                             "', not from the bundle's sender");
+      }
+      if (!bundle && h.last_seq <= acc) {
         Reject(crypto::RejectReason::kReplay,
                "frame from peer '" + pname + "' rejected: replay of sequences " +
                    std::to_string(h.first_seq) + ".." + std::to_string(h.last_seq) +
@@ -810,7 +1188,7 @@ struct Daemon::Impl : transports::LinkHandler {
         ack_peers.insert(p);  // the sender may have missed our ack
         continue;
       }
-      if (acc != 0 && h.first_seq > acc + 1) {
+      if (!bundle && acc != 0 && h.first_seq > acc + 1) {
         ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kGap)];
         if (warn_limiter.Allow())
           log::Warning("frame from peer '" + pname + "' starts at " + std::to_string(h.first_seq) +
@@ -847,6 +1225,7 @@ struct Daemon::Impl : transports::LinkHandler {
       if (!bad.empty()) {
         Reject(crypto::RejectReason::kMalformed,
                "frame from peer '" + pname + "' rejected: malformed payload: " + bad);
+        if (bundle) return Status::Error("a frame's payload is malformed: " + bad);
         continue;
       }
       // One batched lookup of the frame's event ids in the dedup index.
@@ -894,11 +1273,17 @@ struct Daemon::Impl : transports::LinkHandler {
           forwards.push_back(std::move(f));
         }
       }
-      accepted[p] = h.last_seq;
-      batch.PutCounter(AcceptedKey(pname), h.last_seq);
+      if (bundle) {
+        CoverRange(p, h.first_seq, h.last_seq);
+        batch.PutDedup(RangesKey(pname), now + kForeverMs, EncodeRanges(file_ranges[p]));
+      } else {
+        accepted[p] = h.last_seq;
+      }
+      batch.PutCounter(AcceptedKey(pname), accepted[p]);
       ack_peers.insert(p);
       ++frames_ok[p];
     }
+    if (bundle) batch.PutDedup(bundle->bundle_key, now + kForeverMs, std::to_string(now));
     if (batch.Count() > 0) {
       batch.PutCounter(kNextIn, next_in);
       Status s;
@@ -920,9 +1305,11 @@ struct Daemon::Impl : transports::LinkHandler {
         // Nothing is acknowledged; the senders will send these frames again.
         log::Error("storing received events failed: " + s.message());
         accepted = accepted_before;
+        file_ranges = ranges_before;
         next_in = in_before;
+        if (bundle) return s;
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
-        return;
+        return s;
       }
       stored_in = next_in - 1;
       if (!forwards.empty()) {
@@ -937,7 +1324,9 @@ struct Daemon::Impl : transports::LinkHandler {
       peers[p].metrics->frames_received += frames_ok[p];
       peers[p].metrics->events_received += events_ok[p];
     }
-    for (std::size_t p : ack_peers) link->SendAck(p, accepted[p]);
+    if (link)
+      for (std::size_t p : ack_peers) link->SendAck(p, accepted[p]);
+    return Status::Ok();
   }
 
   // ---- delivery ------------------------------------------------------------------------------
@@ -1119,12 +1508,38 @@ struct Daemon::Impl : transports::LinkHandler {
     for (std::size_t i = 0; i < peers.size(); ++i) {
       peers[i].metrics->queue_depth = complete ? depth[i] : head - std::min(head, acked[i]);
       peers[i].metrics->oldest_unacked_ms = oldest[i];
-      peers[i].metrics->last_contact_ms = link->LastContactMs(i);
+      if (link) peers[i].metrics->last_contact_ms = link->LastContactMs(i);
     }
   }
 };
 
-Daemon::Daemon(config::Config config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+std::string ExportReportJson(const ExportReport& r) {
+  std::string out = "{\"files\":[";
+  for (std::size_t i = 0; i < r.files.size(); ++i) out += (i ? "," : "") + JsonString(r.files[i]);
+  out += "],\"events\":" + std::to_string(r.events) + ",\"bytes\":" + std::to_string(r.bytes) +
+         ",\"note\":" + JsonString(r.note) + "}";
+  return out;
+}
+
+std::string ImportResultsJson(const std::vector<ImportResult>& results) {
+  std::string out = "{\"results\":[";
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const ImportResult& r = results[i];
+    out += std::string(i ? "," : "") + "{\"path\":" + JsonString(r.path) +
+           ",\"ok\":" + (r.ok ? "true" : "false") + ",\"message\":" + JsonString(r.message) +
+           ",\"events\":" + std::to_string(r.events) + "}";
+  }
+  return out + "]}";
+}
+
+Daemon::Daemon(config::Config config, Options options)
+    : impl_(std::make_unique<Impl>(std::move(config))) {
+  impl_->offline = options.offline;
+}
+Result<ExportReport> Daemon::Export(const ExportOptions& options) { return impl_->Export(options); }
+std::vector<ImportResult> Daemon::Import(const std::vector<std::string>& paths) {
+  return impl_->Import(paths);
+}
 Daemon::~Daemon() { Stop(); }
 Status Daemon::Start() { return impl_->Start(); }
 void Daemon::Stop() { impl_->Stop(); }

@@ -6,18 +6,57 @@
 // the link thread (ZeroMQ), the inbound processor (frames in), the delivery thread (sinks) and
 // a maintenance thread (queue GC, dedup expiry, metrics gauges).
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 #include "relay/status.h"
 
 namespace relay {
 
+// Sneakernet export (see docs/sneakernet.md).
+struct ExportOptions {
+  std::string peer;
+  std::string out_dir;
+  bool all = false;  // everything not acknowledged, not only what was not exported yet
+  bool ack = false;  // write an acknowledgement file for the peer instead of events
+  std::uint64_t max_bytes = 256u << 20;  // per bundle file; larger exports are split
+  std::chrono::milliseconds ttl{std::chrono::hours(24 * 30)};  // 0: bundles never expire
+  // Called after each file is written (for progress output); may be empty.
+  std::function<void(const std::string& file, std::uint64_t events, std::uint64_t bytes)> progress;
+};
+
+struct ExportReport {
+  std::vector<std::string> files;
+  std::uint64_t events = 0;
+  std::uint64_t bytes = 0;
+  std::string note;  // e.g. "nothing to export ..."
+};
+
+struct ImportResult {
+  std::string path;
+  bool ok = false;      // imported, or already imported before
+  std::string message;  // what happened, or why the file was refused
+  std::uint64_t events = 0;
+};
+
+// The JSON the daemon answers on POST /v1/bundles/export and /v1/bundles/import.
+std::string ExportReportJson(const ExportReport& report);
+std::string ImportResultsJson(const std::vector<ImportResult>& results);
+
 class Daemon {
  public:
-  explicit Daemon(config::Config config);
+  struct Options {
+    // No HTTP, no links, no chat bridge: the store and its threads only (`relay export` and
+    // `relay import` when no daemon is running).
+    bool offline = false;
+  };
+  explicit Daemon(config::Config config, Options options);
+  explicit Daemon(config::Config config) : Daemon(std::move(config), Options{}) {}
   ~Daemon();  // stops
   Daemon(const Daemon&) = delete;
   Daemon& operator=(const Daemon&) = delete;
@@ -28,6 +67,11 @@ class Daemon {
   // Graceful stop: no new ingest; what was accepted stays durable; threads are joined.
   void Stop();
   std::uint16_t ingest_port() const;
+
+  // Sneakernet: write bundle files for a peer, and verify and import bundle / ack files.
+  // Safe while the daemon runs (they use its threads and state).
+  Result<ExportReport> Export(const ExportOptions& options);
+  std::vector<ImportResult> Import(const std::vector<std::string>& paths);
 
  private:
   struct Impl;

@@ -1,0 +1,107 @@
+#pragma once
+// Sneakernet bundle files: the container that carries sealed frames (or an acknowledgement)
+// on a USB disk between sites that share no network. See docs/wire-format.md, "Bundle".
+//
+// A bundle is self-describing and signed by its sender: header (magic "RLYB", version, kind,
+// sender, recipient, bundle id, creation and expiry time), a body, and an Ed25519 signature over
+// header || BLAKE2b-256(body). The frames inside are ordinary frames (crypto/frame.h): already
+// encrypted for the recipient and signed, so a bundle adds integrity of the whole file (nothing
+// cut off, nothing added) and an expiry.
+//
+// Opening is strict and every failure names what is wrong; the reasons reuse RejectReason, plus
+// kExpired for a bundle past its expiry.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "crypto/frame.h"
+#include "crypto/identity.h"
+
+namespace relay::crypto {
+
+inline constexpr std::uint8_t kBundleVersion = 1;
+
+enum class BundleKind : std::uint8_t {
+  kFrames = 1,  // body: frames for the recipient
+  kAck = 2,     // body: u64 "the sender of this ack has stored everything through seq"
+};
+
+using BundleId = std::array<std::uint8_t, 16>;
+
+struct BundleHeader {
+  BundleKind kind = BundleKind::kFrames;
+  PublicKey sender{};
+  PublicKey recipient{};
+  BundleId id{};
+  std::int64_t created_at_ms = 0;
+  std::int64_t expires_at_ms = 0;  // 0: never expires
+};
+
+struct Bundle {
+  BundleHeader header;
+  std::vector<std::string> frames;  // kind kFrames: the sealed frames, in order
+  std::uint64_t ack_through = 0;    // kind kAck
+};
+
+// 32 lowercase hex characters.
+std::string BundleIdHex(const BundleId& id);
+
+// Writes a bundle of `frames` (each a SealFrame result for `recipient`). A random id is drawn.
+std::string SealBundle(const SiteKey& sender, const PublicIdentity& recipient,
+                       const std::vector<std::string>& frames, std::int64_t created_at_ms,
+                       std::int64_t expires_at_ms, BundleId* id_out = nullptr);
+std::string SealAck(const SiteKey& sender, const PublicIdentity& recipient,
+                    std::uint64_t ack_through, std::int64_t created_at_ms,
+                    std::int64_t expires_at_ms);
+
+struct BundleResult {
+  std::optional<Bundle> bundle;
+  Rejection rejection{RejectReason::kMalformed, ""};
+  bool expired = false;  // rejection is "expired" (reason kMalformed is not used then)
+  bool ok() const { return bundle.has_value(); }
+};
+
+// Verifies a bundle addressed to `self`, from a known peer, not expired at `now_ms`. The frames
+// inside are NOT opened here (the caller opens each with OpenFrame).
+BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::string_view bytes,
+                        std::int64_t now_ms);
+
+// --- Internal: shared by frames, control messages and bundles --------------------------------
+// One implementation (in frame.cc) of the checks every signed envelope makes and of its signing
+// scheme, header || BLAKE2b-256(body). Not an interface for code outside crypto/.
+namespace detail {
+
+struct Envelope {
+  const char* noun;  // "frame", "control message", "bundle": messages read "<noun> rejected: ..."
+  std::string_view magic;
+  std::uint8_t version;
+  std::size_t header_size;
+  std::size_t body_len_offset;  // big-endian length of what lies between header and signature
+  std::size_t body_len_width;   // 4 or 8 bytes
+  std::uint64_t max_body_len;   // a larger declared length is malformed
+  std::size_t sender_offset;
+  std::size_t recipient_offset;
+};
+
+Rejection Reject(const Envelope& env, RejectReason reason, const std::string& what);
+// Magic, version, header length, declared length (limit, truncated, trailing bytes), in that
+// order. On success *body_len is the declared body length.
+std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view bytes,
+                                      std::uint64_t* body_len);
+// Recipient, sender lookup and signature, in that order. On success *peer is the sender.
+std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
+                                      const PeerLookup& peers, std::string_view bytes,
+                                      PublicIdentity* peer);
+// Signs out (header || body) as header || BLAKE2b-256(body) and appends the signature.
+void AppendSignature(const SiteKey& sender, std::size_t header_size, std::string* out);
+void PutBigEndian(std::uint64_t value, std::size_t width, unsigned char* out);
+std::uint64_t GetBigEndian(std::string_view bytes, std::size_t offset, std::size_t width);
+
+}  // namespace detail
+
+}  // namespace relay::crypto
