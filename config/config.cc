@@ -588,7 +588,8 @@ void Loader::ValidatePeer(const Section& section) {
     Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
   }
   CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
-                      "max_frame_events", "max_frame_bytes"});
+                      "max_frame_events", "max_frame_bytes", "diode_rate", "diode_data_shards",
+                      "diode_parity_shards", "diode_interleave", "diode_retention"});
   if (const Entry* key = Required(section, "public_key")) {
     auto identity = crypto::PublicIdentity::Parse(key->value);
     if (!identity) {
@@ -622,6 +623,11 @@ void Loader::ValidatePeer(const Section& section) {
   ReadNumber(section, "window", kMinWindow, kMaxWindow, &peer.window);
   ReadNumber(section, "max_frame_events", kMinFrameEvents, kMaxFrameEvents, &peer.max_frame_events);
   ReadSize(section, "max_frame_bytes", kMinFrameBytes, kMaxFrameBytes, &peer.max_frame_bytes);
+  ReadSize(section, "diode_rate", 1024, std::uint64_t{10} << 30, &peer.diode_rate);
+  ReadNumber(section, "diode_data_shards", 1, 200, &peer.diode_data_shards);
+  ReadNumber(section, "diode_parity_shards", 0, 55, &peer.diode_parity_shards);
+  ReadNumber(section, "diode_interleave", 1, 64, &peer.diode_interleave);
+  ReadDuration(section, "diode_retention", &peer.diode_retention);
   config_->peers.push_back(std::move(peer));
 }
 

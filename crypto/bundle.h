@@ -29,6 +29,8 @@ inline constexpr std::uint8_t kBundleVersion = 1;
 enum class BundleKind : std::uint8_t {
   kFrames = 1,  // body: frames for the recipient
   kAck = 2,     // body: u64 "the sender of this ack has stored everything through seq"
+  kResend = 3,  // body: u64 accepted through, u32 count, count x (u64 first, u64 last) ranges
+                // also stored: "send me everything else again" (for one-way diode links)
 };
 
 using BundleId = std::array<std::uint8_t, 16>;
@@ -45,7 +47,9 @@ struct BundleHeader {
 struct Bundle {
   BundleHeader header;
   std::vector<std::string> frames;  // kind kFrames: the sealed frames, in order
-  std::uint64_t ack_through = 0;    // kind kAck
+  std::uint64_t ack_through = 0;    // kind kAck and kResend
+  // kind kResend: ranges of the recipient's log the sender has beyond ack_through, ascending.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
 };
 
 // 32 lowercase hex characters.
@@ -58,6 +62,12 @@ std::string SealBundle(const SiteKey& sender, const PublicIdentity& recipient,
 std::string SealAck(const SiteKey& sender, const PublicIdentity& recipient,
                     std::uint64_t ack_through, std::int64_t created_at_ms,
                     std::int64_t expires_at_ms);
+
+// A resend request: "I have everything through `accepted` and these ranges; send the rest again".
+std::string SealResendRequest(const SiteKey& sender, const PublicIdentity& recipient,
+                              std::uint64_t accepted,
+                              const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges,
+                              std::int64_t created_at_ms, std::int64_t expires_at_ms);
 
 struct BundleResult {
   std::optional<Bundle> bundle;

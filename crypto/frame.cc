@@ -8,6 +8,8 @@
 #include <iterator>
 #include <limits>
 
+#include "crypto/bundle.h"  // detail::Envelope and the checks shared with bundles
+
 namespace relay::crypto {
 namespace {
 
@@ -47,16 +49,6 @@ const unsigned char* Bytes(std::string_view s) {
 }
 unsigned char* MutableBytes(std::string* s) { return reinterpret_cast<unsigned char*>(s->data()); }
 
-void PutBigEndian(std::uint64_t value, std::size_t width, unsigned char* out) {
-  for (std::size_t i = 0; i < width; ++i)
-    out[i] = static_cast<unsigned char>(value >> (8 * (width - 1 - i)));
-}
-std::uint64_t GetBigEndian(std::string_view bytes, std::size_t offset, std::size_t width) {
-  std::uint64_t value = 0;
-  for (std::size_t i = 0; i < width; ++i)
-    value = (value << 8) | static_cast<unsigned char>(bytes[offset + i]);
-  return value;
-}
 PublicKey GetKey(std::string_view bytes, std::size_t offset) {
   PublicKey key;
   std::memcpy(key.data(), bytes.data() + offset, key.size());
@@ -71,26 +63,33 @@ std::string Fingerprint(const PublicKey& sign_pk) {
   return id.Fingerprint();
 }
 
-// What differs between the two signed envelopes; the checks themselves are shared.
-struct Envelope {
-  const char* noun;  // "frame", "control message"
-  std::string_view magic;
-  std::uint8_t version;
-  std::size_t header_size;
-  std::size_t body_len_offset;  // u32 length of what lies between header and signature
-  std::size_t sender_offset;
-  std::size_t recipient_offset;
-};
-constexpr Envelope kFrameEnvelope{"frame",
-                                  kFrameMagic,
-                                  kFrameVersion,
-                                  kFrameHeaderSize,
-                                  kFrameCiphertextLenOffset,
-                                  kFrameSenderOffset,
-                                  kFrameRecipientOffset};
-constexpr Envelope kControlEnvelope{
-    "control message",     kControlMagic,        kControlVersion,        kControlHeaderSize,
-    kControlBodyLenOffset, kControlSenderOffset, kControlRecipientOffset};
+// What the Ed25519 signature covers: the header followed by BLAKE2b-256 of the body. Signing a
+// digest of the body rather than the body itself keeps the signature's cost constant (Ed25519
+// hashes its message twice with SHA-512 when signing, which cost more than the AEAD per byte);
+// BLAKE2b-256's collision resistance keeps the binding of header and body.
+std::string SigningInput(std::string_view signed_part, std::size_t header_size) {
+  std::string input(signed_part.substr(0, header_size));
+  unsigned char digest[crypto_generichash_BYTES];
+  crypto_generichash(digest, sizeof digest, Bytes(signed_part.substr(header_size)),
+                     signed_part.size() - header_size, nullptr, 0);
+  input.append(reinterpret_cast<const char*>(digest), sizeof digest);
+  return input;
+}
+
+}  // namespace
+
+namespace detail {
+
+void PutBigEndian(std::uint64_t value, std::size_t width, unsigned char* out) {
+  for (std::size_t i = 0; i < width; ++i)
+    out[i] = static_cast<unsigned char>(value >> (8 * (width - 1 - i)));
+}
+std::uint64_t GetBigEndian(std::string_view bytes, std::size_t offset, std::size_t width) {
+  std::uint64_t value = 0;
+  for (std::size_t i = 0; i < width; ++i)
+    value = (value << 8) | static_cast<unsigned char>(bytes[offset + i]);
+  return value;
+}
 
 Rejection Reject(const Envelope& env, RejectReason reason, const std::string& what) {
   return Rejection{reason, std::string(env.noun) + " rejected: " + what};
@@ -98,7 +97,7 @@ Rejection Reject(const Envelope& env, RejectReason reason, const std::string& wh
 
 // Magic, version and length checks. On success *body_len is the declared length of the body.
 std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view bytes,
-                                      std::uint32_t* body_len) {
+                                      std::uint64_t* body_len) {
   // Magic and version come before the header-length check: a short non-relay message is
   // "bad magic", and a future version may have a different header size.
   if (bytes.size() >= env.magic.size() && bytes.substr(0, env.magic.size()) != env.magic)
@@ -116,7 +115,12 @@ std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view byte
     return Reject(env, RejectReason::kTruncated,
                   "truncated: " + std::to_string(bytes.size()) + " bytes, header needs " +
                       std::to_string(env.header_size));
-  *body_len = static_cast<std::uint32_t>(GetBigEndian(bytes, env.body_len_offset, 4));
+  *body_len = GetBigEndian(bytes, env.body_len_offset, env.body_len_width);
+  // Checked before the total is computed, which a u64 length could overflow.
+  if (*body_len > env.max_body_len)
+    return Reject(env, RejectReason::kMalformed,
+                  "header declares a body of " + std::to_string(*body_len) +
+                      " bytes, more than the limit of " + std::to_string(env.max_body_len));
   const std::uint64_t total = env.header_size + std::uint64_t{*body_len} + kSignatureSize;
   if (bytes.size() < total)
     return Reject(env, RejectReason::kTruncated,
@@ -128,19 +132,6 @@ std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view byte
                       std::to_string(bytes.size()) + " bytes, header declares " +
                       std::to_string(total) + ")");
   return std::nullopt;
-}
-
-// What the Ed25519 signature covers: the header followed by BLAKE2b-256 of the body. Signing a
-// digest of the body rather than the body itself keeps the signature's cost constant (Ed25519
-// hashes its message twice with SHA-512 when signing, which cost more than the AEAD per byte);
-// BLAKE2b-256's collision resistance keeps the binding of header and body.
-std::string SigningInput(std::string_view signed_part, std::size_t header_size) {
-  std::string input(signed_part.substr(0, header_size));
-  unsigned char digest[crypto_generichash_BYTES];
-  crypto_generichash(digest, sizeof digest, Bytes(signed_part.substr(header_size)),
-                     signed_part.size() - header_size, nullptr, 0);
-  input.append(reinterpret_cast<const char*>(digest), sizeof digest);
-  return input;
 }
 
 // Recipient, sender and signature checks, in that order. On success *peer is the sender.
@@ -168,6 +159,43 @@ std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
   return std::nullopt;
 }
 
+void AppendSignature(const SiteKey& sender, std::size_t header_size, std::string* out) {
+  Signature sig = sender.Sign(SigningInput(*out, header_size));
+  out->append(reinterpret_cast<const char*>(sig.data()), sig.size());
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::AppendSignature;
+using detail::CheckFraming;
+using detail::CheckParties;
+using detail::Envelope;
+using detail::GetBigEndian;
+using detail::PutBigEndian;
+using detail::Reject;
+
+constexpr std::uint64_t kMaxU32 = std::numeric_limits<std::uint32_t>::max();
+constexpr Envelope kFrameEnvelope{.noun = "frame",
+                                  .magic = kFrameMagic,
+                                  .version = kFrameVersion,
+                                  .header_size = kFrameHeaderSize,
+                                  .body_len_offset = kFrameCiphertextLenOffset,
+                                  .body_len_width = 4,
+                                  .max_body_len = kMaxU32,
+                                  .sender_offset = kFrameSenderOffset,
+                                  .recipient_offset = kFrameRecipientOffset};
+constexpr Envelope kControlEnvelope{.noun = "control message",
+                                    .magic = kControlMagic,
+                                    .version = kControlVersion,
+                                    .header_size = kControlHeaderSize,
+                                    .body_len_offset = kControlBodyLenOffset,
+                                    .body_len_width = 4,
+                                    .max_body_len = kMaxU32,
+                                    .sender_offset = kControlSenderOffset,
+                                    .recipient_offset = kControlRecipientOffset};
+
 // key = BLAKE2b-256("relay-frame-v1" || shared || eph_pk || recipient box_pk || sender box_pk ||
 //                   sender sign_pk || recipient sign_pk)
 void DeriveFrameKey(const std::array<std::uint8_t, 32>& shared, const PublicKey& eph_pk,
@@ -184,11 +212,6 @@ void DeriveFrameKey(const std::array<std::uint8_t, 32>& shared, const PublicKey&
   crypto_generichash_update(&state, recipient.sign_pk.data(), recipient.sign_pk.size());
   crypto_generichash_final(&state, key, crypto_aead_xchacha20poly1305_ietf_KEYBYTES);
   sodium_memzero(&state, sizeof state);
-}
-
-void AppendSignature(const SiteKey& sender, std::size_t header_size, std::string* out) {
-  Signature sig = sender.Sign(SigningInput(*out, header_size));
-  out->append(reinterpret_cast<const char*>(sig.data()), sig.size());
 }
 
 }  // namespace
@@ -260,7 +283,7 @@ std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
 OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_view bytes) {
   OpenResult result;
   const Envelope& env = kFrameEnvelope;
-  std::uint32_t ciphertext_len = 0;
+  std::uint64_t ciphertext_len = 0;
   if (auto r = CheckFraming(env, bytes, &ciphertext_len)) {
     result.rejection = std::move(*r);
     return result;
@@ -351,7 +374,7 @@ std::string SealControl(const SiteKey& sender, const PublicIdentity& recipient, 
 ControlResult OpenControl(const SiteKey& self, const PeerLookup& peers, std::string_view bytes) {
   ControlResult result;
   const Envelope& env = kControlEnvelope;
-  std::uint32_t body_len = 0;
+  std::uint64_t body_len = 0;
   if (auto r = CheckFraming(env, bytes, &body_len)) {
     result.rejection = std::move(*r);
     return result;

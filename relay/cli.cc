@@ -203,6 +203,7 @@ int CmdExport(const po::variables_map& vm) {
   o.out_dir = std::filesystem::absolute(o.out_dir).string();
   o.all = vm.count("all") > 0;
   o.ack = vm.count("ack") > 0;
+  o.resend = vm.count("resend-request") > 0;
   if (vm.count("max-bytes")) {
     auto n = config::ParseSize(vm["max-bytes"].as<std::string>());
     if (!n) return Fail("--max-bytes: " + n.message());
@@ -222,6 +223,7 @@ int CmdExport(const po::variables_map& vm) {
   std::string body = "{\"peer\":" + JsonString(o.peer) + ",\"out\":" + JsonString(o.out_dir) +
                      ",\"all\":" + (o.all ? "true" : "false") +
                      ",\"ack\":" + (o.ack ? "true" : "false") +
+                     ",\"resend\":" + (o.resend ? "true" : "false") +
                      ",\"max_bytes\":" + std::to_string(o.max_bytes) +
                      ",\"ttl_ms\":" + std::to_string(o.ttl.count()) + "}";
   auto parse = [](const std::string& json) -> Result<ExportReport> {
@@ -246,7 +248,7 @@ int CmdExport(const po::variables_map& vm) {
   if (!r) return Fail("export: " + r.message());
   for (const auto& f : r->files) std::printf("%s\n", f.c_str());
   if (!r->note.empty()) std::fprintf(stderr, "%s\n", r->note.c_str());
-  if (!o.ack && !r->files.empty())
+  if (!o.ack && !o.resend && !r->files.empty())
     std::fprintf(stderr, "exported %llu event(s) for '%s' in %zu file(s), %llu bytes\n",
                  static_cast<unsigned long long>(r->events), o.peer.c_str(), r->files.size(),
                  static_cast<unsigned long long>(r->bytes));
@@ -345,11 +347,12 @@ const std::vector<Command>& Commands() {
              "out", po::value<std::string>(), "output folder (default: the peer's files_dir)")(
              "all", "re-export everything the peer has not acknowledged")(
              "ack", "write an acknowledgement of what this site has from the peer")(
+             "resend-request", "write a request for what is missing from the peer's diode")(
              "max-bytes", po::value<std::string>(), "largest bundle file (default 256MiB)")(
              "ttl", po::value<std::string>(), "bundles expire after this (default 30d; 0s: never)");
        },
        CmdExport},
-      {"import", "--config FILE PATH...", "verify and import bundles / ack files",
+      {"import", "--config FILE PATH...", "verify and import bundles, ack and resend-request files",
        [](auto& o, auto& p) {
          AddConfig(o);
          o.add_options()("path", po::value<std::vector<std::string>>()->required(), "bundles");

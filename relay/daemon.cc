@@ -1,8 +1,10 @@
 #include "relay/daemon.h"
 
 #include <fcntl.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,7 +22,9 @@
 #include <unordered_set>
 
 #include <simdjson.h>
+#include <sodium.h>
 #include "chat/jsonl_sink.h"
+
 #include "crypto/bundle.h"
 #include "crypto/frame.h"
 #include "crypto/identity.h"
@@ -32,6 +36,7 @@
 #include "relay/log.h"
 #include "relay/mattermost_bridge.h"
 #include "relay/metrics.h"
+#include "transports/diode.h"
 #include "transports/zmq_link.h"
 
 namespace relay {
@@ -54,6 +59,26 @@ std::string AckedKey(const std::string& peer) { return "acked/" + peer; }
 std::string AcceptedKey(const std::string& peer) { return "accepted/" + peer; }
 std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
 std::string ExportedKey(const std::string& peer) { return "exported/" + peer; }
+std::string DiodePosKey(const std::string& peer) { return "diode/" + peer; }
+
+// Resolves "udp://host:port" into a socket address; error names the endpoint.
+Status ResolveUdp(const std::string& url, sockaddr_storage* addr, socklen_t* len) {
+  std::string rest = url.substr(url.find("://") + 3);
+  auto colon = rest.rfind(':');
+  if (colon == std::string::npos) return Status::Error("bad UDP endpoint '" + url + "'");
+  std::string host = rest.substr(0, colon), port = rest.substr(colon + 1);
+  if (host.size() > 1 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  if (host == "*") host = "0.0.0.0";
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0 || !res)
+    return Status::Error("cannot resolve '" + url + "': " + gai_strerror(rc));
+  std::memcpy(addr, res->ai_addr, res->ai_addrlen);
+  *len = static_cast<socklen_t>(res->ai_addrlen);
+  freeaddrinfo(res);
+  return Status::Ok();
+}
 std::string RangesKey(const std::string& peer) { return "rr:" + peer; }
 constexpr std::int64_t kForeverMs = 100LL * 365 * 24 * 3600 * 1000;  // "never" for the dedup family
 
@@ -105,12 +130,17 @@ struct ReceivedFrame {
   std::string bytes;
 };
 
-// A sneakernet bundle of frames, imported as one unit on the inbound thread.
+// Frames that arrived off the link -- a sneakernet bundle, or messages from the diode -- stored
+// on the inbound thread in one batch. They may come in any order.
 struct BundleImport {
   std::deque<ReceivedFrame> frames;
-  std::string bundle_key;  // "b:<bundle id>", recorded with the events
+  std::string bundle_key;      // "b:<bundle id>", recorded with the events (bundles only)
+  bool all_or_nothing = true;  // bundles: one bad frame refuses all; diode: bad frames skipped
   std::promise<Status> done;
 };
+
+// ReceivedFrame::link_peer for frames whose sender is only known from the frame itself.
+constexpr std::size_t kAnyPeer = ~std::size_t{0};
 
 // Rate limit for repeated warnings (e.g. a flood of rejected frames): at most a few a second.
 class WarnLimiter {
@@ -147,6 +177,25 @@ struct Daemon::Impl : transports::LinkHandler {
   std::atomic<bool> stopping{false};
   bool started = false;
   bool offline = false;  // Options::offline
+
+  // Data diode: senders (one per peer with diode_send) and the receiver ([diode] listen).
+  struct DiodeSender {
+    std::size_t peer = 0;
+    int fd = -1;
+    sockaddr_storage addr{};
+    socklen_t addr_len = 0;
+    std::unique_ptr<transports::DiodeEncoder> encoder;
+    std::atomic<std::uint64_t> pos{1};  // first log sequence of the next frame
+    std::uint64_t scan = 1;             // where the next scan resumes (>= pos)
+    std::deque<std::pair<std::uint64_t, std::uint64_t>> resend;  // guarded by diode_mu
+    double tokens = 0;
+    Clock::time_point refill{}, last_heartbeat{};
+  };
+  std::mutex diode_mu;
+  std::vector<std::unique_ptr<DiodeSender>> diode_senders;
+  std::thread diode_send_thread, diode_recv_thread;
+  int diode_recv_fd = -1;
+  std::vector<std::pair<Clock::time_point, std::uint64_t>> head_samples;  // maintenance only
   std::mutex bundle_mu;
   std::vector<std::thread> bundle_threads;  // export/import requests, joined at Stop
 
@@ -349,6 +398,7 @@ struct Daemon::Impl : transports::LinkHandler {
       MaintenanceLoop();
     });
     started = true;
+    if (Status s = StartDiode(); !s) return s;
     if (bridge) {
       if (Status s = bridge->Start(); !s) return s;
     }
@@ -380,6 +430,8 @@ struct Daemon::Impl : transports::LinkHandler {
     ingest_cv.notify_all();
     if (committer.joinable()) committer.join();
     stopping = true;
+    ship_cv.notify_all();
+    StopDiode();
     if (link) link->Stop();
     in_cv.notify_all();
     if (inbound.joinable()) inbound.join();
@@ -484,6 +536,7 @@ struct Daemon::Impl : transports::LinkHandler {
       bool flag = false;
       if (!doc["all"].get(flag)) o.all = flag;
       if (!doc["ack"].get(flag)) o.ack = flag;
+      if (!doc["resend"].get(flag)) o.resend = flag;
       std::uint64_t n = 0;
       if (!doc["max_bytes"].get(n)) o.max_bytes = n;
       std::int64_t ttl = 0;
@@ -926,6 +979,24 @@ struct Daemon::Impl : transports::LinkHandler {
     std::int64_t expires = o.ttl.count() > 0 ? now + o.ttl.count() : 0;
     const PeerRuntime& p = peers[*idx];
     ExportReport report;
+    if (o.resend) {
+      // What this site has from the peer (cursor + ranges beyond it): the peer sends the rest.
+      std::uint64_t through = store->GetCounter(AcceptedKey(p.name), 0);
+      auto ranges_map = DecodeRanges(store->GetDedup(RangesKey(p.name), now).value_or(""));
+      std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+      for (const auto& [a, b] : ranges_map)
+        if (a > through + 1 || b > through) ranges.emplace_back(std::max(a, through + 1), b);
+      std::string bytes =
+          crypto::SealResendRequest(*key, p.identity, through, ranges, now, expires);
+      std::string name = BundleName(p.name, ".resend", now, 1);
+      if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
+      report.files.push_back(o.out_dir + "/" + name);
+      report.bytes = bytes.size();
+      report.note = "asks '" + p.name + "' to send again everything after " +
+                    std::to_string(through) + " except " + std::to_string(ranges.size()) +
+                    " range(s) already here";
+      return report;
+    }
     if (o.ack) {
       // What this site has stored from the peer: its accepted cursor (durable value).
       std::uint64_t through = store->GetCounter(AcceptedKey(p.name), 0);
@@ -998,7 +1069,7 @@ struct Daemon::Impl : transports::LinkHandler {
           std::string name = entry.path().filename().string();
           if (name.rfind(".tmp-", 0) == 0) continue;  // an export still being written
           std::string ext = entry.path().extension().string();
-          if (entry.is_regular_file() && (ext == ".bundle" || ext == ".ack"))
+          if (entry.is_regular_file() && (ext == ".bundle" || ext == ".ack" || ext == ".resend"))
             found.push_back(entry.path().string());
         }
         if (ec) results.push_back({path, false, "cannot read folder: " + ec.message(), 0});
@@ -1041,8 +1112,9 @@ struct Daemon::Impl : transports::LinkHandler {
       return r;
     }
     std::size_t p = *PeerBySignKey(b.header.sender);
-    if (b.header.kind == crypto::BundleKind::kAck) {
+    if (b.header.kind == crypto::BundleKind::kAck || b.header.kind == crypto::BundleKind::kResend) {
       OnAck(p, b.ack_through);
+      if (b.header.kind == crypto::BundleKind::kResend) QueueResend(p, b.ack_through, b.ranges);
       queue::WriteBatch wb;
       wb.PutDedup(bundle_key, now + kForeverMs, std::to_string(now));
       if (Status s = store->Commit(wb, true); !s) {
@@ -1068,6 +1140,213 @@ struct Daemon::Impl : transports::LinkHandler {
     r.message = "imported " + std::to_string(r.events) + " new event(s) from '" + peers[p].name +
                 "' (" + std::to_string(b.frames.size()) + " frame(s))";
     return r;
+  }
+
+  // ---- data diode ------------------------------------------------------------------------------
+  Status StartDiode() {
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      const config::PeerConfig& pc = *peers[i].config;
+      if (pc.diode_send.empty()) continue;
+      auto ds = std::make_unique<DiodeSender>();
+      ds->peer = i;
+      if (Status s = ResolveUdp(pc.diode_send, &ds->addr, &ds->addr_len); !s) return s;
+      ds->fd = ::socket(ds->addr.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+      if (ds->fd < 0)
+        return Status::Error("cannot create a UDP socket: " + std::string(std::strerror(errno)));
+      int buf = 4 << 20;
+      ::setsockopt(ds->fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+      transports::DiodeParams params;
+      params.data_shards = static_cast<std::uint16_t>(pc.diode_data_shards);
+      params.parity_shards = static_cast<std::uint16_t>(pc.diode_parity_shards);
+      params.interleave = static_cast<std::uint16_t>(pc.diode_interleave);
+      std::uint64_t stream = 0;
+      randombytes_buf(&stream, sizeof stream);
+      ds->encoder = std::make_unique<transports::DiodeEncoder>(stream, params);
+      std::uint64_t sent = store->GetCounter(DiodePosKey(peers[i].name), 0);
+      ds->scan = std::max(sent, peers[i].acked) + 1;
+      ds->pos = ds->scan;
+      ds->refill = Clock::now();
+      diode_senders.push_back(std::move(ds));
+    }
+    if (!diode_senders.empty()) {
+      diode_send_thread = std::thread([this] {
+        pthread_setname_np(pthread_self(), "relay-diode-tx");
+        DiodeSendLoop();
+      });
+    }
+    if (!config.diode_listen.empty()) {
+      sockaddr_storage addr{};
+      socklen_t len = 0;
+      if (Status s = ResolveUdp(config.diode_listen, &addr, &len); !s) return s;
+      diode_recv_fd = ::socket(addr.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+      int buf = 16 << 20;
+      ::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+      if (diode_recv_fd < 0 || ::bind(diode_recv_fd, reinterpret_cast<sockaddr*>(&addr), len) != 0)
+        return Status::Error("cannot listen on '" + config.diode_listen +
+                             "': " + std::strerror(errno));
+      timeval tv{0, 200000};
+      ::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      diode_recv_thread = std::thread([this] {
+        pthread_setname_np(pthread_self(), "relay-diode-rx");
+        DiodeRecvLoop();
+      });
+    }
+    return Status::Ok();
+  }
+
+  void StopDiode() {
+    if (diode_send_thread.joinable()) diode_send_thread.join();
+    if (diode_recv_thread.joinable()) diode_recv_thread.join();
+    for (auto& ds : diode_senders)
+      if (ds->fd >= 0) ::close(ds->fd);
+    if (diode_recv_fd >= 0) ::close(diode_recv_fd);
+    diode_recv_fd = -1;
+  }
+
+  // Sends one datagram, paced by the peer's rate limit (token bucket, one second of burst).
+  void SendPaced(DiodeSender& ds, const std::string& dg) {
+    double rate = static_cast<double>(peers[ds.peer].config->diode_rate);
+    while (!stopping) {
+      auto now = Clock::now();
+      ds.tokens =
+          std::min(rate, ds.tokens + rate * std::chrono::duration<double>(now - ds.refill).count());
+      ds.refill = now;
+      if (ds.tokens >= static_cast<double>(dg.size())) break;
+      double wait_s = (static_cast<double>(dg.size()) - ds.tokens) / rate;
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::min(wait_s, 0.05)));
+    }
+    ds.tokens -= static_cast<double>(dg.size());
+    // A full socket buffer or an unreachable receiver: the datagram is lost, which is what a
+    // diode does anyway; FEC, heartbeats and resend requests deal with it.
+    if (::sendto(ds.fd, dg.data(), dg.size(), 0, reinterpret_cast<sockaddr*>(&ds.addr),
+                 ds.addr_len) == static_cast<ssize_t>(dg.size()))
+      ++metrics.diode_datagrams_sent;
+  }
+
+  void DiodeSendLoop() {
+    std::vector<std::string> datagrams;
+    while (!stopping) {
+      bool did = false;
+      for (auto& dsp : diode_senders) {
+        DiodeSender& ds = *dsp;
+        auto now = Clock::now();
+        if (now - ds.last_heartbeat >= config.heartbeat_interval) {
+          ds.last_heartbeat = now;
+          SendPaced(ds, ds.encoder->Heartbeat());
+        }
+        // Ranges asked for again by a resend request come first.
+        std::uint64_t first, from, head;
+        bool resending = false;
+        {
+          std::lock_guard<std::mutex> lock(diode_mu);
+          if (!ds.resend.empty()) {
+            first = from = ds.resend.front().first;
+            head = ds.resend.front().second;
+            ds.resend.pop_front();
+            resending = true;
+          }
+        }
+        if (!resending) {
+          first = ds.pos.load();
+          from = ds.scan;
+          head = published.load();
+          if (from > head) continue;
+        }
+        while (from <= head && !stopping) {
+          auto built = BuildFrame(ds.peer, first, from, head);
+          if (!built) {
+            log::Error("diode sender: " + built.message());
+            break;
+          }
+          from = built->last_seq + 1;
+          if (built->count == 0) continue;
+          datagrams.clear();
+          ds.encoder->Encode(built->bytes, &datagrams);
+          for (const std::string& dg : datagrams) SendPaced(ds, dg);
+          ++peers[ds.peer].metrics->frames_sent;
+          peers[ds.peer].metrics->events_sent += built->count;
+          first = from;
+          did = true;
+          if (!resending) ds.pos = from;
+        }
+        if (!resending) {
+          ds.scan = from;
+          queue::WriteBatch b;
+          b.PutCounter(DiodePosKey(peers[ds.peer].name), ds.pos - 1);
+          (void)store->Commit(b, false);  // lost: those frames are sent again, deduplicated
+        }
+      }
+      if (!did) {
+        std::unique_lock<std::mutex> lock(ship_mu);
+        ship_cv.wait_for(lock, std::chrono::milliseconds(100));
+      }
+    }
+  }
+
+  // A resend request from `peer`: it has everything through `accepted` and the given ranges
+  // beyond; everything else this site sent over the diode is queued again.
+  void QueueResend(std::size_t peer, std::uint64_t accepted_through,
+                   const std::vector<std::pair<std::uint64_t, std::uint64_t>>& have) {
+    for (auto& dsp : diode_senders) {
+      if (dsp->peer != peer) continue;
+      std::lock_guard<std::mutex> lock(diode_mu);
+      std::uint64_t next = accepted_through + 1, end = dsp->pos - 1;
+      std::size_t queued = 0;
+      for (const auto& [a, b] : have) {
+        if (a > next && next <= end) {
+          dsp->resend.emplace_back(next, std::min(a - 1, end));
+          ++queued;
+        }
+        next = std::max(next, b + 1);
+      }
+      if (next <= end) {
+        dsp->resend.emplace_back(next, end);
+        ++queued;
+      }
+      metrics.diode_resend_ranges += queued;
+      log::Info("resend request from '" + peers[peer].name + "': " + std::to_string(queued) +
+                " range(s) queued for the diode again");
+    }
+    ship_cv.notify_all();
+  }
+
+  void DiodeRecvLoop() {
+    transports::DiodeDecoder decoder;
+    std::vector<transports::DiodeDecoder::Message> done;
+    std::string buf(65536, '\0');
+    auto last_stats = Clock::now();
+    while (!stopping) {
+      done.clear();
+      // Read what is there (bounded), then store the frames completed so far in one batch.
+      for (int i = 0; i < 4096; ++i) {
+        ssize_t n = ::recv(diode_recv_fd, buf.data(), buf.size(), i == 0 ? 0 : MSG_DONTWAIT);
+        if (n < 0) break;
+        ++metrics.diode_datagrams_received;
+        Status s = decoder.Feed(std::string_view(buf.data(), static_cast<std::size_t>(n)), &done);
+        if (!s) {
+          ++metrics.diode_datagrams_malformed;
+          if (warn_limiter.Allow()) log::Warning("diode datagram refused: " + s.message());
+        }
+      }
+      if (!done.empty()) {
+        BundleImport import;
+        import.all_or_nothing = false;
+        for (auto& m : done) import.frames.push_back({kAnyPeer, std::move(m.bytes)});
+        metrics.diode_messages_received += done.size();
+        Status s = ImportFrames(import);
+        if (!s) log::Error("diode: storing received frames failed: " + s.message());
+      }
+      if (Clock::now() - last_stats > std::chrono::seconds(1)) {
+        last_stats = Clock::now();
+        std::uint64_t recovered = 0, missing = 0;
+        for (const auto& st : decoder.Streams()) {
+          recovered += st.recovered_shards;
+          missing += decoder.Incomplete(st.stream_id).size();
+        }
+        metrics.diode_shards_recovered = recovered;
+        metrics.diode_messages_missing = missing;
+      }
+    }
   }
 
   // ---- inbound -------------------------------------------------------------------------------
@@ -1168,7 +1447,7 @@ struct Daemon::Impl : transports::LinkHandler {
       crypto::OpenResult opened = crypto::OpenFrame(*key, lookup, rf.bytes);
       if (!opened.ok()) {
         Reject(opened.rejection.reason, opened.rejection.message);
-        if (bundle) return Status::Error(opened.rejection.message);
+        if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);
         continue;
       }
       const crypto::FrameHeader& h = opened.frame->header;
@@ -1176,7 +1455,7 @@ struct Daemon::Impl : transports::LinkHandler {
       const std::string& pname = peers[p].name;
       // Bundle frames: every event is checked against the dedup index instead of the cursor.
       std::uint64_t acc = bundle ? 0 : accepted[p];
-      if (bundle && rf.link_peer != p) {
+      if (bundle && rf.link_peer != kAnyPeer && rf.link_peer != p) {
         return Status::Error("a frame inside the bundle is from peer '" + pname +
                              "', not from the bundle's sender");
       }
@@ -1225,7 +1504,8 @@ struct Daemon::Impl : transports::LinkHandler {
       if (!bad.empty()) {
         Reject(crypto::RejectReason::kMalformed,
                "frame from peer '" + pname + "' rejected: malformed payload: " + bad);
-        if (bundle) return Status::Error("a frame's payload is malformed: " + bad);
+        if (bundle && bundle->all_or_nothing)
+          return Status::Error("a frame's payload is malformed: " + bad);
         continue;
       }
       // One batched lookup of the frame's event ids in the dedup index.
@@ -1283,7 +1563,8 @@ struct Daemon::Impl : transports::LinkHandler {
       ack_peers.insert(p);
       ++frames_ok[p];
     }
-    if (bundle) batch.PutDedup(bundle->bundle_key, now + kForeverMs, std::to_string(now));
+    if (bundle && !bundle->bundle_key.empty())
+      batch.PutDedup(bundle->bundle_key, now + kForeverMs, std::to_string(now));
     if (batch.Count() > 0) {
       batch.PutCounter(kNextIn, next_in);
       Status s;
@@ -1438,6 +1719,43 @@ struct Daemon::Impl : transports::LinkHandler {
     }
   }
 
+  // Peers reached only through the diode never acknowledge (unless an ack or resend-request file
+  // comes back by disk). What was sent to them longer ago than their retention time counts as
+  // acknowledged, so the queue stays bounded; how much was dropped that way is counted and logged.
+  void ApplyDiodeRetention() {
+    auto now = Clock::now();
+    head_samples.emplace_back(now, published.load());
+    std::chrono::milliseconds longest{0};
+    for (const auto& ds : diode_senders)
+      longest = std::max(longest, peers[ds->peer].config->diode_retention);
+    while (head_samples.size() > 1 &&
+           now - head_samples.front().first > longest + std::chrono::minutes(1))
+      head_samples.erase(head_samples.begin());
+    for (const auto& ds : diode_senders) {
+      PeerRuntime& p = peers[ds->peer];
+      std::uint64_t expired = 0;  // log head as it was one retention time ago
+      for (const auto& [t, seq] : head_samples)
+        if (now - t >= p.config->diode_retention) expired = seq;
+      // Only what the diode sender has sent (it reads below ds->pos).
+      expired = std::min(expired, ds->pos - 1);
+      std::uint64_t dropped = 0;
+      {
+        std::lock_guard<std::mutex> lock(ship_mu);
+        if (expired <= p.acked) continue;
+        dropped = expired - p.acked;
+        p.acked = expired;
+        p.metrics->acked_through = expired;
+      }
+      queue::WriteBatch b;
+      b.PutCounter(AckedKey(p.name), expired);
+      (void)store->Commit(b, false);
+      metrics.diode_retention_dropped += dropped;
+      log::Warning("diode peer '" + p.name + "': " + std::to_string(dropped) +
+                   " log position(s) sent more than the retention time ago were never "
+                   "acknowledged and are dropped from the queue");
+    }
+  }
+
   // Deletes inbound events that every local sink has taken: the JSONL delivery and, for
   // Mattermost and webhook channels, the bridge (which has its own cursor).
   void CollectInbound() {
@@ -1459,6 +1777,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // from a bounded scan above that point; past the bound, depth falls back to the upper bound
   // "log head minus cursor".
   void CollectOutbound() {
+    ApplyDiodeRetention();
     std::vector<std::uint64_t> acked(peers.size());
     std::uint64_t head = published.load();
     std::uint64_t low = head;

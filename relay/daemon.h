@@ -24,6 +24,7 @@ struct ExportOptions {
   std::string out_dir;
   bool all = false;  // everything not acknowledged, not only what was not exported yet
   bool ack = false;  // write an acknowledgement file for the peer instead of events
+  bool resend = false;  // write a resend request (what is missing from the peer's diode stream)
   std::uint64_t max_bytes = 256u << 20;  // per bundle file; larger exports are split
   std::chrono::milliseconds ttl{std::chrono::hours(24 * 30)};  // 0: bundles never expire
   // Called after each file is written (for progress output); may be empty.

@@ -72,6 +72,25 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_store_bytes", "gauge", "Approximate size of the store on disk and in memory.",
          i64(store_bytes));
 
+  Simple(&out, "relay_diode_datagrams_sent_total", "counter", "Diode datagrams sent.",
+         i64(diode_datagrams_sent));
+  Simple(&out, "relay_diode_datagrams_received_total", "counter", "Diode datagrams received.",
+         i64(diode_datagrams_received));
+  Simple(&out, "relay_diode_datagrams_malformed_total", "counter",
+         "Diode datagrams refused as malformed.", i64(diode_datagrams_malformed));
+  Simple(&out, "relay_diode_frames_received_total", "counter",
+         "Frames reassembled from diode datagrams.", i64(diode_messages_received));
+  Simple(&out, "relay_diode_shards_recovered_total", "counter",
+         "Lost diode data shards rebuilt from parity (FEC).", i64(diode_shards_recovered));
+  Simple(&out, "relay_diode_frames_missing", "gauge",
+         "Frames announced by the diode sender and not complete here (lost beyond FEC).",
+         i64(diode_messages_missing));
+  Simple(&out, "relay_diode_resend_ranges_total", "counter",
+         "Log ranges queued for the diode again by resend-request files.",
+         i64(diode_resend_ranges));
+  Simple(&out, "relay_diode_retention_dropped_total", "counter",
+         "Log positions dropped for diode peers after the retention time, never acknowledged.",
+         i64(diode_retention_dropped));
   Simple(&out, "relay_mattermost_captured_total", "counter",
          "Changes captured from the local Mattermost and committed.", i64(mm_captured));
   Simple(&out, "relay_mattermost_catchups_total", "counter", "REST catch-up queries.",

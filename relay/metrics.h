@@ -48,6 +48,15 @@ struct Metrics {
   std::atomic<std::uint64_t> events_forwarded{0};
   std::atomic<std::uint64_t> store_bytes{0};
   std::atomic<std::uint64_t> inbound_backlog{0};
+  // Data diode.
+  std::atomic<std::uint64_t> diode_datagrams_sent{0};
+  std::atomic<std::uint64_t> diode_datagrams_received{0};
+  std::atomic<std::uint64_t> diode_datagrams_malformed{0};
+  std::atomic<std::uint64_t> diode_messages_received{0};   // frames reassembled
+  std::atomic<std::uint64_t> diode_shards_recovered{0};    // data shards rebuilt from parity
+  std::atomic<std::uint64_t> diode_messages_missing{0};    // announced, not (yet) complete
+  std::atomic<std::uint64_t> diode_resend_ranges{0};       // log ranges queued by requests
+  std::atomic<std::uint64_t> diode_retention_dropped{0};   // log entries dropped unacked
   // Mattermost adapter.
   std::atomic<std::uint64_t> mm_captured{0};         // changes captured and committed
   std::atomic<std::uint64_t> mm_catchups{0};         // REST catch-up queries

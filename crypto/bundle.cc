@@ -1,0 +1,261 @@
+#include "crypto/bundle.h"
+
+#include <sodium.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "relay/json.h"  // FormatTimestampMs
+
+namespace relay::crypto {
+namespace {
+
+using detail::AppendSignature;
+using detail::CheckFraming;
+using detail::CheckParties;
+using detail::Envelope;
+using detail::GetBigEndian;
+using detail::PutBigEndian;
+using detail::Reject;
+
+// Bundle header layout (docs/wire-format.md, "Bundle"); all integers big-endian.
+constexpr std::string_view kBundleMagic = "RLYB";
+constexpr std::size_t kVersionOffset = 4;
+constexpr std::size_t kKindOffset = 5;
+constexpr std::size_t kReservedOffset = 6;
+constexpr std::size_t kSenderOffset = 8;
+constexpr std::size_t kRecipientOffset = 40;
+constexpr std::size_t kIdOffset = 72;
+constexpr std::size_t kCreatedAtOffset = 88;
+constexpr std::size_t kExpiresAtOffset = 96;
+constexpr std::size_t kBodyLenOffset = 104;
+constexpr std::size_t kHeaderSize = 112;
+constexpr std::uint64_t kMaxBodyLen = std::uint64_t{1} << 32;  // 4 GiB
+constexpr std::size_t kAckBodySize = 8;
+constexpr std::string_view kFrameMagic = "RLYF";
+constexpr std::uint64_t kMaxU32 = std::numeric_limits<std::uint32_t>::max();
+
+constexpr Envelope kBundleEnvelope{.noun = "bundle",
+                                   .magic = kBundleMagic,
+                                   .version = kBundleVersion,
+                                   .header_size = kHeaderSize,
+                                   .body_len_offset = kBodyLenOffset,
+                                   .body_len_width = 8,
+                                   .max_body_len = kMaxBodyLen,
+                                   .sender_offset = kSenderOffset,
+                                   .recipient_offset = kRecipientOffset};
+
+[[noreturn]] void CallerBug(const char* what) {
+  std::fprintf(stderr, "relay: %s\n", what);
+  std::abort();
+}
+
+std::string Seal(const SiteKey& sender, const PublicIdentity& recipient, BundleKind kind,
+                 std::string_view body, std::int64_t created_at_ms, std::int64_t expires_at_ms,
+                 BundleId* id_out) {
+  if (body.size() > kMaxBodyLen) CallerBug("SealBundle: the body exceeds the 4 GiB limit");
+  BundleId id;
+  randombytes_buf(id.data(), id.size());
+  if (id_out != nullptr) *id_out = id;
+
+  std::string out(kHeaderSize, '\0');
+  auto* h = reinterpret_cast<unsigned char*>(out.data());
+  std::memcpy(h, kBundleMagic.data(), kBundleMagic.size());
+  h[kVersionOffset] = kBundleVersion;
+  h[kKindOffset] = static_cast<unsigned char>(kind);
+  PutBigEndian(0, 2, h + kReservedOffset);
+  std::memcpy(h + kSenderOffset, sender.identity().sign_pk.data(), 32);
+  std::memcpy(h + kRecipientOffset, recipient.sign_pk.data(), 32);
+  std::memcpy(h + kIdOffset, id.data(), id.size());
+  PutBigEndian(static_cast<std::uint64_t>(created_at_ms), 8, h + kCreatedAtOffset);
+  PutBigEndian(static_cast<std::uint64_t>(expires_at_ms), 8, h + kExpiresAtOffset);
+  PutBigEndian(body.size(), 8, h + kBodyLenOffset);
+  out.append(body);
+  AppendSignature(sender, kHeaderSize, &out);
+  return out;
+}
+
+// Splits a frames body (count u32, then count x (len u32, frame)) into `frames`. Returns what is
+// wrong with it, or nullopt. Only the structure is checked: the frames are opened by the caller.
+std::optional<std::string> ParseFrameList(std::string_view body, std::vector<std::string>* frames) {
+  if (body.size() < 4)
+    return "frames body is " + std::to_string(body.size()) +
+           " bytes, too short for the 4-byte frame count";
+  const std::uint64_t count = GetBigEndian(body, 0, 4);
+  std::size_t pos = 4;
+  // Every entry takes at least 4 bytes, so the body bounds how many are worth reserving.
+  frames->reserve(static_cast<std::size_t>(std::min<std::uint64_t>(count, body.size() / 4)));
+  for (std::uint64_t i = 0; i < count; ++i) {
+    const std::string entry = "frame " + std::to_string(i + 1) + " of " + std::to_string(count);
+    const std::size_t left = body.size() - pos;
+    if (left < 4)
+      return entry + ": its 4-byte length needs more than the " + std::to_string(left) +
+             " bytes left in the body";
+    const std::uint64_t len = GetBigEndian(body, pos, 4);
+    pos += 4;
+    if (len > body.size() - pos)
+      return entry + " declares " + std::to_string(len) + " bytes, but only " +
+             std::to_string(body.size() - pos) + " are left in the body";
+    std::string_view frame = body.substr(pos, static_cast<std::size_t>(len));
+    if (frame.substr(0, kFrameMagic.size()) != kFrameMagic)
+      return entry + " (" + std::to_string(len) + " bytes) does not start with '" +
+             std::string(kFrameMagic) + "' (not a relay frame)";
+    frames->emplace_back(frame);
+    pos += frame.size();
+  }
+  if (pos != body.size())
+    return std::to_string(body.size() - pos) + " bytes after the last of " + std::to_string(count) +
+           " frames in the body";
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::string BundleIdHex(const BundleId& id) {
+  char hex[2 * std::tuple_size_v<BundleId> + 1];
+  sodium_bin2hex(hex, sizeof hex, id.data(), id.size());
+  return std::string(hex, 2 * id.size());
+}
+
+std::string SealBundle(const SiteKey& sender, const PublicIdentity& recipient,
+                       const std::vector<std::string>& frames, std::int64_t created_at_ms,
+                       std::int64_t expires_at_ms, BundleId* id_out) {
+  if (frames.size() > kMaxU32) CallerBug("SealBundle: more than 2^32-1 frames");
+  std::uint64_t body_len = 4;
+  for (const std::string& frame : frames) {
+    // A frame that is not one would make the whole bundle unreadable for the recipient.
+    if (frame.size() > kMaxU32 || std::string_view(frame).substr(0, 4) != kFrameMagic)
+      CallerBug("SealBundle: an entry is not a sealed frame (no 'RLYF' magic, or over 4 GiB)");
+    body_len += 4 + frame.size();
+  }
+  if (body_len > kMaxBodyLen) CallerBug("SealBundle: the frames exceed the 4 GiB body limit");
+
+  std::string body(4, '\0');
+  body.reserve(static_cast<std::size_t>(body_len));
+  PutBigEndian(frames.size(), 4, reinterpret_cast<unsigned char*>(body.data()));
+  for (const std::string& frame : frames) {
+    unsigned char len[4];
+    PutBigEndian(frame.size(), 4, len);
+    body.append(reinterpret_cast<const char*>(len), sizeof len);
+    body.append(frame);
+  }
+  return Seal(sender, recipient, BundleKind::kFrames, body, created_at_ms, expires_at_ms, id_out);
+}
+
+std::string SealResendRequest(const SiteKey& sender, const PublicIdentity& recipient,
+                              std::uint64_t accepted,
+                              const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges,
+                              std::int64_t created_at_ms, std::int64_t expires_at_ms) {
+  std::string body(12 + 16 * ranges.size(), '\0');
+  auto* b = reinterpret_cast<unsigned char*>(body.data());
+  PutBigEndian(accepted, 8, b);
+  PutBigEndian(ranges.size(), 4, b + 8);
+  for (std::size_t i = 0; i < ranges.size(); ++i) {
+    PutBigEndian(ranges[i].first, 8, b + 12 + 16 * i);
+    PutBigEndian(ranges[i].second, 8, b + 20 + 16 * i);
+  }
+  return Seal(sender, recipient, BundleKind::kResend, body, created_at_ms, expires_at_ms, nullptr);
+}
+
+std::string SealAck(const SiteKey& sender, const PublicIdentity& recipient,
+                    std::uint64_t ack_through, std::int64_t created_at_ms,
+                    std::int64_t expires_at_ms) {
+  std::string body(kAckBodySize, '\0');
+  PutBigEndian(ack_through, kAckBodySize, reinterpret_cast<unsigned char*>(body.data()));
+  return Seal(sender, recipient, BundleKind::kAck, body, created_at_ms, expires_at_ms, nullptr);
+}
+
+BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::string_view bytes,
+                        std::int64_t now_ms) {
+  BundleResult result;
+  const Envelope& env = kBundleEnvelope;
+  std::uint64_t body_len = 0;
+  if (auto r = CheckFraming(env, bytes, &body_len)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+  const unsigned kind = static_cast<unsigned char>(bytes[kKindOffset]);
+  if (kind != static_cast<unsigned>(BundleKind::kFrames) &&
+      kind != static_cast<unsigned>(BundleKind::kAck) &&
+      kind != static_cast<unsigned>(BundleKind::kResend)) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "unknown bundle kind " + std::to_string(kind) +
+                                  " (1 is frames, 2 is ack, 3 is resend request)");
+    return result;
+  }
+  const auto reserved = GetBigEndian(bytes, kReservedOffset, 2);
+  if (reserved != 0) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "reserved field is " + std::to_string(reserved) + ", must be 0");
+    return result;
+  }
+  PublicIdentity peer;
+  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
+    result.rejection = std::move(*r);
+    return result;
+  }
+
+  Bundle bundle;
+  bundle.header.kind = static_cast<BundleKind>(kind);
+  bundle.header.sender = peer.sign_pk;
+  bundle.header.recipient = self.identity().sign_pk;
+  std::memcpy(bundle.header.id.data(), bytes.data() + kIdOffset, bundle.header.id.size());
+  bundle.header.created_at_ms = static_cast<std::int64_t>(GetBigEndian(bytes, kCreatedAtOffset, 8));
+  bundle.header.expires_at_ms = static_cast<std::int64_t>(GetBigEndian(bytes, kExpiresAtOffset, 8));
+
+  const std::string_view body = bytes.substr(kHeaderSize, static_cast<std::size_t>(body_len));
+  if (bundle.header.kind == BundleKind::kFrames) {
+    if (auto what = ParseFrameList(body, &bundle.frames)) {
+      result.rejection = Reject(env, RejectReason::kMalformed, *what);
+      return result;
+    }
+  } else if (bundle.header.kind == BundleKind::kResend) {
+    std::uint64_t count = body.size() >= 12 ? GetBigEndian(body, 8, 4) : 0;
+    if (body.size() < 12 || body.size() != 12 + 16 * count) {
+      result.rejection = Reject(env, RejectReason::kMalformed,
+                                "resend request body is " + std::to_string(body.size()) +
+                                    " bytes, which does not match its range count");
+      return result;
+    }
+    bundle.ack_through = GetBigEndian(body, 0, 8);
+    std::uint64_t previous = bundle.ack_through;
+    for (std::uint64_t i = 0; i < count; ++i) {
+      std::uint64_t first = GetBigEndian(body, 12 + 16 * i, 8);
+      std::uint64_t last = GetBigEndian(body, 20 + 16 * i, 8);
+      if (first <= previous || last < first) {
+        result.rejection = Reject(env, RejectReason::kMalformed,
+                                  "resend request range " + std::to_string(i) + " (" +
+                                      std::to_string(first) + ".." + std::to_string(last) +
+                                      ") is not ascending beyond the acknowledged position");
+        return result;
+      }
+      bundle.ranges.emplace_back(first, last);
+      previous = last;
+    }
+  } else {
+    if (body.size() != kAckBodySize) {
+      result.rejection = Reject(env, RejectReason::kMalformed,
+                                "ack body is " + std::to_string(body.size()) + " bytes, must be " +
+                                    std::to_string(kAckBodySize));
+      return result;
+    }
+    bundle.ack_through = GetBigEndian(body, 0, kAckBodySize);
+  }
+
+  // Last: an expired bundle is otherwise sound, and the message can say so.
+  if (bundle.header.expires_at_ms != 0 && bundle.header.expires_at_ms <= now_ms) {
+    result.expired = true;
+    result.rejection =
+        Reject(env, RejectReason::kMalformed,
+               "expired at " + FormatTimestampMs(bundle.header.expires_at_ms) + " (created " +
+                   FormatTimestampMs(bundle.header.created_at_ms) + ")");
+    return result;
+  }
+  result.bundle = std::move(bundle);
+  return result;
+}
+
+}  // namespace relay::crypto
