@@ -625,7 +625,7 @@ void Loader::ValidatePeer(const Section& section) {
   ReadSize(section, "max_frame_bytes", kMinFrameBytes, kMaxFrameBytes, &peer.max_frame_bytes);
   ReadSize(section, "diode_rate", 1024, std::uint64_t{10} << 30, &peer.diode_rate);
   ReadNumber(section, "diode_data_shards", 1, 200, &peer.diode_data_shards);
-  ReadNumber(section, "diode_parity_shards", 0, 55, &peer.diode_parity_shards);
+  ReadNumber(section, "diode_parity_shards", 1, 55, &peer.diode_parity_shards);
   ReadNumber(section, "diode_interleave", 1, 64, &peer.diode_interleave);
   ReadDuration(section, "diode_retention", &peer.diode_retention);
   config_->peers.push_back(std::move(peer));
