@@ -132,3 +132,35 @@ class SneakernetTest(RelayTestCase):
         ids = [l["id"] for l in aws.sink_lines()]
         self.assertEqual(len(ids), 4000)
         self.assertEqual(len(set(ids)), 4000)
+
+    def test_sigkill_during_export_leaves_no_partial_bundle(self):
+        eu, aws = self.disk_pair()
+        eu.start()
+        post_all(eu, messages(20000, prefix="x"), batch=1000)
+        eu.stop()  # the CLI opens the store itself
+        p = subprocess.Popen([relay_bin(), "export", "--config", eu.conf, "--peer", "aws",
+                              "--out", self.disk, "--max-bytes", "64KiB"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline and len(os.listdir(self.disk)) < 5:
+            time.sleep(0.005)
+        p.kill()
+        p.wait(timeout=30)
+        written = sorted(os.path.join(self.disk, f) for f in os.listdir(self.disk)
+                         if f.endswith(".bundle"))
+        self.assertTrue(written, "the export was killed before writing anything")
+        # Every file under a final name is whole: each one imports.
+        r = self.imp(aws, *written)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr)
+        # Nothing was recorded as exported, so the next export writes everything again;
+        # the events that already arrived are recognised.
+        again = os.path.join(self.root, "again")
+        os.makedirs(again)
+        self.export(eu, "aws", out=again)
+        r = self.imp(aws, again)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr)
+        aws.start()
+        self.wait_for(lambda: aws.sink_count() >= 20000, 90, "20000 lines")
+        ids = [l["id"] for l in aws.sink_lines()]
+        self.assertEqual(len(ids), 20000)
+        self.assertEqual(len(set(ids)), 20000)
