@@ -433,6 +433,11 @@ struct Daemon::Impl : transports::LinkHandler {
     ship_cv.notify_all();
     StopDiode();
     if (link) link->Stop();
+    {
+      // Taking the lock orders this wake-up after the inbound thread's check of `stopping`:
+      // without it the notification can fall between check and wait and be lost.
+      std::lock_guard<std::mutex> lock(in_mu);
+    }
     in_cv.notify_all();
     if (inbound.joinable()) inbound.join();
     deliver_cv.notify_all();

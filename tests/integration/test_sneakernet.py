@@ -146,8 +146,10 @@ class SneakernetTest(RelayTestCase):
             time.sleep(0.005)
         p.kill()
         p.wait(timeout=30)
+        # Only files under their final name count (a ".tmp-" file is an export in progress,
+        # never imported from a folder).
         written = sorted(os.path.join(self.disk, f) for f in os.listdir(self.disk)
-                         if f.endswith(".bundle"))
+                         if f.endswith(".bundle") and not f.startswith(".tmp-"))
         self.assertTrue(written, "the export was killed before writing anything")
         # Every file under a final name is whole: each one imports.
         r = self.imp(aws, *written)
