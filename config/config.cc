@@ -587,9 +587,10 @@ void Loader::ValidatePeer(const Section& section) {
   } else if (peer.name == config_->site_name) {
     Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
   }
-  CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
-                      "max_frame_events", "max_frame_bytes", "diode_rate", "diode_data_shards",
-                      "diode_parity_shards", "diode_interleave", "diode_retention"});
+  CheckKeys(section,
+            {"public_key", "zmq_connect", "files_dir", "diode_send", "window", "max_frame_events",
+             "max_frame_bytes", "diode_rate", "diode_data_shards", "diode_parity_shards",
+             "diode_interleave", "diode_retention", "files_auto", "files_interval"});
   if (const Entry* key = Required(section, "public_key")) {
     auto identity = crypto::PublicIdentity::Parse(key->value);
     if (!identity) {
@@ -628,6 +629,15 @@ void Loader::ValidatePeer(const Section& section) {
   ReadNumber(section, "diode_parity_shards", 1, 55, &peer.diode_parity_shards);
   ReadNumber(section, "diode_interleave", 1, 64, &peer.diode_interleave);
   ReadDuration(section, "diode_retention", &peer.diode_retention);
+  ReadDuration(section, "files_interval", &peer.files_interval);
+  if (const Entry* automatic = Optional(section, "files_auto")) {
+    if (automatic->value == "true" || automatic->value == "yes") {
+      peer.files_auto = true;
+      if (peer.files_dir.empty()) ValueProblem(section, *automatic, "needs files_dir");
+    } else if (automatic->value != "false" && automatic->value != "no") {
+      ValueProblem(section, *automatic, "expected true or false");
+    }
+  }
   config_->peers.push_back(std::move(peer));
 }
 
@@ -667,8 +677,9 @@ void Loader::ValidateChannel(const Section& section) {
     } else if (sink->value == "webhook") {
       channel.sink = SinkKind::kWebhook;
     } else {
-      ValueProblem(section, *sink,
-                   "unknown sink " + Quote(sink->value) + " (expected jsonl, mattermost or webhook)");
+      ValueProblem(
+          section, *sink,
+          "unknown sink " + Quote(sink->value) + " (expected jsonl, mattermost or webhook)");
     }
   }
   // Keys of the other sink are errors rather than silently ignored.
@@ -727,9 +738,9 @@ void Loader::ValidateMattermost(const Section* section) {
     if (needed) Problem("missing section [mattermost] (" + why + ")");
     return;
   }
-  CheckKeys(*section, {"url", "token_file", "ca_file", "client_cert", "client_key", "timeout",
-                       "display_name", "icon_url", "max_file_bytes", "catchup_overlap",
-                       "poll_interval"});
+  CheckKeys(*section,
+            {"url", "token_file", "ca_file", "client_cert", "client_key", "timeout", "display_name",
+             "icon_url", "max_file_bytes", "catchup_overlap", "poll_interval"});
   const Entry* url = needed ? Required(*section, "url", why) : Optional(*section, "url");
   if (url != nullptr) {
     const std::string_view value = url->value;
@@ -763,7 +774,8 @@ void Loader::ValidateMattermost(const Section* section) {
       config_->mattermost_display_name = name->value;
     }
   }
-  if (const Entry* icon = Optional(*section, "icon_url")) config_->mattermost_icon_url = icon->value;
+  if (const Entry* icon = Optional(*section, "icon_url"))
+    config_->mattermost_icon_url = icon->value;
 }
 
 void Loader::Load(const std::string& text) {

@@ -25,13 +25,15 @@ struct PeerConfig {
   crypto::PublicIdentity public_key;  // public_key =
   std::string zmq_connect;            // optional, "tcp://host:port"
   std::string files_dir;              // optional (sneakernet, issue 4)
-  std::string diode_send;            // optional: "udp://host:port", one-way sender
-  std::uint64_t diode_rate = 8u << 20;       // bytes/s the diode sender may put on the wire
-  std::uint32_t diode_data_shards = 16;      // FEC: data shards per block (k)
-  std::uint32_t diode_parity_shards = 8;     // FEC: parity shards per block (m)
-  std::uint32_t diode_interleave = 8;        // FEC blocks interleaved against burst loss
+  bool files_auto = false;            // the daemon exports to and imports from files_dir by itself
+  std::chrono::milliseconds files_interval{30000};  // how often it looks
+  std::string diode_send;                           // optional: "udp://host:port", one-way sender
+  std::uint64_t diode_rate = 8u << 20;              // bytes/s the diode sender may put on the wire
+  std::uint32_t diode_data_shards = 16;             // FEC: data shards per block (k)
+  std::uint32_t diode_parity_shards = 8;            // FEC: parity shards per block (m)
+  std::uint32_t diode_interleave = 8;               // FEC blocks interleaved against burst loss
   std::chrono::milliseconds diode_retention{std::chrono::hours(24 * 7)};  // kept unacked
-  std::uint32_t window = 8;           // frames in flight before back-pressure
+  std::uint32_t window = 8;  // frames in flight before back-pressure
   std::uint32_t max_frame_events = 2048;
   std::uint64_t max_frame_bytes = 4u << 20;
 };

@@ -196,6 +196,9 @@ struct Daemon::Impl : transports::LinkHandler {
   std::thread diode_send_thread, diode_recv_thread;
   int diode_recv_fd = -1;
   std::vector<std::pair<Clock::time_point, std::uint64_t>> head_samples;  // maintenance only
+  std::map<std::string, Clock::time_point> auto_files_last;               // maintenance only
+  std::set<std::string> auto_files_seen;                                  // maintenance only
+  std::map<std::string, std::uint64_t> auto_acked;                        // maintenance only
   std::mutex bundle_mu;
   std::vector<std::thread> bundle_threads;  // export/import requests, joined at Stop
 
@@ -1714,6 +1717,7 @@ struct Daemon::Impl : transports::LinkHandler {
       if (stopping) return;
       CollectOutbound();
       CollectInbound();
+      AutoFiles();
       // Expired dedup entries go with RocksDB's compactions; force one every few hours so
       // an idle site does not keep them for ever.
       if (Clock::now() - last_dedup_compaction > std::chrono::hours(6)) {
@@ -1721,6 +1725,46 @@ struct Daemon::Impl : transports::LinkHandler {
         if (Status c = store->CompactDedup(); !c) log::Error(c.message());
       }
       metrics.store_bytes = store->ApproximateSize();
+    }
+  }
+
+  // Peers with files_auto: import what the peer left in files_dir ("<peer>-to-<site>-*"), write
+  // what is new for it there, and an acknowledgement when more has arrived from it.
+  void AutoFiles() {
+    auto now = Clock::now();
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      const config::PeerConfig& pc = *peers[i].config;
+      if (!pc.files_auto) continue;
+      auto& last = auto_files_last[pc.name];
+      if (now - last < pc.files_interval) continue;
+      last = now;
+      std::vector<std::string> incoming;
+      std::error_code ec;
+      std::string prefix = pc.name + "-to-" + config.site_name + "-";
+      for (const auto& entry : std::filesystem::directory_iterator(pc.files_dir, ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind(prefix, 0) != 0 || auto_files_seen.count(entry.path().string())) continue;
+        auto_files_seen.insert(entry.path().string());
+        incoming.push_back(entry.path().string());
+      }
+      std::sort(incoming.begin(), incoming.end());
+      for (const auto& r : Import(incoming)) {
+        if (r.ok) {
+          log::Info("files_dir: " + r.path + ": " + r.message);
+        } else {
+          log::Warning("files_dir: " + r.path + " refused: " + r.message);
+        }
+      }
+      ExportOptions o;
+      o.peer = pc.name;
+      o.out_dir = pc.files_dir;
+      auto r = Export(o);
+      if (!r) log::Warning("files_dir: export for '" + pc.name + "' failed: " + r.message());
+      std::uint64_t accepted_now = store->GetCounter(AcceptedKey(pc.name), 0);
+      if (accepted_now > auto_acked[pc.name]) {
+        o.ack = true;
+        if (Export(o)) auto_acked[pc.name] = accepted_now;
+      }
     }
   }
 

@@ -166,3 +166,24 @@ class SneakernetTest(RelayTestCase):
         ids = [l["id"] for l in aws.sink_lines()]
         self.assertEqual(len(ids), 20000)
         self.assertEqual(len(set(ids)), 20000)
+
+    def test_daemons_exchange_through_a_shared_files_dir_by_themselves(self):
+        eu, aws = self.site("europe"), self.site("aws")
+        shared = os.path.join(self.root, "transfer")
+        os.makedirs(shared)
+        auto = {"files_dir": shared, "files_auto": "true", "files_interval": "200ms"}
+        eu.write_config({"aws": {"site": aws, "keys": auto}}, {"war-room": ["aws"]},
+                        zmq_listen=False)
+        aws.write_config({"europe": {"site": eu, "keys": auto}}, {"war-room": ["europe"]},
+                         zmq_listen=False)
+        eu.start()
+        aws.start()
+        post_all(eu, messages(500, prefix="auto"), batch=250)
+        post_all(aws, messages(50, prefix="back"), batch=50)
+        self.wait_for(lambda: aws.sink_count() == 500 and eu.sink_count() == 50, 60,
+                      "both directions through the shared folder")
+        # Acknowledgement files come back the same way and free both queues.
+        self.wait_for(lambda: eu.metric("relay_queue_depth", peer="aws") == 0 and
+                      aws.metric("relay_queue_depth", peer="europe") == 0, 30,
+                      "queues freed by ack files")
+        self.assertEqual(len({l["id"] for l in aws.sink_lines()}), 500)
