@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -556,6 +557,17 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       respond({200, "application/json", ExportReportJson(*r)});
     });
+  }
+
+  // One line for systemd's STATUS= and logs: "ingested 12, delivered 9, aws up (backlog 0)".
+  std::string StatusLine() const {
+    std::string out = "ingested " + std::to_string(metrics.events_ingested.load()) +
+                      ", delivered " + std::to_string(metrics.events_delivered.load());
+    for (const PeerRuntime& p : peers) {
+      out += ", " + p.name + (p.metrics->link_up ? " up" : " down") + " (backlog " +
+             std::to_string(p.metrics->queue_depth.load()) + ")";
+    }
+    return out;
   }
 
   std::string StatusJson() {
@@ -1625,7 +1637,9 @@ struct Daemon::Impl : transports::LinkHandler {
         std::unique_lock<std::mutex> lock(deliver_mu);
         deliver_cv.wait_for(lock, std::chrono::milliseconds(500),
                             [&] { return stored_in.load() > delivered || stopping; });
-        if (stored_in.load() <= delivered && stopping) return;
+        // Online, stop after the batch at hand (what is stored is delivered after the restart);
+        // offline (`relay import`), deliver everything first.
+        if (stopping && (!offline || stored_in.load() <= delivered)) return;
       }
       if (stored_in.load() > delivered && !DeliverBatch()) {
         ++metrics.delivery_failures;
@@ -1919,25 +1933,53 @@ int RunDaemon(const std::string& config_path) {
     log::Error("invalid configuration:\n" + cfg.message());
     return 1;
   }
-  // Block the stop signals in every thread; the main thread waits for them synchronously.
+  // Block the signals in every thread; the main thread waits for them synchronously.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   Daemon daemon(std::move(cfg).value());
   if (Status s = daemon.Start(); !s) {
     log::Error(s.message());
+    sd_notifyf(0, "STATUS=failed to start: %s", s.message().c_str());
     daemon.Stop();
     return 1;
   }
-  int sig = 0;
-  sigwait(&signals, &sig);
-  log::Info(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
+  // systemd (Type=notify): READY only once serving; STATUS lines; WATCHDOG from this loop
+  // when WatchdogSec is set. Without NOTIFY_SOCKET these calls do nothing.
+  std::uint64_t watchdog_usec = 0;
+  bool watchdog = sd_watchdog_enabled(0, &watchdog_usec) > 0;
+  sd_notifyf(0, "READY=1\nSTATUS=%s", daemon.StatusLine().c_str());
+  auto period = std::chrono::microseconds(watchdog ? watchdog_usec / 2 : 5'000'000);
+  period = std::min<std::chrono::microseconds>(period, std::chrono::seconds(5));
+  while (true) {
+    timespec ts{static_cast<time_t>(period.count() / 1'000'000),
+                static_cast<long>((period.count() % 1'000'000) * 1000)};
+    int sig = sigtimedwait(&signals, nullptr, &ts);
+    if (sig < 0) {  // timeout (or EINTR): the main loop is alive
+      sd_notifyf(0, "%sSTATUS=%s", watchdog ? "WATCHDOG=1\n" : "", daemon.StatusLine().c_str());
+      continue;
+    }
+    if (sig == SIGHUP) {
+      // Logs go to stderr (journald under systemd): there is no log file to reopen, and the
+      // configuration is not reloaded (a restart is safe: SIGTERM drains, state is durable).
+      log::Info("SIGHUP: " + daemon.StatusLine() +
+                " (nothing to reload; restart to apply "
+                "configuration changes)");
+      continue;
+    }
+    log::Info(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
+    sd_notify(0, "STOPPING=1\nSTATUS=stopping");
+    break;
+  }
   daemon.Stop();
   return 0;
 }
+
+std::string Daemon::StatusLine() const { return impl_->StatusLine(); }
 
 }  // namespace relay

@@ -22,8 +22,8 @@ namespace relay {
 struct ExportOptions {
   std::string peer;
   std::string out_dir;
-  bool all = false;  // everything not acknowledged, not only what was not exported yet
-  bool ack = false;  // write an acknowledgement file for the peer instead of events
+  bool all = false;     // everything not acknowledged, not only what was not exported yet
+  bool ack = false;     // write an acknowledgement file for the peer instead of events
   bool resend = false;  // write a resend request (what is missing from the peer's diode stream)
   std::uint64_t max_bytes = 256u << 20;  // per bundle file; larger exports are split
   std::chrono::milliseconds ttl{std::chrono::hours(24 * 30)};  // 0: bundles never expire
@@ -68,6 +68,8 @@ class Daemon {
   // Graceful stop: no new ingest; what was accepted stays durable; threads are joined.
   void Stop();
   std::uint16_t ingest_port() const;
+  // A one-line summary (systemd STATUS=, SIGHUP).
+  std::string StatusLine() const;
 
   // Sneakernet: write bundle files for a peer, and verify and import bundle / ack files.
   // Safe while the daemon runs (they use its threads and state).

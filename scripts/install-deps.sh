@@ -8,7 +8,7 @@ packages=(
   libzmq3-dev cppzmq-dev libsodium-dev librocksdb-dev libmsgpack-cxx-dev
   libboost-program-options-dev libboost-dev
   libsimdjson-dev catch2
-  libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libisal-dev
+  libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libisal-dev libsystemd-dev systemd
   python3 curl
 )
 

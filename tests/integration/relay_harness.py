@@ -336,7 +336,7 @@ class Site:
         return self.conf
 
     # ---- process control -------------------------------------------------------------------
-    def start(self, wait=True, timeout=30):
+    def start(self, wait=True, timeout=30, env=None):
         assert not self.running(), f"{self.name} is already running"
         self._log = open(self.log_path, "ab")
         self._log.write(f"---- harness: start {time.strftime('%H:%M:%S')} ----\n".encode())
@@ -346,7 +346,8 @@ class Site:
             try:
                 self.proc = subprocess.Popen([binary, "run", "--config", self.conf],
                                              stdout=self._log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             env=env)
                 break
             except OSError:
                 if attempt == 2:
