@@ -512,7 +512,8 @@ void Loader::ReadNumber(const Section& section, std::string_view key, std::uint6
 }
 
 void Loader::ValidateSite(const Section& section) {
-  CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl"});
+  CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file"});
+  ReadPath(section, "previous_key_file", /*required=*/false, &config_->previous_key_file);
   if (const Entry* name = Required(section, "name")) {
     if (IsValidPeerName(name->value)) {
       config_->site_name = name->value;
@@ -587,10 +588,18 @@ void Loader::ValidatePeer(const Section& section) {
   } else if (peer.name == config_->site_name) {
     Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
   }
-  CheckKeys(section,
-            {"public_key", "zmq_connect", "files_dir", "diode_send", "window", "max_frame_events",
-             "max_frame_bytes", "diode_rate", "diode_data_shards", "diode_parity_shards",
-             "diode_interleave", "diode_retention", "files_auto", "files_interval"});
+  CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
+                      "max_frame_events", "max_frame_bytes", "diode_rate", "diode_data_shards",
+                      "diode_parity_shards", "diode_interleave", "diode_retention", "files_auto",
+                      "files_interval", "previous_public_key"});
+  if (const Entry* prev = Optional(section, "previous_public_key")) {
+    auto identity = crypto::PublicIdentity::Parse(prev->value);
+    if (identity) {
+      peer.previous_public_key = *identity;
+    } else {
+      ValueProblem(section, *prev, "bad public key: " + identity.message());
+    }
+  }
   if (const Entry* key = Required(section, "public_key")) {
     auto identity = crypto::PublicIdentity::Parse(key->value);
     if (!identity) {

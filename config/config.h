@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,9 +24,11 @@ struct Endpoint {  // host:port for TCP listeners
 struct PeerConfig {
   std::string name;                   // from [peer.NAME]
   crypto::PublicIdentity public_key;  // public_key =
-  std::string zmq_connect;            // optional, "tcp://host:port"
-  std::string files_dir;              // optional (sneakernet, issue 4)
-  bool files_auto = false;            // the daemon exports to and imports from files_dir by itself
+  // Key rotation: the peer's previous identity, still accepted while it rotates its key.
+  std::optional<crypto::PublicIdentity> previous_public_key;
+  std::string zmq_connect;  // optional, "tcp://host:port"
+  std::string files_dir;    // optional (sneakernet, issue 4)
+  bool files_auto = false;  // the daemon exports to and imports from files_dir by itself
   std::chrono::milliseconds files_interval{30000};  // how often it looks
   std::string diode_send;                           // optional: "udp://host:port", one-way sender
   std::uint64_t diode_rate = 8u << 20;              // bytes/s the diode sender may put on the wire
@@ -55,6 +58,8 @@ struct Config {
   // [site]
   std::string site_name;
   std::string key_file;
+  // Key rotation: this site's previous key; frames still sealed for it are opened.
+  std::string previous_key_file;
   std::string data_dir;
   std::chrono::milliseconds dedup_ttl{std::chrono::hours(24 * 7)};
   // [ingest]

@@ -167,6 +167,7 @@ class WarnLimiter {
 struct Daemon::Impl : transports::LinkHandler {
   config::Config config;
   std::optional<crypto::SiteKey> key;
+  std::optional<crypto::SiteKey> previous_key;  // [site] previous_key_file, during a rotation
   std::unique_ptr<queue::Store> store;
   Metrics metrics;
   std::vector<PeerRuntime> peers;
@@ -255,10 +256,35 @@ struct Daemon::Impl : transports::LinkHandler {
 
   explicit Impl(config::Config c) : config(std::move(c)) {}
 
+  // A peer by its signing key: its current key, or during a rotation its previous one.
   std::optional<std::size_t> PeerBySignKey(const crypto::PublicKey& pk) const {
-    for (std::size_t i = 0; i < peers.size(); ++i)
+    for (std::size_t i = 0; i < peers.size(); ++i) {
       if (peers[i].identity.sign_pk == pk) return i;
+      const auto& prev = peers[i].config->previous_public_key;
+      if (prev && prev->sign_pk == pk) return i;
+    }
     return std::nullopt;
+  }
+
+  // The identity to verify a message signed by `pk` with (current or previous key).
+  std::optional<crypto::PublicIdentity> LookupPeer(const crypto::PublicKey& pk) const {
+    for (const PeerRuntime& p : peers) {
+      if (p.identity.sign_pk == pk) return p.identity;
+      const auto& prev = p.config->previous_public_key;
+      if (prev && prev->sign_pk == pk) return prev;
+    }
+    return std::nullopt;
+  }
+
+  // Opens a frame addressed to this site, or during a rotation to its previous key.
+  crypto::OpenResult OpenFrameAny(std::string_view bytes) const {
+    auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
+    crypto::OpenResult r = crypto::OpenFrame(*key, lookup, bytes);
+    if (!r.ok() && previous_key && r.rejection.reason == crypto::RejectReason::kWrongRecipient) {
+      crypto::OpenResult old = crypto::OpenFrame(*previous_key, lookup, bytes);
+      if (old.ok() || old.rejection.reason != crypto::RejectReason::kWrongRecipient) return old;
+    }
+    return r;
   }
 
   // ---- start-up ------------------------------------------------------------------------------
@@ -267,6 +293,11 @@ struct Daemon::Impl : transports::LinkHandler {
     auto k = crypto::SiteKey::LoadFile(config.key_file);
     if (!k) return k.status();
     key.emplace(std::move(k).value());
+    if (!config.previous_key_file.empty()) {
+      auto old = crypto::SiteKey::LoadFile(config.previous_key_file);
+      if (!old) return old.status().Wrap("[site] previous_key_file");
+      previous_key.emplace(std::move(old).value());
+    }
     auto st = queue::Store::Open(config.data_dir);
     if (!st) return st.status();
     store = std::move(st).value();
@@ -356,12 +387,15 @@ struct Daemon::Impl : transports::LinkHandler {
     }
 
     std::vector<transports::LinkPeer> link_peers;
-    for (const auto& p : peers) link_peers.push_back({p.name, p.identity, p.config->zmq_connect});
+    for (const auto& p : peers)
+      link_peers.push_back(
+          {p.name, p.identity, p.config->zmq_connect, p.config->previous_public_key});
     transports::ZmqLinkOptions lo;
     lo.listen = config.zmq_listen;
     lo.heartbeat_interval = config.heartbeat_interval;
     lo.peer_timeout = config.peer_timeout;
-    link = std::make_unique<transports::ZmqLink>(*key, std::move(link_peers), lo, this);
+    link = std::make_unique<transports::ZmqLink>(*key, std::move(link_peers), lo, this,
+                                                 previous_key ? &*previous_key : nullptr);
 
     HttpServer::Options ho;
     ho.host = config.ingest_listen.host;
@@ -1111,13 +1145,15 @@ struct Daemon::Impl : transports::LinkHandler {
       return r;
     }
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto lookup = [this](const crypto::PublicKey& pk) -> std::optional<crypto::PublicIdentity> {
-      auto i = PeerBySignKey(pk);
-      if (!i) return std::nullopt;
-      return peers[*i].identity;
-    };
+    auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
     std::int64_t now = NowMs();
     crypto::BundleResult opened = crypto::OpenBundle(*key, lookup, bytes, now);
+    if (!opened.ok() && previous_key &&
+        opened.rejection.reason == crypto::RejectReason::kWrongRecipient) {
+      crypto::BundleResult old = crypto::OpenBundle(*previous_key, lookup, bytes, now);
+      if (old.ok() || old.rejection.reason != crypto::RejectReason::kWrongRecipient)
+        opened = std::move(old);
+    }
     if (!opened.ok()) {
       if (!opened.expired)
         ++metrics.frames_rejected[static_cast<std::size_t>(opened.rejection.reason)];
@@ -1458,13 +1494,8 @@ struct Daemon::Impl : transports::LinkHandler {
     std::vector<Forward> forwards;
     std::vector<std::uint64_t> frames_ok(peers.size(), 0), events_ok(peers.size(), 0);
     std::uint64_t dedup = 0;
-    auto lookup = [this](const crypto::PublicKey& pk) -> std::optional<crypto::PublicIdentity> {
-      auto i = PeerBySignKey(pk);
-      if (!i) return std::nullopt;
-      return peers[*i].identity;
-    };
     for (ReceivedFrame& rf : work) {
-      crypto::OpenResult opened = crypto::OpenFrame(*key, lookup, rf.bytes);
+      crypto::OpenResult opened = OpenFrameAny(rf.bytes);
       if (!opened.ok()) {
         Reject(opened.rejection.reason, opened.rejection.message);
         if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);

@@ -65,6 +65,7 @@ struct PeerState {
 
 struct ZmqLink::Impl {
   const crypto::SiteKey& key;
+  const crypto::SiteKey* previous_key = nullptr;
   ZmqLinkOptions options;
   LinkHandler* handler;
   std::vector<std::unique_ptr<PeerState>> peers;
@@ -87,15 +88,30 @@ struct ZmqLink::Impl {
   }
 
   std::optional<crypto::PublicIdentity> Lookup(const crypto::PublicKey& pk) const {
-    for (const auto& p : peers)
+    for (const auto& p : peers) {
       if (p->config.identity.sign_pk == pk) return p->config.identity;
+      if (p->config.previous && p->config.previous->sign_pk == pk) return p->config.previous;
+    }
     return std::nullopt;
   }
 
   std::optional<std::size_t> PeerIndex(const crypto::PublicKey& pk) const {
-    for (std::size_t i = 0; i < peers.size(); ++i)
+    for (std::size_t i = 0; i < peers.size(); ++i) {
       if (peers[i]->config.identity.sign_pk == pk) return i;
+      if (peers[i]->config.previous && peers[i]->config.previous->sign_pk == pk) return i;
+    }
     return std::nullopt;
+  }
+
+  // Opens a control message addressed to this site's key, or during a rotation its previous one.
+  crypto::ControlResult Open(std::string_view bytes) const {
+    auto lookup = [this](const crypto::PublicKey& pk) { return Lookup(pk); };
+    crypto::ControlResult r = crypto::OpenControl(key, lookup, bytes);
+    if (!r.ok() && previous_key && r.rejection.reason == crypto::RejectReason::kWrongRecipient) {
+      crypto::ControlResult old = crypto::OpenControl(*previous_key, lookup, bytes);
+      if (old.ok() || old.rejection.reason != crypto::RejectReason::kWrongRecipient) return old;
+    }
+    return r;
   }
 
   void Wake() {
@@ -168,8 +184,7 @@ struct ZmqLink::Impl {
   }
 
   void HandleControl(const std::optional<std::string>& router_id, std::string_view bytes) {
-    auto r = crypto::OpenControl(
-        key, [this](const crypto::PublicKey& pk) { return Lookup(pk); }, bytes);
+    auto r = Open(bytes);
     if (!r.ok()) {
       handler->OnRejectedControl(crypto::RejectReasonName(r.rejection.reason), r.rejection.message);
       return;
@@ -379,8 +394,10 @@ struct ZmqLink::Impl {
 };
 
 ZmqLink::ZmqLink(const crypto::SiteKey& key, std::vector<LinkPeer> peers, ZmqLinkOptions options,
-                 LinkHandler* handler)
-    : impl_(std::make_unique<Impl>(key, std::move(peers), std::move(options), handler)) {}
+                 LinkHandler* handler, const crypto::SiteKey* previous_key)
+    : impl_(std::make_unique<Impl>(key, std::move(peers), std::move(options), handler)) {
+  impl_->previous_key = previous_key;
+}
 
 ZmqLink::~ZmqLink() { Stop(); }
 

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,8 @@ namespace relay::transports {
 struct LinkPeer {
   std::string name;
   crypto::PublicIdentity identity;
-  std::string connect;  // "tcp://host:port" to dial, or empty
+  std::string connect;                             // "tcp://host:port" to dial, or empty
+  std::optional<crypto::PublicIdentity> previous;  // still accepted during a key rotation
 };
 
 class LinkHandler {
@@ -53,8 +55,10 @@ struct ZmqLinkOptions {
 
 class ZmqLink {
  public:
+  // `previous_key`, when set, is this site's previous key: messages still addressed to it are
+  // accepted during a key rotation.
   ZmqLink(const crypto::SiteKey& key, std::vector<LinkPeer> peers, ZmqLinkOptions options,
-          LinkHandler* handler);
+          LinkHandler* handler, const crypto::SiteKey* previous_key = nullptr);
   ~ZmqLink();  // stops
   ZmqLink(const ZmqLink&) = delete;
   ZmqLink& operator=(const ZmqLink&) = delete;
