@@ -24,8 +24,8 @@
 
 #include "tests/test_util.h"
 
-using relay::testing::TempDir;
 using relay::testing::FreePort;
+using relay::testing::TempDir;
 
 namespace {
 
@@ -117,7 +117,8 @@ bool WaitFor(Pred pred, std::chrono::milliseconds limit = 10s) {
 TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes nothing") {
   REQUIRE(relay::crypto::Init().ok());
   TempDir dir;
-  std::string aws_key = dir.path().string() + "/aws.key", eu_key = dir.path().string() + "/europe.key";
+  std::string aws_key = dir.path().string() + "/aws.key",
+              eu_key = dir.path().string() + "/europe.key";
   REQUIRE(relay::crypto::SiteKey::CreateFile(aws_key).ok());
   REQUIRE(relay::crypto::SiteKey::CreateFile(eu_key).ok());
   auto aws = relay::crypto::SiteKey::LoadFile(aws_key);
@@ -144,7 +145,8 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   relay::transports::ZmqLinkOptions lo;
   lo.heartbeat_interval = 200ms;
   relay::transports::ZmqLink link(
-      *eu, {{"aws", aws->identity(), "tcp://127.0.0.1:" + std::to_string(zmq)}}, lo, &peer);
+      *eu, {{"aws", aws->identity(), "tcp://127.0.0.1:" + std::to_string(zmq), std::nullopt}}, lo,
+      &peer);
   REQUIRE(link.Start().ok());
   {
     std::unique_lock<std::mutex> l(peer.mu);

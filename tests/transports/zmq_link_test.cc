@@ -13,8 +13,8 @@
 
 #include "tests/test_util.h"
 
-using relay::testing::TempDir;
 using relay::testing::FreePort;
+using relay::testing::TempDir;
 
 namespace {
 
@@ -82,8 +82,8 @@ TEST_CASE("two links say hello, carry frames both ways and signed acks") {
   auto a = relay::crypto::SiteKey::Generate(), b = relay::crypto::SiteKey::Generate();
   std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
   Recorder ra, rb;
-  ZmqLink listener(b, {{"a", a.identity(), ""}}, Fast(ep), &rb);
-  ZmqLink dialer(a, {{"b", b.identity(), ep}}, Fast(), &ra);
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
+  ZmqLink dialer(a, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &ra);
   REQUIRE(listener.Start().ok());
   REQUIRE(dialer.Start().ok());
   REQUIRE(ra.Wait([&] { return ra.up; }));
@@ -115,12 +115,12 @@ TEST_CASE("a restarted listener is detected and the link comes back with a new e
   auto a = relay::crypto::SiteKey::Generate(), b = relay::crypto::SiteKey::Generate();
   std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
   Recorder ra;
-  ZmqLink dialer(a, {{"b", b.identity(), ep}}, Fast(), &ra);
+  ZmqLink dialer(a, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &ra);
   REQUIRE(dialer.Start().ok());
   std::uint64_t first_epoch;
   {
     Recorder rb;
-    ZmqLink listener(b, {{"a", a.identity(), ""}}, Fast(ep), &rb);
+    ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
     REQUIRE(listener.Start().ok());
     REQUIRE(ra.Wait([&] { return ra.up; }));
     first_epoch = ra.epoch;
@@ -129,7 +129,7 @@ TEST_CASE("a restarted listener is detected and the link comes back with a new e
   REQUIRE(ra.Wait([&] { return !ra.up; }));
   CHECK(ra.downs == 1);
   Recorder rb2;
-  ZmqLink listener2(b, {{"a", a.identity(), ""}}, Fast(ep), &rb2);
+  ZmqLink listener2(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb2);
   REQUIRE(listener2.Start().ok());
   REQUIRE(ra.Wait([&] { return ra.up; }));
   CHECK(ra.epoch > first_epoch);
@@ -144,8 +144,8 @@ TEST_CASE("a dialer with a key the listener does not know never comes up") {
   auto rogue = relay::crypto::SiteKey::Generate();
   std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
   Recorder rb, rr;
-  ZmqLink listener(b, {{"a", a.identity(), ""}}, Fast(ep), &rb);
-  ZmqLink dialer(rogue, {{"b", b.identity(), ep}}, Fast(), &rr);
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
+  ZmqLink dialer(rogue, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &rr);
   REQUIRE(listener.Start().ok());
   REQUIRE(dialer.Start().ok());
   REQUIRE(rb.Wait([&] { return !rb.rejected.empty(); }));
