@@ -9,7 +9,14 @@
 //      tails aws's JSONL sink until every message has arrived;
 //   3. latency at a steady open-loop rate -- one message per request, sent at scheduled times,
 //      ingest -> line observed in aws's sink;
-//   4. PASS/MISS against the targets, and one "RESULT {json}" line with every figure.
+//   4. sneakernet -- europe (no network, bundle files only) ingests M messages; `relay export`
+//      through the running daemon, then `relay import` into the running aws daemon until the
+//      last line is in aws's sink: MB/s of payload each way;
+//   5. diode goodput -- europe sends to aws over the UDP diode (rate limit, default FEC) through
+//      a forwarder thread in this process that drops 0 %, then 5 % of the datagrams (seeded):
+//      payload MB/s delivered, the ratio to the rate limit, the bytes on the wire per payload
+//      byte, the shards FEC rebuilt;
+//   6. PASS/MISS against the targets, and one "RESULT {json}" line with every figure.
 //
 // The daemons are the real binary (--relay, $RELAY_BIN, or the one built next to this bench),
 // each in its own folder under a temporary directory that is removed at the end (--keep keeps
@@ -22,6 +29,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sodium.h>
 #include <sys/prctl.h>
@@ -46,11 +54,13 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
+#include "config/config.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
 #include "relay/http_server.h"
@@ -69,11 +79,15 @@ using Clock = std::chrono::steady_clock;
 // Targets from docs/design.md.
 constexpr double kTargetMessagesPerSecond = 100000;
 constexpr double kTargetP99Ms = 20;
+constexpr double kTargetBundleMBPerSecond = 300;  // export, and import to the sink
 
 constexpr std::size_t kTextBytes = 1024;                  // payload of one message ("1 KiB text")
 constexpr double kMB = 1e6;                               // MB = 10^6 bytes throughout
 constexpr auto kStallTimeout = std::chrono::seconds(60);  // no progress at all: give up
 constexpr auto kStopGrace = std::chrono::seconds(10);     // SIGTERM, then SIGKILL
+// Diode: no new line for this long means frames were lost beyond what FEC repairs (only a
+// resend request, carried by hand, would bring them): give up sooner than kStallTimeout.
+constexpr auto kDiodeStallTimeout = std::chrono::seconds(30);
 constexpr char kChannel[] = "war-room";
 
 // Set by SIGINT/SIGTERM/SIGHUP: every loop gives up and the cleanup runs.
@@ -100,6 +114,13 @@ struct Options {
   // Durations of the raw-limit loops (shortened by --quick).
   double aead_seconds = 1.0;
   double commit_seconds = 2.0;
+  // Phases 4 and 5.
+  std::uint64_t sneakernet_messages = 200000;
+  std::uint64_t diode_messages = 50000;
+  // As in the config file; bytes/s. 50MiB loses datagrams in aws's socket buffer beyond what
+  // FEC repairs on this kind of machine (2 cores) at 5 % loss now and then: see MeasureDiode.
+  std::string diode_rate = "20MiB";
+  std::uint64_t diode_rate_bytes = 20u << 20;
 };
 
 // ---- small helpers ---------------------------------------------------------------------------
@@ -143,8 +164,9 @@ std::optional<std::uint64_t> IndexInLine(std::string_view line, std::string_view
   return v;
 }
 
-std::uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+// A loopback port free at the time of the call, TCP by default.
+std::uint16_t FreePort(int type = SOCK_STREAM) {
+  int fd = socket(AF_INET, type | SOCK_CLOEXEC, 0);
   if (fd < 0) return 0;
   sockaddr_in a{};
   a.sin_family = AF_INET;
@@ -347,12 +369,115 @@ class SinkTail {
   std::string partial_;
 };
 
+// ---- child processes -------------------------------------------------------------------------
+
+// fork + exec of `bin args...` with stdout appended to `out`, stderr to `err` (may be the same
+// file) and stdin from /dev/null. fork + exec rather than posix_spawn, to set PR_SET_PDEATHSIG
+// in the child: if the bench is killed outright, the kernel kills the child too. Only
+// async-signal-safe calls after fork.
+Result<pid_t> SpawnChild(const std::string& bin, const std::vector<std::string>& args,
+                         const fs::path& out, const fs::path& err) {
+  std::string bin_copy = bin, out_s = out.string(), err_s = err.string();
+  std::vector<std::string> arg_copy = args;
+  std::vector<char*> argv = {bin_copy.data()};
+  for (auto& a : arg_copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const bool same = out_s == err_s;
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid < 0) return Status::Error(std::string("fork: ") + std::strerror(errno));
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
+    int fd = open(out_s.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    int err_fd = same ? fd : open(err_s.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    int null_fd = open("/dev/null", O_RDONLY);
+    if (fd < 0 || err_fd < 0 || null_fd < 0) _exit(126);
+    dup2(null_fd, 0);
+    dup2(fd, 1);
+    dup2(err_fd, 2);
+    execv(bin_copy.c_str(), argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// One `relay` CLI command run as a child (export, import). The destructor kills it if it is
+// still running, so that no child outlives its phase.
+class CliCommand {
+ public:
+  CliCommand() = default;
+  ~CliCommand() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  CliCommand(const CliCommand&) = delete;
+  CliCommand& operator=(const CliCommand&) = delete;
+
+  Status Start(const std::string& bin, const std::vector<std::string>& args, const fs::path& out,
+               const fs::path& err) {
+    out_ = out;
+    err_ = err;
+    line_ = bin;
+    for (const auto& a : args) line_ += " " + a;
+    start_ = Clock::now();
+    auto pid = SpawnChild(bin, args, out, err);
+    if (!pid) return pid.status();
+    pid_ = *pid;
+    return Status::Ok();
+  }
+  // The exit code (128 + signal when killed) once it has exited; nullopt while it runs.
+  std::optional<int> Poll() {
+    if (pid_ <= 0) return code_;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) != pid_) return std::nullopt;
+    seconds_ = SecondsSince(start_);
+    pid_ = -1;
+    code_ = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+    return code_;
+  }
+  // Waits until it exits; kills it after `timeout`.
+  Result<int> Wait(std::chrono::seconds timeout) {
+    auto deadline = Clock::now() + timeout;
+    while (true) {
+      if (auto c = Poll()) return *c;
+      if (g_interrupted) return Status::Error("interrupted");
+      if (Clock::now() > deadline)
+        return Status::Error("'" + line_ + "' did not finish within " +
+                             std::to_string(timeout.count()) + " s");
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+  }
+  // Start -> exit, as observed by Poll (within its polling interval).
+  double seconds() const { return seconds_; }
+  // "'command' exited with N" and the end of its output, for failure reports.
+  std::string Failed() const {
+    std::string out = "'" + line_ + "' exited with " + std::to_string(code_.value_or(-1));
+    for (const fs::path& p : {out_, err_}) {
+      for (const auto& l : TailOfFile(p, 10)) out += "\n  " + l;
+      if (out_ == err_) break;
+    }
+    return out;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  std::optional<int> code_;
+  Clock::time_point start_;
+  double seconds_ = 0;
+  fs::path out_, err_;
+  std::string line_;
+};
+
 // ---- two relay sites on loopback -----------------------------------------------------------
 
 struct Site {
   std::string name;
   fs::path dir;
   std::uint16_t ingest_port = 0, zmq_port = 0;
+  std::uint16_t diode_port = 0;  // aws in a diode pair: its [diode] listen port
   std::string identity;
   pid_t pid = -1;
   fs::path conf() const { return dir / (name + ".conf"); }
@@ -361,12 +486,22 @@ struct Site {
   fs::path log() const { return dir / "relay.log"; }
 };
 
-// europe and aws as separate `relay run` processes in `dir`; europe dials aws over ZeroMQ and
-// both bridge channel war-room into a JSONL sink. Durability settings are the defaults (on).
-// The destructor stops both processes.
+// How europe sends over the diode in a SitePair of mode kDiode.
+struct DiodeSetup {
+  std::uint16_t send_port = 0;  // where europe sends: aws's diode port, or a forwarder
+  std::string rate;             // diode_rate, as in the config file
+};
+
+// europe and aws as separate `relay run` processes in `dir`; both bridge channel war-room into a
+// JSONL sink. How europe reaches aws depends on the mode: kZmq, europe dials aws over ZeroMQ;
+// kBundles, no network at all (bundle files only); kDiode, europe sends over the UDP diode to
+// `diode_send_port` (aws listens on its own diode port). Durability settings are the defaults
+// (on). The destructor stops both processes.
 class SitePair {
  public:
-  SitePair(fs::path dir, std::string relay_bin) : bin_(std::move(relay_bin)) {
+  enum class Mode { kZmq, kBundles, kDiode };
+  SitePair(fs::path dir, std::string relay_bin, Mode mode = Mode::kZmq, DiodeSetup diode = {})
+      : bin_(std::move(relay_bin)), mode_(mode), diode_(std::move(diode)) {
     europe_.name = "europe";
     europe_.dir = dir / "europe";
     aws_.name = "aws";
@@ -387,6 +522,8 @@ class SitePair {
       s->zmq_port = FreePort();
       if (s->ingest_port == 0 || s->zmq_port == 0)
         return Status::Error("cannot find a free loopback port");
+      if (mode_ == Mode::kDiode && s == &aws_ && s->diode_port == 0)
+        return Status::Error("a diode pair needs aws's diode port (SetAwsDiodePort)");
       if (Status st = crypto::SiteKey::CreateFile(s->key().string()); !st) return st;
       auto key = crypto::SiteKey::LoadFile(s->key().string());
       if (!key) return key.status();
@@ -398,8 +535,11 @@ class SitePair {
       if (Status st = Spawn(*s); !st) return st;
       if (Status st = WaitHealthy(*s); !st) return st;
     }
-    return WaitLinkUp();
+    return mode_ == Mode::kZmq ? WaitLinkUp() : Status::Ok();
   }
+
+  // The UDP port aws's diode listens on (kDiode); before Start.
+  void SetAwsDiodePort(std::uint16_t port) { aws_.diode_port = port; }
 
   // SIGTERM to both, SIGKILL to whichever has not exited after kStopGrace. Idempotent.
   void Stop() {
@@ -447,15 +587,20 @@ class SitePair {
   const Site& aws() const { return aws_; }
 
  private:
-  static Status WriteConfig(const Site& self, const Site& peer, bool dial) {
+  Status WriteConfig(const Site& self, const Site& peer, bool dial) const {
     std::ofstream f(self.conf());
     f << "# relay_bench site '" << self.name << "'\n"
       << "[site]\nname = " << self.name << "\nkey_file = " << self.name << ".key\n"
       << "data_dir = data\n\n"
-      << "[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\n\n"
-      << "[zmq]\nlisten = tcp://127.0.0.1:" << self.zmq_port << "\n\n"
-      << "[peer." << peer.name << "]\npublic_key = " << peer.identity << "\n";
-    if (dial) f << "zmq_connect = tcp://127.0.0.1:" << peer.zmq_port << "\n";
+      << "[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\n\n";
+    if (mode_ == Mode::kZmq) f << "[zmq]\nlisten = tcp://127.0.0.1:" << self.zmq_port << "\n\n";
+    if (mode_ == Mode::kDiode && self.diode_port != 0)
+      f << "[diode]\nlisten = udp://127.0.0.1:" << self.diode_port << "\n\n";
+    f << "[peer." << peer.name << "]\npublic_key = " << peer.identity << "\n";
+    if (dial && mode_ == Mode::kZmq) f << "zmq_connect = tcp://127.0.0.1:" << peer.zmq_port << "\n";
+    if (dial && mode_ == Mode::kDiode)
+      f << "diode_send = udp://127.0.0.1:" << diode_.send_port << "\n"
+        << "diode_rate = " << diode_.rate << "\n";
     f << "\n[channel." << kChannel << "]\npeers = " << peer.name << "\nsink = jsonl\n"
       << "jsonl_path = war-room.jsonl\n";
     f.close();
@@ -463,28 +608,10 @@ class SitePair {
     return Status::Ok();
   }
 
-  // fork + exec rather than posix_spawn, to set PR_SET_PDEATHSIG in the child: if the bench is
-  // killed outright, the kernel kills the daemons too. Only async-signal-safe calls after fork.
   Status Spawn(Site& s) {
-    std::string conf = s.conf().string(), log = s.log().string();
-    std::vector<char*> argv = {bin_.data(), const_cast<char*>("run"), const_cast<char*>("--config"),
-                               conf.data(), nullptr};
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    if (pid < 0) return Status::Error(std::string("fork: ") + std::strerror(errno));
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      int null_fd = open("/dev/null", O_RDONLY);
-      if (fd < 0 || null_fd < 0) _exit(126);
-      dup2(null_fd, 0);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      execv(bin_.c_str(), argv.data());
-      _exit(127);
-    }
-    s.pid = pid;
+    auto pid = SpawnChild(bin_, {"run", "--config", s.conf().string()}, s.log(), s.log());
+    if (!pid) return pid.status();
+    s.pid = *pid;
     return Status::Ok();
   }
 
@@ -522,6 +649,8 @@ class SitePair {
   }
 
   std::string bin_;
+  Mode mode_;
+  DiodeSetup diode_;
   Site europe_, aws_;
 };
 
@@ -625,8 +754,11 @@ struct Throughput {
   double cpu_bound_msgs_per_s = 0;
 };
 
-void PostBatches(std::uint16_t port, const Options& o, std::atomic<std::uint64_t>* next_batch,
-                 std::atomic<int>* ready, const std::atomic<bool>* go, Failure* failure) {
+// Posts messages `tag` 0..count-1 in batches of `batch_size` (batch numbers taken from
+// *next_batch, shared by the clients), after *go.
+void PostBatches(std::uint16_t port, std::string_view tag, std::uint64_t count, int batch_size,
+                 std::atomic<std::uint64_t>* next_batch, std::atomic<int>* ready,
+                 const std::atomic<bool>* go, Failure* failure) {
   HttpClient client("127.0.0.1", port);
   // Connect before the clock starts.
   if (auto r = client.Request("GET", "/healthz"); !r) {
@@ -635,17 +767,17 @@ void PostBatches(std::uint16_t port, const Options& o, std::atomic<std::uint64_t
   }
   ready->fetch_add(1);
   while (!go->load() && !failure->failed()) std::this_thread::yield();
-  const auto batch = static_cast<std::uint64_t>(o.batch);
+  const auto batch = static_cast<std::uint64_t>(batch_size);
   std::string body;
-  body.reserve(static_cast<std::size_t>(o.batch) * (kTextBytes + 64));
+  body.reserve(static_cast<std::size_t>(batch_size) * (kTextBytes + 64));
   while (!failure->failed()) {
     std::uint64_t first = next_batch->fetch_add(1) * batch;
-    if (first >= o.messages) return;
-    std::uint64_t end = std::min(o.messages, first + batch);
+    if (first >= count) return;
+    std::uint64_t end = std::min(count, first + batch);
     body.assign("[");
     for (std::uint64_t i = first; i < end; ++i) {
       if (i > first) body.push_back(',');
-      AppendMessage(&body, "e2e", i);
+      AppendMessage(&body, tag, i);
     }
     body.push_back(']');
     auto r = client.Request("POST", "/v1/messages", body);
@@ -710,7 +842,8 @@ Result<Throughput> MeasureThroughput(const Options& o, const fs::path& root) {
   ThreadGroup clients(&failure);
   for (int c = 0; c < o.clients; ++c) {
     clients.Start([&] {
-      PostBatches(sites.europe().ingest_port, o, &next_batch, &ready, &go, &failure);
+      PostBatches(sites.europe().ingest_port, "e2e", o.messages, o.batch, &next_batch, &ready, &go,
+                  &failure);
       if (clients_done.fetch_add(1) + 1 == o.clients) ingest_done_ns.store(NowNs());
     });
   }
@@ -959,6 +1092,518 @@ Result<Latency> MeasureLatency(const Options& o, const fs::path& root) {
   return lat;
 }
 
+// ---- helpers for phases 4 and 5 --------------------------------------------------------------
+
+std::string Num(double v, int decimals);
+
+// Posts messages `tag` 0..count-1 to `port` from `clients` threads in batches; returns when
+// every POST was answered 202 (the events are durable at the site).
+Status PostAll(std::uint16_t port, std::string_view tag, std::uint64_t count, int clients,
+               int batch) {
+  Failure failure;
+  std::atomic<std::uint64_t> next_batch{0};
+  std::atomic<bool> go{true};
+  std::atomic<int> ready{0};
+  {
+    ThreadGroup group(&failure);
+    for (int c = 0; c < clients; ++c)
+      group.Start(
+          [&] { PostBatches(port, tag, count, batch, &next_batch, &ready, &go, &failure); });
+    group.JoinAll();
+  }
+  if (failure.failed()) return Status::Error(failure.message());
+  return Status::Ok();
+}
+
+// The sum of every sample of metric `name` (all label sets) in the site's /metrics.
+Result<double> ReadMetric(std::uint16_t port, std::string_view name) {
+  HttpClient c("127.0.0.1", port);
+  auto r = c.Request("GET", "/metrics");
+  if (!r) return r.status();
+  if (r->status != 200) return Status::Error("/metrics answered " + std::to_string(r->status));
+  double sum = 0;
+  bool found = false;
+  std::string_view body = r->body;
+  while (!body.empty()) {
+    std::size_t nl = body.find('\n');
+    std::string_view line = body.substr(0, nl);
+    body.remove_prefix(nl == std::string_view::npos ? body.size() : nl + 1);
+    if (line.size() <= name.size() || line.substr(0, name.size()) != name) continue;
+    char next = line[name.size()];
+    if (next != ' ' && next != '{') continue;
+    std::size_t sp = line.rfind(' ');
+    sum += std::strtod(std::string(line.substr(sp + 1)).c_str(), nullptr);
+    found = true;
+  }
+  if (!found) return Status::Error("no metric " + std::string(name) + " in /metrics");
+  return sum;
+}
+
+// Payload bytes and file bytes of the bundle files in `dir`.
+struct BundleFiles {
+  std::uint64_t files = 0, bytes = 0;
+};
+BundleFiles ListBundles(const fs::path& dir) {
+  BundleFiles b;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() != ".bundle") continue;
+    ++b.files;
+    b.bytes += e.file_size(ec);
+  }
+  return b;
+}
+
+// Tails `tail` until `want` more lines have arrived; returns the time they took from `t0`.
+// `poll` runs every ~100 ms (liveness checks); it may fail the wait. `each_turn` runs before
+// every read with the lines seen so far. Gives up when no line came for `stall`.
+Result<double> WaitForLines(SinkTail* tail, std::uint64_t want, Clock::time_point t0,
+                            std::chrono::seconds stall, const std::function<Status()>& poll,
+                            const std::function<void(std::uint64_t)>& each_turn = nullptr) {
+  std::uint64_t lines = 0;
+  auto last_progress = Clock::now(), last_check = Clock::now(), last_report = Clock::now();
+  while (true) {
+    if (each_turn) each_turn(lines);
+    auto n = tail->ReadNew();
+    if (!n) return n.status();
+    auto now = Clock::now();
+    if (*n > 0) {
+      lines += *n;
+      last_progress = now;
+      if (lines >= want) return std::chrono::duration<double>(now - t0).count();
+    }
+    if (g_interrupted) return Status::Error("interrupted");
+    if (now - last_check > std::chrono::milliseconds(100)) {
+      last_check = now;
+      if (Status s = poll(); !s) return s;
+      if (now - last_progress > stall)
+        return Status::Error("no new line in aws's sink for " + std::to_string(stall.count()) +
+                             " s; " + std::to_string(lines) + " of " + std::to_string(want) +
+                             " arrived");
+    }
+    if (now - last_report > std::chrono::seconds(2)) {
+      last_report = now;
+      std::printf("  ... %llu delivered after %.1f s\n", static_cast<unsigned long long>(lines),
+                  SecondsSince(t0));
+      std::fflush(stdout);
+    }
+    if (*n == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+// ---- 4. sneakernet ---------------------------------------------------------------------------
+
+struct Sneakernet {
+  std::uint64_t messages = 0;
+  double ingest_seconds = 0;
+  double export_seconds = 0;  // `relay export` start -> exit
+  double export_mb_s = 0;     // payload
+  std::uint64_t bundle_files = 0, bundle_bytes = 0;
+  double import_seconds = 0;      // `relay import` start -> last line in aws's sink
+  double import_mb_s = 0;         // payload
+  double import_cmd_seconds = 0;  // `relay import` start -> exit
+  double import_cmd_mb_s = 0;
+};
+
+Result<Sneakernet> MeasureSneakernet(const Options& o, const fs::path& dir) {
+  Sneakernet r;
+  r.messages = o.sneakernet_messages;
+  const double payload_mb = static_cast<double>(r.messages) * kTextBytes / kMB;
+  std::printf(
+      "\n== 4. sneakernet: %llu messages of 1 KiB, europe -> aws by bundle files only "
+      "(no network)\n",
+      static_cast<unsigned long long>(r.messages));
+  std::fflush(stdout);
+  SitePair sites(dir, o.relay_bin, SitePair::Mode::kBundles);
+  if (Status s = sites.Start(); !s) return s;
+  SinkTail tail;
+  if (Status s = tail.Open(sites.aws().sink()); !s) return s;
+  if (auto n = tail.ReadNew(); !n) return n.status();
+
+  auto t0 = Clock::now();
+  if (Status s = PostAll(sites.europe().ingest_port, "snk", r.messages, o.clients, o.batch); !s)
+    return s;
+  r.ingest_seconds = SecondsSince(t0);
+  std::printf("  europe ingested them in %.2f s (%.0f messages/s, %d clients x batches of %d)\n",
+              r.ingest_seconds, static_cast<double>(r.messages) / r.ingest_seconds, o.clients,
+              o.batch);
+  std::fflush(stdout);
+
+  // Export through europe's running daemon.
+  const fs::path disk = dir / "usb";
+  std::error_code ec;
+  fs::create_directories(disk, ec);
+  if (ec) return Status::Error("cannot create '" + disk.string() + "': " + ec.message());
+  std::string export_threads, import_threads;
+  {
+    double cpu_before = CpuSeconds(sites.europe().pid);
+    CliCommand cmd;
+    if (Status s = cmd.Start(o.relay_bin,
+                             {"export", "--config", sites.europe().conf().string(), "--peer", "aws",
+                              "--out", disk.string()},
+                             dir / "export.out", dir / "export.err");
+        !s)
+      return s;
+    auto code = cmd.Wait(std::chrono::seconds(300));
+    if (!code) return code.status();
+    if (*code != 0) return Status::Error(cmd.Failed());
+    r.export_seconds = cmd.seconds();
+    if (Status s = sites.CheckAlive(); !s) return s;
+    // Whole process (exited threads included): the export may run on a short-lived thread.
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%.2f CPU s over %.2f s wall",
+                  CpuSeconds(sites.europe().pid) - cpu_before, r.export_seconds);
+    export_threads = buf;
+  }
+  BundleFiles files = ListBundles(disk);
+  r.bundle_files = files.files;
+  r.bundle_bytes = files.bytes;
+  r.export_mb_s = payload_mb / r.export_seconds;
+  std::printf(
+      "  relay export (through europe's daemon): %.2f s -> %8.1f MB/s of payload; %llu file(s), "
+      "%.1f MB (%.3f file bytes per payload byte)\n",
+      r.export_seconds, r.export_mb_s, static_cast<unsigned long long>(r.bundle_files),
+      static_cast<double>(r.bundle_bytes) / kMB,
+      static_cast<double>(r.bundle_bytes) / (payload_mb * kMB));
+  std::printf("    europe's daemon used %s\n", export_threads.c_str());
+  std::fflush(stdout);
+
+  // Import into aws's running daemon, until the last line is in its sink.
+  {
+    ThreadCpu before = ThreadCpuSeconds(sites.aws().pid);
+    CliCommand cmd;
+    auto t_import = Clock::now();
+    if (Status s = cmd.Start(o.relay_bin,
+                             {"import", "--config", sites.aws().conf().string(), disk.string()},
+                             dir / "import.out", dir / "import.err");
+        !s)
+      return s;
+    auto poll = [&]() -> Status {
+      if (Status s = sites.CheckAlive(); !s) return s;
+      if (auto c = cmd.Poll(); c && *c != 0) return Status::Error(cmd.Failed());
+      return Status::Ok();
+    };
+    auto seconds = WaitForLines(&tail, r.messages, t_import, kStallTimeout, poll,
+                                [&](std::uint64_t) { (void)cmd.Poll(); });
+    if (!seconds) return seconds.status().Wrap("import" + sites.Logs());
+    r.import_seconds = *seconds;
+    import_threads = BusiestThreads(before, ThreadCpuSeconds(sites.aws().pid), r.import_seconds, 4);
+    auto code = cmd.Wait(std::chrono::seconds(300));
+    if (!code) return code.status();
+    if (*code != 0) return Status::Error(cmd.Failed());
+    r.import_cmd_seconds = cmd.seconds();
+  }
+  if (auto n = tail.ReadNew(); !n || *n != 0)
+    return Status::Error("aws's sink has more lines than messages sent");
+  if (Status s = VerifySink(sites.aws().sink(), "snk", r.messages); !s) return s;
+  r.import_mb_s = payload_mb / r.import_seconds;
+  r.import_cmd_mb_s = payload_mb / r.import_cmd_seconds;
+  std::printf(
+      "  relay import (through aws's daemon) -> last line in aws's sink: %.2f s -> %8.1f MB/s "
+      "of payload\n",
+      r.import_seconds, r.import_mb_s);
+  std::printf("  the import command itself: %.2f s -> %8.1f MB/s; all %llu arrived exactly once\n",
+              r.import_cmd_seconds, r.import_cmd_mb_s, static_cast<unsigned long long>(r.messages));
+  std::printf("    aws's busiest threads until the last line, CPU s per wall s: %s\n",
+              import_threads.c_str());
+  return r;
+}
+
+// ---- 5. diode goodput ------------------------------------------------------------------------
+
+// A lossy UDP link: a thread forwarding datagrams from its own port to `target`, dropping each
+// with probability loss() (seeded RNG, so a run is repeatable up to timing), counting what
+// passes through.
+class UdpForwarder {
+ public:
+  ~UdpForwarder() { Stop(); }
+  Status Start(std::uint16_t target_port, std::uint64_t seed) {
+    in_fd_ = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    out_fd_ = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (in_fd_ < 0 || out_fd_ < 0)
+      return Status::Error(std::string("UDP socket: ") + std::strerror(errno));
+    // A large buffer (beyond rmem_max when allowed): the forwarder should not be the lossy part.
+    int buf = 32 << 20;
+    if (setsockopt(in_fd_, SOL_SOCKET, SO_RCVBUFFORCE, &buf, sizeof buf) != 0)
+      setsockopt(in_fd_, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+    if (setsockopt(out_fd_, SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) != 0)
+      setsockopt(out_fd_, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (bind(in_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        getsockname(in_fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+      return Status::Error(std::string("UDP bind: ") + std::strerror(errno));
+    port_ = ntohs(a.sin_port);
+    sockaddr_in t{};
+    t.sin_family = AF_INET;
+    t.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    t.sin_port = htons(target_port);
+    if (connect(out_fd_, reinterpret_cast<sockaddr*>(&t), sizeof t) != 0)
+      return Status::Error(std::string("UDP connect: ") + std::strerror(errno));
+    rng_.seed(seed);
+    thread_ = std::thread([this] { Loop(); });
+    return Status::Ok();
+  }
+  void Stop() {
+    stop_.store(true);
+    if (thread_.joinable()) thread_.join();
+    for (int* fd : {&in_fd_, &out_fd_})
+      if (*fd >= 0) close(*fd), *fd = -1;
+  }
+  std::uint16_t port() const { return port_; }
+  void set_loss(double loss) { loss_ppm_.store(static_cast<std::uint32_t>(loss * 1e6)); }
+  struct Counts {
+    std::uint64_t in = 0, in_bytes = 0, dropped = 0, forwarded = 0;
+  };
+  Counts counts() const {
+    return {in_.load(), in_bytes_.load(), dropped_.load(), forwarded_.load()};
+  }
+  // When the last datagram of at least 256 bytes arrived (heartbeats are smaller).
+  std::int64_t last_data_ns() const { return last_data_ns_.load(); }
+
+ private:
+  void Loop() {
+    constexpr int kBatch = 64;
+    constexpr std::size_t kMax = 65536;
+    std::vector<char> bufs(kBatch * kMax);
+    mmsghdr in[kBatch], out[kBatch];
+    iovec in_iov[kBatch], out_iov[kBatch];
+    std::memset(in, 0, sizeof in);
+    for (int i = 0; i < kBatch; ++i) {
+      in_iov[i] = {bufs.data() + static_cast<std::size_t>(i) * kMax, kMax};
+      in[i].msg_hdr.msg_iov = &in_iov[i];
+      in[i].msg_hdr.msg_iovlen = 1;
+    }
+    std::uniform_int_distribution<std::uint32_t> ppm(0, 999999);
+    pollfd pfd{in_fd_, POLLIN, 0};
+    while (!stop_.load()) {
+      if (poll(&pfd, 1, 100) <= 0) continue;
+      int n = recvmmsg(in_fd_, in, kBatch, MSG_DONTWAIT, nullptr);
+      if (n <= 0) continue;
+      std::uint32_t loss = loss_ppm_.load();
+      int kept = 0;
+      std::uint64_t bytes = 0;
+      for (int i = 0; i < n; ++i) {
+        bytes += in[i].msg_len;
+        if (loss > 0 && ppm(rng_) < loss) continue;
+        out_iov[kept] = {in_iov[i].iov_base, in[i].msg_len};
+        std::memset(&out[kept], 0, sizeof out[kept]);
+        out[kept].msg_hdr.msg_iov = &out_iov[kept];
+        out[kept].msg_hdr.msg_iovlen = 1;
+        ++kept;
+      }
+      in_.fetch_add(static_cast<std::uint64_t>(n));
+      in_bytes_.fetch_add(bytes);
+      for (int i = 0; i < n; ++i)
+        if (in[i].msg_len >= 256) {
+          last_data_ns_.store(NowNs());
+          break;
+        }
+      dropped_.fetch_add(static_cast<std::uint64_t>(n - kept));
+      // A full receive buffer at aws loses the datagram silently, as a diode would.
+      for (int done = 0; done < kept;) {
+        int s = sendmmsg(out_fd_, out + done, static_cast<unsigned>(kept - done), 0);
+        if (s <= 0) break;
+        done += s;
+        forwarded_.fetch_add(static_cast<std::uint64_t>(s));
+      }
+    }
+  }
+
+  int in_fd_ = -1, out_fd_ = -1;
+  std::uint16_t port_ = 0;
+  std::mt19937_64 rng_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint32_t> loss_ppm_{0};
+  std::atomic<std::uint64_t> in_{0}, in_bytes_{0}, dropped_{0}, forwarded_{0};
+  std::atomic<std::int64_t> last_data_ns_{0};
+};
+
+struct DiodeRound {
+  double loss = 0;
+  double seconds = 0;  // first POST -> last line in aws's sink
+  double goodput_mb_s = 0;
+  double ratio_to_rate = 0;  // goodput / diode_rate
+  // After the sender's token bucket ran dry (it holds one second of burst, `diode_rate` bytes,
+  // sent unpaced): bytes/s reaching the forwarder from then to the last data datagram, and the
+  // payload goodput it carries (divided by wire bytes per payload byte). Measured at the
+  // forwarder, so the receiver's pipeline lag does not skew it. NaN when the round put less
+  // than 1.2 x `diode_rate` bytes on the wire.
+  double paced_wire_mb_s = std::nan("");
+  double paced_goodput_mb_s = std::nan("");
+  double paced_ratio_to_rate = std::nan("");
+  std::uint64_t datagrams_sent = 0;      // europe: relay_diode_datagrams_sent_total
+  std::uint64_t datagrams_in = 0;        // reached the forwarder
+  std::uint64_t wire_bytes = 0;          // bytes of the datagrams that reached the forwarder
+  std::uint64_t dropped = 0;             // by the forwarder, on purpose
+  std::uint64_t datagrams_received = 0;  // aws: relay_diode_datagrams_received_total
+  double overhead = 0;                   // wire bytes / payload bytes
+  std::uint64_t shards_recovered = 0;    // aws: relay_diode_shards_recovered_total
+};
+
+struct Diode {
+  std::uint64_t messages = 0;
+  std::vector<DiodeRound> rounds;
+};
+
+Result<Diode> MeasureDiode(const Options& o, const fs::path& dir) {
+  Diode d;
+  d.messages = o.diode_messages;
+  const double payload = static_cast<double>(d.messages) * kTextBytes;
+  std::printf(
+      "\n== 5. diode goodput: %llu messages of 1 KiB per round, europe -> aws over UDP, "
+      "diode_rate %s, FEC 16 data + 8 parity shards (the defaults)\n",
+      static_cast<unsigned long long>(d.messages), o.diode_rate.c_str());
+  std::fflush(stdout);
+  std::printf(
+      "  per round a fresh pair: europe sends to a forwarder thread that drops datagrams (seeded), "
+      "then on to aws\n");
+  std::fflush(stdout);
+  const char* const tags[] = {"d00", "d05"};
+  const double losses[] = {0.0, 0.05};
+  for (int round = 0; round < 2; ++round) {
+    DiodeRound rr;
+    rr.loss = losses[round];
+    // A fresh pair per round, posted to as soon as it is up: the sender's token bucket fills
+    // while the link is idle (up to one second of `diode_rate`), and a round started after an
+    // idle second begins with a burst of that size at full CPU speed, which overflows aws's
+    // socket buffer at 50MiB (losses beyond what FEC repairs, even with no loss on the link).
+    // Paced at 50MiB, aws's receive thread (which also stores each batch of frames) still falls
+    // behind now and then at 5 % loss and its socket buffer (net.core.rmem_max, 4 MiB here)
+    // overflows: hence the default of 20MiB.
+    const std::uint16_t aws_diode_port = FreePort(SOCK_DGRAM);
+    if (aws_diode_port == 0) return Status::Error("cannot find a free loopback port");
+    UdpForwarder fwd;
+    if (Status s = fwd.Start(aws_diode_port, /*seed=*/20261126 + round); !s) return s;
+    fwd.set_loss(rr.loss);
+    SitePair sites(dir / tags[round], o.relay_bin, SitePair::Mode::kDiode,
+                   DiodeSetup{fwd.port(), o.diode_rate});
+    sites.SetAwsDiodePort(aws_diode_port);
+    if (Status s = sites.Start(); !s) return s;
+    SinkTail tail;
+    if (Status s = tail.Open(sites.aws().sink()); !s) return s;
+    if (auto n = tail.ReadNew(); !n) return n.status();
+    const std::uint16_t eu_port = sites.europe().ingest_port, aws_port = sites.aws().ingest_port;
+    // aws refreshes the recovered-shards counter once a second: each round ends with a pause.
+    struct Snapshot {
+      double sent = 0, received = 0, recovered = 0;
+      UdpForwarder::Counts fwd;
+    };
+    auto snapshot = [&]() -> Result<Snapshot> {
+      Snapshot s;
+      auto sent = ReadMetric(eu_port, "relay_diode_datagrams_sent_total");
+      if (!sent) return sent.status();
+      auto received = ReadMetric(aws_port, "relay_diode_datagrams_received_total");
+      if (!received) return received.status();
+      auto recovered = ReadMetric(aws_port, "relay_diode_shards_recovered_total");
+      if (!recovered) return recovered.status();
+      s.sent = *sent;
+      s.received = *received;
+      s.recovered = *recovered;
+      s.fwd = fwd.counts();
+      return s;
+    };
+    auto before = snapshot();
+    if (!before) return before.status();
+    Status post_status;
+    std::atomic<bool> posted{false};
+    std::optional<std::pair<std::int64_t, std::uint64_t>> burst_end;  // ns, forwarder bytes
+    auto t0 = Clock::now();
+    std::thread poster([&] {
+      post_status = PostAll(eu_port, tags[round], d.messages, o.clients, o.batch);
+      posted.store(true);
+    });
+    auto poll = [&]() -> Status {
+      if (posted.load() && !post_status.ok()) return post_status;
+      return sites.CheckAlive();
+    };
+    // Generous: with 5 % loss every message must still arrive through FEC alone.
+    auto seconds =
+        WaitForLines(&tail, d.messages, t0, kDiodeStallTimeout, poll, [&](std::uint64_t) {
+          if (burst_end) return;
+          std::uint64_t bytes = fwd.counts().in_bytes - before->fwd.in_bytes;
+          if (bytes >= o.diode_rate_bytes) burst_end.emplace(NowNs(), bytes);
+        });
+    poster.join();
+    if (!seconds) {
+      // Where the datagrams went: sent by europe, through the forwarder, received by aws.
+      std::string where;
+      if (auto now = snapshot()) {
+        UdpForwarder::Counts f = now->fwd;
+        auto missing = ReadMetric(aws_port, "relay_diode_frames_missing");
+        where = "; datagrams this round: europe sent " +
+                std::to_string(static_cast<std::uint64_t>(now->sent - before->sent)) +
+                ", forwarder got " + std::to_string(f.in - before->fwd.in) + ", dropped " +
+                std::to_string(f.dropped - before->fwd.dropped) + ", forwarded " +
+                std::to_string(f.forwarded - before->fwd.forwarded) + ", aws received " +
+                std::to_string(static_cast<std::uint64_t>(now->received - before->received)) +
+                "; aws: frames missing " + (missing ? Num(*missing, 0) : missing.message()) +
+                ", shards rebuilt " +
+                std::to_string(static_cast<std::uint64_t>(now->recovered - before->recovered));
+      }
+      return Status::Error(std::to_string(round * 5) + " % loss: " + seconds.message() + where +
+                           sites.Logs());
+    }
+    if (!post_status.ok()) return post_status;
+    rr.seconds = *seconds;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    auto after = snapshot();
+    if (!after) return after.status();
+    if (auto n = tail.ReadNew(); !n || *n != 0)
+      return Status::Error("aws's sink has more lines than messages sent over the diode");
+    if (Status s = VerifySink(sites.aws().sink(), tags[round], d.messages); !s) return s;
+    rr.goodput_mb_s = payload / kMB / rr.seconds;
+    rr.ratio_to_rate = payload / rr.seconds / static_cast<double>(o.diode_rate_bytes);
+    rr.datagrams_sent = static_cast<std::uint64_t>(after->sent - before->sent);
+    rr.datagrams_received = static_cast<std::uint64_t>(after->received - before->received);
+    rr.shards_recovered = static_cast<std::uint64_t>(after->recovered - before->recovered);
+    rr.datagrams_in = after->fwd.in - before->fwd.in;
+    rr.wire_bytes = after->fwd.in_bytes - before->fwd.in_bytes;
+    rr.dropped = after->fwd.dropped - before->fwd.dropped;
+    rr.overhead = static_cast<double>(rr.wire_bytes) / payload;
+    if (burst_end && static_cast<double>(rr.wire_bytes) >= 1.2 * o.diode_rate_bytes) {
+      double paced_s = static_cast<double>(fwd.last_data_ns() - burst_end->first) / 1e9;
+      double paced_bytes = static_cast<double>(rr.wire_bytes - burst_end->second);
+      rr.paced_wire_mb_s = paced_bytes / kMB / paced_s;
+      rr.paced_goodput_mb_s = rr.paced_wire_mb_s / rr.overhead;
+      rr.paced_ratio_to_rate =
+          rr.paced_goodput_mb_s * kMB / static_cast<double>(o.diode_rate_bytes);
+    }
+    std::printf(
+        "  %2.0f %% loss: all %llu arrived exactly once in %.2f s -> goodput %7.1f MB/s = %.3f "
+        "of the rate limit\n",
+        rr.loss * 100, static_cast<unsigned long long>(d.messages), rr.seconds, rr.goodput_mb_s,
+        rr.ratio_to_rate);
+    if (std::isfinite(rr.paced_goodput_mb_s)) {
+      std::printf(
+          "    paced part (after the first diode_rate bytes, the most the sender may burst): wire "
+          "%.1f MB/s = %.3f of the rate limit, "
+          "goodput %.1f MB/s = %.3f of it\n",
+          rr.paced_wire_mb_s, rr.paced_wire_mb_s * kMB / static_cast<double>(o.diode_rate_bytes),
+          rr.paced_goodput_mb_s, rr.paced_ratio_to_rate);
+    } else {
+      std::printf(
+          "    (the round put less than 1.2 x diode_rate bytes on the wire: no paced part to "
+          "measure)\n");
+    }
+    std::printf(
+        "    on the wire %.1f MB = %.3f bytes per payload byte; datagrams: europe sent %llu, "
+        "forwarder got %llu, dropped %llu, aws received %llu; shards rebuilt by FEC %llu\n",
+        static_cast<double>(rr.wire_bytes) / kMB, rr.overhead,
+        static_cast<unsigned long long>(rr.datagrams_sent),
+        static_cast<unsigned long long>(rr.datagrams_in),
+        static_cast<unsigned long long>(rr.dropped),
+        static_cast<unsigned long long>(rr.datagrams_received),
+        static_cast<unsigned long long>(rr.shards_recovered));
+    std::fflush(stdout);
+    d.rounds.push_back(rr);
+  }
+  return d;
+}
+
 // A JSON number, or null for a figure that was not measured.
 std::string Num(double v, int decimals) {
   if (!std::isfinite(v)) return "null";
@@ -1033,14 +1678,43 @@ int Run(const Options& o) {
   std::fflush(stdout);
   auto lat = MeasureLatency(o, root);
   if (!lat) return fail("latency", lat.message());
+  // Phases 4 and 5 remove their folders when done (big stores), unless --keep.
+  auto drop_dir = [&](const fs::path& dir) {
+    std::error_code e;
+    if (!o.keep) fs::remove_all(dir, e);
+  };
+  auto snk = MeasureSneakernet(o, root / "sneakernet");
+  if (!snk) return fail("sneakernet", snk.message());
+  drop_dir(root / "sneakernet");
+  const double ratio_export_aead = snk->export_mb_s / raw->aead_mb_s;
+  const double ratio_export_batch = snk->export_mb_s / raw->batch_mb_s;
+  const double ratio_import_aead = snk->import_mb_s / raw->aead_mb_s;
+  const double ratio_import_batch = snk->import_mb_s / raw->batch_mb_s;
+  std::printf("  ratio export MB/s / AEAD MB/s             = %.3f\n", ratio_export_aead);
+  std::printf("  ratio export MB/s / synced 1000x1KiB MB/s = %.3f\n", ratio_export_batch);
+  std::printf("  ratio import MB/s / AEAD MB/s             = %.3f\n", ratio_import_aead);
+  std::printf("  ratio import MB/s / synced 1000x1KiB MB/s = %.3f\n", ratio_import_batch);
+  std::printf(
+      "    export seals each byte once and writes + syncs the bundle; import opens each byte once "
+      "and syncs it twice (aws WAL, aws sink)\n");
+  std::fflush(stdout);
+  auto diode = MeasureDiode(o, root / "diode");
+  if (!diode) return fail("diode", diode.message());
+  drop_dir(root / "diode");
 
   bool tp_pass = tp->msgs_per_s >= kTargetMessagesPerSecond;
   bool lat_pass = lat->p99 <= kTargetP99Ms;
-  std::printf("\n== 4. targets (docs/design.md)\n");
+  bool export_pass = snk->export_mb_s >= kTargetBundleMBPerSecond;
+  bool import_pass = snk->import_mb_s >= kTargetBundleMBPerSecond;
+  std::printf("\n== 6. targets (docs/design.md; bundles: this benchmark's brief)\n");
   std::printf("  %-4s end to end %.0f messages/s of 1 KiB (target >= %.0f)\n",
               tp_pass ? "PASS" : "MISS", tp->msgs_per_s, kTargetMessagesPerSecond);
   std::printf("  %-4s p99 ingest->delivered %.2f ms at %.0f messages/s (target <= %.0f ms)\n",
               lat_pass ? "PASS" : "MISS", lat->p99, lat->rate, kTargetP99Ms);
+  std::printf("  %-4s relay export %.1f MB/s of payload (target >= %.0f)\n",
+              export_pass ? "PASS" : "MISS", snk->export_mb_s, kTargetBundleMBPerSecond);
+  std::printf("  %-4s relay import to aws's sink %.1f MB/s of payload (target >= %.0f)\n",
+              import_pass ? "PASS" : "MISS", snk->import_mb_s, kTargetBundleMBPerSecond);
 
   std::string json = "{";
   auto field = [&json](const char* name, const std::string& value) {
@@ -1081,6 +1755,42 @@ int Run(const Options& o) {
   field("latency_max_send_lag_ms", Num(lat->max_send_lag_ms, 3));
   field("target_throughput", tp_pass ? "\"PASS\"" : "\"MISS\"");
   field("target_latency_p99", lat_pass ? "\"PASS\"" : "\"MISS\"");
+  field("sneakernet_messages", std::to_string(snk->messages));
+  field("sneakernet_ingest_seconds", Num(snk->ingest_seconds, 3));
+  field("sneakernet_export_seconds", Num(snk->export_seconds, 3));
+  field("sneakernet_export_mb_s", Num(snk->export_mb_s, 1));
+  field("sneakernet_bundle_files", std::to_string(snk->bundle_files));
+  field("sneakernet_bundle_bytes", std::to_string(snk->bundle_bytes));
+  field("sneakernet_import_seconds", Num(snk->import_seconds, 3));
+  field("sneakernet_import_mb_s", Num(snk->import_mb_s, 1));
+  field("sneakernet_import_cmd_seconds", Num(snk->import_cmd_seconds, 3));
+  field("sneakernet_import_cmd_mb_s", Num(snk->import_cmd_mb_s, 1));
+  field("ratio_export_mb_to_aead", Num(ratio_export_aead, 4));
+  field("ratio_export_mb_to_synced_batch_mb", Num(ratio_export_batch, 4));
+  field("ratio_import_mb_to_aead", Num(ratio_import_aead, 4));
+  field("ratio_import_mb_to_synced_batch_mb", Num(ratio_import_batch, 4));
+  field("target_export", export_pass ? "\"PASS\"" : "\"MISS\"");
+  field("target_import", import_pass ? "\"PASS\"" : "\"MISS\"");
+  field("diode_messages", std::to_string(diode->messages));
+  field("diode_rate_bytes_s", std::to_string(o.diode_rate_bytes));
+  for (const DiodeRound& rr : diode->rounds) {
+    char prefix[32];
+    std::snprintf(prefix, sizeof prefix, "diode_loss%02.0f_", rr.loss * 100);
+    auto name = [&prefix](const char* n) { return std::string(prefix) + n; };
+    field(name("seconds").c_str(), Num(rr.seconds, 3));
+    field(name("goodput_mb_s").c_str(), Num(rr.goodput_mb_s, 1));
+    field(name("ratio_to_rate").c_str(), Num(rr.ratio_to_rate, 4));
+    field(name("paced_wire_mb_s").c_str(), Num(rr.paced_wire_mb_s, 1));
+    field(name("paced_goodput_mb_s").c_str(), Num(rr.paced_goodput_mb_s, 1));
+    field(name("paced_ratio_to_rate").c_str(), Num(rr.paced_ratio_to_rate, 4));
+    field(name("wire_bytes").c_str(), std::to_string(rr.wire_bytes));
+    field(name("wire_per_payload_byte").c_str(), Num(rr.overhead, 4));
+    field(name("datagrams_sent").c_str(), std::to_string(rr.datagrams_sent));
+    field(name("datagrams_forwarder_in").c_str(), std::to_string(rr.datagrams_in));
+    field(name("datagrams_dropped").c_str(), std::to_string(rr.dropped));
+    field(name("datagrams_received").c_str(), std::to_string(rr.datagrams_received));
+    field(name("shards_recovered").c_str(), std::to_string(rr.shards_recovered));
+  }
   json += "}";
   std::printf("RESULT %s\n", json.c_str());
   std::fflush(stdout);
@@ -1098,9 +1808,14 @@ constexpr char kUsage[] =
     "  --batch N      messages per POST in the throughput phase (default 500)\n"
     "  --rate R       messages/s in the latency phase (default 1000)\n"
     "  --seconds S    duration of the latency phase (default 10)\n"
+    "  --sneakernet-messages N  messages exported and imported as bundles (default 200000)\n"
+    "  --diode-messages N       messages per diode round, 0 % and 5 % loss (default 50000)\n"
+    "  --diode-rate SIZE        diode_rate of the diode sender, bytes/s (default 20MiB;\n"
+    "                           4MiB with --quick)\n"
     "  --relay PATH   the relay binary (default $RELAY_BIN, else the one built with the bench)\n"
     "  --keep         keep the temporary folder (configs, logs, sinks)\n"
-    "  --quick        smoke run: 20000 messages, 3 s of latency, short raw-limit loops\n"
+    "  --quick        smoke run: 20000 messages (bundles too; diode 5000), 3 s of latency,\n"
+    "                 short raw-limit loops\n"
     "Exit status: 0 when every message arrived exactly once (timings never fail the run).\n";
 
 // Parses the arguments; nullopt with *exit_code set when the run should not go ahead.
@@ -1114,6 +1829,10 @@ std::optional<Options> ParseArgs(int argc, char** argv, int* exit_code) {
     o.seconds = 3;
     o.aead_seconds = 0.25;
     o.commit_seconds = 0.5;
+    o.sneakernet_messages = 20000;
+    o.diode_messages = 5000;
+    o.diode_rate = "4MiB";  // so that part of a round is paced by the limit
+    o.diode_rate_bytes = 4u << 20;
   }
   const char* env = std::getenv("RELAY_BIN");
   o.relay_bin = env && *env ? env : RELAY_DEFAULT_BIN;
@@ -1140,8 +1859,15 @@ std::optional<Options> ParseArgs(int argc, char** argv, int* exit_code) {
       if (name == "--keep") o.keep = true;
       continue;
     }
-    static const char* const kValued[] = {"--messages", "--clients", "--batch",
-                                          "--rate",     "--seconds", "--relay"};
+    static const char* const kValued[] = {"--messages",
+                                          "--clients",
+                                          "--batch",
+                                          "--rate",
+                                          "--seconds",
+                                          "--relay",
+                                          "--sneakernet-messages",
+                                          "--diode-messages",
+                                          "--diode-rate"};
     if (std::find(std::begin(kValued), std::end(kValued), name) == std::end(kValued))
       return bad("unknown option '" + args[i] + "'");
     if (!has_value) {
@@ -1175,6 +1901,17 @@ std::optional<Options> ParseArgs(int argc, char** argv, int* exit_code) {
     } else if (name == "--seconds") {
       if (!number(0.1, 3600, &v)) return bad("--seconds '" + value + "': expected 0.1..3600");
       o.seconds = v;
+    } else if (name == "--sneakernet-messages" || name == "--diode-messages") {
+      if (!number(1, 1e8, &v) || v != std::floor(v))
+        return bad(name + " '" + value + "': expected a whole number 1..1e8");
+      (name == "--diode-messages" ? o.diode_messages : o.sneakernet_messages) =
+          static_cast<std::uint64_t>(v);
+    } else if (name == "--diode-rate") {
+      auto bytes = config::ParseSize(value);
+      if (!bytes || *bytes < 1024 || *bytes > (std::uint64_t{10} << 30))
+        return bad("--diode-rate '" + value + "': expected a size 1KiB..10GiB, e.g. 50MiB");
+      o.diode_rate = value;
+      o.diode_rate_bytes = *bytes;
     } else if (name == "--relay") {
       if (value.empty()) return bad("--relay needs a path");
       o.relay_bin = value;
