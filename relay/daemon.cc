@@ -137,6 +137,7 @@ struct BundleImport {
   std::deque<ReceivedFrame> frames;
   std::string bundle_key;      // "b:<bundle id>", recorded with the events (bundles only)
   bool all_or_nothing = true;  // bundles: one bad frame refuses all; diode: bad frames skipped
+  bool owned = false;          // handed over without waiting: the inbound thread deletes it
   std::promise<Status> done;
 };
 
@@ -1235,8 +1236,11 @@ struct Daemon::Impl : transports::LinkHandler {
       socklen_t len = 0;
       if (Status s = ResolveUdp(config.diode_listen, &addr, &len); !s) return s;
       diode_recv_fd = ::socket(addr.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-      int buf = 16 << 20;
-      ::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+      // A large receive buffer absorbs bursts while frames are stored. SO_RCVBUFFORCE passes
+      // net.core.rmem_max when the process may (root, CAP_NET_ADMIN); else the capped size.
+      int buf = 64 << 20;
+      if (::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVBUFFORCE, &buf, sizeof buf) != 0)
+        ::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
       if (diode_recv_fd < 0 || ::bind(diode_recv_fd, reinterpret_cast<sockaddr*>(&addr), len) != 0)
         return Status::Error("cannot listen on '" + config.diode_listen +
                              "': " + std::strerror(errno));
@@ -1259,7 +1263,8 @@ struct Daemon::Impl : transports::LinkHandler {
     diode_recv_fd = -1;
   }
 
-  // Sends one datagram, paced by the peer's rate limit (token bucket, one second of burst).
+  // Sends one datagram, paced by the peer's rate limit (token bucket, 20 ms of burst: a
+  // diode's receiver has no flow control, so bursts must stay small).
   void SendPaced(DiodeSender& ds, const std::string& dg) {
     double rate = static_cast<double>(peers[ds.peer].config->diode_rate);
     while (!stopping) {
@@ -1269,7 +1274,7 @@ struct Daemon::Impl : transports::LinkHandler {
       ds.refill = now;
       if (ds.tokens >= static_cast<double>(dg.size())) break;
       double wait_s = (static_cast<double>(dg.size()) - ds.tokens) / rate;
-      std::this_thread::sleep_for(std::chrono::duration<double>(std::min(wait_s, 0.05)));
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::min(wait_s, 0.005)));
     }
     ds.tokens -= static_cast<double>(dg.size());
     // A full socket buffer or an unreachable receiver: the datagram is lost, which is what a
@@ -1385,12 +1390,11 @@ struct Daemon::Impl : transports::LinkHandler {
         }
       }
       if (!done.empty()) {
-        BundleImport import;
-        import.all_or_nothing = false;
-        for (auto& m : done) import.frames.push_back({kAnyPeer, std::move(m.bytes)});
+        auto import = std::make_unique<BundleImport>();
+        import->all_or_nothing = false;
+        for (auto& m : done) import->frames.push_back({kAnyPeer, std::move(m.bytes)});
         metrics.diode_messages_received += done.size();
-        Status s = ImportFrames(import);
-        if (!s) log::Error("diode: storing received frames failed: " + s.message());
+        SubmitFramesAsync(std::move(import));
       }
       if (Clock::now() - last_stats > std::chrono::seconds(1)) {
         last_stats = Clock::now();
@@ -1425,7 +1429,15 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       if (!work.empty()) (void)ProcessFrames(work, nullptr);
       work.clear();
-      for (BundleImport* b : imports) b->done.set_value(ProcessFrames(b->frames, b));
+      for (BundleImport* b : imports) {
+        Status st = ProcessFrames(b->frames, b);
+        if (b->owned) {
+          if (!st) log::Error("storing received frames failed: " + st.message());
+          delete b;
+        } else {
+          b->done.set_value(st);
+        }
+      }
       imports.clear();
     }
   }
@@ -1440,6 +1452,22 @@ struct Daemon::Impl : transports::LinkHandler {
     }
     in_cv.notify_one();
     return result.get();
+  }
+
+  // Hands frames to the inbound thread without waiting (the diode receiver must keep reading
+  // its socket while they are stored). Bounded by the inbound queue's byte limit: frames beyond
+  // it are dropped, and come back through FEC-less loss handling (resend requests).
+  void SubmitFramesAsync(std::unique_ptr<BundleImport> import) {
+    std::size_t bytes = 0;
+    for (const auto& f : import->frames) bytes += f.bytes.size();
+    {
+      std::lock_guard<std::mutex> lock(in_mu);
+      if (stopping || in_queue_bytes + bytes > kMaxInboundQueueBytes) return;
+      in_queue_bytes += bytes;
+      import->owned = true;
+      in_imports.push_back(import.release());
+    }
+    in_cv.notify_one();
   }
 
   // Records that a file frame covered [first, last] of the peer's log, and moves the peer's
