@@ -247,6 +247,16 @@ class RunningDaemonCliTest(RelayTestCase):
         self.wait_for(aws_up, 30, "status to show the aws link up")
         s = json.loads(run_cli(["status", "--config", eu.conf, "--json"]).stdout)
         self.assertEqual({p["name"]: p for p in s["peers"]}["enclave"]["link"], "down")
+        # The --json schema scripts rely on.
+        for key, kind in (("site", str), ("identity", str), ("events_ingested", int),
+                          ("events_delivered", int), ("inbound_backlog", int), ("peers", list)):
+            self.assertIsInstance(s[key], kind, key)
+        for p in s["peers"]:
+            for key, kind in (("name", str), ("link", str), ("queue_depth", int),
+                              ("acked_through", int), ("last_contact_ms", int),
+                              ("frames_sent", int), ("frames_received", int)):
+                self.assertIsInstance(p[key], kind, key)
+        self.assertTrue(s["identity"].startswith("relay1:"))
         # Without --json the output still names the peers.
         r = run_cli(["status", "--config", eu.conf])
         self.assertEqual(r.returncode, 0, r.stderr)
