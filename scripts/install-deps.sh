@@ -9,7 +9,7 @@ packages=(
   libboost-program-options-dev libboost-dev
   libsimdjson-dev catch2
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libisal-dev libsystemd-dev systemd
-  python3 curl
+  python3 curl dpkg-dev
 )
 
 missing=()
