@@ -2,6 +2,8 @@
 
 #include <msgpack.hpp>
 
+#include <algorithm>
+
 namespace relay {
 namespace {
 
@@ -38,11 +40,20 @@ Status WantInt(const msgpack::object& o, const char* field, std::int64_t* out) {
   return Status::Error(std::string("field '") + field + "' is not an integer");
 }
 
+// Every array element takes at least one byte and every map entry two, so a container that
+// declares more elements than there are input bytes is malformed; refusing it up front keeps
+// msgpack from allocating for the declared count (a few bytes could ask for gigabytes).
+msgpack::unpack_limit CountLimit(std::string_view bytes) {
+  const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(bytes.size(), 0xffffffffu));
+  return msgpack::unpack_limit(n, n);
+}
+
 msgpack::object_handle Unpack(std::string_view bytes, Status* status) {
   msgpack::object_handle handle;
   try {
     std::size_t offset = 0;
-    handle = msgpack::unpack(bytes.data(), bytes.size(), offset);
+    handle = msgpack::unpack(bytes.data(), bytes.size(), offset, nullptr, nullptr,
+                             CountLimit(bytes));
     if (offset != bytes.size()) *status = Status::Error("trailing bytes after the msgpack value");
   } catch (const std::exception& e) {
     *status = Status::Error(std::string("malformed msgpack: ") + e.what());
@@ -227,7 +238,8 @@ Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
   try {
     std::size_t offset = 0;
     auto always_ref = [](msgpack::type::object_type, std::size_t, void*) { return true; };
-    h = msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref);
+    h = msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref, nullptr,
+                        CountLimit(bytes));
     if (offset != bytes.size()) return Status::Error("frame payload: trailing bytes");
   } catch (const std::exception& e) {
     return Status::Error(std::string("frame payload: malformed msgpack: ") + e.what());

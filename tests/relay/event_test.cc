@@ -74,3 +74,18 @@ TEST_CASE("event kinds have names") {
   CHECK(std::string(relay::EventKindName(relay::EventKind::kPost)) == "post");
   CHECK_FALSE(relay::ParseEventKind("nope", &k));
 }
+
+TEST_CASE("decoding refuses a container count larger than the input (fuzz finding)") {
+  // fuzz/crashes/event-map32-huge-count: an event whose 'kind' field is a map32 declaring
+  // 0x18733a32 entries in 74 bytes made msgpack allocate gigabytes before noticing the input ends.
+  const std::string hex =
+      "9effffdf18733a32a36177730202a87761722d726f6f6da5616c696365ac68656c6c6f20e29c93202332a561"
+      "77733a31a56177733a31cf0000019ab697e80291a36177738090";
+  std::string bytes;
+  for (std::size_t i = 0; i < hex.size(); i += 2)
+    bytes.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  CHECK_FALSE(relay::DecodeEvent(bytes).ok());
+  CHECK_FALSE(relay::DecodeFramePayload(bytes).ok());
+  // The same for a frame payload: array32 of 0xffffffff pairs.
+  CHECK_FALSE(relay::DecodeFramePayload(std::string("\xdd\xff\xff\xff\xff\x92\x01\xc4\x00", 9)).ok());
+}
