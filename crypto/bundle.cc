@@ -15,7 +15,6 @@ namespace {
 
 using detail::AppendSignature;
 using detail::CheckFraming;
-using detail::CheckParties;
 using detail::Envelope;
 using detail::GetBigEndian;
 using detail::PutBigEndian;
@@ -186,14 +185,8 @@ BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::strin
                                   " (1 is frames, 2 is ack, 3 is resend request)");
     return result;
   }
-  const auto reserved = GetBigEndian(bytes, kReservedOffset, 2);
-  if (reserved != 0) {
-    result.rejection = Reject(env, RejectReason::kMalformed,
-                              "reserved field is " + std::to_string(reserved) + ", must be 0");
-    return result;
-  }
   PublicIdentity peer;
-  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
+  if (auto r = detail::CheckReservedAndParties(env, self, peers, bytes, kReservedOffset, &peer)) {
     result.rejection = std::move(*r);
     return result;
   }

@@ -107,6 +107,11 @@ std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view byte
 std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
                                       const PeerLookup& peers, std::string_view bytes,
                                       PublicIdentity* peer);
+// The 2-byte reserved field at `reserved_offset` must be 0 (malformed otherwise), then
+// CheckParties. Shared by control messages and bundles.
+std::optional<Rejection> CheckReservedAndParties(const Envelope& env, const SiteKey& self,
+                                                 const PeerLookup& peers, std::string_view bytes,
+                                                 std::size_t reserved_offset, PublicIdentity* peer);
 // Signs out (header || body) as header || BLAKE2b-256(body) and appends the signature.
 void AppendSignature(const SiteKey& sender, std::size_t header_size, std::string* out);
 void PutBigEndian(std::uint64_t value, std::size_t width, unsigned char* out);

@@ -159,6 +159,17 @@ std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
   return std::nullopt;
 }
 
+std::optional<Rejection> CheckReservedAndParties(const Envelope& env, const SiteKey& self,
+                                                 const PeerLookup& peers, std::string_view bytes,
+                                                 std::size_t reserved_offset,
+                                                 PublicIdentity* peer) {
+  const auto reserved = GetBigEndian(bytes, reserved_offset, 2);
+  if (reserved != 0)
+    return Reject(env, RejectReason::kMalformed,
+                  "reserved field is " + std::to_string(reserved) + ", must be 0");
+  return CheckParties(env, self, peers, bytes, peer);
+}
+
 void AppendSignature(const SiteKey& sender, std::size_t header_size, std::string* out) {
   Signature sig = sender.Sign(SigningInput(*out, header_size));
   out->append(reinterpret_cast<const char*>(sig.data()), sig.size());
@@ -386,14 +397,9 @@ ControlResult OpenControl(const SiteKey& self, const PeerLookup& peers, std::str
         Reject(env, RejectReason::kMalformed, "unknown message type " + std::to_string(type));
     return result;
   }
-  const auto reserved = GetBigEndian(bytes, kControlReservedOffset, 2);
-  if (reserved != 0) {
-    result.rejection = Reject(env, RejectReason::kMalformed,
-                              "reserved field is " + std::to_string(reserved) + ", must be 0");
-    return result;
-  }
   PublicIdentity peer;
-  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
+  if (auto r =
+          detail::CheckReservedAndParties(env, self, peers, bytes, kControlReservedOffset, &peer)) {
     result.rejection = std::move(*r);
     return result;
   }
