@@ -512,7 +512,8 @@ void Loader::ReadNumber(const Section& section, std::string_view key, std::uint6
 }
 
 void Loader::ValidateSite(const Section& section) {
-  CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file"});
+  CheckKeys(section,
+            {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file", "min_free"});
   ReadPath(section, "previous_key_file", /*required=*/false, &config_->previous_key_file);
   if (const Entry* name = Required(section, "name")) {
     if (IsValidPeerName(name->value)) {
@@ -524,10 +525,11 @@ void Loader::ValidateSite(const Section& section) {
   ReadPath(section, "key_file", /*required=*/true, &config_->key_file);
   ReadPath(section, "data_dir", /*required=*/true, &config_->data_dir);
   ReadDuration(section, "dedup_ttl", &config_->dedup_ttl);
+  ReadSize(section, "min_free", 0, std::numeric_limits<std::uint64_t>::max(), &config_->min_free);
 }
 
 void Loader::ValidateIngest(const Section& section) {
-  CheckKeys(section, {"listen", "max_body", "max_text"});
+  CheckKeys(section, {"listen", "max_body", "max_text", "max_pending"});
   if (const Entry* listen = Required(section, "listen")) {
     const auto endpoint = ParseEndpoint(listen->value);
     if (!endpoint) {
@@ -545,6 +547,16 @@ void Loader::ValidateIngest(const Section& section) {
     Problem("[ingest] max_text (" + std::to_string(config_->ingest_max_text) +
             " bytes) must not exceed max_body (" + std::to_string(config_->ingest_max_body) +
             " bytes)");
+  }
+  if (Optional(section, "max_pending")) {
+    ReadSize(section, "max_pending", 1, max, &config_->ingest_max_pending);
+    if (config_->ingest_max_pending < config_->ingest_max_body) {
+      Problem("[ingest] max_pending (" + std::to_string(config_->ingest_max_pending) +
+              " bytes) must be at least max_body (" + std::to_string(config_->ingest_max_body) +
+              " bytes)");
+    }
+  } else {
+    config_->ingest_max_pending = std::max<std::uint64_t>(64u << 20, config_->ingest_max_body);
   }
 }
 
@@ -591,7 +603,7 @@ void Loader::ValidatePeer(const Section& section) {
   CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
                       "max_frame_events", "max_frame_bytes", "diode_rate", "diode_data_shards",
                       "diode_parity_shards", "diode_interleave", "diode_retention", "files_auto",
-                      "files_interval", "previous_public_key"});
+                      "max_queue", "files_interval", "previous_public_key"});
   if (const Entry* prev = Optional(section, "previous_public_key")) {
     auto identity = crypto::PublicIdentity::Parse(prev->value);
     if (identity) {
@@ -631,6 +643,7 @@ void Loader::ValidatePeer(const Section& section) {
     }
   }
   ReadNumber(section, "window", kMinWindow, kMaxWindow, &peer.window);
+  ReadNumber(section, "max_queue", 1, 2'000'000'000, &peer.max_queue);
   ReadNumber(section, "max_frame_events", kMinFrameEvents, kMaxFrameEvents, &peer.max_frame_events);
   ReadSize(section, "max_frame_bytes", kMinFrameBytes, kMaxFrameBytes, &peer.max_frame_bytes);
   ReadSize(section, "diode_rate", 1024, std::uint64_t{10} << 30, &peer.diode_rate);

@@ -37,6 +37,9 @@ struct PeerConfig {
   std::uint32_t diode_interleave = 8;               // FEC blocks interleaved against burst loss
   std::chrono::milliseconds diode_retention{std::chrono::hours(24 * 7)};  // kept unacked
   std::uint32_t window = 8;  // frames in flight before back-pressure
+  // Events queued for this peer (stored, not yet acknowledged by it) before new messages for it
+  // are refused with 503.
+  std::uint32_t max_queue = 10'000'000;
   std::uint32_t max_frame_events = 2048;
   std::uint64_t max_frame_bytes = 4u << 20;
 };
@@ -62,10 +65,16 @@ struct Config {
   std::string previous_key_file;
   std::string data_dir;
   std::chrono::milliseconds dedup_ttl{std::chrono::hours(24 * 7)};
+  // Below this many free bytes on data_dir's file system, new messages are refused (503) before
+  // the store runs into the full disk; 0 leaves it to the store's own error.
+  std::uint64_t min_free = 64u << 20;
   // [ingest]
   Endpoint ingest_listen;
   std::uint64_t ingest_max_body = 16u << 20;  // bytes of one HTTP request body
   std::uint64_t ingest_max_text = 64u << 10;  // bytes of one message's text
+  // Bytes of request bodies held in memory at once (being read or awaiting their answer);
+  // default max(64 MiB, max_body).
+  std::uint64_t ingest_max_pending = 0;
   // [zmq]
   std::string zmq_listen;  // optional, "tcp://host:port"
   std::chrono::milliseconds heartbeat_interval{1000};

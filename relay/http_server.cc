@@ -102,6 +102,9 @@ struct Core : std::enable_shared_from_this<Core> {
   const HttpServer::Options options;
   HttpHandler handler;  // reset by Stop(), in case it owns Responders (which own the Core)
   std::atomic<bool> stopped{false};
+  // Bytes reserved by requests being read or awaiting their answer (see Options::max_pending).
+  // Atomic because a Session may be destroyed on any thread (with the last Responder).
+  std::atomic<std::uint64_t> pending_bytes{0};
   // Declared after everything a Session or queued handler touches: destroying the io_context
   // destroys queued handlers, and with them possibly the last references to Sessions.
   asio::io_context ioc{1};
@@ -117,6 +120,7 @@ class Session : public std::enable_shared_from_this<Session> {
     // consumes what it reads, so without this a 1 MB body would arrive in ~1 KB recv calls.
     buffer_.reserve(kReadBufferSize);
   }
+  ~Session() { Release(); }
 
   void Start() { ReadHeader(); }
 
@@ -146,6 +150,25 @@ class Session : public std::enable_shared_from_this<Session> {
   void OnHeader(beast::error_code ec, std::size_t /*bytes*/) {
     if (ec) return OnReadError(ec);
     const auto& header = parser_->get();
+    // Back-pressure: reserve the body's size against the budget before reading it. A request
+    // that does not fit is refused without reading its body (a client that sent it anyway is
+    // drained by the lingering close, without keeping the bytes).
+    std::uint64_t need = core_.options.max_body;
+    if (auto length = parser_->content_length()) need = std::min<std::uint64_t>(*length, need);
+    std::uint64_t held = core_.pending_bytes.load();
+    if (held > 0 && held + need > core_.options.max_pending) {
+      if (core_.options.on_busy) core_.options.on_busy();
+      HttpResponse busy =
+          JsonError(503, "relay is busy: " + std::to_string(held) +
+                             " bytes of requests are waiting for the store (limit " +
+                             std::to_string(core_.options.max_pending) + "); retry later");
+      busy.retry_after_s = 1;
+      keep_alive_ = false;
+      version_ = header.version();
+      return Write(std::move(busy), /*close_after=*/true);
+    }
+    core_.pending_bytes += need;
+    reserved_ = need;
     if (header.version() >= 11 && beast::iequals(header[http::field::expect], "100-continue")) {
       // The client waits for this before sending the body (curl does for large bodies).
       asio::async_write(stream_, asio::buffer(kContinue.data(), kContinue.size()),
@@ -169,6 +192,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnReadError(beast::error_code ec) {
+    Release();
     if (core_.stopped.load(std::memory_order_relaxed)) return;
     if (ec == http::error::body_limit) {
       return Write(JsonError(413, "request body larger than " +
@@ -232,6 +256,9 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!response.content_type.empty()) {
       response_.set(http::field::content_type, response.content_type);
     }
+    if (response.retry_after_s > 0) {
+      response_.set(http::field::retry_after, std::to_string(response.retry_after_s));
+    }
     response_.body() = std::move(response.body);
     response_.keep_alive(!close_after);
     response_.prepare_payload();
@@ -245,6 +272,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnWrite(beast::error_code ec, bool close_after) {
     response_ = {};  // free the body now
+    Release();
     if (ec || core_.stopped.load(std::memory_order_relaxed)) return Close();
     if (close_after) return LingeringClose();
     ReadHeader();
@@ -269,6 +297,11 @@ class Session : public std::enable_shared_from_this<Session> {
                             });
   }
 
+  // Returns this connection's reservation (request answered, failed or connection gone).
+  void Release() {
+    if (reserved_ > 0) core_.pending_bytes -= std::exchange(reserved_, 0);
+  }
+
   Core& core_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
@@ -276,6 +309,7 @@ class Session : public std::enable_shared_from_this<Session> {
   http::response<http::string_body> response_;
   bool keep_alive_ = false;
   unsigned version_ = 11;
+  std::uint64_t reserved_ = 0;  // this request's share of Core::pending_bytes
 };
 
 // Shared by all copies of one HttpResponder.

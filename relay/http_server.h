@@ -5,7 +5,8 @@
 // request is handed to the Handler on the I/O thread together with a Responder; the handler may
 // answer at once or keep the Responder and call it later from ANY thread (e.g. once a group
 // commit is durable). Requests on one connection are answered in order. A body larger than
-// max_body is answered 413 without calling the handler; a malformed request gets 400.
+// max_body is answered 413 without calling the handler; a malformed request gets 400; a request
+// that would take the bodies held in memory past max_pending gets 503 (back-pressure).
 
 #include <cstdint>
 #include <functional>
@@ -27,6 +28,7 @@ struct HttpResponse {
   int status = 200;
   std::string content_type = "application/json";
   std::string body;
+  int retry_after_s = 0;  // > 0: sent as a Retry-After header (with 503 / 429)
 };
 
 using HttpResponder = std::function<void(HttpResponse)>;
@@ -39,6 +41,12 @@ class HttpServer {
     std::uint16_t port = 0;  // 0 picks a free port (see port())
     std::uint64_t max_body = 16u << 20;
     int max_connections = 256;  // further connections are accepted then closed at once
+    // Bytes of request bodies being received or waiting for their answer, over all connections
+    // (a body's Content-Length is reserved when its header arrives; a chunked body reserves
+    // max_body). A request that does not fit is answered 503 with Retry-After at once, without
+    // reading its body into memory. Must be >= max_body.
+    std::uint64_t max_pending = 64u << 20;
+    std::function<void()> on_busy;  // called (I/O thread) for each request refused as above
   };
   HttpServer(Options options, HttpHandler handler);
   ~HttpServer();  // stops if running

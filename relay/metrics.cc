@@ -57,6 +57,12 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
          i64(ingest_rejected));
   Simple(&out, "relay_ingest_unavailable_total", "counter",
          "Ingest requests answered 503 (store could not accept).", i64(ingest_unavailable));
+  Simple(&out, "relay_ingest_busy_total", "counter",
+         "Ingest requests answered 503 because [ingest] max_pending bytes were already held.",
+         i64(ingest_busy));
+  Simple(&out, "relay_ingest_disk_low_total", "counter",
+         "Ingest requests answered 503 because data_dir had less than [site] min_free free.",
+         i64(ingest_disk_low));
   Simple(&out, "relay_store_commits_total", "counter", "Synced ingest write batches.",
          i64(commits));
   Simple(&out, "relay_events_delivered_total", "counter", "Events written to a local sink.",
@@ -157,6 +163,9 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
        [](const PeerMetrics& p) { return p.last_contact_ms.load() / 1000; }},
       {"relay_frame_resends_total", "counter", "Times unacknowledged frames were sent again.",
        [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.resends.load()); }},
+      {"relay_queue_full_total", "counter",
+       "Ingest requests refused (503) because the peer's queue held max_queue events.",
+       [](const PeerMetrics& p) { return static_cast<std::int64_t>(p.queue_full.load()); }},
   };
   for (const auto& f : kPeerFamilies) {
     Family(&out, f.name, f.type, f.help);

@@ -25,6 +25,7 @@ struct PeerMetrics {
   std::atomic<int> link_up{0};
   std::atomic<std::int64_t> last_contact_ms{0};
   std::atomic<std::uint64_t> resends{0};
+  std::atomic<std::uint64_t> queue_full{0};  // ingest requests refused: max_queue reached
 };
 
 // Reasons a frame or control message can be rejected, beyond crypto::RejectReason.
@@ -40,7 +41,9 @@ struct Metrics {
   std::atomic<std::uint64_t> ingest_requests{0};
   std::atomic<std::uint64_t> ingest_duplicates{0};   // repeated client ids
   std::atomic<std::uint64_t> ingest_rejected{0};     // 4xx answers
-  std::atomic<std::uint64_t> ingest_unavailable{0};  // 503 answers
+  std::atomic<std::uint64_t> ingest_unavailable{0};  // 503 answers (all reasons below, and more)
+  std::atomic<std::uint64_t> ingest_busy{0};         // 503: max_pending bytes in memory
+  std::atomic<std::uint64_t> ingest_disk_low{0};     // 503: free space below min_free
   std::atomic<std::uint64_t> commits{0};             // synced ingest write batches
   std::atomic<std::uint64_t> events_delivered{0};
   std::atomic<std::uint64_t> delivery_failures{0};
@@ -52,11 +55,11 @@ struct Metrics {
   std::atomic<std::uint64_t> diode_datagrams_sent{0};
   std::atomic<std::uint64_t> diode_datagrams_received{0};
   std::atomic<std::uint64_t> diode_datagrams_malformed{0};
-  std::atomic<std::uint64_t> diode_messages_received{0};   // frames reassembled
-  std::atomic<std::uint64_t> diode_shards_recovered{0};    // data shards rebuilt from parity
-  std::atomic<std::uint64_t> diode_messages_missing{0};    // announced, not (yet) complete
-  std::atomic<std::uint64_t> diode_resend_ranges{0};       // log ranges queued by requests
-  std::atomic<std::uint64_t> diode_retention_dropped{0};   // log entries dropped unacked
+  std::atomic<std::uint64_t> diode_messages_received{0};  // frames reassembled
+  std::atomic<std::uint64_t> diode_shards_recovered{0};   // data shards rebuilt from parity
+  std::atomic<std::uint64_t> diode_messages_missing{0};   // announced, not (yet) complete
+  std::atomic<std::uint64_t> diode_resend_ranges{0};      // log ranges queued by requests
+  std::atomic<std::uint64_t> diode_retention_dropped{0};  // log entries dropped unacked
   // Mattermost adapter.
   std::atomic<std::uint64_t> mm_captured{0};         // changes captured and committed
   std::atomic<std::uint64_t> mm_catchups{0};         // REST catch-up queries
