@@ -3,14 +3,22 @@
 #include <rocksdb/compaction_filter.h>
 #include <rocksdb/db.h>
 #include <rocksdb/filter_policy.h>
+#include <rocksdb/listener.h>
 #include <rocksdb/options.h>
 #include <rocksdb/table.h>
 #include <rocksdb/utilities/options_util.h>
 #include <rocksdb/write_batch.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
+#include <cstdarg>
+#include <cstdio>
 #include <filesystem>
+#include <functional>
+#include <mutex>
+
+#include "relay/log.h"
 
 namespace relay::queue {
 namespace {
@@ -155,12 +163,51 @@ void WriteBatch::Clear() {
 // --- Store --------------------------------------------------------------------------------------
 struct Store::Impl {
   std::unique_ptr<rocksdb::DB> db;
+  // Set by the first failed write; later writes are refused without reaching RocksDB.
+  std::atomic<bool> write_failed{false};
+  std::mutex failure_mu;
+  std::string first_failure;  // under failure_mu once write_failed is set
+  std::function<void(const Status&)> on_write_failure;
   std::array<rocksdb::ColumnFamilyHandle*, kCfCount> cf{};
   ~Impl() {
     if (db) {
       for (auto* h : cf)
         if (h) (void)db->DestroyColumnFamilyHandle(h);
       (void)db->Close();
+    }
+  }
+};
+
+// RocksDB 7 tries to recover from some background errors by itself (e.g. after ENOSPC, once
+// space returns); that path writes to the WAL that failed and aborts on an assertion. relay
+// recovers by restarting instead (Store::Commit), so automatic recovery is turned off.
+class NoAutoRecovery : public rocksdb::EventListener {
+ public:
+  void OnErrorRecoveryBegin(rocksdb::BackgroundErrorReason, rocksdb::Status,
+                            bool* auto_recovery) override {
+    *auto_recovery = false;
+  }
+};
+
+// RocksDB's own log goes to relay's log (stderr / journald), warnings and errors only, rather
+// than to a LOG file in data_dir: that file shares the store's disk, and when the disk is full a
+// failed append to it makes RocksDB 7 abort on an assertion at the next log line.
+class StoreLogger : public rocksdb::Logger {
+ public:
+  StoreLogger() : rocksdb::Logger(rocksdb::InfoLogLevel::WARN_LEVEL) {}
+  using rocksdb::Logger::Logv;
+  void Logv(const char* format, va_list ap) override {
+    Logv(rocksdb::InfoLogLevel::INFO_LEVEL, format, ap);
+  }
+  void Logv(const rocksdb::InfoLogLevel level, const char* format, va_list ap) override {
+    if (level < GetInfoLogLevel() || level == rocksdb::InfoLogLevel::HEADER_LEVEL) return;
+    char buf[1024];
+    std::vsnprintf(buf, sizeof buf, format, ap);
+    std::string line = std::string("store (RocksDB): ") + buf;
+    if (level >= rocksdb::InfoLogLevel::ERROR_LEVEL) {
+      log::Error(line);
+    } else {
+      log::Warning(line);
     }
   }
 };
@@ -183,6 +230,8 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   db_options.max_log_file_size = 16u << 20;
   // Several writers (ingest committer, inbound, delivery) share the WAL.
   db_options.enable_pipelined_write = true;
+  db_options.listeners.push_back(std::make_shared<NoAutoRecovery>());
+  db_options.info_log = std::make_shared<StoreLogger>();
 
   rocksdb::ColumnFamilyOptions log_options;
   // Large memtables: most entries are deleted within seconds, and an entry whose delete lands
@@ -218,6 +267,11 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
+void Store::SetWriteFailureHandler(std::function<void(const Status&)> handler) {
+  std::lock_guard<std::mutex> lock(impl_->failure_mu);
+  impl_->on_write_failure = std::move(handler);
+}
+
 Status Store::Commit(WriteBatch& batch, bool sync) {
   rocksdb::WriteBatch wb(batch.ByteSize() + 64 * batch.Count() + 64);
   for (const auto& op : batch.impl_->ops) {
@@ -236,6 +290,11 @@ Status Store::Commit(WriteBatch& batch, bool sync) {
     }
     if (!s.ok()) return Status::Error("building write batch: " + s.ToString());
   }
+  if (impl_->write_failed.load()) {
+    // RocksDB (7.x) must not be written to again after a failed write: its WAL writer asserts.
+    return Status::Error("store is unavailable after a failed write (" + impl_->first_failure +
+                         "); relay must restart to recover");
+  }
   rocksdb::WriteOptions wo;
   wo.sync = sync;
   rocksdb::Status s = impl_->db->Write(wo, &wb);
@@ -243,7 +302,17 @@ Status Store::Commit(WriteBatch& batch, bool sync) {
     std::string what = s.IsNoSpace() || s.ToString().find("No space") != std::string::npos
                            ? "store is out of disk space: "
                            : "store write failed: ";
-    return Status::Error(what + s.ToString());
+    Status error = Status::Error(what + s.ToString());
+    std::function<void(const Status&)> handler;
+    {
+      std::lock_guard<std::mutex> lock(impl_->failure_mu);
+      if (!impl_->write_failed.exchange(true)) {
+        impl_->first_failure = error.message();
+        handler = impl_->on_write_failure;
+      }
+    }
+    if (handler) handler(error);
+    return error;
   }
   return Status::Ok();
 }
@@ -277,8 +346,7 @@ std::optional<std::string> Store::GetDedup(std::string_view key, std::int64_t no
   return v.substr(8);
 }
 
-std::vector<bool> Store::HasDedup(const std::vector<std::string>& keys,
-                                  std::int64_t now_ms) const {
+std::vector<bool> Store::HasDedup(const std::vector<std::string>& keys, std::int64_t now_ms) const {
   std::vector<bool> out(keys.size(), false);
   std::vector<rocksdb::Slice> slices;
   std::vector<std::size_t> index;

@@ -70,7 +70,14 @@ class Store {
   static Result<std::unique_ptr<Store>> Open(const std::string& dir);
   ~Store();
 
+  // Applies the batch atomically (and durably with sync). After a write fails (an I/O error
+  // such as ENOSPC) the store accepts no further writes: RocksDB 7 cannot safely append to a WAL
+  // after a failed append, so recovery is a restart (reopening replays the WAL up to the last
+  // complete write; nothing committed before is lost). The handler below is told once.
   Status Commit(WriteBatch& batch, bool sync);
+  // Called (on the failing writer's thread) by the first failed write; e.g. to exit for a
+  // supervised restart.
+  void SetWriteFailureHandler(std::function<void(const Status&)> handler);
 
   // Counters and cursors; `fallback` when never written.
   std::uint64_t GetCounter(std::string_view name, std::uint64_t fallback = 0) const;

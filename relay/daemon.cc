@@ -5,12 +5,14 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/statvfs.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -88,6 +90,8 @@ constexpr std::size_t kMaxInboundQueueBytes = 256u << 20;
 constexpr std::size_t kDeliveryBatchEvents = 8192;
 constexpr std::size_t kDeliveryBatchBytes = 16u << 20;
 constexpr std::size_t kGcScanLimit = 50'000;
+// Exit status after a failed store write (EX_TEMPFAIL: a restart is expected to recover).
+constexpr int kExitStoreFailed = 75;
 
 struct InFlight {
   std::uint64_t first = 0, last = 0;
@@ -210,6 +214,11 @@ struct Daemon::Impl : transports::LinkHandler {
   std::mutex out_mu;
   std::uint64_t next_out = 1;
   std::atomic<std::uint64_t> published{0};
+  // Events queued for each peer ([peer] max_queue and the queue-depth gauge), under out_mu:
+  // queue_counted is exact as of the last recount (cursors recount_acked: maintenance thread
+  // only); queue_added counts events routed to the peer and appended since.
+  std::vector<std::uint64_t> queue_counted, queue_added;
+  std::vector<std::uint64_t> recount_acked;
 
   // Ingest committer.
   std::mutex ingest_mu;
@@ -218,6 +227,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::vector<PendingCapture> capture_queue;
   bool ingest_closed = false;
   std::uint64_t next_origin = 1;  // committer thread only
+  bool disk_low = false;          // committer thread only
   std::thread committer;
 
   // Shipper.
@@ -302,6 +312,18 @@ struct Daemon::Impl : transports::LinkHandler {
     auto st = queue::Store::Open(config.data_dir);
     if (!st) return st.status();
     store = std::move(st).value();
+    store->SetWriteFailureHandler([](const Status& failure) {
+      // Crash-only recovery, as databases do on a failed WAL write: nothing more is written,
+      // the answers already decided (503s) get a moment to leave, then the process exits and
+      // its supervisor restarts it; reopening the store recovers every durable write.
+      log::Error("fatal: " + failure.message() + "; exiting with code " +
+                 std::to_string(kExitStoreFailed) +
+                 " so that a restart reopens the store (nothing acknowledged is lost)");
+      std::thread([] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        std::_Exit(kExitStoreFailed);
+      }).detach();
+    });
 
     peers.resize(config.peers.size());
     for (std::size_t i = 0; i < config.peers.size(); ++i) {
@@ -352,7 +374,76 @@ struct Daemon::Impl : transports::LinkHandler {
     stored_in = next_in - 1;
     delivered = store->GetCounter(kDelivered, 0);
     delivered_through = delivered;
+    if (Status s = CountQueues(); !s) return s;
     return RecoverSinks();
+  }
+
+  // ---- per-peer queue accounting -------------------------------------------------------------
+  // Events routed to peer `p` in the log range (from, through].
+  Result<std::uint64_t> CountRouted(std::size_t p, std::uint64_t from, std::uint64_t through) {
+    std::uint64_t n = 0;
+    if (through <= from) return n;
+    Status s = store->ScanOutbound(from + 1, [&](const queue::OutboundEntry& e) {
+      if (e.seq > through) return false;
+      if (e.HasPeer(peers[p].name)) ++n;
+      return true;
+    });
+    if (!s) return s;
+    return n;
+  }
+
+  // At start: counts every event queued for each peer (one scan of the unacknowledged log).
+  Status CountQueues() {
+    queue_counted.assign(peers.size(), 0);
+    queue_added.assign(peers.size(), 0);
+    recount_acked.assign(peers.size(), 0);
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      auto n = CountRouted(i, peers[i].acked, published.load());
+      if (!n) return n.status().Wrap("counting the queue for peer '" + peers[i].name + "'");
+      queue_counted[i] = *n;
+      recount_acked[i] = peers[i].acked;
+      peers[i].metrics->queue_depth = *n;
+    }
+    return Status::Ok();
+  }
+
+  // Maintenance: moves the counts to the cursors in `acked` (the snapshot the GC that follows
+  // uses, so no entry read here is deleted before) and to the current log head. Only the
+  // entries a peer acknowledged since the last recount are read; appended ones were counted by
+  // their writers (NoteQueued).
+  void RecountQueues(const std::vector<std::uint64_t>& acked) {
+    std::vector<std::uint64_t> taken, done(peers.size(), 0);
+    std::uint64_t head;
+    {
+      std::lock_guard<std::mutex> lock(out_mu);
+      taken = queue_added;  // exactly the events appended through `head` since the last time
+      head = published.load();
+    }
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      std::uint64_t to = std::min(acked[i], head);
+      if (to <= recount_acked[i]) continue;
+      auto n = CountRouted(i, recount_acked[i], to);
+      if (!n) {
+        log::Error("queue accounting: " + n.status().message());
+        return;  // counted again next time
+      }
+      done[i] = *n;
+    }
+    std::lock_guard<std::mutex> lock(out_mu);
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      queue_counted[i] += taken[i];
+      queue_counted[i] -= std::min(queue_counted[i], done[i]);
+      queue_added[i] -= taken[i];
+      recount_acked[i] = std::max(recount_acked[i], std::min(acked[i], head));
+      peers[i].metrics->queue_depth = queue_counted[i] + queue_added[i];
+    }
+  }
+
+  // Writers of the outbound log (under out_mu) count the events they append for each peer.
+  void NoteQueued(const std::vector<std::string>& peer_names) {
+    for (const std::string& name : peer_names)
+      for (std::size_t i = 0; i < peers.size(); ++i)
+        if (peers[i].name == name) ++queue_added[i];
   }
 
   Status RecoverSinks() {
@@ -402,6 +493,11 @@ struct Daemon::Impl : transports::LinkHandler {
     ho.host = config.ingest_listen.host;
     ho.port = config.ingest_listen.port;
     ho.max_body = config.ingest_max_body;
+    ho.max_pending = std::max(config.ingest_max_pending, config.ingest_max_body);
+    ho.on_busy = [this] {
+      ++metrics.ingest_unavailable;
+      ++metrics.ingest_busy;
+    };
     http = std::make_unique<HttpServer>(
         ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
 
@@ -702,8 +798,10 @@ struct Daemon::Impl : transports::LinkHandler {
         e.files = std::move(c.files);
         encoded.clear();
         EncodeEvent(e, &encoded);
-        if (!ch->second.peer_names.empty())
+        if (!ch->second.peer_names.empty()) {
           batch.AppendOutbound(next_out++, ch->second.peer_names, encoded);
+          NoteQueued(ch->second.peer_names);
+        }
         if (c.kind == EventKind::kPost) {
           round_map[c.post_id] = e.id;
           batch.PutDedup(MattermostBridge::PostToEventKey(c.post_id), map_expire, e.id);
@@ -717,6 +815,60 @@ struct Daemon::Impl : transports::LinkHandler {
     return added;
   }
 
+  static HttpResponse Unavailable(const std::string& why) {
+    HttpResponse r{503, "application/json", JsonError(why)};
+    r.retry_after_s = 1;
+    return r;
+  }
+
+  // Non-empty (the reason) when data_dir's file system has less than [site] min_free free.
+  // Logged when the state changes. Committer thread.
+  std::string DiskLow() {
+    if (config.min_free == 0) return {};
+    struct statvfs fs {};
+    if (statvfs(config.data_dir.c_str(), &fs) != 0) return {};  // the store will say what fails
+    const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+    const bool low = free_bytes < config.min_free;
+    if (low != disk_low) {
+      disk_low = low;
+      if (low) {
+        log::Error("data_dir '" + config.data_dir + "' has " + std::to_string(free_bytes) +
+                   " bytes free, below [site] min_free (" + std::to_string(config.min_free) +
+                   "): new messages are refused (503) until space is freed");
+      } else {
+        log::Info("data_dir '" + config.data_dir + "' has space again (" +
+                  std::to_string(free_bytes) + " bytes free): accepting messages");
+      }
+    }
+    if (!low) return {};
+    return "disk nearly full: data_dir has " + std::to_string(free_bytes) +
+           " bytes free, below [site] min_free (" + std::to_string(config.min_free) +
+           " bytes); nothing was stored, retry later";
+  }
+
+  // Non-empty (the reason) when a message for these channels would take a peer's queue past
+  // its max_queue. Under out_mu.
+  std::string QueueFull(const std::vector<std::string>& channel_names) {
+    std::vector<std::uint64_t> want(peers.size(), 0);
+    for (const std::string& name : channel_names) {
+      auto ch = channels.find(name);
+      if (ch == channels.end()) continue;
+      for (std::size_t i : ch->second.peers) ++want[i];
+    }
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      if (want[i] == 0) continue;
+      const std::uint64_t queued = queue_counted[i] + queue_added[i];
+      if (queued + want[i] > peers[i].config->max_queue) {
+        ++peers[i].metrics->queue_full;
+        return "queue for peer '" + peers[i].name + "' is full: " + std::to_string(queued) +
+               " events wait for it ([peer." + peers[i].name +
+               "] max_queue = " + std::to_string(peers[i].config->max_queue) +
+               "); nothing was stored, retry when it has caught up";
+      }
+    }
+    return {};
+  }
+
   void CommitIngest(std::vector<PendingIngest>& work, std::vector<PendingCapture>& captures,
                     std::unordered_map<std::string, std::string>& round_keys) {
     std::int64_t now = NowMs();
@@ -727,7 +879,26 @@ struct Daemon::Impl : transports::LinkHandler {
     std::string encoded;
     std::lock_guard<std::mutex> lock(out_mu);
     std::uint64_t origin_before = next_origin, out_before = next_out;
+    const std::vector<std::uint64_t> queued_before = queue_added;
+    if (std::string low = DiskLow(); !low.empty()) {
+      for (PendingCapture& pc : captures) pc.done->set_value(Status::Error(low));
+      for (auto& w : work) {
+        ++metrics.ingest_unavailable;
+        ++metrics.ingest_disk_low;
+        w.respond(Unavailable(low));
+      }
+      return;
+    }
+    std::vector<bool> refused(work.size(), false);
     for (std::size_t r = 0; r < work.size(); ++r) {
+      std::vector<std::string> channels_of;
+      for (const IngestMessage& m : work[r].request.messages) channels_of.push_back(m.channel);
+      if (std::string full = QueueFull(channels_of); !full.empty()) {
+        refused[r] = true;
+        ++metrics.ingest_unavailable;
+        work[r].respond(Unavailable(full));
+        continue;
+      }
       for (const IngestMessage& m : work[r].request.messages) {
         std::string client_key;
         if (!m.client_id.empty()) {
@@ -761,7 +932,10 @@ struct Daemon::Impl : transports::LinkHandler {
         e.props = m.props;
         encoded.clear();
         EncodeEvent(e, &encoded);
-        if (!ch.peer_names.empty()) batch.AppendOutbound(next_out++, ch.peer_names, encoded);
+        if (!ch.peer_names.empty()) {
+          batch.AppendOutbound(next_out++, ch.peer_names, encoded);
+          NoteQueued(ch.peer_names);
+        }
         if (!client_key.empty()) {
           batch.PutDedup(client_key, expire, e.id);
           round_keys[client_key] = e.id;
@@ -770,6 +944,15 @@ struct Daemon::Impl : transports::LinkHandler {
         ++new_events;
       }
     }
+    for (PendingCapture& pc : captures) {
+      std::vector<std::string> channels_of;
+      for (const CapturedChange& c : pc.submission->changes) channels_of.push_back(c.channel);
+      if (std::string full = QueueFull(channels_of); !full.empty()) {
+        pc.done->set_value(Status::Error(full));
+        pc.done = nullptr;
+      }
+    }
+    std::erase_if(captures, [](const PendingCapture& pc) { return pc.done == nullptr; });
     new_events += AddCaptures(captures, batch, now);
     batch.PutCounter(kNextOrigin, next_origin);
     batch.PutCounter(kNextOut, next_out);
@@ -778,10 +961,12 @@ struct Daemon::Impl : transports::LinkHandler {
     if (!s) {
       next_origin = origin_before;
       next_out = out_before;
+      queue_added = queued_before;
       log::Error("ingest commit failed, answering 503: " + s.message());
-      for (auto& w : work) {
+      for (std::size_t r = 0; r < work.size(); ++r) {
+        if (refused[r]) continue;
         ++metrics.ingest_unavailable;
-        w.respond({503, "application/json", JsonError("store cannot accept: " + s.message())});
+        work[r].respond(Unavailable("store cannot accept: " + s.message()));
       }
       return;
     }
@@ -791,6 +976,7 @@ struct Daemon::Impl : transports::LinkHandler {
     metrics.ingest_duplicates += duplicates;
     ship_cv.notify_all();
     for (std::size_t r = 0; r < work.size(); ++r) {
+      if (refused[r]) continue;
       std::string body;
       auto one = [&](const std::pair<std::string, bool>& a) {
         body += "{\"id\":" + JsonString(a.first) + (a.second ? ",\"duplicate\":true}" : "}");
@@ -1652,13 +1838,18 @@ struct Daemon::Impl : transports::LinkHandler {
       } else {
         std::lock_guard<std::mutex> lock(out_mu);
         std::uint64_t out_before = next_out;
-        for (const Forward& f : forwards) batch.AppendOutbound(next_out++, f.peers, f.encoded);
+        const std::vector<std::uint64_t> queued_before = queue_added;
+        for (const Forward& f : forwards) {
+          batch.AppendOutbound(next_out++, f.peers, f.encoded);
+          NoteQueued(f.peers);
+        }
         batch.PutCounter(kNextOut, next_out);
         s = store->Commit(batch, true);
         if (s) {
           published = next_out - 1;
         } else {
           next_out = out_before;
+          queue_added = queued_before;
         }
       }
       if (!s) {
@@ -1916,6 +2107,7 @@ struct Daemon::Impl : transports::LinkHandler {
         low = std::min(low, passed);
       }
     }
+    RecountQueues(acked);  // before the GC below deletes what it reads
     if (low > gc_deleted_through) {
       queue::WriteBatch b;
       b.DeleteOutboundRange(gc_deleted_through + 1, low + 1);
@@ -1925,20 +2117,14 @@ struct Daemon::Impl : transports::LinkHandler {
         gc_deleted_through = low;
       }
     }
-    std::vector<std::uint64_t> depth(peers.size(), 0);
     std::vector<std::int64_t> oldest(peers.size(), 0);
-    std::size_t scanned = 0;
-    bool complete = true;
+    std::size_t scanned = 0, found = 0;
     Status s = store->ScanOutbound(low + 1, [&](const queue::OutboundEntry& e) {
-      if (e.seq > head) return false;
-      if (++scanned > kGcScanLimit) {
-        complete = false;
-        return false;
-      }
+      if (e.seq > head || ++scanned > kGcScanLimit || found == peers.size()) return false;
       for (std::size_t i = 0; i < peers.size(); ++i) {
         if (e.seq <= acked[i] || !e.HasPeer(peers[i].name)) continue;
-        ++depth[i];
         if (oldest[i] == 0) {
+          ++found;
           auto ev = DecodeEvent(e.event);
           oldest[i] = ev ? ev->created_at_ms : 1;
         }
@@ -1947,7 +2133,6 @@ struct Daemon::Impl : transports::LinkHandler {
     });
     if (!s) log::Error("queue GC: " + s.message());
     for (std::size_t i = 0; i < peers.size(); ++i) {
-      peers[i].metrics->queue_depth = complete ? depth[i] : head - std::min(head, acked[i]);
       peers[i].metrics->oldest_unacked_ms = oldest[i];
       if (link) peers[i].metrics->last_contact_ms = link->LastContactMs(i);
     }
