@@ -10,6 +10,7 @@ packages=(
   libsimdjson-dev catch2
   libcurl4-openssl-dev libssl-dev nlohmann-json3-dev libisal-dev libsystemd-dev systemd
   python3 curl dpkg-dev
+  faketime util-linux procps
 )
 
 missing=()

@@ -1,0 +1,186 @@
+"""Resource bounds: memory under an ingest flood ([ingest] max_pending), per-peer queue limits
+([peer] max_queue), and the configuration of both.
+
+A flood is many concurrent clients posting large batches as fast as they can; the daemon must
+answer 503 + Retry-After when the bodies it holds reach max_pending instead of queueing them in
+RAM, keep its peak RSS bounded, and lose nothing it acknowledged."""
+import http.client
+import json
+import os
+import threading
+import time
+
+from relay_harness import CHANNEL, RelayTestCase, messages, post_all
+
+# Flood: 48 clients, bodies of ~1 MiB (1000 messages of ~1 KiB), for at most FLOOD_SECONDS or
+# FLOOD_REQUESTS requests in all. max_pending is 8 MiB, so at most ~8 bodies are held at once;
+# without the bound the daemon would hold all 48 (plus their parsed copies).
+FLOOD_CLIENTS = 48
+FLOOD_BATCH = 1000
+FLOOD_SECONDS = float(os.environ.get("RELAY_FLOOD_SECONDS", "20"))
+FLOOD_REQUESTS = 1200
+MAX_PENDING = 8 << 20
+# Peak RSS bound asserted for the flooded daemon. What it may legitimately hold: RocksDB
+# memtables for the outbound log (they fill at the flood's rate, 256 MiB before the first
+# flush), the ZeroMQ send window (8 frames of <= 4 MiB), max_pending bytes of request bodies
+# plus their parsed and encoded copies (~3x), and the process baseline (~30 MiB). Without the
+# bound, 48 x 1 MiB bodies with their copies come on top of that.
+RSS_BOUND = 640 << 20
+
+
+def vm_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+class FloodClient(threading.Thread):
+    """Posts ~1 MiB batches with client ids on its own keep-alive connection until told to stop;
+    records acknowledged batches (their messages) and each non-202 answer."""
+
+    def __init__(self, port, index, stop, budget):
+        super().__init__(daemon=True)
+        self.port, self.index, self.stop, self.budget = port, index, stop, budget
+        self.acked = []          # lists of message dicts
+        self.busy = []           # (status, retry-after, error text)
+        self.other = []          # unexpected answers
+
+    def run(self):
+        conn = None
+        n = 0
+        pad = "x" * 1000
+        while not self.stop.is_set() and self.budget.acquire(blocking=False):
+            msgs = [{"channel": CHANNEL, "author": "flood", "id": f"f{self.index}-{n}-{i}",
+                     "text": f"f{self.index}-{n}-{i} {pad}"} for i in range(FLOOD_BATCH)]
+            n += 1
+            body = json.dumps(msgs).encode()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                conn.request("POST", "/v1/messages", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                if r.status == 202:
+                    self.acked.append(msgs)
+                elif r.status == 503:
+                    self.busy.append((r.status, r.getheader("Retry-After"),
+                                      json.loads(data).get("error", "")))
+                    time.sleep(0.05)
+                else:
+                    self.other.append((r.status, data[:200]))
+                if r.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as e:
+                # A refused request's connection is closed by the server: reconnect.
+                self.other.append(("exception", repr(e)))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+class BoundsTest(RelayTestCase):
+    def test_ingest_flood_is_refused_not_queued_in_memory(self):
+        eu, aws = self.pair(ingest={"max_body": "2MiB", "max_pending": "8MiB"})
+        aws.start()
+        eu.start()
+        stop = threading.Event()
+        budget = threading.Semaphore(FLOOD_REQUESTS)
+        clients = [FloodClient(eu.ingest_port, i, stop, budget) for i in range(FLOOD_CLIENTS)]
+        peak = 0
+        t0 = time.monotonic()
+        for c in clients:
+            c.start()
+        while any(c.is_alive() for c in clients) and time.monotonic() - t0 < FLOOD_SECONDS:
+            peak = max(peak, vm_kib(eu.proc.pid, "VmRSS"))
+            time.sleep(0.05)
+        stop.set()
+        for c in clients:
+            c.join(120)
+            self.assertFalse(c.is_alive(), "a flood client did not finish")
+        hwm = vm_kib(eu.proc.pid, "VmHWM")
+        acked = [m for c in clients for b in c.acked for m in b]
+        busy = [b for c in clients for b in c.busy]
+        other = [o for c in clients for o in c.other]
+        print(f"\nflood: {len(acked)} messages acknowledged in {time.monotonic() - t0:.1f} s, "
+              f"{len(busy)} requests refused busy, peak RSS {hwm // 1024} MiB "
+              f"(sampled {peak // 1024} MiB)")
+        self.assertEqual(other, [], "answers other than 202 / 503")
+        self.assertGreater(len(acked), 0, "nothing was acknowledged under the flood")
+        self.assertGreater(len(busy), 0, "the flood never reached max_pending")
+        for status, retry, error in busy:
+            self.assertEqual(retry, "1", "a busy 503 without Retry-After: 1")
+            self.assertIn("relay is busy", error)
+        self.assertLess(hwm * 1024, RSS_BOUND,
+                        f"peak RSS {hwm // 1024} MiB exceeds the bound {RSS_BOUND >> 20} MiB")
+        self.assertEqual(eu.metric("relay_ingest_busy_total"), len(busy))
+        # Nothing acknowledged is lost: every acknowledged message arrives at aws, once.
+        lines = self.wait_sink(aws, len(acked), 240)
+        texts = [l["text"] for l in lines]
+        self.assertEqual(len(texts), len(set(texts)), "duplicates at aws")
+        self.assertEqual(set(texts), {m["text"] for m in acked})
+        eu.stop()
+
+    def test_max_queue_refuses_new_messages_for_that_peer_only(self):
+        eu, aws, enclave = self.site("europe"), self.site("aws"), self.site("enclave")
+        eu.write_config({"aws": {"site": aws, "dial": True, "keys": {"max_queue": 500}},
+                         "enclave": {"site": enclave, "dial": True}},
+                        {CHANNEL: ["aws"], "ops": ["enclave"]})
+        aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]})
+        enclave.write_config({"europe": {"site": eu}}, {"ops": ["europe"]})
+        enclave.start()
+        eu.start()  # aws is down: its queue fills
+        post_all(eu, messages(500, ids=True), batch=100)
+        st, body = eu.post(messages(1, prefix="over", ids=True))
+        self.assertEqual(st, 503)
+        self.assertIn("queue for peer 'aws' is full", body["error"])
+        self.assertIn("max_queue = 500", body["error"])
+        r = eu.request("POST", "/v1/messages", messages(1, prefix="over2"))
+        self.assertEqual(r.status, 503)
+        self.assertEqual(r.headers.get("Retry-After"), "1")
+        # A batch that would cross the limit is refused whole.
+        self.assertEqual(eu.metric("relay_queue_full_total", peer="aws"), 2)
+        # Other peers are not affected, and their traffic does not count for aws.
+        post_all(eu, messages(300, channel="ops", prefix="ops", ids=True), batch=100)
+        self.wait_sink(enclave, 300, 60, "ops")
+        self.wait_for(lambda: eu.metric("relay_queue_depth", peer="aws") == 500, 10,
+                      "aws's queue depth to read 500", lambda: eu.metrics())
+        # The count survives a restart (it is taken from the store).
+        eu.kill9()
+        eu.start()
+        self.assertEqual(eu.metric("relay_queue_depth", peer="aws"), 500)
+        st, body = eu.post(messages(1, prefix="over3", ids=True))
+        self.assertEqual(st, 503, body)
+        self.assertIn("'aws' is full", body["error"])
+        # Once aws takes its queue, new messages are accepted again.
+        aws.start()
+        self.wait_sink(aws, 500, 60)
+        self.wait_for(lambda: eu.metric("relay_queue_depth", peer="aws") == 0, 30,
+                      "aws's queue depth to fall to 0")
+        post_all(eu, messages(10, prefix="after", ids=True), batch=10)
+        lines = self.wait_sink(aws, 510, 60)
+        self.assert_exactly_once(lines, [f"m-{i}" for i in range(500)] +
+                                 [f"after-{i}" for i in range(10)], "aws")
+        self.assertEqual(eu.metric("relay_queue_full_total", peer="aws"), 1)  # since the restart
+
+    def test_limits_are_checked_in_the_config(self):
+        eu, aws = self.pair(ingest={"max_body": "4MiB", "max_pending": "1MiB"},
+                            site={"min_free": "lots"})
+        r = eu.cli("check-config", "--config", eu.conf)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        out = r.stdout + r.stderr
+        self.assertIn("max_pending (1048576 bytes) must be at least max_body (4194304 bytes)", out)
+        self.assertIn("min_free", out)
+        eu.write_config({"aws": {"site": aws, "keys": {"max_queue": 0}}}, {CHANNEL: ["aws"]})
+        r = eu.cli("check-config", "--config", eu.conf)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("max_queue", r.stdout + r.stderr)
+
+
+if __name__ == "__main__":
+    import unittest
+    unittest.main()
