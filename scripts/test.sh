@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: build, then run every unit and integration test with CTest.
+# The whole test suite: build, then run every unit and integration test with CTest; then the
+# same suite again on a build with AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer
+# (scripts/test-sanitizers.sh, which trims long loops under the sanitizers, not coverage).
+# RELAY_SANITIZERS=0 skips the second pass (for a quick local run). Extra arguments go to both
+# ctest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
-cd "${BUILD_DIR:-build}"
-ctest --output-on-failure --timeout 1500 "$@"
+status=0
+(cd "${BUILD_DIR:-build}" && ctest --output-on-failure --timeout 1500 "$@") || status=$?
+if [ "${RELAY_SANITIZERS:-1}" != 0 ]; then
+  echo "==== the suite again under AddressSanitizer + UndefinedBehaviorSanitizer ===="
+  bash scripts/test-sanitizers.sh "$@" || status=1
+fi
+exit $status

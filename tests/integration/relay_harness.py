@@ -3,7 +3,7 @@
 Standard library only. The binary is taken from $RELAY_BIN (CTest sets it), or else
 <repo>/build/relay/relay. Every test gets its own root folder; every site lives in a sub-folder
 of it (key file, config, data_dir, JSONL sinks, relay.log). The root is removed when the test
-ends unless $RELAY_KEEP is set; when a test fails, the tail of each site's log is printed.
+ends unless $RELAY_KEEP is set ($RELAY_KEEP_LOGS=DIR keeps only the daemons' logs, in DIR); when a test fails, the tail of each site's log is printed.
 
 Typical use:
 
@@ -718,7 +718,21 @@ class RelayTestCase(unittest.TestCase):
                 if os.environ.get("RELAY_KEEP") or (failed and os.environ.get("RELAY_KEEP_FAILED")):
                     print(f"\n[kept test folder {root}]", file=sys.stderr)
                 else:
+                    self.keep_logs(root)
                     shutil.rmtree(root, ignore_errors=True)
+
+    def keep_logs(self, root):
+        """With $RELAY_KEEP_LOGS (a folder), copies each site's relay.log there before the test
+        folder goes (the sanitizer run searches them for reports), as
+        <folder>/<test folder name>/<site>/relay.log."""
+        dest = os.environ.get("RELAY_KEEP_LOGS")
+        if not dest:
+            return
+        for s in getattr(self, "sites", []):
+            if os.path.exists(s.log_path):
+                d = os.path.join(dest, os.path.basename(root), s.name)
+                os.makedirs(d, exist_ok=True)
+                shutil.copy(s.log_path, os.path.join(d, "relay.log"))
 
     def dump_logs(self, lines=40):
         out = [f"\n===== {self.id()} failed; site logs (last {lines} lines each) ====="]
