@@ -19,6 +19,7 @@
 #include "relay/demo.h"
 #include "relay/http_server.h"
 #include "relay/json.h"
+#include "relay/log.h"
 
 namespace po = boost::program_options;
 
@@ -289,7 +290,8 @@ int CmdImport(const po::variables_map& vm) {
   if (!r) return Fail("import: " + r.message());
   int refused = 0;
   for (const auto& res : *r) {
-    std::printf("%s: %s%s\n", res.path.c_str(), res.ok ? "" : "REFUSED: ", res.message.c_str());
+    std::printf("%s: %s%s\n", log::Printable(res.path).c_str(),
+                res.ok ? "" : "REFUSED: ", log::Printable(res.message).c_str());
     if (!res.ok) ++refused;
   }
   if (r->empty()) return Fail("import: no .bundle or .ack files found");

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -1109,7 +1110,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // once, from the store's iterator straight into the payload. Used by the shipper and by
   // sneakernet export.
   Result<BuiltFrame> BuildFrame(std::size_t peer, std::uint64_t first, std::uint64_t from,
-                                std::uint64_t head) {
+                                std::uint64_t head, std::uint8_t flags = 0) {
     const PeerRuntime& p = peers[peer];
     std::uint64_t max_events = p.config->max_frame_events, max_bytes = p.config->max_frame_bytes;
     FramePayloadWriter payload(static_cast<std::size_t>(max_bytes) + 64 * 1024);
@@ -1131,7 +1132,8 @@ struct Daemon::Impl : transports::LinkHandler {
     if (f.count < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
     f.last_seq = last_scanned;
     if (f.count > 0)
-      f.bytes = crypto::SealFrame(*key, p.identity, first, last_scanned, f.count, payload.Finish());
+      f.bytes = crypto::SealFrame(*key, p.identity, first, last_scanned, f.count, payload.Finish(),
+                                  flags);
     return f;
   }
 
@@ -1140,8 +1142,9 @@ struct Daemon::Impl : transports::LinkHandler {
     PeerRuntime& p = peers[peer];
     std::uint64_t epoch = p.epoch, from = p.scan_pos, first = p.send_pos;
     std::uint64_t head = published.load();
+    const std::uint8_t flags = p.acked > 0 && first == p.acked + 1 ? crypto::kFrameResume : 0;
     lock.unlock();
-    auto built = BuildFrame(peer, first, from, head);
+    auto built = BuildFrame(peer, first, from, head, flags);
     lock.lock();
     if (!built) {
       log::Error("shipper: " + built.message());
@@ -1167,12 +1170,20 @@ struct Daemon::Impl : transports::LinkHandler {
   }
 
   // Writes `bytes` to dir/name atomically: a temporary file, fsync, rename, fsync of the folder.
-  // A pulled disk never holds half a bundle under the final name.
+  // A pulled disk never holds half a bundle under the final name. The folder may be writable by
+  // others (a transfer disk): the temporary name is random and created exclusively without
+  // following symlinks, so nothing planted there redirects the write; rename replaces a planted
+  // final name itself, never what it points to.
   Status WriteAtomically(const std::string& dir, const std::string& name,
                          const std::string& bytes) {
-    std::string tmp = dir + "/.tmp-" + name, final_path = dir + "/" + name;
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-    if (fd < 0) return Status::Error("cannot create '" + tmp + "': " + std::strerror(errno));
+    unsigned char rnd[8];
+    randombytes_buf(rnd, sizeof rnd);
+    char hex[2 * sizeof rnd + 1];
+    sodium_bin2hex(hex, sizeof hex, rnd, sizeof rnd);
+    std::string tmp = dir + "/.tmp-" + hex + "-" + name, final_path = dir + "/" + name;
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+    if (fd < 0)
+      return Status::Error("cannot create '" + log::Printable(tmp) + "': " + std::strerror(errno));
     std::size_t done = 0;
     while (done < bytes.size()) {
       ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -1324,14 +1335,43 @@ struct Daemon::Impl : transports::LinkHandler {
     return results;
   }
 
+  // Reads a bundle or ack file. It must be a regular file (opened without blocking, so a FIFO or
+  // a device is refused rather than waited on or read for ever) of at most the largest size the
+  // format allows.
+  static Status ReadBundleFile(const std::string& path, std::string* bytes) {
+    constexpr std::uint64_t kMaxFile = 112 + (std::uint64_t{1} << 32) + 64;  // header, body, sig
+    int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return Status::Error(std::string("cannot read: ") + std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      return Status::Error("not a regular file (FIFO, device or folder): refused");
+    }
+    if (static_cast<std::uint64_t>(st.st_size) > kMaxFile) {
+      ::close(fd);
+      return Status::Error("file of " + std::to_string(st.st_size) +
+                           " bytes is larger than any bundle can be: refused");
+    }
+    bytes->resize(static_cast<std::size_t>(st.st_size));
+    std::size_t done = 0;
+    while (done < bytes->size()) {
+      ssize_t n = ::read(fd, bytes->data() + done, bytes->size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      done += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    bytes->resize(done);  // a file that shrank while read is judged by what was read
+    return Status::Ok();
+  }
+
   ImportResult ImportOne(const std::string& path) {
     ImportResult r{path, false, "", 0};
-    std::ifstream in(path, std::ios::binary);
-    if (!in) {
-      r.message = std::string("cannot read: ") + std::strerror(errno);
+    std::string bytes;
+    if (Status s = ReadBundleFile(path, &bytes); !s) {
+      r.message = s.message();
       return r;
     }
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
     std::int64_t now = NowMs();
     crypto::BundleResult opened = crypto::OpenBundle(*key, lookup, bytes, now);
@@ -1668,6 +1708,15 @@ struct Daemon::Impl : transports::LinkHandler {
     }
   }
 
+  // Whether sequence `seq` of peer p's log was stored before: at or below the cursor, or inside
+  // a range received out of order (bundles, diode).
+  bool AlreadyAccepted(std::size_t p, std::uint64_t seq) const {
+    if (seq <= accepted[p]) return true;
+    for (auto it = file_ranges[p].begin(); it != file_ranges[p].end() && it->first <= seq; ++it)
+      if (seq <= it->second) return true;
+    return false;
+  }
+
   static std::string EncodeRanges(const std::map<std::uint64_t, std::uint64_t>& ranges) {
     std::string out;
     for (const auto& [a, b] : ranges) out += std::to_string(a) + "-" + std::to_string(b) + ",";
@@ -1718,8 +1767,14 @@ struct Daemon::Impl : transports::LinkHandler {
       const crypto::FrameHeader& h = opened.frame->header;
       std::size_t p = *PeerBySignKey(h.sender);
       const std::string& pname = peers[p].name;
-      // Bundle frames: every event is checked against the dedup index instead of the cursor.
+      // Link frames continue the peer's sequence: what is at or below `acc` was stored before.
+      // Bundle and diode frames come in any order: an event was stored before if its sequence
+      // is at or below the cursor or inside a range received earlier (durable, unlike the
+      // dedup index, which forgets after dedup_ttl while a bundle may live longer).
       std::uint64_t acc = bundle ? 0 : accepted[p];
+      auto stored_before = [&](std::uint64_t seq) {
+        return bundle ? AlreadyAccepted(p, seq) : seq <= acc;
+      };
       if (bundle && rf.link_peer != kAnyPeer && rf.link_peer != p) {
         return Status::Error("a frame inside the bundle is from peer '" + pname +
                              "', not from the bundle's sender");
@@ -1732,7 +1787,9 @@ struct Daemon::Impl : transports::LinkHandler {
         ack_peers.insert(p);  // the sender may have missed our ack
         continue;
       }
-      if (!bundle && acc != 0 && h.first_seq > acc + 1) {
+      // A gap: frames before this one are missing. With nothing accepted yet, a frame that
+      // does not start at 1 must say it resumes from a cursor we acknowledged (kFrameResume).
+      if (!bundle && h.first_seq > acc + 1 && (acc != 0 || !(h.flags & crypto::kFrameResume))) {
         ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kGap)];
         if (warn_limiter.Allow())
           log::Warning("frame from peer '" + pname + "' starts at " + std::to_string(h.first_seq) +
@@ -1754,7 +1811,7 @@ struct Daemon::Impl : transports::LinkHandler {
             bad = "event sequence " + std::to_string(fe.seq) + " outside the frame's range";
             break;
           }
-          if (fe.seq <= acc) {
+          if (stored_before(fe.seq)) {
             events.emplace_back();  // placeholder, already accepted earlier
             continue;
           }
@@ -1776,11 +1833,14 @@ struct Daemon::Impl : transports::LinkHandler {
       // One batched lookup of the frame's event ids in the dedup index.
       std::vector<std::string> dkeys(events.size());
       for (std::size_t k = 0; k < events.size(); ++k)
-        if ((*payload)[k].seq > acc) dkeys[k] = "e:" + events[k].id;
+        if (!stored_before((*payload)[k].seq)) dkeys[k] = "e:" + events[k].id;
       std::vector<bool> known = store->HasDedup(dkeys, now);
       for (std::size_t k = 0; k < events.size(); ++k) {
         const FramedEvent& fe = (*payload)[k];
-        if (fe.seq <= acc) continue;
+        if (stored_before(fe.seq)) {
+          if (bundle) ++dedup;  // received before, by the link or another bundle
+          continue;
+        }
         Event& ev = events[k];
         auto ch = channels.find(ev.channel);
         if (ch == channels.end() || std::find(ch->second.peers.begin(), ch->second.peers.end(),
@@ -2008,6 +2068,15 @@ struct Daemon::Impl : transports::LinkHandler {
       for (const auto& entry : std::filesystem::directory_iterator(pc.files_dir, ec)) {
         std::string name = entry.path().filename().string();
         if (name.rfind(prefix, 0) != 0 || auto_files_seen.count(entry.path().string())) continue;
+        // Only plain files: a FIFO would block this thread, a symlink could point anywhere
+        // (e.g. /dev/zero). Whoever writes to the transfer folder is not trusted.
+        std::error_code type_ec;
+        if (entry.symlink_status(type_ec).type() != std::filesystem::file_type::regular) {
+          if (auto_files_seen.insert(entry.path().string()).second)
+            log::Warning("files_dir: " + entry.path().string() +
+                         " ignored: not a regular file (symlink, FIFO, device or folder)");
+          continue;
+        }
         auto_files_seen.insert(entry.path().string());
         incoming.push_back(entry.path().string());
       }

@@ -31,6 +31,23 @@ const char* LevelName(Level level) {
 
 void SetMinLevel(Level level) { g_min_level = static_cast<int>(level); }
 
+std::string Printable(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f || c == '\\') {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[u >> 4];
+      out += kHex[u & 0xf];
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 void Write(Level level, std::string_view message) {
   if (static_cast<int>(level) > g_min_level) return;
   static const bool journald = std::getenv("JOURNAL_STREAM") != nullptr;
@@ -45,7 +62,9 @@ void Write(Level level, std::string_view message) {
   }
   line.append(LevelName(level));
   line.append(": ");
-  line.append(message);
+  // One event per line, whatever the message holds (file names, peer input): control
+  // characters are escaped, so nothing can forge a line of its own.
+  line.append(Printable(message));
   line.push_back('\n');
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);

@@ -11,6 +11,9 @@ namespace relay::log {
 enum class Level { kDebug = 7, kInfo = 6, kWarning = 4, kError = 3 };
 
 void SetMinLevel(Level level);
+// `text` with control characters (and backslashes) written as \xNN: safe to print on one line.
+// Write() applies it to every message.
+std::string Printable(std::string_view text);
 void Write(Level level, std::string_view message);
 
 inline void Debug(std::string_view m) { Write(Level::kDebug, m); }
