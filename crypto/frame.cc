@@ -242,8 +242,8 @@ bool LooksLikeFrame(std::string_view bytes) {
 
 std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                       std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
-                      std::string_view plaintext) {
-  if (first_seq > last_seq ||
+                      std::string_view plaintext, std::uint8_t flags) {
+  if (first_seq > last_seq || (flags & ~kFrameKnownFlags) != 0 ||
       plaintext.size() > std::numeric_limits<std::uint32_t>::max() - kTagSize) {
     std::fprintf(stderr, "relay: SealFrame called with an invalid sequence range or size\n");
     std::abort();
@@ -271,7 +271,7 @@ std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
   unsigned char* h = MutableBytes(&out);
   std::memcpy(h, kFrameMagic.data(), kFrameMagic.size());
   h[kVersionOffset] = kFrameVersion;
-  h[kFrameFlagsOffset] = 0;
+  h[kFrameFlagsOffset] = flags;
   PutBigEndian(0, 2, h + kFrameReservedOffset);
   std::memcpy(h + kFrameSenderOffset, sender.identity().sign_pk.data(), 32);
   std::memcpy(h + kFrameRecipientOffset, recipient.sign_pk.data(), 32);
@@ -308,12 +308,14 @@ OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_v
   header.event_count = static_cast<std::uint32_t>(GetBigEndian(bytes, kFrameEventCountOffset, 4));
   const unsigned flags = static_cast<unsigned char>(bytes[kFrameFlagsOffset]);
   const auto reserved = GetBigEndian(bytes, kFrameReservedOffset, 2);
-  if (flags != 0 || reserved != 0) {
-    result.rejection = Reject(env, RejectReason::kMalformed,
-                              "flags " + std::to_string(flags) + " and reserved " +
-                                  std::to_string(reserved) + " must both be 0");
+  if ((flags & ~unsigned{kFrameKnownFlags}) != 0 || reserved != 0) {
+    result.rejection =
+        Reject(env, RejectReason::kMalformed,
+               "flags " + std::to_string(flags) + " (known: " + std::to_string(kFrameKnownFlags) +
+                   ") and reserved " + std::to_string(reserved) + " (must be 0)");
     return result;
   }
+  header.flags = static_cast<std::uint8_t>(flags);
   if (header.first_seq > header.last_seq) {
     result.rejection = Reject(env, RejectReason::kMalformed,
                               "sequence range " + std::to_string(header.first_seq) + ".." +

@@ -47,8 +47,18 @@ struct Rejection {
   std::string message;  // says what was wrong, e.g. "frame truncated: 41 bytes, header needs 170"
 };
 
+// Frame header flags.
+// kFrameResume: the frame starts right after a position the recipient acknowledged before
+// (first_seq - 1, its cursor at the sender). A recipient that has accepted nothing from the
+// sender takes a first frame starting anywhere but at 1 only with this flag, so an on-path
+// attacker cannot make it skip (and acknowledge away) the frames before by holding them back,
+// while a recipient that lost its store still resumes.
+inline constexpr std::uint8_t kFrameResume = 0x01;
+inline constexpr std::uint8_t kFrameKnownFlags = kFrameResume;
+
 struct FrameHeader {
   std::uint8_t version = kFrameVersion;
+  std::uint8_t flags = 0;       // kFrame* flags
   PublicKey sender{};           // sender's sign_pk
   PublicKey recipient{};        // recipient's sign_pk
   std::uint64_t first_seq = 0;  // link sequence range of the events inside
@@ -67,7 +77,7 @@ using PeerLookup = std::function<std::optional<PublicIdentity>(const PublicKey& 
 // Seals `plaintext` for `recipient`. header.sender/recipient are filled from the keys.
 std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                       std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
-                      std::string_view plaintext);
+                      std::string_view plaintext, std::uint8_t flags = 0);
 
 // Verifies and decrypts a frame addressed to `self`. On failure returns a Rejection.
 // Order of checks: length/magic/version, recipient, sender lookup, signature, decryption.
