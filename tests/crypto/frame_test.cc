@@ -222,7 +222,7 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     const Field fields[] = {
         {"magic", 0, RejectReason::kBadMagic},
         {"version", 4, RejectReason::kUnsupportedVersion},
-        {"flags", 5, RejectReason::kMalformed},
+        {"flags", 5, RejectReason::kBadSignature},  // bit 0 is kFrameResume: a known flag
         {"reserved", 7, RejectReason::kMalformed},
         {"sender", 8, RejectReason::kUnknownSender},
         {"recipient", 40, RejectReason::kWrongRecipient},
@@ -263,9 +263,16 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     CHECK(FrameReason(s, inverted) == RejectReason::kMalformed);
 
     std::string flags = frame;
-    flags[5] = 1;
+    flags[5] = 2;  // not a known flag
     Resign(s.a, &flags);
     CHECK(FrameReason(s, flags) == RejectReason::kMalformed);
+
+    // The flags are covered by the AEAD and the signature: a resume frame is sealed as one.
+    const std::string resume = SealFrame(s.a, s.b.identity(), 5, 7, 3, "hello", kFrameResume);
+    CHECK(static_cast<std::uint8_t>(resume[5]) == kFrameResume);
+    OpenResult r = OpenFrame(s.b, s.b_peers(), resume);
+    REQUIRE(r.ok());
+    CHECK(r.frame->header.flags == kFrameResume);
 
     // ciphertext_len 10 < tag size, with a matching total length.
     std::string short_ct = frame.substr(0, kHeader) + std::string(10, 'c') + std::string(64, 's');
