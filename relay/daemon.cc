@@ -220,6 +220,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // only); queue_added counts events routed to the peer and appended since.
   std::vector<std::uint64_t> queue_counted, queue_added;
   std::vector<std::uint64_t> recount_acked;
+  std::atomic<bool> queues_dirty{false};  // the log was rebased: count everything again
 
   // Ingest committer.
   std::mutex ingest_mu;
@@ -413,6 +414,27 @@ struct Daemon::Impl : transports::LinkHandler {
   // entries a peer acknowledged since the last recount are read; appended ones were counted by
   // their writers (NoteQueued).
   void RecountQueues(const std::vector<std::uint64_t>& acked) {
+    if (queues_dirty.exchange(false)) {
+      std::lock_guard<std::mutex> lock(out_mu);  // no appends while counting
+      std::vector<std::uint64_t> now_acked(peers.size());
+      {
+        std::lock_guard<std::mutex> ship_lock(ship_mu);
+        for (std::size_t i = 0; i < peers.size(); ++i) now_acked[i] = peers[i].acked;
+      }
+      for (std::size_t i = 0; i < peers.size(); ++i) {
+        auto n = CountRouted(i, now_acked[i], published.load());
+        if (!n) {
+          log::Error("queue accounting: " + n.status().message());
+          queues_dirty = true;
+          return;
+        }
+        queue_counted[i] = *n;
+        queue_added[i] = 0;
+        recount_acked[i] = now_acked[i];
+        peers[i].metrics->queue_depth = *n;
+      }
+      return;
+    }
     std::vector<std::uint64_t> taken, done(peers.size(), 0);
     std::uint64_t head;
     {
@@ -1040,10 +1062,16 @@ struct Daemon::Impl : transports::LinkHandler {
     PeerRuntime& p = peers[peer];
     p.metrics->last_contact_ms = NowMs();
     bool advanced = false;
+    if (seq > published.load()) {
+      // The peer has accepted positions this log never wrote: this site's store was re-created
+      // (data folder lost) with its clock behind, so its new sequences restarted below the
+      // peer's cursor and the peer would drop them as replays. Never count that as an ack:
+      // move the queue above the peer's cursor instead.
+      RebaseLog(peer, seq);
+      return;
+    }
     {
       std::lock_guard<std::mutex> lock(ship_mu);
-      // Never beyond what was written: an ack from before a store reset must not skip events.
-      seq = std::min<std::uint64_t>(seq, published.load());
       if (seq > p.acked) {
         p.acked = seq;
         advanced = true;
@@ -1061,6 +1089,53 @@ struct Daemon::Impl : transports::LinkHandler {
       if (Status s = store->Commit(b, false); !s) log::Error("storing ack cursor: " + s.message());
       ship_cv.notify_all();
     }
+  }
+
+  // Moves every entry of the outbound log to new positions above `floor` (in order, in one
+  // synced batch), so that peer `who`, whose cursor is at `floor`, takes them as new. Other
+  // peers keep their cursors: the moved entries follow them, those they had already taken come
+  // again and are dropped by event id. Rare (a re-created store); holds out_mu, so ingest waits.
+  void RebaseLog(std::size_t who, std::uint64_t floor) {
+    std::lock_guard<std::mutex> out_lock(out_mu);
+    const std::uint64_t head = published.load();
+    if (floor <= head) return;  // done meanwhile
+    queue::WriteBatch b;
+    std::uint64_t pos = floor + 1, moved = 0;
+    Status s = store->ScanOutbound(1, [&](const queue::OutboundEntry& e) {
+      if (e.seq > head) return false;
+      b.AppendOutbound(pos++, e.Peers(), e.event);
+      ++moved;
+      return true;
+    });
+    if (s) {
+      b.DeleteOutboundRange(1, head + 1);
+      b.PutCounter(kNextOut, pos);
+      s = store->Commit(b, true);
+    }
+    if (!s) {
+      log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
+                 std::to_string(floor) + ", beyond its head " + std::to_string(head) +
+                 ", and moving the queue above that failed: " + s.message());
+      return;
+    }
+    next_out = pos;
+    published = pos - 1;
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      for (PeerRuntime& p : peers) {
+        p.inflight.clear();
+        p.send_pos = p.scan_pos = p.acked + 1;
+      }
+    }
+    queues_dirty = true;
+    ++metrics.log_rebases;
+    log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
+               std::to_string(floor) + ", beyond its head " + std::to_string(head) +
+               ": this site's store was re-created while its clock was behind. " +
+               std::to_string(moved) + " queued event(s) moved above that position (" +
+               std::to_string(floor + 1) + ".." + std::to_string(pos - 1) +
+               ") so that nothing is lost; check the clock (NTP)");
+    ship_cv.notify_all();
   }
 
   void OnRejectedControl(const std::string& reason, const std::string& message) override {

@@ -63,6 +63,9 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_ingest_disk_low_total", "counter",
          "Ingest requests answered 503 because data_dir had less than [site] min_free free.",
          i64(ingest_disk_low));
+  Simple(&out, "relay_log_rebases_total", "counter",
+         "Times the outbound log was moved above a peer's cursor (store re-created, clock behind).",
+         i64(log_rebases));
   Simple(&out, "relay_store_commits_total", "counter", "Synced ingest write batches.",
          i64(commits));
   Simple(&out, "relay_events_delivered_total", "counter", "Events written to a local sink.",

@@ -44,6 +44,7 @@ struct Metrics {
   std::atomic<std::uint64_t> ingest_unavailable{0};  // 503 answers (all reasons below, and more)
   std::atomic<std::uint64_t> ingest_busy{0};         // 503: max_pending bytes in memory
   std::atomic<std::uint64_t> ingest_disk_low{0};     // 503: free space below min_free
+  std::atomic<std::uint64_t> log_rebases{0};         // queue moved above a peer's cursor
   std::atomic<std::uint64_t> commits{0};             // synced ingest write batches
   std::atomic<std::uint64_t> events_delivered{0};
   std::atomic<std::uint64_t> delivery_failures{0};
