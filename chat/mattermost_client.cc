@@ -748,11 +748,23 @@ struct MattermostClient::Impl {
     return parsed;
   }
 
-  // For calls whose 2xx reply carries nothing we need ({"status":"OK"}).
-  MmResult<bool> CallNoReply(const Request& req) {
-    MmResult<Response> r = Perform(req);
-    if (!r.ok()) return Fail<bool>(std::move(r.error));
-    return Ok(true);
+  // For calls whose 2xx reply is the status object {"status":"OK"} (deletes, reaction
+  // removal). Any other 2xx body (a proxy's page, an empty body) is a retryable bad_reply: the
+  // request may never have reached the server.
+  MmResult<bool> CallStatusOk(const Request& req) {
+    return Call<bool>(req, [](const Json& j) -> MmResult<bool> {
+      if (!j.is_object()) {
+        return Fail<bool>(ParseError(std::string("status reply is a JSON ") + TypeName(j) +
+                                     ", expected {\"status\":\"OK\"}"));
+      }
+      auto status = j.find("status");
+      if (status == j.end() || !status->is_string() || status->get<std::string>() != "OK") {
+        return Fail<bool>(
+            ParseError("reply is not {\"status\":\"OK\"}: " +
+                       Quote(j.dump(-1, ' ', false, Json::error_handler_t::replace))));
+      }
+      return Ok(true);
+    });
   }
 
   MattermostOptions options;
@@ -823,6 +835,7 @@ MmResult<MmPost> MattermostClient::CreatePost(const MmNewPost& post) {
   if (!post.root_id.empty()) body["root_id"] = post.root_id;
   if (!post.file_ids.empty()) body["file_ids"] = post.file_ids;
   if (!props->empty()) body["props"] = std::move(*props);
+  if (!post.pending_post_id.empty()) body["pending_post_id"] = post.pending_post_id;
   req.json_body = Dump(body);
   return impl_->Call<MmPost>(req, ParsePostReply);
 }
@@ -845,7 +858,7 @@ MmResult<bool> MattermostClient::DeletePost(const std::string& post_id) {
   Impl::Request req;
   req.method = "DELETE";
   req.path = "/api/v4/posts/" + Escape(post_id);
-  return impl_->CallNoReply(req);
+  return impl_->CallStatusOk(req);
 }
 
 MmResult<bool> MattermostClient::AddReaction(const std::string& user_id, const std::string& post_id,
@@ -855,8 +868,18 @@ MmResult<bool> MattermostClient::AddReaction(const std::string& user_id, const s
   req.path = "/api/v4/reactions";
   Json body = {{"user_id", user_id}, {"post_id", post_id}, {"emoji_name", emoji_name}};
   req.json_body = Dump(body);
-  // The server answers 200 (the OpenAPI file says 201): any 2xx is success.
-  return impl_->CallNoReply(req);
+  // The server answers 200 (the OpenAPI file says 201) with the Reaction: any 2xx status is
+  // fine, but the body must be the reaction asked for (not a proxy's page).
+  return impl_->Call<bool>(req, [&](const Json& j) -> MmResult<bool> {
+    MmResult<MmReaction> r = ReactionFromJson(j);
+    if (!r.ok()) return Fail<bool>(std::move(r.error));
+    if (r.value->post_id != post_id || r.value->emoji_name != emoji_name) {
+      return Fail<bool>(ParseError("reply is the reaction " + Quote(r.value->emoji_name) +
+                                   " on post " + Quote(r.value->post_id) + ", not " +
+                                   Quote(emoji_name) + " on " + Quote(post_id)));
+    }
+    return Ok(true);
+  });
 }
 
 MmResult<bool> MattermostClient::RemoveReaction(const std::string& user_id,
@@ -866,7 +889,7 @@ MmResult<bool> MattermostClient::RemoveReaction(const std::string& user_id,
   req.method = "DELETE";
   req.path = "/api/v4/users/" + Escape(user_id) + "/posts/" + Escape(post_id) + "/reactions/" +
              Escape(emoji_name);
-  return impl_->CallNoReply(req);
+  return impl_->CallStatusOk(req);
 }
 
 MmResult<MmPostList> MattermostClient::GetPostsSince(const std::string& channel_id,

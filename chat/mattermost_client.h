@@ -76,6 +76,10 @@ struct MmNewPost {
   std::string root_id;
   std::vector<std::string> file_ids;
   std::string props_json = "{}";
+  // Idempotency key: the server answers a repeat of this id within 30 s with the post created
+  // first (or a retryable 500 api.post.deduplicate_create_post.pending while that create is
+  // still being saved) instead of creating a second post. Empty: no de-duplication.
+  std::string pending_post_id;
 };
 
 class MattermostClient {
@@ -92,6 +96,8 @@ class MattermostClient {
   // PUT /posts/{id}/patch with message and the FULL props map (props replace, not merge).
   MmResult<MmPost> PatchPost(const std::string& post_id, const std::string& message,
                              const std::string& props_json);
+  // DeletePost, AddReaction and RemoveReaction check the 2xx body ({"status":"OK"}, or the
+  // Reaction added): any other body is a retryable "bad_reply" (a proxy answered, not the server).
   MmResult<bool> DeletePost(const std::string& post_id);
   MmResult<bool> AddReaction(const std::string& user_id, const std::string& post_id,
                              const std::string& emoji_name);

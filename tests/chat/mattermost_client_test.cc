@@ -701,6 +701,102 @@ TEST_CASE("live: reactions are added and removed (emoji names escaped in the pat
   CHECK_FALSE(forged.error.retryable);
 }
 
+TEST_CASE("live: a create repeated with its pending_post_id answers the first post") {
+  Emulator emu;
+  REQUIRE(emu.error().empty());
+  MattermostOptions options = emu.Options();
+  options.timeout = milliseconds(1000);
+  MattermostClient client(options);
+  MmNewPost post = NewPost("only once");
+  post.pending_post_id = "relay:test:aws:1";
+  // The first answer is lost although the server created the post.
+  emu.Control("POST", "faults",
+              {{"kind", "status"}, {"status", 500}, {"process", true}, {"method", "POST"}});
+  auto lost = client.CreatePost(post);
+  REQUIRE_FALSE(lost.ok());
+  CHECK(lost.error.retryable);
+  auto again = client.CreatePost(post);
+  INFO(again.error.message);
+  REQUIRE(again.ok());
+  auto third = client.CreatePost(post);
+  REQUIRE(third.ok());
+  CHECK(third.value->id == again.value->id);
+  auto all = client.GetPostsSince(kChannelId, 1);
+  REQUIRE(all.ok());
+  int copies = 0;
+  for (const auto& p : all.value->posts) copies += p.message == "only once";
+  CHECK(copies == 1);
+  // Without the id, a repeat is a second post.
+  post.pending_post_id.clear();
+  auto fresh = client.CreatePost(post);
+  REQUIRE(fresh.ok());
+  CHECK(fresh.value->id != again.value->id);
+}
+
+TEST_CASE("live: a 2xx that is not the API's answer fails deletes and reactions (retryable)") {
+  Emulator emu;
+  REQUIRE(emu.error().empty());
+  MattermostClient client(emu.Options());
+  auto post = client.CreatePost(NewPost("target"));
+  REQUIRE(post.ok());
+  const std::string id = post.value->id;
+  // A proxy answers 200 without passing the request on (process: false).
+  auto proxy = [&](const char* method, const char* style) {
+    emu.Control("POST", "faults",
+                {{"kind", "garbage"},
+                 {"style", style},
+                 {"process", false},
+                 {"method", method},
+                 {"count", 1}});
+  };
+  auto expect_bad_reply = [](const auto& r, const char* what) {
+    INFO(what << ": " << r.error.message);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error.retryable);
+    CHECK(r.error.id == "bad_reply");
+    CHECK(r.error.http_status == 200);
+  };
+
+  proxy("POST", "empty");
+  expect_bad_reply(client.AddReaction(kBotId, id, "tada"), "reaction add, empty body");
+  proxy("POST", "html");
+  expect_bad_reply(client.AddReaction(kBotId, id, "tada"), "reaction add, HTML page");
+  proxy("POST", "null");
+  expect_bad_reply(client.AddReaction(kBotId, id, "tada"), "reaction add, null");
+  auto got = client.GetPost(id);
+  REQUIRE(got.ok());
+  CHECK(got.value->reactions.empty());  // none of them reached the server
+  REQUIRE(client.AddReaction(kBotId, id, "tada").ok());
+
+  proxy("DELETE", "html");
+  expect_bad_reply(client.RemoveReaction(kBotId, id, "tada"), "reaction removal, HTML page");
+  proxy("DELETE", "empty");
+  expect_bad_reply(client.RemoveReaction(kBotId, id, "tada"), "reaction removal, empty body");
+  emu.Control("POST", "faults",
+              {{"kind", "garbage"},
+               {"method", "DELETE"},
+               {"process", false},
+               {"body", R"({"status":"FAIL"})"}});
+  auto fail = client.RemoveReaction(kBotId, id, "tada");
+  expect_bad_reply(fail, "reaction removal, status FAIL");
+  CHECK(fail.error.message.find("FAIL") != std::string::npos);
+  got = client.GetPost(id);
+  REQUIRE(got.ok());
+  CHECK(got.value->reactions.size() == 1);
+  REQUIRE(client.RemoveReaction(kBotId, id, "tada").ok());
+
+  proxy("DELETE", "html");
+  expect_bad_reply(client.DeletePost(id), "delete, HTML page");
+  proxy("DELETE", "null");
+  expect_bad_reply(client.DeletePost(id), "delete, null");
+  got = client.GetPost(id);
+  REQUIRE(got.ok());  // still there
+  auto deleted = client.DeletePost(id);
+  INFO(deleted.error.message);
+  REQUIRE(deleted.ok());
+  CHECK_FALSE(client.GetPost(id).ok());
+}
+
 TEST_CASE("live: GetPostsSince is exclusive and lists every post") {
   Emulator emu;
   REQUIRE(emu.error().empty());

@@ -18,6 +18,7 @@ configuration, fault injection, WebSocket drops, request log).
 import argparse
 import base64
 import collections
+import copy
 import email.utils
 import hashlib
 import json
@@ -39,7 +40,7 @@ if HERE not in sys.path:
 import gojson  # noqa: E402
 import mmstate  # noqa: E402
 from mmstate import ApiError, State, is_valid_id, new_id  # noqa: E402
-from mmws import Hub, WsSocket, accept_key  # noqa: E402
+from mmws import Hub, WsSocket, accept_key, mangle_types  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +90,34 @@ class RateLimiter:
 LIMIT_EXCEEDED = b"limit exceeded\n"   # http.Error(w, "limit exceeded", 429)
 
 FAULT_KINDS = ("rate_limit", "status", "delay", "garbage", "drop")
+GARBAGE_STYLES = ("truncated", "cut", "wrong_types", "html", "empty", "null")
+DELAY_PHASES = ("before", "after")
+
+# What an authenticating reverse proxy (or a captive portal) answers instead of the API: a
+# complete, well-formed HTML page, often with status 200.
+HTML_LOGIN_PAGE = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
+                   "<title>Sign in</title></head>\n<body>\n<h1>Sign in to continue</h1>\n"
+                   "<form method=\"post\" action=\"/oauth2/start\"><button>Sign in</button>"
+                   "</form>\n</body>\n</html>\n")
+
+
+def garbage_body(style, real=None, rng=None):
+    """The body of a `garbage` fault. `real` is the body the server would have sent (bytes) when
+    the request was carried out; styles that need it fall back to "truncated" without it."""
+    if style == "cut" and real is not None:
+        return real[:len(real) // 2]
+    if style == "wrong_types" and real is not None:
+        try:
+            return json.dumps(mangle_types(json.loads(real.decode("utf-8")))).encode()
+        except ValueError:
+            return real[:len(real) // 2]   # not JSON (a file): cut it instead
+    if style == "html":
+        return HTML_LOGIN_PAGE.encode()
+    if style == "empty":
+        return b""
+    if style == "null":
+        return b"null"
+    return ('{"id":"%s","create_at":17' % new_id(rng)).encode()
 
 
 class Fault:
@@ -98,33 +127,100 @@ class Fault:
         kind = spec.get("kind")
         if kind not in FAULT_KINDS:
             raise ValueError("kind must be one of %s" % ", ".join(FAULT_KINDS))
+        known = {"kind", "count", "status", "retry_after", "delay_ms", "body", "content_type",
+                 "path_prefix", "path_regex", "method", "process", "duration_ms", "every",
+                 "style", "delay_phase"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError("unknown fault field(s): %s" % ", ".join(sorted(unknown)))
         self.id = Fault._next[0]
         Fault._next[0] += 1
         self.kind = kind
-        self.count = int(spec.get("count", 1))
-        if self.count < 1:
-            raise ValueError("count must be >= 1")
-        self.status = int(spec.get("status", 500 if kind == "status" else 200))
+        # "For a while": duration_ms bounds the fault in time; without a count it then matches
+        # every request until it expires. count alone: that many requests (default 1).
+        self.duration_ms = spec.get("duration_ms")
+        self.expires = None
+        if self.duration_ms is not None:
+            self.duration_ms = int(self.duration_ms)
+            if self.duration_ms < 1:
+                raise ValueError("duration_ms must be >= 1")
+            self.expires = time.monotonic() + self.duration_ms / 1000.0
+        if "count" in spec or self.expires is None:
+            self.count = int(spec.get("count", 1))
+            if self.count < 1:
+                raise ValueError("count must be >= 1")
+        else:
+            self.count = None   # unlimited until it expires
+        # every: of the matching requests only every Nth is hit (the 1st, N+1th, ...); the
+        # others pass untouched and do not use up the count: an intermittent fault.
+        self.every = int(spec.get("every", 1))
+        if self.every < 1:
+            raise ValueError("every must be >= 1")
+        self.seen = 0
+        # status: one code, or a list the hits cycle through ([500, 502, 503]).
+        status = spec.get("status", 500 if kind == "status" else 200)
+        self.statuses = [int(x) for x in status] if isinstance(status, list) else [int(status)]
+        if not self.statuses:
+            raise ValueError("status must not be an empty list")
+        self.status = self.statuses[0]
         self.retry_after = int(spec.get("retry_after", 1))
         self.delay_ms = int(spec.get("delay_ms", 0))
+        # delay_phase "before": the request waits, then is carried out (it may happen after the
+        # client gave up); "after": it is carried out at once and only the answer is late.
+        self.delay_phase = spec.get("delay_phase") or "before"
+        if self.delay_phase not in DELAY_PHASES:
+            raise ValueError("delay_phase must be one of %s" % ", ".join(DELAY_PHASES))
         self.body = spec.get("body")
         self.content_type = spec.get("content_type")
+        self.style = spec.get("style") or "truncated"
+        if self.style not in GARBAGE_STYLES:
+            raise ValueError("style must be one of %s" % ", ".join(GARBAGE_STYLES))
         self.path_prefix = spec.get("path_prefix") or ""
+        self.path_regex = spec.get("path_regex") or ""
+        self.path_rx = re.compile(self.path_regex) if self.path_regex else None
         self.method = (spec.get("method") or "").upper()
         # Whether the request is still carried out (its effects happen, only the response is
-        # replaced): the ambiguous failure a client must survive without duplicating.
+        # replaced): the ambiguous failure a client must survive without duplicating. Styles
+        # that garble the real answer always carry it out.
         self.process = bool(spec.get("process", kind == "garbage"))
+        if kind == "garbage" and self.style in ("cut", "wrong_types") and self.body is None:
+            self.process = True
         self.matched = 0
+
+    def expired(self, now):
+        return self.expires is not None and now >= self.expires
 
     def matches(self, method, path):
         return ((not self.method or self.method == method)
-                and path.startswith(self.path_prefix))
+                and path.startswith(self.path_prefix)
+                and (self.path_rx is None or self.path_rx.search(path) is not None))
+
+    def hit(self):
+        """Called for a matching request: whether this one is affected (see `every`); a hit
+        picks its status and uses up one of the count."""
+        self.seen += 1
+        if (self.seen - 1) % self.every != 0:
+            return False
+        self.status = self.statuses[self.matched % len(self.statuses)]
+        self.matched += 1
+        if self.count is not None:
+            self.count -= 1
+        return True
+
+    def used_up(self):
+        return self.count is not None and self.count <= 0
 
     def describe(self):
+        remaining_ms = None
+        if self.expires is not None:
+            remaining_ms = max(0, int((self.expires - time.monotonic()) * 1000))
         return {"id": self.id, "kind": self.kind, "remaining": self.count, "status": self.status,
-                "retry_after": self.retry_after, "delay_ms": self.delay_ms,
-                "path_prefix": self.path_prefix, "method": self.method, "process": self.process,
-                "matched": self.matched}
+                "statuses": self.statuses, "retry_after": self.retry_after,
+                "delay_ms": self.delay_ms, "delay_phase": self.delay_phase,
+                "path_prefix": self.path_prefix, "path_regex": self.path_regex,
+                "method": self.method, "process": self.process, "style": self.style,
+                "every": self.every, "duration_ms": self.duration_ms,
+                "remaining_ms": remaining_ms, "matched": self.matched}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +496,18 @@ class Emulator:
         with self.fault_lock:
             self.faults.clear()
 
+    def active_faults(self):
+        with self.fault_lock:
+            now = time.monotonic()
+            self.faults = [f for f in self.faults if not f.expired(now)]
+            return [f.describe() for f in self.faults]
+
+    def add_ws_fault(self, **spec):
+        return self.hub.add_fault(spec)
+
+    def clear_ws_faults(self):
+        self.hub.clear_faults()
+
     def requests(self):
         with self.log_lock:
             return list(self.request_log)
@@ -410,13 +518,13 @@ class Emulator:
 
     def take_fault(self, method, path):
         with self.fault_lock:
+            now = time.monotonic()
+            self.faults = [f for f in self.faults if not f.expired(now)]
             for f in self.faults:
-                if f.matches(method, path):
-                    f.count -= 1
-                    f.matched += 1
-                    if f.count <= 0:
+                if f.matches(method, path) and f.hit():
+                    if f.used_up():
                         self.faults.remove(f)
-                    return f
+                    return copy.copy(f)   # this request's status, whatever later hits pick
         return None
 
     def log(self, ctx, status):
@@ -612,7 +720,7 @@ class Handler(BaseHTTPRequestHandler):
                 status = 400
                 return
             fault = emu.take_fault(method, ctx.path)
-            if fault is not None and fault.delay_ms:
+            if fault is not None and fault.delay_ms and fault.delay_phase == "before":
                 time.sleep(fault.delay_ms / 1000.0)
             if fault is not None and fault.kind == "rate_limit":
                 burst = emu.state.config["rate_limit"]["max_burst"]
@@ -645,8 +753,10 @@ class Handler(BaseHTTPRequestHandler):
                 status = 101
                 return
             resp.headers = rl_headers + resp.headers
+            if fault is not None and fault.delay_ms and fault.delay_phase == "after":
+                time.sleep(fault.delay_ms / 1000.0)
             if fault is not None and fault.kind in ("status", "garbage", "drop"):
-                status = self._fault_response(ctx, fault)
+                status = self._fault_response(ctx, fault, resp)
                 return
             self._write(ctx, resp)
             status = resp.status
@@ -656,7 +766,7 @@ class Handler(BaseHTTPRequestHandler):
             if not ctx.upgraded:
                 emu.log(ctx, status)
 
-    def _fault_response(self, ctx, fault):
+    def _fault_response(self, ctx, fault, real=None):
         if fault.kind == "drop":
             self.close_connection = True
             try:
@@ -665,9 +775,14 @@ class Handler(BaseHTTPRequestHandler):
                 pass
             return 0
         if fault.kind == "garbage":
-            body = fault.body if fault.body is not None else '{"id":"%s","create_at":17' % \
-                new_id(self.server.emu.state.rng)
-            resp = Response(fault.status, body, fault.content_type or "application/json")
+            if fault.body is not None:
+                body = fault.body
+            else:
+                body = garbage_body(fault.style, real.body if real is not None else None,
+                                    self.server.emu.state.rng)
+            ctype = fault.content_type or ("text/html; charset=utf-8" if fault.style == "html"
+                                           else "application/json")
+            resp = Response(fault.status, body, ctype)
         else:
             if fault.body is not None:
                 resp = Response(fault.status, fault.body,
@@ -1091,6 +1206,7 @@ def control(emu, ctx):
             emu.clear_requests()
             emu.limiter.reset()
             emu.hub.drop(keep_buffer=False)
+            emu.clear_ws_faults()
             return _ok({"ok": True})
         if parts == ["config"]:
             if m == "POST":
@@ -1225,8 +1341,20 @@ def control(emu, ctx):
             if m == "DELETE":
                 emu.clear_faults()
                 return _ok({"ok": True})
-            with emu.fault_lock:
-                return _ok({"faults": [f.describe() for f in emu.faults]})
+            return _ok({"faults": emu.active_faults()})
+        if parts == ["ws", "faults"]:
+            if m == "POST":
+                spec = dict(body)
+                if spec.get("user"):
+                    user = st.find_user(spec["user"])
+                    if user is None:
+                        return _bad("unknown user %r" % spec["user"])
+                    spec["user"] = user.id
+                return _ok({"id": emu.add_ws_fault(**spec)}, 201)
+            if m == "DELETE":
+                emu.clear_ws_faults()
+                return _ok({"ok": True})
+            return _ok({"faults": emu.hub.describe_faults()})
         if parts == ["requests"]:
             if m == "DELETE":
                 emu.clear_requests()

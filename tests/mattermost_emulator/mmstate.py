@@ -175,6 +175,10 @@ DEFAULT_CONFIG = {
     # PreparePostForClient blanks `message` (and metadata) of posts with delete_at > 0.
     "blank_deleted_messages": True,
     "pending_post_id_ttl_ms": 30000,        # app.pendingPostIDsCacheTTL
+    # How long saving a created post takes (the store's INSERT). The pending_post_id is claimed
+    # before it, so a repeat meanwhile is answered 500 api.post.deduplicate_create_post.pending;
+    # other requests are served meanwhile. 0: the save is instant.
+    "create_post_save_ms": 0,
     # Catch-up: GET /channels/{id}/posts?since=
     "since_limit": 1000,
     "since_seed": None,                      # seed of the "arbitrary subset" past since_limit
@@ -807,6 +811,18 @@ class State:
             self._check_valid(p)
             if ppid:
                 self.pending_ids[ppid] = ("", now + self.config["pending_post_id_ttl_ms"])
+            save_ms = self.config.get("create_post_save_ms") or 0
+            if save_ms:
+                # The server saves outside any lock: other requests (a repeat of this
+                # pending_post_id among them) are served while this one is in flight.
+                self.lock.release()
+                try:
+                    time.sleep(save_ms / 1000.0)
+                finally:
+                    self.lock.acquire()
+                now = self.now()
+                if not create_at:
+                    p["create_at"] = p["update_at"] = now
             try:
                 p["file_ids"] = self._attach_files(pid, cid, actor.id, file_ids)
                 self.posts[pid] = p

@@ -179,6 +179,121 @@ class WsSocket:
                 return kind, b"".join(parts)
 
 
+def mangle_types(value):
+    """The same JSON document with every value's type changed: strings become numbers (their
+    length), numbers and booleans strings, arrays objects, null an empty array. What a client
+    sees when a broken proxy or a version skew serves a differently typed document."""
+    if isinstance(value, dict):
+        return {k: mangle_types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {str(i): mangle_types(v) for i, v in enumerate(value)}
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return len(value)
+    return []
+
+
+WS_FAULT_KINDS = ("garbage", "delay", "close")
+WS_GARBAGE_STYLES = ("truncated", "not_json", "wrong_types", "bad_payload", "payload_types")
+WS_NOT_JSON = ("<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+               "<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
+
+
+class WsFault:
+    """A fault on the event stream of live WebSocket connections (control `ws/faults`).
+
+    garbage: the event's frame is replaced on the wire by `style` — "truncated" (the frame cut
+    in half), "not_json" (an HTML page), "wrong_types" (every value's type changed),
+    "bad_payload" (data.post / data.reaction, a JSON string, cut in half) or "payload_types"
+    (that embedded JSON with its types changed). The event keeps its seq and stays in the dead
+    queue as it should have been sent, so a resume replays it intact: like a corrupting proxy.
+    delay: the frame is held back `delay_ms` (a slow server; later frames queue behind it).
+    close: instead of the frame the server sends a close frame (`close_code`, default 1011
+    internal error) and drops the socket; the event stays resumable.
+    `event` limits the fault to one event type, `user` to one user's connections; `count`
+    (default 1) or `duration_ms` (then every matching frame until it expires) bound it."""
+
+    _next = [1]
+
+    def __init__(self, spec):
+        kind = spec.get("kind")
+        if kind not in WS_FAULT_KINDS:
+            raise ValueError("kind must be one of %s" % ", ".join(WS_FAULT_KINDS))
+        known = {"kind", "count", "duration_ms", "event", "user", "style", "delay_ms",
+                 "close_code"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError("unknown ws fault field(s): %s" % ", ".join(sorted(unknown)))
+        self.id = WsFault._next[0]
+        WsFault._next[0] += 1
+        self.kind = kind
+        self.expires = None
+        self.duration_ms = spec.get("duration_ms")
+        if self.duration_ms is not None:
+            self.duration_ms = int(self.duration_ms)
+            if self.duration_ms < 1:
+                raise ValueError("duration_ms must be >= 1")
+            self.expires = time.monotonic() + self.duration_ms / 1000.0
+        if "count" in spec or self.expires is None:
+            self.count = int(spec.get("count", 1))
+            if self.count < 1:
+                raise ValueError("count must be >= 1")
+        else:
+            self.count = None
+        self.event = spec.get("event") or ""
+        self.user = spec.get("user") or ""
+        self.style = spec.get("style") or "truncated"
+        if self.style not in WS_GARBAGE_STYLES:
+            raise ValueError("style must be one of %s" % ", ".join(WS_GARBAGE_STYLES))
+        self.delay_ms = int(spec.get("delay_ms", 0))
+        self.close_code = int(spec.get("close_code", 1011))
+        self.matched = 0
+
+    def expired(self, now):
+        return self.expires is not None and now >= self.expires
+
+    def matches(self, conn, event_name):
+        return ((not self.event or self.event == event_name)
+                and (not self.user or (conn.user is not None and conn.user.id == self.user)))
+
+    def garble(self, text):
+        if self.style == "not_json":
+            return WS_NOT_JSON
+        if self.style == "truncated":
+            return text[:len(text) // 2]
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            return text[:len(text) // 2]
+        if self.style == "wrong_types":
+            return json.dumps(mangle_types(frame))
+        data = frame.get("data") if isinstance(frame, dict) else None
+        if isinstance(data, dict):
+            for key in ("post", "reaction"):
+                if isinstance(data.get(key), str):
+                    embedded = data[key]
+                    if self.style == "bad_payload":
+                        data[key] = embedded[:len(embedded) // 2]
+                    else:
+                        try:
+                            data[key] = json.dumps(mangle_types(json.loads(embedded)))
+                        except ValueError:
+                            data[key] = embedded[:len(embedded) // 2]
+        return json.dumps(frame)
+
+    def describe(self):
+        remaining_ms = None
+        if self.expires is not None:
+            remaining_ms = max(0, int((self.expires - time.monotonic()) * 1000))
+        return {"id": self.id, "kind": self.kind, "remaining": self.count, "event": self.event,
+                "user": self.user, "style": self.style, "delay_ms": self.delay_ms,
+                "close_code": self.close_code, "duration_ms": self.duration_ms,
+                "remaining_ms": remaining_ms, "matched": self.matched}
+
+
 class ProtocolError(Exception):
     def __init__(self, code, reason):
         super().__init__(reason)
@@ -212,6 +327,8 @@ class Hub:
         self.lock = threading.RLock()
         self.conns = {}          # connection id -> registered (authenticated) WebConn
         self.sockets = {}        # WsSocket -> WebConn, every open socket incl. unauthenticated
+        self.fault_lock = threading.Lock()
+        self.faults = []         # WsFault, first match wins
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -428,8 +545,14 @@ class Hub:
                     if conn.ws is not ws or ws.closed:
                         return
                     if conn.queue:
-                        text = self._sequence(conn, conn.queue.popleft())
+                        item = conn.queue.popleft()
+                        text = self._sequence(conn, item)
                 if text is not None:
+                    fault = self._take_fault(conn, item) if self.faults else None
+                    if fault is not None:
+                        text = self._apply_fault(fault, ws, text)
+                        if text is None:
+                            return
                     ws.send_text(text)
                 now = time.monotonic()
                 if conn.user is None and now >= auth_deadline:
@@ -516,6 +639,55 @@ class Hub:
         else:
             self._error(conn, seq, 500, "api.web_socket_router.bad_action.app_error")
         return True
+
+    # -- faults on the event stream (control ws/faults) -----------------------------------
+
+    def add_fault(self, spec):
+        fault = WsFault(spec)
+        with self.fault_lock:
+            self.faults.append(fault)
+        return fault.id
+
+    def clear_faults(self):
+        with self.fault_lock:
+            self.faults = []
+
+    def describe_faults(self):
+        with self.fault_lock:
+            now = time.monotonic()
+            self.faults = [f for f in self.faults if not f.expired(now)]
+            return [f.describe() for f in self.faults]
+
+    def _take_fault(self, conn, item):
+        kind, payload = item
+        if kind != "event":
+            return None
+        with self.fault_lock:
+            now = time.monotonic()
+            self.faults = [f for f in self.faults if not f.expired(now)]
+            for f in self.faults:
+                if f.matches(conn, payload.event):
+                    f.matched += 1
+                    if f.count is not None:
+                        f.count -= 1
+                        if f.count <= 0:
+                            self.faults.remove(f)
+                    return f
+        return None
+
+    def _apply_fault(self, fault, ws, text):
+        """The text to send instead of `text`, or None when the socket was closed."""
+        if fault.kind == "delay":
+            time.sleep(fault.delay_ms / 1000.0)
+            return text
+        if fault.kind == "close":
+            try:
+                ws.send_close(fault.close_code)
+            except (OSError, Closed):
+                pass
+            ws.abort()
+            return None
+        return fault.garble(text)
 
     # -- control ---------------------------------------------------------------------------
 

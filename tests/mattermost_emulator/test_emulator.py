@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import sys
 import time
 import unittest
@@ -484,6 +485,45 @@ class CreatePostTest(EmuTestCase):
         self.control("POST", "clock", {"advance_ms": 31000})
         third = self.create("once", pending_post_id="bot:1")
         self.assertNotEqual(third["id"], first["id"])
+
+    def test_pending_post_id_repeat_while_the_first_is_being_saved(self):
+        # deduplicateCreatePost claims the id before the post is saved: a repeat that arrives
+        # meanwhile is answered 500 api.post.deduplicate_create_post.pending (the client is
+        # to retry), and once the save is done a repeat gets the first post.
+        self.control("POST", "config", {"create_post_save_ms": 800})
+        body = {"channel_id": self.ch, "message": "once", "pending_post_id": "bot:2"}
+        first = {}
+
+        def slow_create():
+            api = Api(self.emu.port)
+            try:
+                first["reply"] = api.post("/api/v4/posts", body)
+            finally:
+                api.close()
+
+        worker = threading.Thread(target=slow_create)
+        worker.start()
+        deadline = time.monotonic() + 5
+        while "bot:2" not in self.emu.state.pending_ids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        repeat = self.api.post("/api/v4/posts", body)
+        self.assertAppError(repeat, 500, "api.post.deduplicate_create_post.pending")
+        self.assertLess(time.monotonic() - started, 0.5, "the repeat waited for the save")
+        self.assertTrue(worker.is_alive(), "the first create was not in flight any more")
+        self.assertEqual(self.rows(), [])            # nothing saved yet
+        worker.join(10)
+        self.assertEqual(first["reply"].status, 201, first["reply"].body)
+        again = self.api.post("/api/v4/posts", body)
+        self.assertEqual(again.status, 201)
+        self.assertEqual(again.json()["id"], first["reply"].json()["id"])
+        self.assertEqual(len(self.rows()), 1)
+        # A create that fails gives the id up at once: a retry is not told "pending".
+        self.control("POST", "config", {"create_post_save_ms": 0})
+        bad = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "x",
+                                              "root_id": "a" * 26, "pending_post_id": "bot:3"})
+        self.assertAppError(bad, 400, "api.post.create_post.root_id.app_error")
+        self.assertEqual(self.create("x", pending_post_id="bot:3")["message"], "x")
 
     def test_props_numbers_go_through_float64(self):
         post = self.create(props={"seq": 12345678901234567890, "big": 1e21, "small": 1.5e-7,
@@ -1062,6 +1102,101 @@ class RateLimitAndFaultTest(EmuTestCase):
         conn.close()
         self.assertEqual(self.control("GET", "faults").json()["faults"], [])
 
+    def test_fault_for_a_while_with_cycling_statuses(self):
+        r = self.control("POST", "faults", {"kind": "status", "status": [500, 502, 503],
+                                            "duration_ms": 400, "path_prefix": "/api/v4/users"})
+        self.assertEqual(r.status, 201)
+        got = [self.api.get("/api/v4/users/me") for _ in range(4)]
+        self.assertEqual([x.status for x in got], [500, 502, 503, 500])
+        self.assertAppError(got[0], 500, "emulator.fault.injected")
+        self.assertTrue(got[1].header("Content-Type").startswith("text/html"))
+        self.assertIn(b"502 Bad Gateway", got[1].body)
+        self.assertEqual(self.api.get("/api/v4/system/ping").status, 200)   # other paths
+        faults = self.control("GET", "faults").json()["faults"]
+        self.assertEqual(len(faults), 1)
+        self.assertIsNone(faults[0]["remaining"])
+        self.assertEqual(faults[0]["matched"], 4)
+        time.sleep(0.45)
+        self.assertEqual(self.api.get("/api/v4/users/me").status, 200)   # it wore off
+        self.assertEqual(self.control("GET", "faults").json()["faults"], [])
+        bad = self.control("POST", "faults", {"kind": "status", "bogus": 1})
+        self.assertEqual(bad.status, 400)
+        self.assertIn("bogus", bad.json()["error"])
+
+    def test_fault_every_nth_request_and_path_regex(self):
+        p = self.create("target")
+        self.control("POST", "faults", {"kind": "status", "status": 502, "every": 2, "count": 2,
+                                        "method": "PUT",
+                                        "path_regex": r"^/api/v4/posts/[^/]+/patch$"})
+        # PUT /posts/{id} (full update) does not match the regex: untouched.
+        self.assertEqual(self.api.request("PUT", "/api/v4/posts/" + p["id"],
+                                          {"id": p["id"], "message": "full"}).status, 200)
+        statuses = [self.api.request("PUT", "/api/v4/posts/%s/patch" % p["id"],
+                                     {"message": "m%d" % i}).status for i in range(5)]
+        self.assertEqual(statuses, [502, 200, 502, 200, 200])
+        self.assertEqual(self.control("GET", "faults").json()["faults"], [])
+
+    def test_garbage_styles(self):
+        # cut / wrong_types garble the real answer (the post is created); html, empty and null
+        # replace it.
+        self.control("POST", "faults", {"kind": "garbage", "style": "cut", "status": 201,
+                                        "method": "POST", "path_prefix": "/api/v4/posts"})
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "cut"})
+        self.assertEqual(r.status, 201)
+        with self.assertRaises(ValueError):
+            json.loads(r.body)
+        self.assertTrue(r.body.startswith(b'{"id":"'))
+        self.control("POST", "faults", {"kind": "garbage", "style": "wrong_types", "status": 201,
+                                        "process": False, "method": "POST",
+                                        "path_prefix": "/api/v4/posts"})
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "typed"})
+        body = r.json()
+        self.assertEqual(body["message"], len("typed"))
+        self.assertIsInstance(body["create_at"], str)
+        self.assertIsInstance(body["file_ids"], dict)
+        self.assertEqual([row["message"] for row in self.rows()], ["cut", "typed"])
+        self.control("POST", "faults", {"kind": "garbage", "style": "html", "count": 3,
+                                        "path_prefix": "/api/v4/channels/"})
+        r = self.api.get("/api/v4/channels/%s/posts?since=1" % self.ch)
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.header("Content-Type").startswith("text/html"))
+        self.assertIn(b"<title>Sign in</title>", r.body)
+        self.control("DELETE", "faults")
+        for style, expected in (("empty", b""), ("null", b"null")):
+            self.control("POST", "faults", {"kind": "garbage", "style": style})
+            r = self.api.get("/api/v4/users/me")
+            self.assertEqual((r.status, r.body), (200, expected))
+        # A file download cut short: a body of the wrong size with a matching Content-Length.
+        up = self.api.post("/api/v4/files?channel_id=%s&filename=a.txt" % self.ch,
+                           raw=b"0123456789", content_type="text/plain").json()
+        fid = up["file_infos"][0]["id"]
+        self.control("POST", "faults", {"kind": "garbage", "style": "wrong_types",
+                                        "path_regex": "^/api/v4/files/[^/]+$"})
+        r = self.api.get("/api/v4/files/" + fid)
+        self.assertEqual((r.status, r.body), (200, b"01234"))
+        self.assertEqual(self.api.get("/api/v4/files/" + fid).body, b"0123456789")
+
+    def test_delay_before_or_after_processing(self):
+        self.control("POST", "faults", {"kind": "delay", "delay_ms": 400, "method": "POST",
+                                        "path_prefix": "/api/v4/posts"})
+        slow = http.client.HTTPConnection("127.0.0.1", self.emu.port, timeout=0.1)
+        slow.request("POST", "/api/v4/posts", body=json.dumps(
+            {"channel_id": self.ch, "message": "late"}),
+            headers={"Authorization": "Bearer " + BOT, "Content-Type": "application/json"})
+        with self.assertRaises(socket.timeout):
+            slow.getresponse()          # the client gives up...
+        slow.close()
+        self.assertEqual(self.rows(), [])
+        wait_for(lambda: len(self.rows()) == 1, 2, "the late post")   # ...it happens anyway
+        self.control("POST", "faults", {"kind": "delay", "delay_ms": 400, "method": "POST",
+                                        "delay_phase": "after", "path_prefix": "/api/v4/posts"})
+        t = time.monotonic()
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "answered late"})
+        self.assertEqual(r.status, 201)
+        self.assertGreaterEqual(time.monotonic() - t, 0.4)
+        bad = self.control("POST", "faults", {"kind": "delay", "delay_phase": "never"})
+        self.assertEqual(bad.status, 400)
+
     def test_request_log(self):
         self.control("DELETE", "requests")
         self.api.get("/api/v4/users/me")
@@ -1257,6 +1392,73 @@ class WebSocketTest(EmuTestCase):
         hello = ws2.recv_json()
         self.assertEqual((hello["event"], hello["seq"]), ("hello", 0))
         self.assertNotEqual(hello["data"]["connection_id"], conn_id)
+
+    def test_ws_garbage_frames_keep_seq_and_resume_intact(self):
+        ws = self.ws(BOT)
+        conn_id = ws.recv_json()["data"]["connection_id"]
+        self.assertEqual(self.control("POST", "ws/faults", {"kind": "garbage",
+                                                            "event": "posted"}).status, 201)
+        self.create("m1")
+        fin, op, payload = ws.recv_frame()
+        self.assertEqual(op, 0x1)
+        with self.assertRaises(ValueError):
+            json.loads(payload)                     # truncated on the wire
+        self.create("m2")
+        self.assertEqual(ws.recv_json()["seq"], 2)  # the next one is intact
+        ws.close()
+        wait_for(lambda: not any(c["active"] for c in self.control("GET", "ws").json()[
+            "connections"]), what="disconnect")
+        ws2 = self.ws(BOT, query="connection_id=%s&sequence_number=1" % conn_id)
+        replay = ws2.events(2)                      # the dead queue kept the real event
+        self.assertEqual([e["seq"] for e in replay], [1, 2])
+        self.assertEqual(json.loads(replay[0]["data"]["post"])["message"], "m1")
+
+    def test_ws_garbage_styles(self):
+        ws = self.ws(BOT)
+        ws.recv_json()
+        for style in ("not_json", "wrong_types", "bad_payload", "payload_types"):
+            self.control("POST", "ws/faults", {"kind": "garbage", "style": style,
+                                               "user": "relay-bot"})
+        p = self.create("one")
+        fin, op, payload = ws.recv_frame()
+        self.assertIn(b"502 Bad Gateway", payload)
+        self.emu.state.save_reaction(self.bot, {"user_id": self.bot.id, "post_id": p["id"],
+                                                "emoji_name": "smile"})
+        typed = ws.recv_json()
+        self.assertEqual(typed["event"], len("reaction_added"))
+        self.assertIsInstance(typed["seq"], str)
+        self.create("two")
+        bad = ws.recv_json()
+        self.assertEqual((bad["event"], bad["seq"]), ("posted", 3))
+        with self.assertRaises(ValueError):
+            json.loads(bad["data"]["post"])
+        self.create("three")
+        typed_post = json.loads(ws.recv_json()["data"]["post"])
+        self.assertEqual(typed_post["message"], len("three"))
+        self.create("four")
+        self.assertEqual(json.loads(ws.recv_json()["data"]["post"])["message"], "four")
+        self.assertEqual(self.control("GET", "ws/faults").json()["faults"], [])
+        self.assertEqual(self.control("POST", "ws/faults", {"kind": "garbage",
+                                                            "style": "nope"}).status, 400)
+
+    def test_ws_delay_and_close_faults(self):
+        ws = self.ws(BOT)
+        conn_id = ws.recv_json()["data"]["connection_id"]
+        self.control("POST", "ws/faults", {"kind": "delay", "delay_ms": 300, "duration_ms": 5000})
+        t = time.monotonic()
+        self.create("slow")
+        self.assertEqual(ws.recv_json()["seq"], 1)
+        self.assertGreaterEqual(time.monotonic() - t, 0.3)
+        self.control("DELETE", "ws/faults")
+        self.control("POST", "ws/faults", {"kind": "close", "close_code": 1011})
+        self.create("never on this socket")
+        fin, op, payload = ws.recv_frame()
+        self.assertEqual((op, struct.unpack(">H", payload[:2])[0]), (0x8, 1011))
+        wait_for(lambda: not any(c["active"] for c in self.control("GET", "ws").json()[
+            "connections"]), what="disconnect")
+        ws2 = self.ws(BOT, query="connection_id=%s&sequence_number=2" % conn_id)
+        again = ws2.recv_json()
+        self.assertEqual((again["event"], again["seq"]), ("posted", 2))
 
     def test_events_only_for_channel_members(self):
         ws = self.ws(ALICE)
