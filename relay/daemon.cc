@@ -801,7 +801,8 @@ struct Daemon::Impl : transports::LinkHandler {
         if (c.kind != EventKind::kPost) {
           auto ref = event_of(c.post_id);
           if (!ref) {
-            log::Debug("capture: change to post " + c.post_id + " that was never bridged: skipped");
+            log::Warning("capture: change to post " + c.post_id +
+                         " that was never bridged: skipped");
             continue;
           }
           e.ref = *ref;

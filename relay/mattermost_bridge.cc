@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "chat/mattermost_client.h"
 #include "chat/webhook.h"
@@ -37,6 +38,12 @@ constexpr char kReplayedCounter[] = "mm/replayed";
 constexpr std::size_t kSinceCap = 1000;  // rows the server returns at most for `since`
 constexpr int kPageSize = 200;
 constexpr int kMaxPages = 500;  // 100,000 posts: a bound on one catch-up
+// Downloads whose size disagrees with the file info before the attachment is given up.
+constexpr int kMaxSizeMismatches = 5;
+// The server answers a repeated pending_post_id with the first post for 30 s after that post
+// was saved (pendingPostIDsCacheTTL); a create re-sent within this much of the previous attempt
+// is safe whatever became of that attempt (the margin covers the attempt's own time in flight).
+constexpr std::int64_t kPendingPostIdTrustMs = 20000;
 std::string CursorKey(const std::string& channel) { return "mmcursor/" + channel; }
 std::string StateKey(const std::string& post_id) { return "s:" + post_id; }
 std::string ReactionsKey(const std::string& post_id) { return "x:" + post_id; }
@@ -208,8 +215,20 @@ struct MattermostBridge::Impl {
                  std::to_string(config.mattermost_max_file_bytes) + " bytes]";
         continue;
       }
+      // A proxy's page or a cut body can come with 200: the size must be the file info's.
+      // Retried like any bad reply, but a server whose info keeps disagreeing must not stall
+      // capture for ever.
+      int mismatches = 0;
       auto data = Retry<std::string>("GET /files/{id}", [&] {
-        return client.DownloadFile(id, config.mattermost_max_file_bytes);
+        auto got = client.DownloadFile(id, config.mattermost_max_file_bytes);
+        if (got.ok() && got.value->size() != static_cast<std::uint64_t>(info.value->size)) {
+          got.error = MmError{
+              0, ++mismatches < kMaxSizeMismatches, std::chrono::milliseconds(0), "bad_reply",
+              "GET /api/v4/files/" + id + ": got " + std::to_string(got.value->size()) +
+                  " bytes, the file info says " + std::to_string(info.value->size)};
+          got.value.reset();
+        }
+        return got;
       });
       if (!data.ok()) {
         *note += "[attachment '" + info.value->name + "' could not be read]";
@@ -245,6 +264,9 @@ struct MattermostBridge::Impl {
     if (deleted && post.delete_at == 0) post.delete_at = std::max<std::int64_t>(post.update_at, 1);
     Json props = ParseProps(post.props_json);
     bool relay_made = props.contains("relay_event_id") || (!bot.empty() && post.user_id == bot);
+    // The post itself first: a reaction change of a new post must follow the post's creation
+    // in the submission, or the committer cannot map it (the post is not bridged yet).
+    if (!relay_made) CapturePostChange(client, round, channel, post, props, deleted);
 
     if (reactions_known && post.delete_at == 0) {
       std::set<std::string>& seen = LoadReactions(round, post.id);
@@ -269,8 +291,11 @@ struct MattermostBridge::Impl {
         seen = now;
       }
     }
-    if (relay_made) return;
+  }
 
+  // The create, edit or delete this version of a (human's) post stands for, if any.
+  void CapturePostChange(chat::MattermostClient& client, Round& round, const std::string& channel,
+                         const MmPost& post, const Json& props, bool deleted) {
     PostState st = LoadState(round, post.id);
     if (st.known && st.update_at >= post.update_at && !(deleted && st.delete_at == 0)) return;
     PostState next;
@@ -390,8 +415,13 @@ struct MattermostBridge::Impl {
         if (more.value->order.empty() || older) break;
       }
     }
-    std::sort(posts.begin(), posts.end(),
-              [](const MmPost& a, const MmPost& b) { return a.update_at < b.update_at; });
+    // In the order the posts were created: a root before its replies (a reply or a reaction
+    // bumps the root's update_at, so update_at would put the root last), and the peer sees new
+    // posts in the channel's order. Versions of one post (listed twice when paging) oldest
+    // first, so the reaction diff compares against the newest.
+    std::stable_sort(posts.begin(), posts.end(), [](const MmPost& a, const MmPost& b) {
+      return std::tie(a.create_at, a.update_at) < std::tie(b.create_at, b.update_at);
+    });
     Round round;
     std::int64_t max_update = static_cast<std::int64_t>(cursor);
     for (MmPost& p : posts) {
@@ -422,10 +452,15 @@ struct MattermostBridge::Impl {
         auto r = ws.Connect(connection_id, next_seq);
         if (!r.ok()) {
           log::Warning("mattermost capture: WebSocket connect failed: " + r.error.message);
-          Sleep(backoff);
+          // A server that cannot be reached over the WebSocket may still answer REST: capture
+          // goes on over REST every poll_interval (and at once when a catch-up is due) until
+          // the WebSocket is back.
+          Sleep(std::min<std::chrono::milliseconds>(
+              backoff, std::max<std::chrono::milliseconds>(config.mattermost_poll_interval,
+                                                           std::chrono::milliseconds(500))));
           backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
-          // A server that cannot be reached over the WebSocket may still answer REST.
-          if (need_catchup && CatchUpAll(client)) {
+          if ((need_catchup || Clock::now() - last_catchup >= config.mattermost_poll_interval) &&
+              CatchUpAll(client)) {
             need_catchup = false;
             last_catchup = Clock::now();
           }
@@ -475,14 +510,23 @@ struct MattermostBridge::Impl {
       if (ev.event == "posted" || ev.event == "post_edited" || ev.event == "post_deleted") {
         auto post = chat::ParseMmPost(ev.post_json);
         if (!post.ok()) {
+          // The frame was fine, so the server will not send the change again: learn it over
+          // REST at once, as after a sequence gap (before reading further events, so the
+          // channel's order is kept).
           log::Warning("mattermost capture: unreadable " + ev.event +
-                       " event: " + post.error.message);
+                       " event: " + post.error.message + "; catching up over REST");
+          need_catchup = true;
           continue;
         }
         ProcessPost(client, round, std::move(*post.value), ev.event == "post_deleted", false);
       } else if (ev.event == "reaction_added" || ev.event == "reaction_removed") {
         auto reaction = chat::ParseMmReaction(ev.reaction_json);
-        if (!reaction.ok()) continue;
+        if (!reaction.ok()) {
+          log::Warning("mattermost capture: unreadable " + ev.event +
+                       " event: " + reaction.error.message + "; catching up over REST");
+          need_catchup = true;
+          continue;
+        }
         ProcessReaction(client, round, ev.channel_id, *reaction.value,
                         ev.event == "reaction_added");
       } else {
@@ -534,7 +578,7 @@ struct MattermostBridge::Impl {
   }
 
   // Looks for a post this relay created for `event_id` (after a crash between create and
-  // mapping): the origin marker in props identifies it.
+  // mapping, or a create whose answer was lost): the origin marker in props identifies it.
   std::optional<std::string> FindCreated(chat::MattermostClient& client,
                                          const std::string& mm_channel, const std::string& event_id,
                                          std::int64_t intent_ms) {
@@ -550,26 +594,78 @@ struct MattermostBridge::Impl {
     return std::nullopt;
   }
 
-  Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
-    if (Get(EventToPostKey(e.id))) return Applied::kDone;  // created before
-    if (auto intent = Get(IntentKey(e.id))) {
-      std::int64_t at = std::atoll(intent->c_str());
-      if (auto found = FindCreated(client, mm_channel, e.id, at)) {
-        log::Info("mattermost replay: event " + e.id + " was created before a restart as post " +
-                  *found + "; not creating it again");
-        if (Status s = Put({{EventToPostKey(e.id), *found}, {PostToEventKey(*found), e.id}},
-                           {IntentKey(e.id)}, false);
-            !s)
-          return Applied::kStopped;
-        return Applied::kDone;
+  // The intent record of a create: when the first attempt was about to be sent and when the
+  // latest one was ("<first> <last>", ms; records of older versions hold one number).
+  struct Intent {
+    std::int64_t first_ms = 0, last_ms = 0;
+    std::string Encode() const { return std::to_string(first_ms) + " " + std::to_string(last_ms); }
+    static Intent Decode(const std::string& s) {
+      Intent in;
+      std::istringstream text(s);
+      text >> in.first_ms;
+      if (!(text >> in.last_ms)) in.last_ms = in.first_ms;
+      return in;
+    }
+  };
+
+  // The create's idempotency key (see MmNewPost::pending_post_id): the same for every attempt
+  // at one event in one channel, whichever relay process sends it.
+  static std::string PendingPostId(const std::string& mm_channel, const std::string& event_id) {
+    return "relay:" + mm_channel + ":" + event_id;
+  }
+
+  // Before a create is sent again: was an earlier attempt carried out after all (its answer
+  // lost, or carried out late by a slow server)? An attempt sent less than
+  // kPendingPostIdTrustMs ago is covered by the server's pending_post_id de-duplication, and
+  // older ones by the look-up. When the latest attempt is older than that, the look-up alone
+  // decides, so it waits until that attempt can no longer be in flight (timeout) nor hidden by
+  // the read replica's lag (catchup_overlap, the lag allowed for everywhere else).
+  std::optional<std::string> LookUpBeforeResend(chat::MattermostClient& client,
+                                                const std::string& mm_channel,
+                                                const std::string& event_id, const Intent& intent) {
+    std::int64_t now = NowMs();
+    if (now - intent.last_ms >= kPendingPostIdTrustMs) {
+      std::int64_t settled = intent.last_ms + config.mattermost_timeout.count() +
+                             config.mattermost_catchup_overlap.count();
+      if (settled > now) {
+        log::Info("mattermost replay: waiting " + std::to_string(settled - now) +
+                  " ms before looking for event " + event_id + "'s post (an earlier create may " +
+                  "still be in flight or not yet readable)");
+        Sleep(std::chrono::milliseconds(settled - now));
       }
-    } else if (Status s = Put({{IntentKey(e.id), std::to_string(NowMs())}}, {}, true); !s) {
+    }
+    if (stop) return std::nullopt;
+    return FindCreated(client, mm_channel, event_id, intent.first_ms);
+  }
+
+  Applied Mapped(const Event& e, const std::string& post_id) {
+    if (Status s = Put({{EventToPostKey(e.id), post_id}, {PostToEventKey(post_id), e.id}},
+                       {IntentKey(e.id)}, false);
+        !s) {
       log::Error("mattermost replay: " + s.message());
       return Applied::kStopped;
+    }
+    return Applied::kDone;
+  }
+
+  Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
+    if (Get(EventToPostKey(e.id))) return Applied::kDone;  // created before
+    Intent intent;
+    if (auto stored = Get(IntentKey(e.id))) {
+      // A create was sent before a restart and its outcome never recorded.
+      intent = Intent::Decode(*stored);
+      auto found = LookUpBeforeResend(client, mm_channel, e.id, intent);
+      if (stop) return Applied::kStopped;
+      if (found) {
+        log::Info("mattermost replay: event " + e.id + " was created before a restart as post " +
+                  *found + "; not creating it again");
+        return Mapped(e, *found);
+      }
     }
     chat::MmNewPost np;
     np.channel_id = mm_channel;
     np.message = e.text;
+    np.pending_post_id = PendingPostId(mm_channel, e.id);
     if (!e.thread.empty()) {
       if (auto root = Get(EventToPostKey(e.thread))) {
         np.root_id = *root;
@@ -590,19 +686,33 @@ struct MattermostBridge::Impl {
       np.file_ids.push_back(up.value->id);
     }
     np.props_json = PropsFor(e);
-    // A failed create may still have created the post (the answer was lost): before trying
-    // again, look for it by its origin marker.
-    std::int64_t intent_ms = NowMs();
+    // A failed create may still have created the post (the answer was lost, or a slow server
+    // carries it out after the client gave up): before trying again, look for it.
     bool first_try = true;
+    Status stored;
     auto created = Retry<std::string>("POST /posts", [&]() -> chat::MmResult<std::string> {
       chat::MmResult<std::string> r;
       if (!first_try) {
-        if (auto found = FindCreated(client, mm_channel, e.id, intent_ms)) {
+        if (auto found = LookUpBeforeResend(client, mm_channel, e.id, intent)) {
+          log::Info("mattermost replay: event " + e.id + " was created by an earlier attempt " +
+                    "as post " + *found + "; not creating it again");
           r.value = *found;
+          return r;
+        }
+        if (stop) {
+          r.error.message = "stopped";
           return r;
         }
       }
       first_try = false;
+      // The intent (synced) says when this attempt was sent: after a crash, the next process
+      // knows whether the server's de-duplication still covers it.
+      intent.last_ms = NowMs();
+      if (intent.first_ms == 0) intent.first_ms = intent.last_ms;
+      if (stored = Put({{IntentKey(e.id), intent.Encode()}}, {}, true); !stored) {
+        r.error.message = "storing the intent failed: " + stored.message();
+        return r;  // not retryable
+      }
       auto c = client.CreatePost(np);
       if (c.ok()) {
         r.value = c.value->id;
@@ -611,19 +721,16 @@ struct MattermostBridge::Impl {
       }
       return r;
     });
+    if (!stored) {
+      log::Error("mattermost replay: " + stored.message());
+      return Applied::kStopped;
+    }
     if (stop && !created.ok()) return Applied::kStopped;
     if (!created.ok()) {
       (void)Put({}, {IntentKey(e.id)}, false);
       return Fail(e, created.error.message);
     }
-    const std::string post_id = *created.value;
-    if (Status s = Put({{EventToPostKey(e.id), post_id}, {PostToEventKey(post_id), e.id}},
-                       {IntentKey(e.id)}, false);
-        !s) {
-      log::Error("mattermost replay: " + s.message());
-      return Applied::kStopped;
-    }
-    return Applied::kDone;
+    return Mapped(e, *created.value);
   }
 
   Applied ApplyReaction(chat::MattermostClient& client, const Event& e, const std::string& local) {
