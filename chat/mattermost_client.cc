@@ -548,6 +548,24 @@ MmResult<MmReaction> ParseMmReaction(const std::string& json) {
   });
 }
 
+MmResult<MmPostList> ParseMmPostList(const std::string& json) {
+  return Guarded<MmPostList>("post list", [&]() -> MmResult<MmPostList> {
+    std::string error;
+    std::optional<Json> j = ParseObject(json, "post list", &error);
+    if (!j) return Fail<MmPostList>(ParseError(error));
+    return PostListFromJson(*j);
+  });
+}
+
+MmResult<MmFileInfo> ParseMmFileInfo(const std::string& json) {
+  return Guarded<MmFileInfo>("file info", [&]() -> MmResult<MmFileInfo> {
+    std::string error;
+    std::optional<Json> j = ParseObject(json, "file info", &error);
+    if (!j) return Fail<MmFileInfo>(ParseError(error));
+    return FileInfoFromJson(*j);
+  });
+}
+
 MmResult<MmWsEvent> ParseMmWsEvent(const std::string& json) {
   return Guarded<MmWsEvent>("websocket event", [&]() -> MmResult<MmWsEvent> {
     std::string error;

@@ -121,6 +121,10 @@ class MattermostClient {
 // Parses one Post object (JSON text). Exposed for tests and for WebSocket event payloads.
 MmResult<MmPost> ParseMmPost(const std::string& json);
 MmResult<MmReaction> ParseMmReaction(const std::string& json);
+// A PostList (GET /channels/{id}/posts) and a FileInfo, as the client parses its replies.
+// Exposed for tests and the fuzz target.
+MmResult<MmPostList> ParseMmPostList(const std::string& json);
+MmResult<MmFileInfo> ParseMmFileInfo(const std::string& json);
 
 // One WebSocket event as received: {"event", "data", "broadcast", "seq"}.
 struct MmWsEvent {

@@ -1,5 +1,6 @@
-// Fuzzes the Mattermost reply parsers: ParseMmPost, ParseMmReaction and ParseMmWsEvent (and
-// the post/reaction a WebSocket event carries, as the bridge parses them next).
+// Fuzzes the Mattermost reply parsers: ParseMmPost, ParseMmPostList, ParseMmFileInfo,
+// ParseMmReaction and ParseMmWsEvent (and the post/reaction a WebSocket event carries, as the
+// bridge parses them next).
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -9,6 +10,8 @@
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string json(reinterpret_cast<const char*>(data), size);
   (void)relay::chat::ParseMmPost(json);
+  (void)relay::chat::ParseMmPostList(json);
+  (void)relay::chat::ParseMmFileInfo(json);
   (void)relay::chat::ParseMmReaction(json);
   auto event = relay::chat::ParseMmWsEvent(json);
   if (event.ok()) {

@@ -29,7 +29,9 @@ using relay::chat::MattermostWebSocket;
 using relay::chat::MmError;
 using relay::chat::MmNewPost;
 using relay::chat::MmWsEvent;
+using relay::chat::ParseMmFileInfo;
 using relay::chat::ParseMmPost;
+using relay::chat::ParseMmPostList;
 using relay::chat::ParseMmReaction;
 using relay::chat::ParseMmWsEvent;
 
@@ -120,6 +122,28 @@ TEST_CASE("ParseMmPost tolerates missing and null fields except the id") {
   r = ParseMmPost(R"({"id":""})");
   REQUIRE_FALSE(r.ok());
   CHECK(r.error.message.find("\"id\"") != std::string::npos);
+}
+
+TEST_CASE("ParseMmPostList and ParseMmFileInfo read replies and refuse garbage") {
+  auto list =
+      ParseMmPostList(R"({"order":["p1"],"posts":{"p1":{"id":"p1","message":"hi"},"r":{"id":"r"}},)"
+                      R"("next_post_id":"","prev_post_id":""})");
+  REQUIRE(list.ok());
+  CHECK(list.value->order == std::vector<std::string>{"p1"});
+  CHECK(list.value->posts.size() == 2);
+  for (const char* bad : {"", "[]", "null", R"({"order":"p1"})", R"({"order":[1],"posts":{}})",
+                          R"({"order":["p1"],"posts":{"p1":7}})", "<html>502</html>"}) {
+    INFO(bad);
+    CHECK_FALSE(ParseMmPostList(bad).ok());
+  }
+  auto info = ParseMmFileInfo(R"({"id":"f1","name":"a.png","mime_type":"image/png","size":12})");
+  REQUIRE(info.ok());
+  CHECK(info.value->name == "a.png");
+  CHECK(info.value->size == 12);
+  for (const char* bad : {"{}", R"({"id":"f1","size":"12"})", "[1]", "{"}) {
+    INFO(bad);
+    CHECK_FALSE(ParseMmFileInfo(bad).ok());
+  }
 }
 
 TEST_CASE("ParseMmPost names the field of a wrong type") {
