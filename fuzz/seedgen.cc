@@ -42,7 +42,9 @@ relay::Event MakeEvent(std::uint64_t seq, relay::EventKind kind) {
   if (kind != relay::EventKind::kPost) e.ref = "aws:1";
   if (seq % 2 == 0) e.thread = "aws:1";
   if (seq == 3) e.props = {{"k", "v"}, {"emoji", "thumbsup"}};
-  if (seq == 4) e.files = {{"plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6)}};
+  if (seq == 4)
+    e.files = {
+        relay::Attachment::Inline("plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6))};
   return e;
 }
 }  // namespace
