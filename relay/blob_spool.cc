@@ -197,7 +197,9 @@ BlobState BlobWaiter::Check(const std::string& event_id, const std::string& path
   auto first = first_seen_.emplace(event_id, now_()).first->second;
   auto waiting = [&](std::string reason) {
     *why = std::move(reason);
-    return now_() - first >= wait_ ? BlobState::kMissing : BlobState::kWaiting;
+    if (now_() - first < wait_) return BlobState::kWaiting;
+    failed_.erase(path);
+    return BlobState::kMissing;
   };
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return waiting("no chunk of it has arrived");
