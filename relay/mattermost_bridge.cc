@@ -217,8 +217,10 @@ struct MattermostBridge::Impl {
     unsigned char rnd[12];
     randombytes_buf(rnd, sizeof rnd);
     std::string path = dir + "/";
-    for (unsigned char b : rnd)
-      path += "0123456789abcdef"[b >> 4], path += "0123456789abcdef"[b & 15];
+    for (unsigned char b : rnd) {
+      path.push_back("0123456789abcdef"[b >> 4]);
+      path.push_back("0123456789abcdef"[b & 15]);
+    }
     path += ".part";
     struct Unlink {
       const std::string& p;
