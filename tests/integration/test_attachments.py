@@ -308,3 +308,30 @@ class AttachmentOutOfOrderTest(RelayTestCase):
         self.imp(aws, *files_a[:-1])
         time.sleep(1)
         self.assertEqual([x["text"] for x in aws.sink_lines()], ["file a", "file b"])
+
+    def test_mattermost_post_without_its_chunks_says_so(self):
+        eu = BigChatSite(self, "europe", "alice")
+        aws = BigChatSite(self, "aws", "bob")
+        for me, other in ((eu, aws), (aws, eu)):
+            me.site.write_config(
+                {other.site.name: {"site": other.site}}, {}, zmq_listen=False,
+                site={"attachment_wait": "3s"},
+                extra=(f"[channel.{CHANNEL}]\npeers = {other.site.name}\nsink = mattermost\n"
+                       f"mattermost_channel_id = {me.channel_id}\n\n"
+                       f"[mattermost]\nurl = {me.emu.url}\ntoken_file = {me.token_file}\n"
+                       f"catchup_overlap = 2s\npoll_interval = 2s\nmax_file_bytes = 64MiB\n"))
+        eu.site.start()
+        aws.site.start()
+        eu.say("lost file", file_ids=[eu.upload_bytes("lost.bin", os.urandom(2 * MIB))])
+        self.wait_for(lambda: eu.site.metrics().value("relay_events_ingested_total", 0) >= 3,
+                      60, "2 chunks and the post captured")
+        files = self.export(eu.site, "aws", os.path.join(self.root, "usb"))
+        self.imp(aws.site, files[-1])
+        self.wait_for(lambda: [p for p in aws.relayed().values()
+                               if p["message"].startswith("lost file")], 60,
+                      "the post on aws's server")
+        [post] = [p for p in aws.relayed().values() if p["message"].startswith("lost file")]
+        self.assertIn("[attachment 'lost.bin' (2097152 bytes) is missing", post["message"])
+        self.assertFalse(post.get("file_ids"))
+        self.assertEqual(aws.site.metric("relay_blobs_missing_total", 0), 1)
+        self.assertFalse(spool_files(aws.site, "in"))
