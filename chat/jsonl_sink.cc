@@ -19,7 +19,8 @@ std::string Errno(const std::string& what, const std::string& path) {
 
 }  // namespace
 
-void AppendJsonlLine(const Event& e, std::string* out) {
+void AppendJsonlLine(const Event& e, std::string* out,
+                     const std::vector<DeliveredFile>& blob_files) {
   out->append("{\"id\":");
   AppendJsonString(out, e.id);
   out->append(",\"origin_site\":");
@@ -69,6 +70,20 @@ void AppendJsonlLine(const Event& e, std::string* out) {
       AppendJsonString(out, e.files[i].name);
       out->append(",\"mime_type\":");
       AppendJsonString(out, e.files[i].mime_type);
+      if (e.files[i].is_blob()) {
+        out->append(",\"size\":" + std::to_string(e.files[i].size));
+        const DeliveredFile none{"", "not delivered"};
+        const DeliveredFile& d = i < blob_files.size() ? blob_files[i] : none;
+        if (!d.path.empty()) {
+          out->append(",\"path\":");
+          AppendJsonString(out, d.path);
+        } else {
+          out->append(",\"missing\":");
+          AppendJsonString(out, d.missing);
+        }
+        out->push_back('}');
+        continue;
+      }
       out->append(",\"size\":" + std::to_string(e.files[i].data.size()) + ",\"data_base64\":\"");
       out->append(Base64(e.files[i].data));
       out->append("\"}");

@@ -10,15 +10,25 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "relay/event.h"
 #include "relay/status.h"
 
 namespace relay::chat {
 
+// Where the daemon put a blob attachment of a delivered event (`path`), or why it is missing.
+struct DeliveredFile {
+  std::string path;
+  std::string missing;
+};
+
 // {"id","origin_site","channel","author","text","thread","kind","created_at", ...}: one line,
-// newline appended to *out.
-void AppendJsonlLine(const Event& event, std::string* out);
+// newline appended to *out. Inline attachments are written as {"name","mime_type","size",
+// "data_base64"}; blob attachments (Attachment::is_blob) as {"name","mime_type","size","path"}
+// from `blob_files[i]` (indexed like event.files), or with "missing" instead of "path".
+void AppendJsonlLine(const Event& event, std::string* out,
+                     const std::vector<DeliveredFile>& blob_files = {});
 
 class JsonlFile {
  public:

@@ -13,6 +13,8 @@
 //                in between may have answered).
 //   "too_large"  DownloadFile: the file is larger than max_bytes; a reply over the client's
 //                JSON size limit.
+//   "file"       UploadFileFromPath: the file to send cannot be read.
+//   "sink"       DownloadFileTo: the caller's sink refused a piece (e.g. its disk is full).
 //   "closed"     WebSocket: the server closed the connection (close frame).
 //   "error"      WebSocket: the connection broke, or sent a message that is not an event.
 
@@ -37,6 +39,7 @@
 #include <charconv>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -468,6 +471,10 @@ struct Transfer {
   std::string retry_after;
   std::size_t max_success_body = kMaxJsonReply;
   bool too_large = false;
+  // When set, a 2xx body goes here piece by piece instead of into `body`.
+  const std::function<bool(std::string_view)>* sink = nullptr;
+  std::size_t sunk = 0;
+  bool sink_failed = false;
 };
 
 size_t OnBody(char* data, size_t size, size_t count, void* user) {
@@ -476,9 +483,18 @@ size_t OnBody(char* data, size_t size, size_t count, void* user) {
   long status = 0;
   curl_easy_getinfo(t->handle, CURLINFO_RESPONSE_CODE, &status);
   if (status >= 200 && status < 300) {
-    if (t->body.size() + n > t->max_success_body) {
+    const std::size_t have = t->sink != nullptr ? t->sunk : t->body.size();
+    if (have + n > t->max_success_body) {
       t->too_large = true;
       return 0;  // aborts the transfer with CURLE_WRITE_ERROR
+    }
+    if (t->sink != nullptr) {
+      t->sunk += n;
+      if (!(*t->sink)(std::string_view(data, n))) {
+        t->sink_failed = true;
+        return 0;
+      }
+      return n;
     }
     t->body.append(data, n);
   } else if (t->body.size() < kMaxErrorBody) {
@@ -630,6 +646,9 @@ struct MattermostClient::Impl {
     const std::string* upload_channel = nullptr;
     const std::string* upload_name = nullptr;
     const std::string* upload_data = nullptr;
+    const std::string* upload_path = nullptr;  // instead of upload_data: streamed from a file
+    // When set, a 2xx body is handed to it in pieces (memory stays O(curl's buffer)).
+    const std::function<bool(std::string_view)>* body_sink = nullptr;
     std::size_t max_body = kMaxJsonReply;
     const char* max_body_what = "reply";
   };
@@ -650,6 +669,7 @@ struct MattermostClient::Impl {
     Transfer t;
     t.handle = handle;
     t.max_success_body = req.max_body;
+    t.sink = req.body_sink;
     char error_buffer[CURL_ERROR_SIZE] = {0};
 
     std::string url = options.url + req.path;
@@ -687,7 +707,7 @@ struct MattermostClient::Impl {
 
     CurlMime mime;
     const std::string method = req.method;
-    if (req.upload_data != nullptr) {
+    if (req.upload_data != nullptr || req.upload_path != nullptr) {
       mime.reset(curl_mime_init(handle));
       // Mattermost needs channel_id before the files (it streams the parts in order).
       curl_mimepart* part = curl_mime_addpart(mime.get());
@@ -695,9 +715,17 @@ struct MattermostClient::Impl {
       curl_mime_data(part, req.upload_channel->data(), req.upload_channel->size());
       part = curl_mime_addpart(mime.get());
       curl_mime_name(part, "files");
+      if (req.upload_path != nullptr) {
+        // Read by curl while sending: the file is never held in memory.
+        if (curl_mime_filedata(part, req.upload_path->c_str()) != CURLE_OK) {
+          return Fail<Response>(
+              MakeError(0, false, "file", what + ": cannot read " + Quote(*req.upload_path)));
+        }
+      } else {
+        curl_mime_data(part, req.upload_data->data(), req.upload_data->size());
+      }
       curl_mime_filename(part, req.upload_name->c_str());
       curl_mime_type(part, "application/octet-stream");
-      curl_mime_data(part, req.upload_data->data(), req.upload_data->size());
       SetPointer(handle, CURLOPT_MIMEPOST, mime.get());
     } else if (req.json_body) {
       SetOffset(handle, CURLOPT_POSTFIELDSIZE_LARGE,
@@ -718,6 +746,10 @@ struct MattermostClient::Impl {
     if (mime) SetPointer(handle, CURLOPT_MIMEPOST, nullptr);
 
     if (code != CURLE_OK) {
+      if (t.sink_failed) {
+        return Fail<Response>(
+            MakeError(static_cast<int>(status), false, "sink", what + ": storing the body failed"));
+      }
       if (t.too_large) {
         return Fail<Response>(MakeError(static_cast<int>(status), false, "too_large",
                                         what + ": " + req.max_body_what + " is larger than " +
@@ -962,6 +994,28 @@ MmResult<MmFileInfo> MattermostClient::UploadFile(const std::string& channel_id,
   });
 }
 
+MmResult<MmFileInfo> MattermostClient::UploadFileFromPath(const std::string& channel_id,
+                                                          const std::string& name,
+                                                          const std::string& path) {
+  Impl::Request req;
+  req.method = "POST";
+  req.path = "/api/v4/files";
+  req.upload_channel = &channel_id;
+  req.upload_name = &name;
+  req.upload_path = &path;
+  return impl_->Call<MmFileInfo>(req, [](const Json& j) -> MmResult<MmFileInfo> {
+    if (!j.is_object()) {
+      return Fail<MmFileInfo>(ParseError(std::string("upload reply is a JSON ") + TypeName(j) +
+                                         ", expected an object"));
+    }
+    auto infos = j.find("file_infos");
+    if (infos == j.end() || !infos->is_array() || infos->empty()) {
+      return Fail<MmFileInfo>(ParseError("upload reply has no \"file_infos\" entry"));
+    }
+    return FileInfoFromJson(infos->front());
+  });
+}
+
 MmResult<MmFileInfo> MattermostClient::GetFileInfo(const std::string& file_id) {
   Impl::Request req;
   req.path = "/api/v4/files/" + Escape(file_id) + "/info";
@@ -977,6 +1031,24 @@ MmResult<std::string> MattermostClient::DownloadFile(const std::string& file_id,
   MmResult<Impl::Response> r = impl_->Perform(req);
   if (!r.ok()) return Fail<std::string>(std::move(r.error));
   return Ok(std::move(r.value->body));
+}
+
+MmResult<std::uint64_t> MattermostClient::DownloadFileTo(
+    const std::string& file_id, std::size_t max_bytes,
+    const std::function<bool(std::string_view)>& sink) {
+  Impl::Request req;
+  req.path = "/api/v4/files/" + Escape(file_id);
+  req.max_body = max_bytes;
+  req.max_body_what = "file";
+  std::uint64_t total = 0;
+  std::function<bool(std::string_view)> counting = [&](std::string_view piece) {
+    total += piece.size();
+    return sink(piece);
+  };
+  req.body_sink = &counting;
+  MmResult<Impl::Response> r = impl_->Perform(req);
+  if (!r.ok()) return Fail<std::uint64_t>(std::move(r.error));
+  return Ok(total);
 }
 
 // ---------------------------------------------------------------------------------------------

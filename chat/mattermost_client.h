@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace relay::chat {
@@ -110,8 +111,17 @@ class MattermostClient {
   MmResult<MmFileInfo> UploadFile(const std::string& channel_id, const std::string& name,
                                   const std::string& data);
   MmResult<MmFileInfo> GetFileInfo(const std::string& file_id);
+  // POST /files with the content streamed from the file at `path` (never held in memory).
+  MmResult<MmFileInfo> UploadFileFromPath(const std::string& channel_id, const std::string& name,
+                                          const std::string& path);
   // Downloads at most max_bytes; larger files are an error (not retryable).
   MmResult<std::string> DownloadFile(const std::string& file_id, std::size_t max_bytes);
+  // Downloads at most max_bytes, handing the body to `sink` piece by piece as it arrives
+  // (memory stays at curl's buffer). A sink returning false aborts with error id "sink" (not
+  // retryable). A retry must start over: the caller resets what the sink wrote. Returns the
+  // number of bytes received.
+  MmResult<std::uint64_t> DownloadFileTo(const std::string& file_id, std::size_t max_bytes,
+                                         const std::function<bool(std::string_view)>& sink);
 
  private:
   struct Impl;

@@ -512,8 +512,8 @@ void Loader::ReadNumber(const Section& section, std::string_view key, std::uint6
 }
 
 void Loader::ValidateSite(const Section& section) {
-  CheckKeys(section,
-            {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file", "min_free"});
+  CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file", "min_free",
+                      "attachment_wait"});
   ReadPath(section, "previous_key_file", /*required=*/false, &config_->previous_key_file);
   if (const Entry* name = Required(section, "name")) {
     if (IsValidPeerName(name->value)) {
@@ -525,6 +525,7 @@ void Loader::ValidateSite(const Section& section) {
   ReadPath(section, "key_file", /*required=*/true, &config_->key_file);
   ReadPath(section, "data_dir", /*required=*/true, &config_->data_dir);
   ReadDuration(section, "dedup_ttl", &config_->dedup_ttl);
+  ReadDuration(section, "attachment_wait", &config_->attachment_wait);
   ReadSize(section, "min_free", 0, std::numeric_limits<std::uint64_t>::max(), &config_->min_free);
 }
 

@@ -65,6 +65,9 @@ struct Config {
   std::string previous_key_file;
   std::string data_dir;
   std::chrono::milliseconds dedup_ttl{std::chrono::hours(24 * 7)};
+  // How long a received post waits for the chunks of its large attachments before it is
+  // delivered with a note that they are missing.
+  std::chrono::milliseconds attachment_wait{std::chrono::minutes(10)};
   // Below this many free bytes on data_dir's file system, new messages are refused (503) before
   // the store runs into the full disk; 0 leaves it to the store's own error.
   std::uint64_t min_free = 64u << 20;

@@ -42,7 +42,9 @@ relay::Event MakeEvent(std::uint64_t seq, relay::EventKind kind) {
   if (kind != relay::EventKind::kPost) e.ref = "aws:1";
   if (seq % 2 == 0) e.thread = "aws:1";
   if (seq == 3) e.props = {{"k", "v"}, {"emoji", "thumbsup"}};
-  if (seq == 4) e.files = {{"plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6)}};
+  if (seq == 4)
+    e.files = {
+        relay::Attachment::Inline("plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6))};
   return e;
 }
 }  // namespace
@@ -66,6 +68,27 @@ int main(int argc, char** argv) {
     relay::EncodeEvent(MakeEvent(i, kinds[i - 1]), &bytes);
     Write("event", "event-" + std::to_string(i), bytes);
     encoded.push_back(bytes);
+  }
+  {
+    // A post with a blob attachment and one of its chunks (kind 6, 15 fields).
+    relay::Event post = MakeEvent(6, relay::EventKind::kPost);
+    relay::Attachment blob;
+    blob.name = "big.iso";
+    blob.mime_type = "application/octet-stream";
+    blob.size = 300000;
+    blob.blake2b = std::string(32, '\x11');
+    blob.blob_id = "0123456789abcdef0123456789abcdef";
+    post.files = {blob};
+    std::string bytes;
+    relay::EncodeEvent(post, &bytes);
+    Write("event", "event-blob-post", bytes);
+    relay::Event chunk = MakeEvent(7, relay::EventKind::kFileChunk);
+    chunk.ref.clear();
+    chunk.thread.clear();
+    chunk.chunk = {blob.blob_id, 262144, 300000, std::string(64, 'c')};
+    bytes.clear();
+    relay::EncodeEvent(chunk, &bytes);
+    Write("event", "event-chunk", bytes);
   }
   std::vector<relay::FramedEvent> framed;
   for (std::size_t i = 0; i < encoded.size(); ++i) framed.push_back({i + 10, encoded[i]});

@@ -33,6 +33,7 @@
 #include "crypto/frame.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
+#include "relay/blob_spool.h"
 #include "relay/event.h"
 #include "relay/http_server.h"
 #include "relay/ingest.h"
@@ -97,7 +98,18 @@ constexpr int kExitStoreFailed = 75;
 struct InFlight {
   std::uint64_t first = 0, last = 0;
   std::uint32_t events = 0;
+  bool chunk = false;  // ends with a chunk of a large attachment
 };
+
+// Frames carrying attachment chunks (up to 1 MiB each) in flight per peer, whatever the window:
+// a large attachment then occupies a few MiB between the two stores, not window * frame size.
+constexpr std::size_t kMaxChunkFramesInFlight = 4;
+
+// Whether an encoded event is a kFileChunk event: only those are msgpack arrays of 15 (fixarray
+// 0x9f); every other event has 14 fields (see EncodeEvent and docs/wire-format.md).
+bool IsChunkEncoding(std::string_view encoded) {
+  return !encoded.empty() && static_cast<unsigned char>(encoded[0]) == 0x9f;
+}
 
 struct PeerRuntime {
   std::string name;
@@ -259,6 +271,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::map<std::string, std::string>
       delivery_lines;  // delivery thread only  // `delivered`, readable by other threads
   std::uint64_t inbound_removed = 0;  // maintenance thread only: inbound entries deleted through
+  std::unique_ptr<BlobWaiter> delivery_waiter;  // delivery thread only: posts waiting for blobs
+  bool delivery_blocked = false;                // delivery thread only: stopped at such a post
 
   // Maintenance.
   std::mutex maint_mu;
@@ -266,6 +280,7 @@ struct Daemon::Impl : transports::LinkHandler {
   std::thread maintenance;
   std::uint64_t gc_deleted_through = 0;  // maintenance thread only
   Clock::time_point last_dedup_compaction = Clock::now();
+  Clock::time_point last_spool_collection{};
 
   explicit Impl(config::Config c) : config(std::move(c)) {}
 
@@ -314,6 +329,13 @@ struct Daemon::Impl : transports::LinkHandler {
     auto st = queue::Store::Open(config.data_dir);
     if (!st) return st.status();
     store = std::move(st).value();
+    // Downloads in progress when the process stopped: their posts are captured again (the store
+    // lock above says no other process of this site is running).
+    {
+      std::error_code ec;
+      std::filesystem::remove_all(SpoolOutDir(config.data_dir), ec);
+    }
+    delivery_waiter = std::make_unique<BlobWaiter>(config.attachment_wait);
     store->SetWriteFailureHandler([](const Status& failure) {
       // Crash-only recovery, as databases do on a failed WAL write: nothing more is written,
       // the answers already decided (503s) get a moment to leave, then the process exits and
@@ -798,7 +820,7 @@ struct Daemon::Impl : transports::LinkHandler {
       for (CapturedChange& c : pc.submission->changes) {
         Event e;
         e.kind = c.kind;
-        if (c.kind != EventKind::kPost) {
+        if (c.kind != EventKind::kPost && c.kind != EventKind::kFileChunk) {
           auto ref = event_of(c.post_id);
           if (!ref) {
             log::Warning("capture: change to post " + c.post_id +
@@ -820,6 +842,7 @@ struct Daemon::Impl : transports::LinkHandler {
         e.hops = {config.site_name};
         e.props = std::move(c.props);
         e.files = std::move(c.files);
+        e.chunk = std::move(c.chunk);
         encoded.clear();
         EncodeEvent(e, &encoded);
         if (!ch->second.peer_names.empty()) {
@@ -1167,6 +1190,10 @@ struct Daemon::Impl : transports::LinkHandler {
           p.last_progress = now;
         }
         if (p.inflight.size() >= p.config->window) continue;
+        if (std::count_if(p.inflight.begin(), p.inflight.end(), [](const InFlight& f) {
+              return f.chunk;
+            }) >= static_cast<std::ptrdiff_t>(kMaxChunkFramesInFlight))
+          continue;
         std::uint64_t head = published.load();
         if (p.scan_pos > head) continue;
         did_work |= BuildAndSend(i, lock);
@@ -1179,33 +1206,38 @@ struct Daemon::Impl : transports::LinkHandler {
     std::string bytes;           // empty when the range held no event for the peer
     std::uint32_t count = 0;     // events inside
     std::uint64_t last_seq = 0;  // the range it covers ends here
+    bool chunk = false;          // ends with an attachment chunk
   };
 
   // Seals the next frame for `peer`: scans the log from `from` (not beyond `head`), taking the
   // peer's events up to the frame limits; the frame covers [first, last_seq]. Events are copied
-  // once, from the store's iterator straight into the payload. Used by the shipper and by
-  // sneakernet export.
+  // once, from the store's iterator straight into the payload. An attachment chunk ends the
+  // frame, so a frame holds at most one. Used by the shipper and by sneakernet export.
   Result<BuiltFrame> BuildFrame(std::size_t peer, std::uint64_t first, std::uint64_t from,
                                 std::uint64_t head, std::uint8_t flags = 0) {
     const PeerRuntime& p = peers[peer];
     std::uint64_t max_events = p.config->max_frame_events, max_bytes = p.config->max_frame_bytes;
     FramePayloadWriter payload(static_cast<std::size_t>(max_bytes) + 64 * 1024);
     std::uint64_t last_scanned = from - 1, bytes = 0;
+    bool chunk = false;
     Status s = store->ScanOutbound(from, [&](const queue::OutboundEntry& e) {
       if (e.seq > head) return false;
       last_scanned = e.seq;
       if (e.HasPeer(p.name)) {
         payload.Add(e.seq, e.event);
         bytes += e.event.size();
-        if (payload.count() >= max_events || bytes >= max_bytes) return false;
+        chunk = IsChunkEncoding(e.event);
+        if (chunk || payload.count() >= max_events || bytes >= max_bytes) return false;
       }
       return true;
     });
     if (!s) return s;
     BuiltFrame f;
     f.count = payload.count();
+    f.chunk = chunk;
     // Entries may have been removed by GC (acked by everyone): the range is still covered.
-    if (f.count < max_events && bytes < max_bytes) last_scanned = std::max(last_scanned, head);
+    if (!chunk && f.count < max_events && bytes < max_bytes)
+      last_scanned = std::max(last_scanned, head);
     f.last_seq = last_scanned;
     if (f.count > 0)
       f.bytes = crypto::SealFrame(*key, p.identity, first, last_scanned, f.count, payload.Finish(),
@@ -1231,7 +1263,7 @@ struct Daemon::Impl : transports::LinkHandler {
     if (built->count == 0) return false;  // nothing for this peer; send_pos stays
     p.send_pos = built->last_seq + 1;
     if (p.inflight.empty()) p.last_progress = Clock::now();
-    p.inflight.push_back({first, built->last_seq, built->count});
+    p.inflight.push_back({first, built->last_seq, built->count, built->chunk});
     ++p.metrics->frames_sent;
     p.metrics->events_sent += built->count;
     link->SendFrame(peer, epoch, std::move(built->bytes));
@@ -1832,7 +1864,12 @@ struct Daemon::Impl : transports::LinkHandler {
     std::unordered_set<std::string> round_ids;
     std::vector<Forward> forwards;
     std::vector<std::uint64_t> frames_ok(peers.size(), 0), events_ok(peers.size(), 0);
-    std::uint64_t dedup = 0;
+    std::uint64_t dedup = 0, chunks_written = 0;
+    // Chunks of large attachments go to their spool file, not into the inbound store: written
+    // at their offset (again after a crash: harmless) and synced before the batch that records
+    // them as received and acknowledges them is committed.
+    ChunkWriter chunks;
+    Status spool_status;
     for (ReceivedFrame& rf : work) {
       crypto::OpenResult opened = OpenFrameAny(rf.bytes);
       if (!opened.ok()) {
@@ -1938,7 +1975,16 @@ struct Daemon::Impl : transports::LinkHandler {
           continue;
         }
         round_ids.insert(dkey);
-        batch.PutInbound(next_in++, fe.encoded);
+        if (ev.kind == EventKind::kFileChunk) {
+          if (spool_status) {
+            spool_status =
+                chunks.Write(SpoolInPath(config.data_dir, ev.origin_site, ev.chunk.blob_id),
+                             ev.chunk.offset, ev.chunk.data);
+          }
+          ++chunks_written;
+        } else {
+          batch.PutInbound(next_in++, fe.encoded);
+        }
         batch.PutDedup(dkey, expire, "");
         ++events_ok[p];
         // Forward to the channel's other peers that the event has not passed through.
@@ -1968,8 +2014,11 @@ struct Daemon::Impl : transports::LinkHandler {
       batch.PutDedup(bundle->bundle_key, now + kForeverMs, std::to_string(now));
     if (batch.Count() > 0) {
       batch.PutCounter(kNextIn, next_in);
-      Status s;
-      if (forwards.empty()) {
+      Status s = spool_status;
+      if (s) s = chunks.Sync();
+      if (!s) {
+        chunks.Close();
+      } else if (forwards.empty()) {
         s = store->Commit(batch, true);
       } else {
         std::lock_guard<std::mutex> lock(out_mu);
@@ -1999,6 +2048,7 @@ struct Daemon::Impl : transports::LinkHandler {
         return s;
       }
       stored_in = next_in - 1;
+      metrics.blob_chunks_received += chunks_written;
       if (!forwards.empty()) {
         metrics.events_forwarded += forwards.size();
         ship_cv.notify_all();
@@ -2032,6 +2082,11 @@ struct Daemon::Impl : transports::LinkHandler {
         std::unique_lock<std::mutex> lock(deliver_mu);
         deliver_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stopping.load(); });
         if (stopping) return;
+      } else if (delivery_blocked) {
+        // A post waits for chunks of its attachments: new inbound commits wake us.
+        std::unique_lock<std::mutex> lock(deliver_mu);
+        deliver_cv.wait_for(lock, std::chrono::milliseconds(250));
+        if (stopping && !offline) return;
       }
     }
   }
@@ -2043,21 +2098,32 @@ struct Daemon::Impl : transports::LinkHandler {
     std::map<std::string, std::string>& lines = delivery_lines;
     for (auto& [name, text] : lines) text.clear();
     std::uint64_t last = delivered, count = 0, bytes = 0;
+    delivery_blocked = false;
+    std::vector<std::pair<std::string, std::string>> moves;  // verified spool file -> target
+    std::vector<std::string> drop;                           // spool files of missing blobs
+    std::vector<std::string> done_ids;                       // events the waiter can forget
     Status s = store->ScanInbound(delivered + 1, [&](std::uint64_t seq, std::string_view enc) {
       auto ev = DecodeEvent(enc);
-      last = seq;
       if (ev) {
         auto ch = channels.find(ev->channel);
         if (ch != channels.end() && ch->second.jsonl) {
+          std::vector<chat::DeliveredFile> placed;
+          if (!PlaceBlobs(*ev, ch->second, &placed, &moves, &drop)) {
+            delivery_blocked = true;  // wait for its chunks; deliver what comes before it
+            return false;
+          }
+          if (!placed.empty()) done_ids.push_back(ev->id);
+          last = seq;
           std::string& out = lines[ev->channel];
           std::size_t before = out.size();
-          chat::AppendJsonlLine(*ev, &out);
+          chat::AppendJsonlLine(*ev, &out, placed);
           bytes += out.size() - before;
           ++count;
         }
       } else {
         log::Error("stored event " + std::to_string(seq) + " does not decode: " + ev.message());
       }
+      last = seq;
       return count < kDeliveryBatchEvents && bytes < kDeliveryBatchBytes;
     });
     if (!s) {
@@ -2065,6 +2131,15 @@ struct Daemon::Impl : transports::LinkHandler {
       return false;
     }
     if (last == delivered) return true;
+    // Blobs go next to the sink before the lines that name them: a line is never durable
+    // without its file. A crash in between delivers the line again and finds the file there.
+    for (const auto& [from, to] : moves) {
+      if (Status m = MoveBlob(from, to); !m) {
+        log::Error("delivery: placing an attachment failed (retrying): " + m.message());
+        return false;
+      }
+      ++metrics.blobs_delivered;
+    }
     queue::WriteBatch batch;
     for (auto& [name, text] : lines) {
       if (text.empty()) continue;  // channel not in this batch
@@ -2089,8 +2164,56 @@ struct Daemon::Impl : transports::LinkHandler {
     }
     delivered = last;
     delivered_through = last;
+    for (const std::string& path : drop) ::unlink(path.c_str());
+    for (const std::string& id : done_ids) delivery_waiter->Forget(id);
     metrics.events_delivered += count;
     metrics.inbound_backlog = stored_in.load() - delivered;
+    return true;
+  }
+
+  // For a post with blob attachments: where each goes next to the sink
+  // ("<jsonl_path>.files/<event id>-<n>-<name>", the name sanitized), adding the moves of
+  // complete spool files to *moves and the spool files of blobs given up on to *drop. False
+  // while a blob is incomplete and [site] attachment_wait has not passed since first seen.
+  bool PlaceBlobs(const Event& ev, const ChannelRuntime& ch,
+                  std::vector<chat::DeliveredFile>* placed,
+                  std::vector<std::pair<std::string, std::string>>* moves,
+                  std::vector<std::string>* drop) {
+    bool any = false;
+    for (const Attachment& a : ev.files) any |= a.is_blob();
+    if (!any) return true;
+    placed->assign(ev.files.size(), {});
+    std::vector<std::pair<std::string, std::string>> mine;
+    std::vector<std::string> gone;
+    for (std::size_t i = 0; i < ev.files.size(); ++i) {
+      const Attachment& a = ev.files[i];
+      if (!a.is_blob()) continue;
+      const std::string target = ch.config->jsonl_path + ".files/" +
+                                 SanitizeFileName(ev.id + "-" + std::to_string(i) + "-" + a.name);
+      struct stat st {};
+      if (::stat(target.c_str(), &st) == 0 && static_cast<std::uint64_t>(st.st_size) == a.size) {
+        (*placed)[i].path = target;  // placed before a crash or an earlier failed batch
+        continue;
+      }
+      const std::string spool = SpoolInPath(config.data_dir, ev.origin_site, a.blob_id);
+      std::string why;
+      switch (delivery_waiter->Check(ev.id, spool, a, &why)) {
+        case BlobState::kWaiting:
+          return false;
+        case BlobState::kReady:
+          mine.emplace_back(spool, target);
+          (*placed)[i].path = target;
+          break;
+        case BlobState::kMissing:
+          ++metrics.blobs_missing;
+          log::Warning("event " + ev.id + ": attachment '" + a.name + "' is missing: " + why);
+          (*placed)[i].missing = "the attachment did not arrive within attachment_wait: " + why;
+          gone.push_back(spool);
+          break;
+      }
+    }
+    moves->insert(moves->end(), mine.begin(), mine.end());
+    drop->insert(drop->end(), gone.begin(), gone.end());
     return true;
   }
 
@@ -2108,6 +2231,21 @@ struct Daemon::Impl : transports::LinkHandler {
   }
 
   // ---- maintenance ---------------------------------------------------------------------------
+  // Spool files nobody will use (chunks of a post that was never committed, or that arrived
+  // after their post was delivered without them) are removed once unchanged for dedup_ttl:
+  // after that long a chunk sent again would not be recognised as a duplicate either.
+  void CollectSpools() {
+    if (Clock::now() - last_spool_collection < std::chrono::minutes(10) &&
+        last_spool_collection != Clock::time_point{})
+      return;
+    last_spool_collection = Clock::now();
+    std::size_t n = CollectSpool(config.data_dir + "/spool/in", config.dedup_ttl);
+    if (n > 0) {
+      metrics.spool_collected += n;
+      log::Info("removed " + std::to_string(n) + " orphaned spool file(s) older than dedup_ttl");
+    }
+  }
+
   void MaintenanceLoop() {
     while (!stopping) {
       {
@@ -2117,6 +2255,7 @@ struct Daemon::Impl : transports::LinkHandler {
       if (stopping) return;
       CollectOutbound();
       CollectInbound();
+      CollectSpools();
       AutoFiles();
       // Expired dedup entries go with RocksDB's compactions; force one every few hours so
       // an idle site does not keep them for ever.

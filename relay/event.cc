@@ -8,8 +8,14 @@ namespace relay {
 namespace {
 
 constexpr std::uint32_t kEventFields = 14;
+// A kFileChunk event has one more field, the chunk. Other kinds keep 14 fields, so their bytes
+// are what relays without chunk support expect.
+constexpr std::uint32_t kChunkEventFields = 15;
 
-const char* const kKindNames[] = {"post", "edit", "delete", "reaction_add", "reaction_remove"};
+const char* const kKindNames[] = {"post",      "edit", "delete", "reaction_add", "reaction_remove",
+                                  "file_chunk"};
+constexpr std::uint64_t kLastKind = 6;
+constexpr std::size_t kProducerKinds = 5;  // kinds a producer may name (not file_chunk)
 
 // Strict accessors: each names the field that is wrong.
 Status WantStr(const msgpack::object& o, const char* field, std::string* out) {
@@ -52,8 +58,8 @@ msgpack::object_handle Unpack(std::string_view bytes, Status* status) {
   msgpack::object_handle handle;
   try {
     std::size_t offset = 0;
-    handle = msgpack::unpack(bytes.data(), bytes.size(), offset, nullptr, nullptr,
-                             CountLimit(bytes));
+    handle =
+        msgpack::unpack(bytes.data(), bytes.size(), offset, nullptr, nullptr, CountLimit(bytes));
     if (offset != bytes.size()) *status = Status::Error("trailing bytes after the msgpack value");
   } catch (const std::exception& e) {
     *status = Status::Error(std::string("malformed msgpack: ") + e.what());
@@ -69,17 +75,23 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
   if (Status s = WantUint(a.ptr[0], "version", &version); !s) return s;
   if (version != kEventFormatVersion)
     return Status::Error("unsupported event format version " + std::to_string(version));
-  if (a.size != kEventFields)
-    return Status::Error("event has " + std::to_string(a.size) + " fields, expected " +
-                         std::to_string(kEventFields));
-  Event e;
+  // The kind decides the field count, so it is read first (when there is one).
   std::uint64_t kind = 0;
   Status s;
+  if (a.size > 4) {
+    if (!(s = WantUint(a.ptr[4], "kind", &kind))) return s;
+    if (kind < 1 || kind > kLastKind)
+      return Status::Error("unknown event kind " + std::to_string(kind));
+  }
+  const std::uint32_t want =
+      kind == static_cast<std::uint64_t>(EventKind::kFileChunk) ? kChunkEventFields : kEventFields;
+  if (a.size != want)
+    return Status::Error("event has " + std::to_string(a.size) + " fields, expected " +
+                         std::to_string(want));
+  Event e;
   if (!(s = WantStr(a.ptr[1], "id", &e.id))) return s;
   if (!(s = WantStr(a.ptr[2], "origin_site", &e.origin_site))) return s;
   if (!(s = WantUint(a.ptr[3], "origin_seq", &e.origin_seq))) return s;
-  if (!(s = WantUint(a.ptr[4], "kind", &kind))) return s;
-  if (kind < 1 || kind > 5) return Status::Error("unknown event kind " + std::to_string(kind));
   e.kind = static_cast<EventKind>(kind);
   if (!(s = WantStr(a.ptr[5], "channel", &e.channel))) return s;
   if (!(s = WantStr(a.ptr[6], "author", &e.author))) return s;
@@ -109,15 +121,56 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
   if (files.type != msgpack::type::ARRAY) return Status::Error("field 'files' is not an array");
   for (std::uint32_t i = 0; i < files.via.array.size; ++i) {
     const msgpack::object& f = files.via.array.ptr[i];
-    if (f.type != msgpack::type::ARRAY || f.via.array.size != 3)
-      return Status::Error("field 'files[" + std::to_string(i) + "]' is not a [name, type, data]");
+    if (f.type != msgpack::type::ARRAY || (f.via.array.size != 3 && f.via.array.size != 6))
+      return Status::Error("field 'files[" + std::to_string(i) +
+                           "]' is not a [name, type, data] or [name, type, data, size, "
+                           "blake2b, blob_id]");
+    const msgpack::object* fa = f.via.array.ptr;
     Attachment at;
-    if (!(s = WantStr(f.via.array.ptr[0], "files[].name", &at.name))) return s;
-    if (!(s = WantStr(f.via.array.ptr[1], "files[].mime_type", &at.mime_type))) return s;
-    if (f.via.array.ptr[2].type != msgpack::type::BIN)
-      return Status::Error("field 'files[].data' is not bin");
-    at.data.assign(f.via.array.ptr[2].via.bin.ptr, f.via.array.ptr[2].via.bin.size);
+    if (!(s = WantStr(fa[0], "files[].name", &at.name))) return s;
+    if (!(s = WantStr(fa[1], "files[].mime_type", &at.mime_type))) return s;
+    if (fa[2].type != msgpack::type::BIN) return Status::Error("field 'files[].data' is not bin");
+    at.data.assign(fa[2].via.bin.ptr, fa[2].via.bin.size);
+    if (f.via.array.size == 6) {
+      if (!(s = WantUint(fa[3], "files[].size", &at.size))) return s;
+      if (at.size > kMaxBlobBytes)
+        return Status::Error("field 'files[].size' is " + std::to_string(at.size) +
+                             ", more than the limit " + std::to_string(kMaxBlobBytes));
+      if (fa[4].type != msgpack::type::BIN || fa[4].via.bin.size != kBlobHashBytes)
+        return Status::Error("field 'files[].blake2b' is not 32 bytes of bin");
+      at.blake2b.assign(fa[4].via.bin.ptr, fa[4].via.bin.size);
+      if (!(s = WantStr(fa[5], "files[].blob_id", &at.blob_id))) return s;
+      if (!IsValidBlobId(at.blob_id))
+        return Status::Error("field 'files[].blob_id' is not " + std::to_string(kBlobIdChars) +
+                             " lowercase hex digits");
+      if (!at.data.empty()) return Status::Error("field 'files[].data' of a blob is not empty");
+    }
     e.files.push_back(std::move(at));
+  }
+  if (e.kind == EventKind::kFileChunk) {
+    const msgpack::object& c = a.ptr[14];
+    if (c.type != msgpack::type::ARRAY || c.via.array.size != 4)
+      return Status::Error("field 'chunk' is not a [blob_id, offset, total_size, data]");
+    const msgpack::object* ca = c.via.array.ptr;
+    FileChunk& ch = e.chunk;
+    if (!(s = WantStr(ca[0], "chunk.blob_id", &ch.blob_id))) return s;
+    if (!IsValidBlobId(ch.blob_id))
+      return Status::Error("field 'chunk.blob_id' is not " + std::to_string(kBlobIdChars) +
+                           " lowercase hex digits");
+    if (!(s = WantUint(ca[1], "chunk.offset", &ch.offset))) return s;
+    if (!(s = WantUint(ca[2], "chunk.total_size", &ch.total_size))) return s;
+    if (ca[3].type != msgpack::type::BIN) return Status::Error("field 'chunk.data' is not bin");
+    const std::uint64_t len = ca[3].via.bin.size;
+    if (len == 0 || len > kMaxChunkBytes)
+      return Status::Error("field 'chunk.data' has " + std::to_string(len) + " bytes, want 1 to " +
+                           std::to_string(kMaxChunkBytes));
+    if (ch.total_size > kMaxBlobBytes || ch.offset > ch.total_size ||
+        len > ch.total_size - ch.offset)
+      return Status::Error("field 'chunk': bytes " + std::to_string(ch.offset) + "+" +
+                           std::to_string(len) + " do not fit a blob of " +
+                           std::to_string(ch.total_size) + " bytes (at most " +
+                           std::to_string(kMaxBlobBytes) + ")");
+    ch.data.assign(ca[3].via.bin.ptr, len);
   }
   if (e.id != MakeEventId(e.origin_site, e.origin_seq))
     return Status::Error("event id '" + e.id + "' does not match its origin '" + e.origin_site +
@@ -129,11 +182,18 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
 
 const char* EventKindName(EventKind kind) {
   auto i = static_cast<std::size_t>(kind);
-  return (i >= 1 && i <= 5) ? kKindNames[i - 1] : "unknown";
+  return (i >= 1 && i <= kLastKind) ? kKindNames[i - 1] : "unknown";
+}
+
+bool IsValidBlobId(std::string_view id) {
+  if (id.size() != kBlobIdChars) return false;
+  for (char c : id)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
 }
 
 bool ParseEventKind(std::string_view name, EventKind* kind) {
-  for (std::size_t i = 0; i < 5; ++i) {
+  for (std::size_t i = 0; i < kProducerKinds; ++i) {
     if (name == kKindNames[i]) {
       *kind = static_cast<EventKind>(i + 1);
       return true;
@@ -152,9 +212,10 @@ std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq) 
 }
 
 void EncodeEvent(const Event& e, std::string* out) {
-  msgpack::sbuffer buf(256 + e.text.size());
+  const bool chunk = e.kind == EventKind::kFileChunk;
+  msgpack::sbuffer buf(256 + e.text.size() + (chunk ? e.chunk.data.size() : 0));
   msgpack::packer<msgpack::sbuffer> pk(buf);
-  pk.pack_array(kEventFields);
+  pk.pack_array(chunk ? kChunkEventFields : kEventFields);
   pk.pack_uint8(kEventFormatVersion);
   pk.pack(e.id);
   pk.pack(e.origin_site);
@@ -175,11 +236,25 @@ void EncodeEvent(const Event& e, std::string* out) {
   }
   pk.pack_array(static_cast<std::uint32_t>(e.files.size()));
   for (const auto& f : e.files) {
-    pk.pack_array(3);
+    pk.pack_array(f.is_blob() ? 6 : 3);
     pk.pack(f.name);
     pk.pack(f.mime_type);
     pk.pack_bin(static_cast<std::uint32_t>(f.data.size()));
     pk.pack_bin_body(f.data.data(), static_cast<std::uint32_t>(f.data.size()));
+    if (f.is_blob()) {
+      pk.pack_uint64(f.size);
+      pk.pack_bin(static_cast<std::uint32_t>(f.blake2b.size()));
+      pk.pack_bin_body(f.blake2b.data(), static_cast<std::uint32_t>(f.blake2b.size()));
+      pk.pack(f.blob_id);
+    }
+  }
+  if (chunk) {
+    pk.pack_array(4);
+    pk.pack(e.chunk.blob_id);
+    pk.pack_uint64(e.chunk.offset);
+    pk.pack_uint64(e.chunk.total_size);
+    pk.pack_bin(static_cast<std::uint32_t>(e.chunk.data.size()));
+    pk.pack_bin_body(e.chunk.data.data(), static_cast<std::uint32_t>(e.chunk.data.size()));
   }
   out->append(buf.data(), buf.size());
 }
@@ -238,8 +313,7 @@ Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
   try {
     std::size_t offset = 0;
     auto always_ref = [](msgpack::type::object_type, std::size_t, void*) { return true; };
-    h = msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref, nullptr,
-                        CountLimit(bytes));
+    h = msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref, nullptr, CountLimit(bytes));
     if (offset != bytes.size()) return Status::Error("frame payload: trailing bytes");
   } catch (const std::exception& e) {
     return Status::Error(std::string("frame payload: malformed msgpack: ") + e.what());

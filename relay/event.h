@@ -21,24 +21,65 @@ enum class EventKind : std::uint8_t {
   kDelete = 3,
   kReactionAdd = 4,
   kReactionRemove = 5,
+  // One piece of a large attachment (see FileChunk). Internal: never delivered to a sink, never
+  // accepted from the ingest API; the post that references the blob follows it in the log.
+  kFileChunk = 6,
 };
 
-// "post", "edit", ... as used in the JSONL sink and the ingest API.
+// "post", "edit", ..., "file_chunk" as used in the JSONL sink and logs.
 const char* EventKindName(EventKind kind);
-// Parses a kind name; false for an unknown name.
+// Parses the name of a kind a producer may send (post .. reaction_remove); false otherwise,
+// also for "file_chunk".
 bool ParseEventKind(std::string_view name, EventKind* kind);
 
 inline constexpr std::uint8_t kEventFormatVersion = 1;
 // An event's hop list may hold at most this many sites; longer paths are dropped as loops.
 inline constexpr std::size_t kMaxHops = 16;
 
-// A file carried inside an event (e.g. a chat attachment), bytes and all.
+// Large attachments travel as a blob: its bytes are cut into chunks of at most kMaxChunkBytes,
+// each carried by its own kFileChunk event committed before the post that references the blob.
+inline constexpr std::size_t kMaxChunkBytes = 1u << 20;
+// A blob may not be larger than this (4 GiB - 1: sizes and offsets stay u32-friendly).
+inline constexpr std::uint64_t kMaxBlobBytes = 0xffffffffu;
+// Length of a blob id (lowercase hex) and of its BLAKE2b-256 content hash (raw bytes).
+inline constexpr std::size_t kBlobIdChars = 32;
+inline constexpr std::size_t kBlobHashBytes = 32;
+
+// A file carried with an event (e.g. a chat attachment): either inline (`data`, `blob_id`
+// empty) or by reference to a blob carried in kFileChunk events (`blob_id` set, `data` empty,
+// `size` and `blake2b` describe the whole file).
 struct Attachment {
   std::string name;
   std::string mime_type;
   std::string data;
+  std::uint64_t size = 0;  // blob attachments only
+  std::string blake2b;     // blob attachments only: BLAKE2b-256 of the content, 32 bytes
+  std::string blob_id;     // blob attachments only: kBlobIdChars lowercase hex digits
+
+  static Attachment Inline(std::string name, std::string mime_type, std::string data) {
+    Attachment a;
+    a.name = std::move(name);
+    a.mime_type = std::move(mime_type);
+    a.data = std::move(data);
+    return a;
+  }
+  bool is_blob() const { return !blob_id.empty(); }
   bool operator==(const Attachment&) const = default;
 };
+
+// The payload of a kFileChunk event: bytes [offset, offset + data.size()) of blob `blob_id`,
+// whose total size is `total_size`. The decoder guarantees 0 < data.size() <= kMaxChunkBytes,
+// offset + data.size() <= total_size <= kMaxBlobBytes and a well-formed blob id.
+struct FileChunk {
+  std::string blob_id;
+  std::uint64_t offset = 0;
+  std::uint64_t total_size = 0;
+  std::string data;
+  bool operator==(const FileChunk&) const = default;
+};
+
+// True for a blob id as the wire allows it: kBlobIdChars of [0-9a-f]. Safe as a file name.
+bool IsValidBlobId(std::string_view id);
 
 struct Event {
   std::string id;           // "<origin_site>:<origin_seq>", globally unique
@@ -53,7 +94,8 @@ struct Event {
   std::int64_t created_at_ms = 0;  // Unix milliseconds at the origin
   std::vector<std::string> hops;   // sites the event passed through, origin first
   std::vector<std::pair<std::string, std::string>> props;  // free-form string properties
-  std::vector<Attachment> files;                           // attachments, carried whole
+  std::vector<Attachment> files;                           // attachments (post events)
+  FileChunk chunk;  // kFileChunk events only; empty otherwise
 
   bool operator==(const Event&) const = default;
 };

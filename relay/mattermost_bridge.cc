@@ -14,9 +14,18 @@
 #include <thread>
 #include <tuple>
 
+#include <fcntl.h>
+#include <sodium.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
 #include "chat/mattermost_client.h"
 #include "chat/webhook.h"
 #include "queue/store.h"
+#include "relay/blob_spool.h"
 #include "relay/log.h"
 #include "relay/metrics.h"
 
@@ -123,9 +132,11 @@ struct MattermostBridge::Impl {
   std::condition_variable cv;
   std::thread capture_thread, replay_thread;
   std::atomic<std::uint64_t> replayed{0};
-  std::string bot_id;  // set by whichever thread learns it first, under mu
+  std::string bot_id;      // set by whichever thread learns it first, under mu
+  BlobWaiter blob_waiter;  // replay thread only
 
-  Impl(const config::Config& c, Hooks h) : config(c), hooks(std::move(h)) {}
+  Impl(const config::Config& c, Hooks h)
+      : config(c), hooks(std::move(h)), blob_waiter(c.attachment_wait) {}
 
   void Sleep(std::chrono::milliseconds d) {
     std::unique_lock<std::mutex> lock(mu);
@@ -171,6 +182,9 @@ struct MattermostBridge::Impl {
     CaptureSubmission sub;
     std::map<std::string, PostState> states;
     std::map<std::string, std::set<std::string>> reactions;
+    // A post could not be captured now (its attachment's chunks were not stored): the round's
+    // cursor must not move past it, and a catch-up must follow.
+    bool incomplete = false;
   };
 
   PostState LoadState(Round& round, const std::string& post_id) {
@@ -198,9 +212,117 @@ struct MattermostBridge::Impl {
     return name;
   }
 
-  std::vector<Attachment> Download(chat::MattermostClient& client, const MmPost& post,
-                                   std::string* note) {
-    std::vector<Attachment> files;
+  // Downloads one large file into the spool (streamed, hashed on the way) and commits it as
+  // chunk events of `channel`, kChunksPerCommit per synced commit, before the post that will
+  // reference it. False when a commit failed: the post must be captured again later. A file
+  // that cannot be downloaded for good is a note, as for small files.
+  bool CarryBlob(chat::MattermostClient& client, const std::string& channel,
+                 const chat::MmFileInfo& info, std::vector<Attachment>* files, std::string* note) {
+    const std::string dir = SpoolOutDir(config.data_dir);
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    unsigned char rnd[12];
+    randombytes_buf(rnd, sizeof rnd);
+    std::string path = dir + "/";
+    for (unsigned char b : rnd) {
+      path.push_back("0123456789abcdef"[b >> 4]);
+      path.push_back("0123456789abcdef"[b & 15]);
+    }
+    path += ".part";
+    struct Unlink {
+      const std::string& p;
+      ~Unlink() { ::unlink(p.c_str()); }
+    } unlink_at_end{path};
+    std::string hash, write_error;
+    int mismatches = 0;
+    auto got = Retry<std::uint64_t>("GET /files/{id}", [&]() -> chat::MmResult<std::uint64_t> {
+      // Every attempt starts over: a fresh file and a fresh hash.
+      int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (fd < 0) {
+        chat::MmResult<std::uint64_t> r;
+        r.error.id = "sink";
+        r.error.message = "cannot create spool file '" + path + "': " + std::strerror(errno);
+        return r;
+      }
+      Blake2b h;
+      auto r = client.DownloadFileTo(
+          info.id, config.mattermost_max_file_bytes, [&](std::string_view piece) {
+            h.Update(piece);
+            while (!piece.empty()) {
+              ssize_t n = ::write(fd, piece.data(), piece.size());
+              if (n < 0 && errno == EINTR) continue;
+              if (n < 0) {
+                write_error = "cannot write spool file '" + path + "': " + std::strerror(errno);
+                return false;
+              }
+              piece.remove_prefix(static_cast<std::size_t>(n));
+            }
+            return true;
+          });
+      ::close(fd);
+      if (r.ok() && *r.value != static_cast<std::uint64_t>(info.size)) {
+        // A proxy's page or a cut body can come with 200: the size must be the file info's.
+        r.error =
+            MmError{0, ++mismatches < kMaxSizeMismatches, std::chrono::milliseconds(0), "bad_reply",
+                    "GET /api/v4/files/" + info.id + ": got " + std::to_string(*r.value) +
+                        " bytes, the file info says " + std::to_string(info.size)};
+        r.value.reset();
+      }
+      if (r.ok()) hash = h.Final();
+      if (!r.ok() && !write_error.empty()) r.error.message = write_error;
+      return r;
+    });
+    if (!got.ok()) {
+      if (stop) return false;  // shutting down: capture the post after the restart
+      if (!write_error.empty()) {
+        // Our disk, not the file: capture the post again later rather than lose the file.
+        log::Error("mattermost capture: attachment '" + info.name + "': " + write_error);
+        return false;
+      }
+      *note += "[attachment '" + info.name + "' could not be read]";
+      return true;
+    }
+    const std::uint64_t size = *got.value;
+    const std::string blob_id = BlobIdFor(config.site_name, info.id);
+    CaptureSubmission sub;
+    auto flush = [&]() -> Status {
+      if (sub.changes.empty()) return Status::Ok();
+      Status s = hooks.submit(sub);
+      sub.changes.clear();
+      return s;
+    };
+    Status s = ForEachChunk(path, size, [&](std::uint64_t offset, std::string& bytes) {
+      CapturedChange c;
+      c.kind = EventKind::kFileChunk;
+      c.channel = channel;
+      c.chunk.blob_id = blob_id;
+      c.chunk.offset = offset;
+      c.chunk.total_size = size;
+      c.chunk.data = std::move(bytes);
+      sub.changes.push_back(std::move(c));
+      return sub.changes.size() >= kChunksPerCommit ? flush() : Status::Ok();
+    });
+    if (s) s = flush();
+    if (!s) {
+      log::Error("mattermost capture: storing the chunks of attachment '" + info.name +
+                 "' failed, the post is captured again: " + s.message());
+      return false;
+    }
+    ++hooks.metrics->blobs_sent;
+    Attachment a;
+    a.name = info.name;
+    a.mime_type = info.mime_type;
+    a.size = size;
+    a.blake2b = hash;
+    a.blob_id = blob_id;
+    files->push_back(std::move(a));
+    return true;
+  }
+
+  // The post's attachments: small ones inline, large ones committed as chunks first (see
+  // CarryBlob). False when the post must be captured again later (nothing for it is recorded).
+  bool Download(chat::MattermostClient& client, const std::string& channel, const MmPost& post,
+                std::vector<Attachment>* files, std::string* note) {
     for (const std::string& id : post.file_ids) {
       auto info =
           Retry<chat::MmFileInfo>("GET /files/{id}/info", [&] { return client.GetFileInfo(id); });
@@ -213,6 +335,11 @@ struct MattermostBridge::Impl {
         *note += "[attachment '" + info.value->name + "' (" + std::to_string(info.value->size) +
                  " bytes) is over the relay's limit of " +
                  std::to_string(config.mattermost_max_file_bytes) + " bytes]";
+        continue;
+      }
+      if (info.value->id.empty()) info.value->id = id;
+      if (static_cast<std::uint64_t>(info.value->size) > kInlineFileBytes) {
+        if (!CarryBlob(client, channel, *info.value, files, note)) return false;
         continue;
       }
       // A proxy's page or a cut body can come with 200: the size must be the file info's.
@@ -234,9 +361,10 @@ struct MattermostBridge::Impl {
         *note += "[attachment '" + info.value->name + "' could not be read]";
         continue;
       }
-      files.push_back({info.value->name, info.value->mime_type, std::move(*data.value)});
+      files->push_back(
+          Attachment::Inline(info.value->name, info.value->mime_type, std::move(*data.value)));
     }
-    return files;
+    return true;
   }
 
   void AddReactionChange(chat::MattermostClient& client, Round& round, const std::string& channel,
@@ -316,7 +444,10 @@ struct MattermostBridge::Impl {
         c.post_id = post.id;
         c.thread_post_id = post.root_id;
         std::string note;
-        c.files = Download(client, post, &note);
+        if (!Download(client, channel, post, &c.files, &note)) {
+          round.incomplete = true;
+          return;  // no state recorded: captured again by the next catch-up
+        }
         if (!note.empty()) c.text += (c.text.empty() ? "" : "\n") + note;
         if (!carried.empty()) c.props.emplace_back("mm_props", carried.dump());
         round.sub.changes.push_back(std::move(c));
@@ -373,6 +504,10 @@ struct MattermostBridge::Impl {
       return false;
     }
     hooks.metrics->mm_captured += n;
+    if (round.incomplete) {
+      Sleep(std::chrono::milliseconds(1000));  // e.g. a full queue: do not spin on it
+      return false;
+    }
     return true;
   }
 
@@ -428,7 +563,8 @@ struct MattermostBridge::Impl {
       max_update = std::max(max_update, p.update_at);
       ProcessPost(client, round, std::move(p), /*deleted=*/false, /*reactions_known=*/true);
     }
-    round.sub.counters.emplace_back(CursorKey(channel), static_cast<std::uint64_t>(max_update));
+    if (!round.incomplete)
+      round.sub.counters.emplace_back(CursorKey(channel), static_cast<std::uint64_t>(max_update));
     return Submit(round);
   }
 
@@ -675,9 +811,30 @@ struct MattermostBridge::Impl {
       }
     }
     for (const Attachment& f : e.files) {
-      auto up = Retry<chat::MmFileInfo>(
-          "POST /files", [&] { return client.UploadFile(mm_channel, f.name, f.data); });
+      std::string spool;
+      if (f.is_blob()) {
+        spool = SpoolInPath(config.data_dir, e.origin_site, f.blob_id);
+        std::string why;
+        BlobState st;
+        while ((st = blob_waiter.Check(e.id, spool, f, &why)) == BlobState::kWaiting) {
+          if (stop) return Applied::kStopped;
+          Sleep(std::chrono::milliseconds(250));  // Notify() wakes it when chunks are stored
+        }
+        if (st == BlobState::kMissing) {
+          ++hooks.metrics->blobs_missing;
+          log::Warning("mattermost replay: attachment '" + f.name + "' of event " + e.id +
+                       " is missing: " + why);
+          np.message += "\n[attachment '" + f.name + "' (" + std::to_string(f.size) +
+                        " bytes) is missing: " + why + "]";
+          continue;
+        }
+      }
+      auto up = Retry<chat::MmFileInfo>("POST /files", [&] {
+        return f.is_blob() ? client.UploadFileFromPath(mm_channel, f.name, spool)
+                           : client.UploadFile(mm_channel, f.name, f.data);
+      });
       if (stop) return Applied::kStopped;
+      if (up.ok() && f.is_blob()) ++hooks.metrics->blobs_delivered;
       if (!up.ok()) {
         np.message +=
             "\n[attachment '" + f.name + "' could not be uploaded: " + up.error.message + "]";
@@ -798,6 +955,7 @@ struct MattermostBridge::Impl {
       case EventKind::kReactionRemove:
         return ApplyReaction(client, e, *local);
       case EventKind::kPost:
+      case EventKind::kFileChunk:  // never stored for delivery (the inbound thread spools it)
         break;
     }
     return Applied::kDone;
@@ -837,6 +995,12 @@ struct MattermostBridge::Impl {
           if (it != sinks.end()) {
             if (Apply(client, *ev, *it->second) == Applied::kStopped) return;
             ++hooks.metrics->mm_replayed;
+            // The post is on the server (or was given up): its spooled blobs are done with.
+            for (const Attachment& f : ev->files) {
+              if (!f.is_blob()) continue;
+              ::unlink(SpoolInPath(config.data_dir, ev->origin_site, f.blob_id).c_str());
+            }
+            blob_waiter.Forget(ev->id);
           }
         }
         cursor = seq;

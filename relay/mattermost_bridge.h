@@ -46,6 +46,7 @@ struct CapturedChange {
   std::string thread_post_id;  // root post of a reply, or empty
   std::vector<std::pair<std::string, std::string>> props;
   std::vector<Attachment> files;
+  FileChunk chunk;  // kind kFileChunk: one piece of a large attachment, committed before its post
 };
 
 // A capture commit: changes plus state that must become durable with them.
@@ -82,6 +83,11 @@ class MattermostBridge {
   // Key names in the store, shared with the committer.
   static std::string PostToEventKey(const std::string& post_id) { return "m:" + post_id; }
   static std::string EventToPostKey(const std::string& event_id) { return "p:" + event_id; }
+  // Attachments up to this size travel inline in the post event; larger ones as a blob of
+  // chunk events (docs/mattermost.md, "Large attachments").
+  static constexpr std::uint64_t kInlineFileBytes = 256u << 10;
+  // Chunks committed per capture submission: a few MiB in memory at a time.
+  static constexpr std::size_t kChunksPerCommit = 4;
   // How long id mappings and capture state are kept.
   static constexpr std::int64_t kMappingTtlMs = 400LL * 24 * 3600 * 1000;
 

@@ -117,6 +117,17 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
          "Chat server calls retried after 429, 5xx or a timeout.", i64(mm_retries));
   Simple(&out, "relay_mattermost_files_too_large_total", "counter",
          "Attachments not carried because they exceed max_file_bytes.", i64(mm_files_too_large));
+  Simple(&out, "relay_blobs_sent_total", "counter", "Large attachments committed as chunk events.",
+         i64(blobs_sent));
+  Simple(&out, "relay_blob_chunks_received_total", "counter",
+         "Chunks of large attachments written to the spool.", i64(blob_chunks_received));
+  Simple(&out, "relay_blobs_delivered_total", "counter",
+         "Large attachments delivered to a sink from the spool.", i64(blobs_delivered));
+  Simple(&out, "relay_blobs_missing_total", "counter",
+         "Large attachments not complete within [site] attachment_wait (delivered with a note).",
+         i64(blobs_missing));
+  Simple(&out, "relay_spool_collected_total", "counter",
+         "Orphaned spool files removed after dedup_ttl.", i64(spool_collected));
   Family(&out, "relay_frames_rejected_total", "counter",
          "Frames and control messages rejected, by reason.");
   for (std::size_t i = 0; i < frames_rejected.size(); ++i) {

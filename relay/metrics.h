@@ -70,6 +70,12 @@ struct Metrics {
   std::atomic<std::uint64_t> mm_replay_failures{0};  // events that could never be applied
   std::atomic<std::uint64_t> mm_retries{0};          // calls retried (429, 5xx, timeouts)
   std::atomic<std::uint64_t> mm_files_too_large{0};  // attachments over the size limit
+  // Large attachments (blobs carried in chunk events).
+  std::atomic<std::uint64_t> blobs_sent{0};            // captured and committed as chunks
+  std::atomic<std::uint64_t> blob_chunks_received{0};  // chunks written to the spool
+  std::atomic<std::uint64_t> blobs_delivered{0};       // delivered to a sink from the spool
+  std::atomic<std::uint64_t> blobs_missing{0};         // not complete within attachment_wait
+  std::atomic<std::uint64_t> spool_collected{0};       // orphaned spool files removed
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(crypto::RejectReason::kCount)>
       frames_rejected{};
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(InboundDrop::kCount)>

@@ -41,13 +41,28 @@ TEST_CASE("a sink line holds every documented field") {
   line.clear();
   relay::chat::AppendJsonlLine(e, &line);
   CHECK_THAT(line, Catch::Contains("\"thread\":null"));
-  e.files = {{"a.txt", "text/plain", "hi"}};
+  e.files = {relay::Attachment::Inline("a.txt", "text/plain", "hi")};
   line.clear();
   relay::chat::AppendJsonlLine(e, &line);
   CHECK_THAT(
       line,
       Catch::Contains(
           R"("files":[{"name":"a.txt","mime_type":"text/plain","size":2,"data_base64":"aGk="}])"));
+  // Blob attachments name the file the daemon placed, or say why it is missing.
+  relay::Attachment blob;
+  blob.name = "big.iso";
+  blob.mime_type = "application/octet-stream";
+  blob.size = 5000000;
+  blob.blake2b = std::string(32, 'h');
+  blob.blob_id = std::string(32, 'a');
+  e.files = {blob, blob};
+  line.clear();
+  relay::chat::AppendJsonlLine(e, &line, {{"/s/x.jsonl.files/aws:3-0-big.iso", ""}, {"", "late"}});
+  CHECK_THAT(line, Catch::Contains(R"("files":[{"name":"big.iso","mime_type":)"
+                                   R"("application/octet-stream","size":5000000,)"
+                                   R"("path":"/s/x.jsonl.files/aws:3-0-big.iso"},)"));
+  CHECK_THAT(line, Catch::Contains(R"("size":5000000,"missing":"late"}])"));
+  CHECK_THAT(line, !Catch::Contains("data_base64"));
 }
 
 TEST_CASE("recovery cuts an unrecorded batch and keeps a recorded one") {

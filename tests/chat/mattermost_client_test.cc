@@ -908,6 +908,49 @@ TEST_CASE("live: files are uploaded, described and downloaded within max_bytes")
   CHECK_FALSE(missing.error.retryable);
 }
 
+TEST_CASE("live: files are streamed from a file and into a sink") {
+  Emulator emu;
+  REQUIRE(emu.error().empty());
+  MattermostClient client(emu.Options());
+  relay::testing::TempDir dir;
+  std::string data;
+  for (int i = 0; i < 3 * 1024 * 1024; ++i) data.push_back(static_cast<char>(i * 7 + i / 251));
+  const std::string path = dir.Write("big.bin", data);
+  auto info = client.UploadFileFromPath(kChannelId, "big.bin", path);
+  INFO(info.error.message);
+  REQUIRE(info.ok());
+  CHECK(info.value->name == "big.bin");  // the part's name, not the spool file's
+  CHECK(info.value->size == static_cast<std::int64_t>(data.size()));
+
+  std::string got;
+  std::size_t pieces = 0;
+  auto n = client.DownloadFileTo(info.value->id, data.size(), [&](std::string_view piece) {
+    got.append(piece);
+    ++pieces;
+    return true;
+  });
+  INFO(n.error.message);
+  REQUIRE(n.ok());
+  CHECK(*n.value == data.size());
+  CHECK(got == data);
+  CHECK(pieces > 1);  // handed over as it arrives, not once at the end
+
+  auto too_big =
+      client.DownloadFileTo(info.value->id, data.size() - 1, [](std::string_view) { return true; });
+  REQUIRE_FALSE(too_big.ok());
+  CHECK(too_big.error.id == "too_large");
+  auto refused =
+      client.DownloadFileTo(info.value->id, data.size(), [](std::string_view) { return false; });
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error.id == "sink");
+  CHECK_FALSE(refused.error.retryable);
+
+  // The handle still works after aborted transfers.
+  auto again = client.DownloadFile(info.value->id, data.size());
+  REQUIRE(again.ok());
+  CHECK(*again.value == data);
+}
+
 TEST_CASE("live: errors are classified (429, 5xx, 4xx, garbage, drops, slow replies)") {
   Emulator emu;
   REQUIRE(emu.error().empty());

@@ -16,12 +16,145 @@ TEST_CASE("event round-trips through msgpack") {
   e.created_at_ms = 1764129324123;
   e.hops = {"europe", "aws"};
   e.props = {{"k", "v"}};
-  e.files = {{"plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6)}};
+  e.files = {
+      relay::Attachment::Inline("plan.pdf", "application/pdf", std::string("%PDF\0\x01", 6))};
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
   auto back = relay::DecodeEvent(bytes);
   REQUIRE(back.ok());
   CHECK(*back == e);
+}
+
+namespace {
+Event ChunkEvent() {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 7;
+  e.id = relay::MakeEventId(e.origin_site, e.origin_seq);
+  e.kind = relay::EventKind::kFileChunk;
+  e.channel = "war-room";
+  e.hops = {"europe"};
+  e.chunk.blob_id = "0123456789abcdef0123456789abcdef";
+  e.chunk.offset = 1u << 20;
+  e.chunk.total_size = 3u << 20;
+  e.chunk.data = std::string(1u << 20, 'x');
+  return e;
+}
+}  // namespace
+
+TEST_CASE("blob attachments and chunk events round-trip") {
+  Event post;
+  post.origin_site = "europe";
+  post.origin_seq = 8;
+  post.id = relay::MakeEventId(post.origin_site, post.origin_seq);
+  relay::Attachment blob;
+  blob.name = "big.iso";
+  blob.mime_type = "application/octet-stream";
+  blob.size = 3u << 20;
+  blob.blake2b = std::string(32, '\x5a');
+  blob.blob_id = "0123456789abcdef0123456789abcdef";
+  post.files = {relay::Attachment::Inline("small.txt", "text/plain", "hi"), blob};
+  std::string bytes;
+  relay::EncodeEvent(post, &bytes);
+  auto back = relay::DecodeEvent(bytes);
+  REQUIRE(back.ok());
+  CHECK(*back == post);
+  CHECK_FALSE(back->files[0].is_blob());
+  CHECK(back->files[1].is_blob());
+
+  Event chunk = ChunkEvent();
+  bytes.clear();
+  relay::EncodeEvent(chunk, &bytes);
+  CHECK(bytes.size() < chunk.chunk.data.size() + 200);  // the chunk is the event
+  auto c = relay::DecodeEvent(bytes);
+  REQUIRE(c.ok());
+  CHECK(*c == chunk);
+  CHECK(std::string(relay::EventKindName(relay::EventKind::kFileChunk)) == "file_chunk");
+  relay::EventKind k;
+  CHECK_FALSE(relay::ParseEventKind("file_chunk", &k));  // producers cannot send chunks
+}
+
+TEST_CASE("events without chunks keep the 14-field encoding older relays read") {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  e.files = {relay::Attachment::Inline("a", "b", "c")};
+  std::string bytes;
+  relay::EncodeEvent(e, &bytes);
+  CHECK(static_cast<unsigned char>(bytes[0]) == 0x9e);  // fixarray of 14
+  // files[0] is the 3-element [name, type, data] of format version 1.
+  CHECK(bytes.find(std::string("\x93\xa1"
+                               "a\xa1"
+                               "b\xc4\x01"
+                               "c",
+                               8)) != std::string::npos);
+}
+
+TEST_CASE("chunk and blob fields are checked") {
+  auto fails = [](const Event& e, const char* what) {
+    std::string b;
+    relay::EncodeEvent(e, &b);
+    auto r = relay::DecodeEvent(b);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.message(), Catch::Contains(what));
+  };
+  SECTION("blob id with a path in it") {
+    Event e = ChunkEvent();
+    e.chunk.blob_id = "../../../../etc/passwd0123456789a";
+    fails(e, "chunk.blob_id");
+  }
+  SECTION("chunk larger than the limit") {
+    Event e = ChunkEvent();
+    e.chunk.data.push_back('y');
+    fails(e, "chunk.data");
+  }
+  SECTION("empty chunk") {
+    Event e = ChunkEvent();
+    e.chunk.data.clear();
+    fails(e, "chunk.data");
+  }
+  SECTION("chunk beyond the blob's end") {
+    Event e = ChunkEvent();
+    e.chunk.offset = e.chunk.total_size - 10;
+    fails(e, "do not fit");
+  }
+  SECTION("offset that would overflow") {
+    Event e = ChunkEvent();
+    e.chunk.offset = ~std::uint64_t{0};
+    e.chunk.total_size = ~std::uint64_t{0};
+    fails(e, "do not fit");
+  }
+  SECTION("blob attachment with a bad id or hash") {
+    Event e;
+    e.origin_site = "europe";
+    e.origin_seq = 2;
+    e.id = "europe:2";
+    relay::Attachment a;
+    a.name = "x";
+    a.size = 10;
+    a.blake2b = std::string(31, 'h');
+    a.blob_id = std::string(32, 'a');
+    e.files = {a};
+    fails(e, "files[].blake2b");
+    e.files[0].blake2b = std::string(32, 'h');
+    e.files[0].blob_id = std::string(32, 'A');
+    fails(e, "files[].blob_id");
+  }
+  SECTION("a chunk kind without the chunk field") {
+    // Kind 6 with 14 fields: the count check names the expected 15.
+    Event p = ChunkEvent();
+    p.kind = relay::EventKind::kPost;
+    std::string pb;
+    relay::EncodeEvent(p, &pb);  // 14 fields, kind 1
+    // array, version, "europe:7" (9 bytes), "europe" (7), origin_seq: the kind is at 19.
+    const std::size_t pos = 1 + 1 + 9 + 7 + 1;
+    REQUIRE(pb[pos] == 0x01);
+    pb[pos] = 0x06;  // kind byte -> file_chunk
+    auto r = relay::DecodeEvent(pb);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.message(), Catch::Contains("expected 15"));
+  }
 }
 
 TEST_CASE("event decoding is strict") {
@@ -87,5 +220,6 @@ TEST_CASE("decoding refuses a container count larger than the input (fuzz findin
   CHECK_FALSE(relay::DecodeEvent(bytes).ok());
   CHECK_FALSE(relay::DecodeFramePayload(bytes).ok());
   // The same for a frame payload: array32 of 0xffffffff pairs.
-  CHECK_FALSE(relay::DecodeFramePayload(std::string("\xdd\xff\xff\xff\xff\x92\x01\xc4\x00", 9)).ok());
+  CHECK_FALSE(
+      relay::DecodeFramePayload(std::string("\xdd\xff\xff\xff\xff\x92\x01\xc4\x00", 9)).ok());
 }
