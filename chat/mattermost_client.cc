@@ -942,6 +942,31 @@ MmResult<bool> MattermostClient::RemoveReaction(const std::string& user_id,
   return impl_->CallStatusOk(req);
 }
 
+namespace {
+
+// The reply of POST /files: {"file_infos": [FileInfo, ...], ...}.
+MmResult<MmFileInfo> UploadReplyFromJson(const Json& j) {
+  if (!j.is_object()) {
+    return Fail<MmFileInfo>(
+        ParseError(std::string("upload reply is a JSON ") + TypeName(j) + ", expected an object"));
+  }
+  auto infos = j.find("file_infos");
+  if (infos == j.end() || !infos->is_array() || infos->empty()) {
+    return Fail<MmFileInfo>(ParseError("upload reply has no \"file_infos\" entry"));
+  }
+  return FileInfoFromJson(infos->front());
+}
+
+MmResult<MmPostList> PostListReplyFromJson(const Json& j) {
+  if (!j.is_object()) {
+    return Fail<MmPostList>(
+        ParseError(std::string("post list is a JSON ") + TypeName(j) + ", expected an object"));
+  }
+  return PostListFromJson(j);
+}
+
+}  // namespace
+
 MmResult<MmPostList> MattermostClient::GetPostsSince(const std::string& channel_id,
                                                      std::int64_t since_ms) {
   Impl::Request req;
@@ -949,13 +974,7 @@ MmResult<MmPostList> MattermostClient::GetPostsSince(const std::string& channel_
   // since is exclusive: since=1 asks for everything.
   req.path = "/api/v4/channels/" + Escape(channel_id) +
              "/posts?since=" + std::to_string(std::max<std::int64_t>(since_ms, 1));
-  return impl_->Call<MmPostList>(req, [](const Json& j) -> MmResult<MmPostList> {
-    if (!j.is_object()) {
-      return Fail<MmPostList>(
-          ParseError(std::string("post list is a JSON ") + TypeName(j) + ", expected an object"));
-    }
-    return PostListFromJson(j);
-  });
+  return impl_->Call<MmPostList>(req, PostListReplyFromJson);
 }
 
 MmResult<MmPostList> MattermostClient::GetPostsPage(const std::string& channel_id, int page,
@@ -963,13 +982,7 @@ MmResult<MmPostList> MattermostClient::GetPostsPage(const std::string& channel_i
   Impl::Request req;
   req.path = "/api/v4/channels/" + Escape(channel_id) + "/posts?page=" + std::to_string(page) +
              "&per_page=" + std::to_string(per_page);
-  return impl_->Call<MmPostList>(req, [](const Json& j) -> MmResult<MmPostList> {
-    if (!j.is_object()) {
-      return Fail<MmPostList>(
-          ParseError(std::string("post list is a JSON ") + TypeName(j) + ", expected an object"));
-    }
-    return PostListFromJson(j);
-  });
+  return impl_->Call<MmPostList>(req, PostListReplyFromJson);
 }
 
 MmResult<MmFileInfo> MattermostClient::UploadFile(const std::string& channel_id,
@@ -981,17 +994,7 @@ MmResult<MmFileInfo> MattermostClient::UploadFile(const std::string& channel_id,
   req.upload_channel = &channel_id;
   req.upload_name = &name;
   req.upload_data = &data;
-  return impl_->Call<MmFileInfo>(req, [](const Json& j) -> MmResult<MmFileInfo> {
-    if (!j.is_object()) {
-      return Fail<MmFileInfo>(ParseError(std::string("upload reply is a JSON ") + TypeName(j) +
-                                         ", expected an object"));
-    }
-    auto infos = j.find("file_infos");
-    if (infos == j.end() || !infos->is_array() || infos->empty()) {
-      return Fail<MmFileInfo>(ParseError("upload reply has no \"file_infos\" entry"));
-    }
-    return FileInfoFromJson(infos->front());
-  });
+  return impl_->Call<MmFileInfo>(req, UploadReplyFromJson);
 }
 
 MmResult<MmFileInfo> MattermostClient::UploadFileFromPath(const std::string& channel_id,
@@ -1003,17 +1006,7 @@ MmResult<MmFileInfo> MattermostClient::UploadFileFromPath(const std::string& cha
   req.upload_channel = &channel_id;
   req.upload_name = &name;
   req.upload_path = &path;
-  return impl_->Call<MmFileInfo>(req, [](const Json& j) -> MmResult<MmFileInfo> {
-    if (!j.is_object()) {
-      return Fail<MmFileInfo>(ParseError(std::string("upload reply is a JSON ") + TypeName(j) +
-                                         ", expected an object"));
-    }
-    auto infos = j.find("file_infos");
-    if (infos == j.end() || !infos->is_array() || infos->empty()) {
-      return Fail<MmFileInfo>(ParseError("upload reply has no \"file_infos\" entry"));
-    }
-    return FileInfoFromJson(infos->front());
-  });
+  return impl_->Call<MmFileInfo>(req, UploadReplyFromJson);
 }
 
 MmResult<MmFileInfo> MattermostClient::GetFileInfo(const std::string& file_id) {
