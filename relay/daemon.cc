@@ -398,7 +398,7 @@ struct Daemon::Impl : transports::LinkHandler {
     stored_in = next_in - 1;
     delivered = store->GetCounter(kDelivered, 0);
     delivered_through = delivered;
-    if (Status s = CountQueues(); !s) return s;
+    if (Status s = CountQueues(AckedCursors()); !s) return s;
     return RecoverSinks();
   }
 
@@ -416,19 +416,27 @@ struct Daemon::Impl : transports::LinkHandler {
     return n;
   }
 
-  // At start: counts every event queued for each peer (one scan of the unacknowledged log).
-  Status CountQueues() {
+  // Counts every event queued for each peer from its cursor in `acked` (one scan of the
+  // unacknowledged log): at start, and after the log was rebased. No appends meanwhile (at
+  // start nothing runs; otherwise the caller holds out_mu).
+  Status CountQueues(const std::vector<std::uint64_t>& acked) {
     queue_counted.assign(peers.size(), 0);
     queue_added.assign(peers.size(), 0);
-    recount_acked.assign(peers.size(), 0);
+    recount_acked = acked;
     for (std::size_t i = 0; i < peers.size(); ++i) {
-      auto n = CountRouted(i, peers[i].acked, published.load());
+      auto n = CountRouted(i, acked[i], published.load());
       if (!n) return n.status().Wrap("counting the queue for peer '" + peers[i].name + "'");
       queue_counted[i] = *n;
-      recount_acked[i] = peers[i].acked;
       peers[i].metrics->queue_depth = *n;
     }
     return Status::Ok();
+  }
+
+  std::vector<std::uint64_t> AckedCursors() {
+    std::lock_guard<std::mutex> lock(ship_mu);
+    std::vector<std::uint64_t> acked(peers.size());
+    for (std::size_t i = 0; i < peers.size(); ++i) acked[i] = peers[i].acked;
+    return acked;
   }
 
   // Maintenance: moves the counts to the cursors in `acked` (the snapshot the GC that follows
@@ -438,22 +446,9 @@ struct Daemon::Impl : transports::LinkHandler {
   void RecountQueues(const std::vector<std::uint64_t>& acked) {
     if (queues_dirty.exchange(false)) {
       std::lock_guard<std::mutex> lock(out_mu);  // no appends while counting
-      std::vector<std::uint64_t> now_acked(peers.size());
-      {
-        std::lock_guard<std::mutex> ship_lock(ship_mu);
-        for (std::size_t i = 0; i < peers.size(); ++i) now_acked[i] = peers[i].acked;
-      }
-      for (std::size_t i = 0; i < peers.size(); ++i) {
-        auto n = CountRouted(i, now_acked[i], published.load());
-        if (!n) {
-          log::Error("queue accounting: " + n.status().message());
-          queues_dirty = true;
-          return;
-        }
-        queue_counted[i] = *n;
-        queue_added[i] = 0;
-        recount_acked[i] = now_acked[i];
-        peers[i].metrics->queue_depth = *n;
+      if (Status s = CountQueues(AckedCursors()); !s) {
+        log::Error("queue accounting: " + s.message());
+        queues_dirty = true;
       }
       return;
     }
@@ -485,10 +480,8 @@ struct Daemon::Impl : transports::LinkHandler {
   }
 
   // Writers of the outbound log (under out_mu) count the events they append for each peer.
-  void NoteQueued(const std::vector<std::string>& peer_names) {
-    for (const std::string& name : peer_names)
-      for (std::size_t i = 0; i < peers.size(); ++i)
-        if (peers[i].name == name) ++queue_added[i];
+  void NoteQueued(const std::vector<std::size_t>& peer_indexes) {
+    for (std::size_t i : peer_indexes) ++queue_added[i];
   }
 
   Status RecoverSinks() {
@@ -847,7 +840,7 @@ struct Daemon::Impl : transports::LinkHandler {
         EncodeEvent(e, &encoded);
         if (!ch->second.peer_names.empty()) {
           batch.AppendOutbound(next_out++, ch->second.peer_names, encoded);
-          NoteQueued(ch->second.peer_names);
+          NoteQueued(ch->second.peers);
         }
         if (c.kind == EventKind::kPost) {
           round_map[c.post_id] = e.id;
@@ -893,12 +886,13 @@ struct Daemon::Impl : transports::LinkHandler {
            " bytes); nothing was stored, retry later";
   }
 
-  // Non-empty (the reason) when a message for these channels would take a peer's queue past
-  // its max_queue. Under out_mu.
-  std::string QueueFull(const std::vector<std::string>& channel_names) {
+  // Non-empty (the reason) when the items (ingest messages or captured changes: anything with
+  // a `channel`) would take a peer's queue past its max_queue. Under out_mu.
+  template <typename Items>
+  std::string QueueFull(const Items& items) {
     std::vector<std::uint64_t> want(peers.size(), 0);
-    for (const std::string& name : channel_names) {
-      auto ch = channels.find(name);
+    for (const auto& item : items) {
+      auto ch = channels.find(item.channel);
       if (ch == channels.end()) continue;
       for (std::size_t i : ch->second.peers) ++want[i];
     }
@@ -938,9 +932,7 @@ struct Daemon::Impl : transports::LinkHandler {
     }
     std::vector<bool> refused(work.size(), false);
     for (std::size_t r = 0; r < work.size(); ++r) {
-      std::vector<std::string> channels_of;
-      for (const IngestMessage& m : work[r].request.messages) channels_of.push_back(m.channel);
-      if (std::string full = QueueFull(channels_of); !full.empty()) {
+      if (std::string full = QueueFull(work[r].request.messages); !full.empty()) {
         refused[r] = true;
         ++metrics.ingest_unavailable;
         work[r].respond(Unavailable(full));
@@ -981,7 +973,7 @@ struct Daemon::Impl : transports::LinkHandler {
         EncodeEvent(e, &encoded);
         if (!ch.peer_names.empty()) {
           batch.AppendOutbound(next_out++, ch.peer_names, encoded);
-          NoteQueued(ch.peer_names);
+          NoteQueued(ch.peers);
         }
         if (!client_key.empty()) {
           batch.PutDedup(client_key, expire, e.id);
@@ -992,9 +984,7 @@ struct Daemon::Impl : transports::LinkHandler {
       }
     }
     for (PendingCapture& pc : captures) {
-      std::vector<std::string> channels_of;
-      for (const CapturedChange& c : pc.submission->changes) channels_of.push_back(c.channel);
-      if (std::string full = QueueFull(channels_of); !full.empty()) {
+      if (std::string full = QueueFull(pc.submission->changes); !full.empty()) {
         pc.done->set_value(Status::Error(full));
         pc.done = nullptr;
       }
@@ -1845,7 +1835,8 @@ struct Daemon::Impl : transports::LinkHandler {
   }
 
   struct Forward {
-    std::vector<std::string> peers;
+    std::vector<std::string> peers;       // names, as the log stores them
+    std::vector<std::size_t> peer_index;  // the same peers, for the queue accounting
     std::string encoded;
   };
 
@@ -1993,6 +1984,7 @@ struct Daemon::Impl : transports::LinkHandler {
           if (q == p) continue;
           if (std::find(ev.hops.begin(), ev.hops.end(), peers[q].name) != ev.hops.end()) continue;
           f.peers.push_back(peers[q].name);
+          f.peer_index.push_back(q);
         }
         if (!f.peers.empty()) {
           ev.hops.push_back(config.site_name);
@@ -2026,7 +2018,7 @@ struct Daemon::Impl : transports::LinkHandler {
         const std::vector<std::uint64_t> queued_before = queue_added;
         for (const Forward& f : forwards) {
           batch.AppendOutbound(next_out++, f.peers, f.encoded);
-          NoteQueued(f.peers);
+          NoteQueued(f.peer_index);
         }
         batch.PutCounter(kNextOut, next_out);
         s = store->Commit(batch, true);
@@ -2113,7 +2105,6 @@ struct Daemon::Impl : transports::LinkHandler {
             return false;
           }
           if (!placed.empty()) done_ids.push_back(ev->id);
-          last = seq;
           std::string& out = lines[ev->channel];
           std::size_t before = out.size();
           chat::AppendJsonlLine(*ev, &out, placed);
