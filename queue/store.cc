@@ -292,6 +292,7 @@ Status Store::Commit(WriteBatch& batch, bool sync) {
   }
   if (impl_->write_failed.load()) {
     // RocksDB (7.x) must not be written to again after a failed write: its WAL writer asserts.
+    std::lock_guard<std::mutex> lock(impl_->failure_mu);  // first_failure may be being set
     return Status::Error("store is unavailable after a failed write (" + impl_->first_failure +
                          "); relay must restart to recover");
   }
