@@ -153,10 +153,16 @@ class Session : public std::enable_shared_from_this<Session> {
     // Back-pressure: reserve the body's size against the budget before reading it. A request
     // that does not fit is refused without reading its body (a client that sent it anyway is
     // drained by the lingering close, without keeping the bytes).
-    std::uint64_t need = core_.options.max_body;
-    if (auto length = parser_->content_length()) need = std::min<std::uint64_t>(*length, need);
+    // A request without Content-Length that is not chunked has no body (RFC 9112 6.3): GETs
+    // such as /healthz and /metrics reserve nothing and are never refused as busy.
+    std::uint64_t need = 0;
+    if (parser_->chunked()) {
+      need = core_.options.max_body;
+    } else if (auto length = parser_->content_length()) {
+      need = std::min<std::uint64_t>(*length, core_.options.max_body);
+    }
     std::uint64_t held = core_.pending_bytes.load();
-    if (held > 0 && held + need > core_.options.max_pending) {
+    if (need > 0 && held > 0 && held + need > core_.options.max_pending) {
       if (core_.options.on_busy) core_.options.on_busy();
       HttpResponse busy =
           JsonError(503, "relay is busy: " + std::to_string(held) +

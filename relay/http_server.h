@@ -43,8 +43,9 @@ class HttpServer {
     int max_connections = 256;  // further connections are accepted then closed at once
     // Bytes of request bodies being received or waiting for their answer, over all connections
     // (a body's Content-Length is reserved when its header arrives; a chunked body reserves
-    // max_body). A request that does not fit is answered 503 with Retry-After at once, without
-    // reading its body into memory. Must be >= max_body.
+    // max_body; a request without a body reserves nothing). A request that does not fit is
+    // answered 503 with Retry-After at once, without reading its body into memory. Must be >=
+    // max_body.
     std::uint64_t max_pending = 64u << 20;
     std::function<void()> on_busy;  // called (I/O thread) for each request refused as above
   };

@@ -267,6 +267,59 @@ TEST_CASE("a body over max_body is answered 413 without calling the handler") {
   }
 }
 
+TEST_CASE("bodies held past max_pending are refused 503 busy; body-less requests never are") {
+  PendingResponders pending;
+  std::atomic<int> busy{0};
+  HttpServer::Options options = Loopback();
+  options.max_body = 1000;
+  options.max_pending = 1500;
+  options.on_busy = [&] { ++busy; };
+  HttpServer server(options, [&](HttpRequest&& request, HttpResponder respond) {
+    if (request.target == "/hold") {
+      pending.Add(std::move(respond));  // answered later: its body stays reserved
+    } else {
+      Echo(std::move(request), std::move(respond));
+    }
+  });
+  REQUIRE(server.Start().ok());
+
+  // 800 bytes held by an unanswered request.
+  std::thread holder([&] {
+    HttpClient c("127.0.0.1", server.port());
+    auto r = c.Request("POST", "/hold", std::string(800, 'h'));
+    REQUIRE(r.ok());
+    CHECK(r->status == 202);
+  });
+  HttpResponder held = pending.WaitForOne();
+
+  // 800 more would pass 1500: refused at once, with Retry-After, the handler not called.
+  RawConnection raw(server.port());
+  raw.Send("POST /more HTTP/1.1\r\nHost: x\r\nContent-Length: 800\r\n\r\n" + std::string(800, 'm'));
+  const std::string reply = raw.ReadToEof();
+  CHECK(reply.rfind("HTTP/1.1 503", 0) == 0);
+  CHECK(reply.find("Retry-After: 1\r\n") != std::string::npos);
+  CHECK(reply.find("relay is busy: 800 bytes of requests are waiting") != std::string::npos);
+  CHECK(busy == 1);
+
+  HttpClient client("127.0.0.1", server.port());
+  auto get = client.Request("GET", "/metrics");  // no body: reserves nothing
+  REQUIRE(get.ok());
+  CHECK(get->status == 200);
+  auto small = client.Request("POST", "/small", std::string(700, 's'));  // 800 + 700 fits
+  REQUIRE(small.ok());
+  CHECK(small->status == 200);
+  CHECK(busy == 1);
+
+  // Answering the held request returns its reservation.
+  held(HttpResponse{202, "text/plain", "done"});
+  holder.join();
+  auto big = client.Request("POST", "/again", std::string(1000, 'b'));
+  REQUIRE(big.ok());
+  CHECK(big->status == 200);
+  CHECK(busy == 1);
+  server.Stop();
+}
+
 TEST_CASE("malformed requests get 400 and the connection is closed") {
   std::atomic<int> calls{0};
   HttpServer server(Loopback(), [&](HttpRequest&& request, HttpResponder respond) {
