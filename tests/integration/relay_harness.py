@@ -775,6 +775,20 @@ class RelayTestCase(unittest.TestCase):
             self.fail(f"timed out after {timeout}s waiting for {what}{extra}")
         return v
 
+    def settle(self, sites, timeout=60):
+        """Waits until no site has anything queued or undelivered, then a little longer, so
+        that a late duplicate would be seen."""
+        def drained():
+            for s in sites:
+                m = s.metrics()
+                if any(v != 0 for k, v in m.items() if k.startswith("relay_queue_depth{")):
+                    return False
+                if m.value("relay_inbound_backlog", 0) != 0:
+                    return False
+            return True
+        self.wait_for(drained, timeout, "every queue to drain")
+        time.sleep(1.0)
+
     def wait_sink(self, site, count, timeout=60, channel=CHANNEL):
         """Waits until the site's sink holds at least `count` lines; returns the parsed lines."""
         self.wait_for(lambda: site.sink_count(channel) >= count, timeout,

@@ -97,20 +97,6 @@ class DurabilityTest(RelayTestCase):
     def wait_all(self, site, n, channel=CHANNEL):
         return self.wait_sink(site, n, WAIT, channel)
 
-    def settle(self, sites):
-        """Waits until no site has anything queued or undelivered, then a little longer, so
-        that a late duplicate would be seen."""
-        def drained():
-            for s in sites:
-                m = s.metrics()
-                if any(v != 0 for k, v in m.items() if k.startswith("relay_queue_depth{")):
-                    return False
-                if m.value("relay_inbound_backlog", 0) != 0:
-                    return False
-            return True
-        self.wait_for(drained, 30, "every queue to drain")
-        time.sleep(1.0)
-
     def check_ids(self, lines, poster, where):
         """Every acknowledged id is in the sink, for the right text."""
         by_text = {l["text"]: l["id"] for l in lines}

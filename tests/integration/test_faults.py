@@ -346,20 +346,6 @@ class FaultTest(RelayTestCase):
         aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]}, zmq=zmq)
         return eu, aws, px
 
-    def settle(self, sites):
-        """Waits until no site has anything queued or undelivered, then a little longer, so
-        that a late duplicate would be seen."""
-        def drained():
-            for s in sites:
-                m = s.metrics()
-                if any(v != 0 for k, v in m.items() if k.startswith("relay_queue_depth{")):
-                    return False
-                if m.value("relay_inbound_backlog", 0) != 0:
-                    return False
-            return True
-        self.wait_for(drained, 60, "every queue to drain")
-        time.sleep(1.0)
-
     def check_stream(self, site, stream, where):
         """The sink holds exactly the stream's acknowledged messages, once each, in order, under
         the ids their 202 answers named. Returns the records."""
