@@ -87,6 +87,12 @@ Result<std::string> HashFile(const std::string& path) {
   return h.Final();
 }
 
+std::string RandomHex(std::size_t bytes) {
+  std::string raw(bytes, '\0');
+  randombytes_buf(raw.data(), raw.size());
+  return Hex(reinterpret_cast<const unsigned char*>(raw.data()), raw.size());
+}
+
 std::string BlobIdFor(std::string_view origin_site, std::string_view source_id) {
   crypto_generichash_state st;
   unsigned char out[16];

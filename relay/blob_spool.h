@@ -46,6 +46,9 @@ std::string BlobIdFor(std::string_view origin_site, std::string_view source_id);
 // are dropped (no "." / ".." / hidden files), at most 120 bytes; "file" when nothing is left.
 std::string SanitizeFileName(std::string_view name);
 
+// 2 * `bytes` random hex digits (libsodium's CSPRNG): unpredictable temporary file names.
+std::string RandomHex(std::size_t bytes);
+
 std::string SpoolOutDir(const std::string& data_dir);
 // <data_dir>/spool/in/<sanitized origin>/<blob id>; `blob_id` must be valid (IsValidBlobId).
 std::string SpoolInPath(const std::string& data_dir, std::string_view origin_site,

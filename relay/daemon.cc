@@ -1274,11 +1274,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // final name itself, never what it points to.
   Status WriteAtomically(const std::string& dir, const std::string& name,
                          const std::string& bytes) {
-    unsigned char rnd[8];
-    randombytes_buf(rnd, sizeof rnd);
-    char hex[2 * sizeof rnd + 1];
-    sodium_bin2hex(hex, sizeof hex, rnd, sizeof rnd);
-    std::string tmp = dir + "/.tmp-" + hex + "-" + name, final_path = dir + "/" + name;
+    std::string tmp = dir + "/.tmp-" + RandomHex(8) + "-" + name, final_path = dir + "/" + name;
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (fd < 0)
       return Status::Error("cannot create '" + log::Printable(tmp) + "': " + std::strerror(errno));

@@ -15,7 +15,6 @@
 #include <tuple>
 
 #include <fcntl.h>
-#include <sodium.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -221,14 +220,7 @@ struct MattermostBridge::Impl {
     const std::string dir = SpoolOutDir(config.data_dir);
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
-    unsigned char rnd[12];
-    randombytes_buf(rnd, sizeof rnd);
-    std::string path = dir + "/";
-    for (unsigned char b : rnd) {
-      path.push_back("0123456789abcdef"[b >> 4]);
-      path.push_back("0123456789abcdef"[b & 15]);
-    }
-    path += ".part";
+    const std::string path = dir + "/" + RandomHex(12) + ".part";
     struct Unlink {
       const std::string& p;
       ~Unlink() { ::unlink(p.c_str()); }
