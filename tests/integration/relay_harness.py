@@ -243,7 +243,10 @@ def http_request(port, method, path, body=None, headers=None, timeout=30):
         try:
             conn.request(method, path, body=body, headers=hdrs)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered before reading everything; the answer may still be there
+            # The server may have answered before reading everything: read the answer. But a
+            # connection that was never made (reset while connecting) has no answer to read.
+            if conn.sock is None:
+                raise
         r = conn.getresponse()
         return HttpReply(r.status, r.read(), dict(r.getheaders()))
     finally:

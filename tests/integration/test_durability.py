@@ -27,12 +27,20 @@ class Poster(threading.Thread):
         self.errors = []     # (batch index, what happened)
         self.lock = threading.Lock()
         self.halt = threading.Event()
+        self.crash = None    # an unexpected exception that ended the thread
 
     def n_acked(self):
         with self.lock:
             return len(self.acked)
 
     def run(self):
+        try:
+            self._post_all()
+        except BaseException as e:  # reported by finish(), not lost in a thread's stderr
+            self.crash = e
+            raise
+
+    def _post_all(self):
         for i, b in enumerate(self.batches):
             if self.halt.is_set():
                 with self.lock:
@@ -57,6 +65,8 @@ class Poster(threading.Thread):
         self.join(timeout)
         if self.is_alive():
             raise AssertionError("the posting thread did not finish")
+        if self.crash is not None:
+            raise AssertionError(f"the posting thread failed: {self.crash!r}") from self.crash
 
     def repost_failed(self, site=None):
         """Posts every failed batch again (same client ids); each must now be acknowledged.
