@@ -1,6 +1,7 @@
 // Fuzzes DiodeDecoder::Feed with a sequence of datagrams: the input is split into datagrams,
 // each a 2-byte big-endian length followed by that many bytes (a short tail is the last one).
-// Checks the documented bound pending_bytes() <= max_pending_bytes after every Feed.
+// Checks the documented bounds after every Feed (pending_bytes() <= max_pending_bytes, at most
+// max_streams streams) and that MissingCount agrees with the (uncapped here) Incomplete list.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -12,10 +13,11 @@
 
 namespace {
 constexpr std::size_t kMaxPending = 64u << 10;  // small, so eviction paths are reachable
-}
+constexpr std::size_t kMaxStreams = 3;
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  relay::transports::DiodeDecoder decoder(kMaxPending);
+  relay::transports::DiodeDecoder decoder(kMaxPending, kMaxStreams);
   std::vector<relay::transports::DiodeDecoder::Message> out;
   std::size_t pos = 0;
   while (pos < size) {
@@ -34,7 +36,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                    kMaxPending);
       std::abort();
     }
+    if (decoder.Streams().size() > kMaxStreams) {
+      std::fprintf(stderr, "%zu streams held, max %zu\n", decoder.Streams().size(), kMaxStreams);
+      std::abort();
+    }
   }
-  for (const auto& stream : decoder.Streams()) (void)decoder.Incomplete(stream.stream_id);
+  for (const auto& stream : decoder.Streams()) {
+    const auto listed = decoder.Incomplete(stream.stream_id).size();
+    const auto counted = decoder.MissingCount(stream.stream_id);
+    if (listed < 100000 ? counted != listed : counted < listed) {
+      std::fprintf(stderr, "MissingCount %llu, Incomplete lists %zu\n",
+                   static_cast<unsigned long long>(counted), listed);
+      std::abort();
+    }
+  }
   return 0;
 }

@@ -1718,13 +1718,18 @@ struct Daemon::Impl : transports::LinkHandler {
       }
       if (Clock::now() - last_stats > std::chrono::seconds(1)) {
         last_stats = Clock::now();
-        std::uint64_t recovered = 0, missing = 0;
-        for (const auto& st : decoder.Streams()) {
-          recovered += st.recovered_shards;
-          missing += decoder.Incomplete(st.stream_id).size();
-        }
-        metrics.diode_shards_recovered = recovered;
+        std::uint64_t missing = 0;
+        for (const auto& st : decoder.Streams()) missing += decoder.MissingCount(st.stream_id);
+        metrics.diode_shards_recovered = decoder.recovered_shards();
         metrics.diode_messages_missing = missing;
+        if (decoder.streams_dropped() > metrics.diode_streams_dropped) {
+          log::Warning("diode: state of " +
+                       std::to_string(decoder.streams_dropped() - metrics.diode_streams_dropped) +
+                       " sender stream(s) dropped for newer ones (more than " +
+                       std::to_string(transports::kDiodeMaxStreams) +
+                       " seen: sender restarts, or datagrams forged on the diode's network)");
+          metrics.diode_streams_dropped = decoder.streams_dropped();
+        }
       }
     }
   }

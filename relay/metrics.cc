@@ -94,6 +94,9 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_diode_frames_missing", "gauge",
          "Frames announced by the diode sender and not complete here (lost beyond FEC).",
          i64(diode_messages_missing));
+  Simple(&out, "relay_diode_streams_dropped_total", "counter",
+         "Diode sender streams whose reassembly state was dropped to make room for newer ones.",
+         i64(diode_streams_dropped));
   Simple(&out, "relay_diode_resend_ranges_total", "counter",
          "Log ranges queued for the diode again by resend-request files.",
          i64(diode_resend_ranges));

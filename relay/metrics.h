@@ -59,6 +59,7 @@ struct Metrics {
   std::atomic<std::uint64_t> diode_messages_received{0};  // frames reassembled
   std::atomic<std::uint64_t> diode_shards_recovered{0};   // data shards rebuilt from parity
   std::atomic<std::uint64_t> diode_messages_missing{0};   // announced, not (yet) complete
+  std::atomic<std::uint64_t> diode_streams_dropped{0};    // decoder state dropped for newer
   std::atomic<std::uint64_t> diode_resend_ranges{0};      // log ranges queued by requests
   std::atomic<std::uint64_t> diode_retention_dropped{0};  // log entries dropped unacked
   // Mattermost adapter.

@@ -23,6 +23,10 @@ constexpr std::uint32_t kMaxShardBytes = 9000;
 constexpr std::uint32_t kMaxShards = 255;  // k + m; GF(2^8) Cauchy rows must stay distinct
 constexpr std::uint64_t kMaxMessageBytes = std::uint64_t{1} << 30;
 constexpr std::size_t kMaxIncompleteListed = 100000;
+// Completed ids are kept as ranges; each permanently lost message leaves a gap. Beyond this many
+// ranges per stream the lowest gap is forgotten (its ids count as done), so neither a long lossy
+// run nor datagrams forged on the diode's network can grow this state without bound.
+constexpr std::size_t kMaxCompletedRanges = 4096;
 // Bookkeeping charged per stored block on top of its payload bytes, so that a flood of tiny
 // shards cannot hold much more memory than max_pending_bytes says.
 constexpr std::size_t kBlockOverheadBytes = 256;
@@ -155,6 +159,27 @@ class IdRanges {
       ranges_.erase(next);
     }
     ranges_[first] = last;
+  }
+  std::size_t size() const { return ranges_.size(); }
+  // Merges the two lowest ranges, returning the ids of the gap between them (now "contained").
+  // Needs at least two ranges.
+  std::pair<std::uint64_t, std::uint64_t> ForgetLowestGap() {
+    assert(ranges_.size() >= 2);
+    auto low = ranges_.begin();
+    auto high = std::next(low);
+    const std::pair<std::uint64_t, std::uint64_t> gap{low->second + 1, high->first - 1};
+    low->second = high->second;
+    ranges_.erase(high);
+    return gap;
+  }
+  // How many ids in [1, through] are not contained.
+  std::uint64_t CountMissing(std::uint64_t through) const {
+    std::uint64_t contained = 0;
+    for (const auto& [first, last] : ranges_) {
+      if (first > through) break;
+      contained += std::min(last, through) - first + 1;
+    }
+    return through - contained;
   }
   // Ids in [1, through] not contained, at most `cap` of them.
   std::vector<std::uint64_t> Missing(std::uint64_t through, std::size_t cap) const {
@@ -321,6 +346,7 @@ struct DiodeDecoder::Impl {
     std::map<std::uint32_t, Block> blocks;
   };
   struct Stream {
+    std::uint64_t last_active = 0;  // arrival counter of its latest datagram, for eviction
     std::uint64_t announced = 0;
     std::uint64_t completed_count = 0;
     std::uint64_t recovered_shards = 0;
@@ -329,10 +355,19 @@ struct DiodeDecoder::Impl {
   };
 
   std::size_t max_pending_bytes;
+  std::size_t max_streams;
   std::size_t pending_bytes = 0;
   std::uint64_t next_arrival = 0;
+  std::uint64_t recovered_shards = 0;  // over every stream ever seen
+  std::uint64_t streams_dropped = 0;
   std::map<std::uint64_t, Stream> streams;
+  // Every pending message by arrival order: Evict takes the oldest without a scan.
+  std::map<std::uint64_t, std::pair<std::uint64_t, std::uint64_t>> by_arrival;
 
+  // The stream for a datagram (created if new, dropping the least recently active stream when
+  // max_streams are held), marked active.
+  Stream& Touch(std::uint64_t stream_id);
+  void DropPending(Stream& stream, std::map<std::uint64_t, Pending>::iterator it);
   Status FeedData(const DataHeader& h, std::vector<Message>* out);
   // Cross-checks a datagram against what earlier datagrams of the same message said.
   static Status CheckAgainst(const DataHeader& h, const Pending& p);
@@ -409,32 +444,49 @@ void DiodeDecoder::Impl::DecodeBlock(Block* block, std::uint16_t shard_bytes, St
     ec_init_tables(k, nerrs, rows.data(), tables.data());
     ec_encode_data(static_cast<int>(s), k, nerrs, tables.data(), sources.data(), outputs.data());
     stream->recovered_shards += missing.size();
+    recovered_shards += missing.size();
   }
   block->shards.clear();
   block->shards.shrink_to_fit();
   block->decoded = true;
 }
 
+DiodeDecoder::Impl::Stream& DiodeDecoder::Impl::Touch(std::uint64_t stream_id) {
+  auto it = streams.find(stream_id);
+  if (it == streams.end()) {
+    if (streams.size() >= max_streams) {
+      auto victim = std::min_element(streams.begin(), streams.end(), [](auto& a, auto& b) {
+        return a.second.last_active < b.second.last_active;
+      });
+      while (!victim->second.pending.empty()) {
+        DropPending(victim->second, victim->second.pending.begin());
+      }
+      streams.erase(victim);
+      ++streams_dropped;
+    }
+    it = streams.try_emplace(stream_id).first;
+  }
+  it->second.last_active = next_arrival++;
+  return it->second;
+}
+
+void DiodeDecoder::Impl::DropPending(Stream& stream,
+                                     std::map<std::uint64_t, Pending>::iterator it) {
+  pending_bytes -= it->second.bytes;
+  by_arrival.erase(it->second.arrival);
+  stream.pending.erase(it);
+}
+
 void DiodeDecoder::Impl::Evict(std::uint64_t keep_stream, std::uint64_t keep_message) {
   // Oldest first; the message just fed goes last, and only if it alone exceeds the bound.
   while (pending_bytes > max_pending_bytes) {
-    Stream* victim_stream = nullptr;
-    std::map<std::uint64_t, Pending>::iterator victim;
-    bool victim_is_kept = true;
-    for (auto& [stream_id, stream] : streams) {
-      for (auto it = stream.pending.begin(); it != stream.pending.end(); ++it) {
-        const bool kept = stream_id == keep_stream && it->first == keep_message;
-        if (victim_stream == nullptr || (victim_is_kept && !kept) ||
-            (victim_is_kept == kept && it->second.arrival < victim->second.arrival)) {
-          victim_stream = &stream;
-          victim = it;
-          victim_is_kept = kept;
-        }
-      }
+    assert(!by_arrival.empty());
+    auto victim = by_arrival.begin();
+    if (victim->second == std::make_pair(keep_stream, keep_message) && by_arrival.size() > 1) {
+      ++victim;
     }
-    assert(victim_stream != nullptr);
-    pending_bytes -= victim->second.bytes;
-    victim_stream->pending.erase(victim);
+    Stream& stream = streams.at(victim->second.first);
+    DropPending(stream, stream.pending.find(victim->second.second));
   }
 }
 
@@ -442,18 +494,22 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
   auto stream_it = streams.find(h.stream_id);
   if (stream_it != streams.end()) {
     Stream& stream = stream_it->second;
-    if (stream.completed.Contains(h.message_id)) return Status::Ok();  // a late duplicate
+    if (stream.completed.Contains(h.message_id)) {  // a late duplicate: the stream is alive
+      stream.last_active = next_arrival++;
+      return Status::Ok();
+    }
     if (auto p = stream.pending.find(h.message_id); p != stream.pending.end()) {
       if (Status st = CheckAgainst(h, p->second); !st.ok()) return st;
     }
   }
   // Valid from here on: state may change.
-  Stream& stream = streams[h.stream_id];
+  Stream& stream = Touch(h.stream_id);
   stream.announced = std::max(stream.announced, h.message_id);
   auto [pending_it, created] = stream.pending.try_emplace(h.message_id);
   Pending& p = pending_it->second;
   if (created) {
     p.arrival = next_arrival++;
+    by_arrival.emplace(p.arrival, std::make_pair(h.stream_id, h.message_id));
     p.message_len = h.message_len;
     p.block_count = h.block_count;
     p.shard_bytes = h.shard_bytes;
@@ -496,10 +552,16 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
       message.bytes.append(decoded.data, 0, want);
     }
     assert(message.bytes.size() == p.message_len);
-    pending_bytes -= p.bytes;
-    stream.pending.erase(pending_it);
+    DropPending(stream, pending_it);
     stream.completed.Insert(h.message_id);
     ++stream.completed_count;
+    if (stream.completed.size() > kMaxCompletedRanges) {
+      const auto [first, last] = stream.completed.ForgetLowestGap();
+      for (auto it = stream.pending.lower_bound(first);
+           it != stream.pending.end() && it->first <= last;) {
+        DropPending(stream, it++);
+      }
+    }
     out->push_back(std::move(message));
     return Status::Ok();
   }
@@ -507,8 +569,10 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
   return Status::Ok();
 }
 
-DiodeDecoder::DiodeDecoder(std::size_t max_pending_bytes) : impl_(std::make_unique<Impl>()) {
+DiodeDecoder::DiodeDecoder(std::size_t max_pending_bytes, std::size_t max_streams)
+    : impl_(std::make_unique<Impl>()) {
   impl_->max_pending_bytes = max_pending_bytes;
+  impl_->max_streams = std::max<std::size_t>(max_streams, 1);
 }
 
 DiodeDecoder::~DiodeDecoder() = default;
@@ -537,7 +601,7 @@ Status DiodeDecoder::Feed(std::string_view datagram, std::vector<Message>* out) 
       return reject(Status::Error("heartbeat length " + std::to_string(datagram.size()) +
                                   " (want " + std::to_string(kHeartbeatBytes) + ")"));
     }
-    Impl::Stream& stream = impl_->streams[GetBE(datagram, 8, 8)];
+    Impl::Stream& stream = impl_->Touch(GetBE(datagram, 8, 8));
     stream.announced = std::max(stream.announced, GetBE(datagram, 16, 8));
     return Status::Ok();
   }
@@ -581,6 +645,14 @@ std::vector<std::uint64_t> DiodeDecoder::Incomplete(std::uint64_t stream_id) con
   return it->second.completed.Missing(it->second.announced, kMaxIncompleteListed);
 }
 
+std::uint64_t DiodeDecoder::MissingCount(std::uint64_t stream_id) const {
+  auto it = impl_->streams.find(stream_id);
+  if (it == impl_->streams.end()) return 0;
+  return it->second.completed.CountMissing(it->second.announced);
+}
+
 std::size_t DiodeDecoder::pending_bytes() const { return impl_->pending_bytes; }
+std::uint64_t DiodeDecoder::recovered_shards() const { return impl_->recovered_shards; }
+std::uint64_t DiodeDecoder::streams_dropped() const { return impl_->streams_dropped; }
 
 }  // namespace relay::transports

@@ -49,9 +49,15 @@ class DiodeEncoder {
 };
 
 // Receiver side.
+inline constexpr std::size_t kDiodeMaxStreams = 16;  // default stream state a decoder keeps
+
 class DiodeDecoder {
  public:
-  explicit DiodeDecoder(std::size_t max_pending_bytes = 256u << 20);
+  // Partial messages are held up to max_pending_bytes (oldest dropped first); state is kept for
+  // at most max_streams streams (a sender has one per process start; the least recently active
+  // stream is dropped for a new one), so forged datagrams cannot grow either without bound.
+  explicit DiodeDecoder(std::size_t max_pending_bytes = 256u << 20,
+                        std::size_t max_streams = kDiodeMaxStreams);
   ~DiodeDecoder();
   DiodeDecoder(const DiodeDecoder&) = delete;
   DiodeDecoder& operator=(const DiodeDecoder&) = delete;
@@ -74,11 +80,18 @@ class DiodeDecoder {
     std::uint64_t recovered_shards = 0;  // data shards rebuilt from parity
   };
   std::vector<StreamState> Streams() const;
-  // Message ids of `stream_id` in [1, announced] not completed (pending or lost).
+  // Message ids of `stream_id` in [1, announced] not completed (pending or lost), at most
+  // 100,000. Ids below the last 4096 gaps in the completed ids are forgotten (count as done).
   std::vector<std::uint64_t> Incomplete(std::uint64_t stream_id) const;
+  // How many ids Incomplete would list without its cap, without listing them.
+  std::uint64_t MissingCount(std::uint64_t stream_id) const;
   // Bytes currently held for partial messages (shards and decoded blocks, plus a fixed
   // per-block overhead); kept at or below max_pending_bytes after every Feed.
   std::size_t pending_bytes() const;
+  // Data shards rebuilt from parity, over every stream ever seen (dropped ones included).
+  std::uint64_t recovered_shards() const;
+  // Streams whose state was dropped to make room for a new one.
+  std::uint64_t streams_dropped() const;
 
  private:
   struct Impl;

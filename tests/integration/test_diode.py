@@ -126,3 +126,29 @@ class DiodeTest(RelayTestCase):
         time.sleep(0.5)
         self.check_exactly_once(enc, [f"r-{i}" for i in range(n)])
         self.assertGreater(eu.metric("relay_diode_resend_ranges_total"), 0)
+
+    def test_forged_stream_ids_are_bounded_and_the_real_stream_still_arrives(self):
+        """Datagrams are not authenticated: someone on the diode's network floods the receiver
+        with heartbeats of 5,000 made-up streams. The decoder keeps 16 streams (dropping the
+        least recently active, counted and logged); the real stream is delivered exactly once."""
+        eu, enc = self.diode_pair(loss=0.0)
+        forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(forger.close)
+        rng = random.Random(7)
+        for _ in range(5000):
+            hb = (b"RLYD" + bytes([1, 2, 0, 0]) + rng.getrandbits(64).to_bytes(8, "big") +
+                  (1 << 40).to_bytes(8, "big") + bytes(8))
+            self.assertEqual(len(hb), 32)  # docs/wire-format.md, "Diode datagrams"
+            forger.sendto(hb, ("127.0.0.1", self.diode_port))
+        n = 1000
+        post_all(eu, messages(n, prefix="f"), batch=250)
+        self.wait_for(lambda: enc.sink_count() >= n, 60, f"{n} messages through the diode",
+                      lambda: f"{enc.sink_count()} arrived")
+        time.sleep(0.5)
+        self.check_exactly_once(enc, [f"f-{i}" for i in range(n)])
+        self.wait_for(lambda: enc.metric("relay_diode_streams_dropped_total", 0) > 0, 10,
+                      "forged streams dropped (relay_diode_streams_dropped_total > 0)")
+        self.assertGreater(enc.metric("relay_diode_datagrams_received_total"), 5000)
+        self.assertLessEqual(enc.metric("relay_diode_streams_dropped_total"), 5000)
+        self.assertIn("sender stream(s) dropped for newer ones", enc.log_text())
+        self.assertTrue(enc.running(), "the receiver died")

@@ -580,4 +580,96 @@ TEST_CASE("diode: pending memory is bounded, oldest partial messages dropped fir
   CHECK(out.empty());
 }
 
+TEST_CASE("diode: forged stream ids cannot grow the decoder; the live stream keeps working") {
+  constexpr std::size_t kStreams = 4;
+  DiodeEncoder enc(kStream, DiodeParams{});
+  DiodeDecoder dec(256u << 20, kStreams);
+  std::vector<DiodeDecoder::Message> out;
+  // Message 1 with one shard lost: FEC rebuilds it.
+  std::vector<std::string> first;
+  enc.Encode(RandomBytes(3000, 1), &first);
+  first.erase(first.begin());
+  REQUIRE(FeedAll(dec, first).size() == 1);
+  CHECK(dec.recovered_shards() == 1);
+
+  // A flood of heartbeats from new stream ids, two per datagram of the live stream: the live
+  // stream is always among the most recently active, so it is never dropped.
+  std::string forged = enc.Heartbeat();
+  std::uint64_t next_forged = 1000;
+  std::vector<std::uint64_t> delivered;
+  for (std::uint32_t i = 0; i < 200; ++i) {
+    std::vector<std::string> datagrams;
+    enc.Encode(RandomBytes(2000, 100 + i), &datagrams);
+    for (const auto& d : datagrams) {
+      for (int f = 0; f < 2; ++f) {
+        SetBE(&forged, 8, 8, next_forged++);
+        SetBE(&forged, 16, 8, 1ULL << 40);
+        REQUIRE(dec.Feed(forged, &out).ok());
+      }
+      REQUIRE(dec.Feed(d, &out).ok());
+      REQUIRE(dec.Streams().size() <= kStreams);
+    }
+  }
+  for (const auto& m : out) delivered.push_back(m.message_id);
+  REQUIRE(delivered.size() == 200);
+  CHECK(delivered.front() == 2);
+  CHECK(delivered.back() == 201);
+  CHECK(dec.streams_dropped() == next_forged - 1000 - (kStreams - 1));
+  CHECK(StateOf(dec, kStream).completed == 201);
+  CHECK(dec.MissingCount(kStream) == 0);
+
+  // Forged streams arriving faster than the live one push it out: its state goes (a partial
+  // message with it), and comes back with its next datagram; the recovered count stays.
+  std::vector<std::string> partial;
+  enc.Encode(RandomBytes(20000, 7), &partial);
+  REQUIRE(dec.Feed(partial[0], &out).ok());
+  CHECK(dec.pending_bytes() > 0);
+  for (std::size_t f = 0; f < kStreams; ++f) {
+    SetBE(&forged, 8, 8, next_forged++);
+    REQUIRE(dec.Feed(forged, &out).ok());
+  }
+  CHECK(dec.pending_bytes() == 0);
+  for (const auto& s : dec.Streams()) CHECK(s.stream_id != kStream);
+  CHECK(dec.recovered_shards() == 1);
+  out.clear();
+  std::vector<std::string> after;
+  enc.Encode("after", &after);
+  REQUIRE(FeedAll(dec, after).size() == 1);
+  CHECK(StateOf(dec, kStream).announced == enc.last_message_id());
+}
+
+TEST_CASE("diode: messages lost for good leave bounded state; the oldest gaps are forgotten") {
+  DiodeEncoder enc(kStream, DiodeParams{});
+  DiodeDecoder dec;
+  constexpr std::uint64_t kMessages = 10000;
+  std::vector<std::vector<std::string>> datagrams(kMessages + 1);
+  for (std::uint64_t id = 1; id <= kMessages; ++id) {
+    // Message 4 spans several shards, so that part of it can be held.
+    enc.Encode(id == 4 ? RandomBytes(20000, 4) : "message " + std::to_string(id), &datagrams[id]);
+  }
+  // Message 4 is partly received early and then stays incomplete.
+  std::vector<DiodeDecoder::Message> out;
+  REQUIRE(dec.Feed(datagrams[4][0], &out).ok());
+  const std::size_t partial_bytes = dec.pending_bytes();
+  CHECK(partial_bytes > 0);
+  // Every even message is lost: 5000 gaps in the completed ids, more than the 4096 kept.
+  for (std::uint64_t id = 1; id < kMessages; id += 2) {
+    REQUIRE(FeedAll(dec, datagrams[id]).size() == 1);
+  }
+  CHECK(StateOf(dec, kStream).announced == kMessages - 1);
+  const auto missing = dec.Incomplete(kStream);
+  CHECK(dec.MissingCount(kStream) == missing.size());
+  REQUIRE(missing.size() == 4095);  // the gaps between the 4096 ranges kept
+  CHECK(missing.front() == kMessages - 2 * 4095);
+  CHECK(missing.back() == kMessages - 2);
+  // The partial message 4 fell into a forgotten gap: its memory is released...
+  CHECK(dec.pending_bytes() == 0);
+  // ... and a forgotten message arriving late is taken as already done; a tracked one completes.
+  out.clear();
+  for (const auto& d : datagrams[4]) REQUIRE(dec.Feed(d, &out).ok());
+  CHECK(out.empty());
+  REQUIRE(FeedAll(dec, datagrams[kMessages - 2]).size() == 1);
+  CHECK(dec.MissingCount(kStream) == 4094);
+}
+
 }  // namespace
