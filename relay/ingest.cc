@@ -2,6 +2,8 @@
 
 #include <simdjson.h>
 
+#include "relay/log.h"
+
 namespace relay {
 namespace {
 
@@ -104,6 +106,72 @@ bool ParseOne(element obj, std::size_t index, bool batch, const config::Config& 
   return true;
 }
 
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// The code unit of a \uXXXX escape starting at body[i] (the backslash), or -1 if it is not one.
+long Utf16Escape(std::string_view body, std::size_t i) {
+  if (i + 6 > body.size() || body[i + 1] != 'u') return -1;
+  long v = 0;
+  for (std::size_t j = i + 2; j < i + 6; ++j) {
+    const int h = HexValue(body[j]);
+    if (h < 0) return -1;
+    v = v * 16 + h;
+  }
+  return v;
+}
+
+// simdjson says only "Problem while parsing a string": find the first bad string content (an
+// escape JSON does not have, a lone UTF-16 surrogate, a raw control character) and say where.
+std::string DescribeStringError(std::string_view body) {
+  bool in_string = false;
+  for (std::size_t i = 0; i < body.size(); ++i) {
+    const auto c = static_cast<unsigned char>(body[i]);
+    if (!in_string) {
+      in_string = c == '"';
+      continue;
+    }
+    const std::string at = " at byte " + std::to_string(i);
+    if (c == '"') {
+      in_string = false;
+    } else if (c < 0x20) {
+      return "a raw control character (byte " + std::to_string(c) + ") inside a string" + at +
+             " (write it as a \\u escape)";
+    } else if (c == '\\') {
+      if (i + 1 >= body.size()) break;
+      const char e = body[i + 1];
+      if (e != 'u') {
+        if (std::string_view("\"\\/bfnrt").find(e) == std::string_view::npos) {
+          return std::string("an invalid escape \\") + log::Printable(std::string(1, e)) + at;
+        }
+        ++i;
+        continue;
+      }
+      const long unit = Utf16Escape(body, i);
+      if (unit < 0) return "a \\u escape without four hex digits" + at;
+      const std::string text(body.substr(i, 6));
+      if (unit >= 0xDC00 && unit <= 0xDFFF) {
+        return "a lone UTF-16 low surrogate " + text + at + " (no high surrogate before it)";
+      }
+      if (unit >= 0xD800 && unit <= 0xDBFF) {
+        const long low = Utf16Escape(body, i + 6);
+        if (low < 0xDC00 || low > 0xDFFF) {
+          return "a lone UTF-16 high surrogate " + text + at +
+                 " (not followed by a \\u escape of "
+                 "a low surrogate, \\udc00 to \\udfff)";
+        }
+        i += 6;
+      }
+      i += 5;
+    }
+  }
+  return "a string is not valid";  // simdjson saw something this scan does not
+}
+
 }  // namespace
 
 bool ParseIngestBody(std::string_view body, const config::Config& config, IngestRequest* out,
@@ -112,6 +180,9 @@ bool ParseIngestBody(std::string_view body, const config::Config& config, Ingest
   thread_local simdjson::dom::parser parser;
   element root;
   auto err = parser.parse(body.data(), body.size()).get(root);
+  if (err == simdjson::STRING_ERROR) {
+    return Fail(error, 400, "malformed JSON: " + DescribeStringError(body));
+  }
   if (err) {
     return Fail(error, 400, std::string("malformed JSON: ") + simdjson::error_message(err));
   }

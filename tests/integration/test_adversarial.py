@@ -260,7 +260,8 @@ class IngestCatalogue(Catalogue):
         for esc in (b"\\ud800", b"\\udc00", b"\\ud800\\u0041", b"\\udbff\\udbff"):
             for field in ("text", "author"):
                 out.append((f"escaped lone surrogate {esc.decode()} in {field}",
-                            self.raw_msg(**{field: b'"a' + esc + b'b"'}), 400, "malformed JSON"))
+                            self.raw_msg(**{field: b'"a' + esc + b'b"'}), 400,
+                            "malformed JSON: a lone UTF-16"))
         # Nesting: 100000 levels of arrays and of objects, bare and inside fields.
         deep_a = b"[" * 100000 + b"]" * 100000
         deep_o = b'{"a":' * 100000 + b"1" + b"}" * 100000

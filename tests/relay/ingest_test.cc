@@ -71,6 +71,17 @@ TEST_CASE("ingest rejects bad bodies with an error naming the problem") {
       {R"([{"channel":"war-room","author":"a","text":"t"},{"channel":"war-room"}])", 400,
        "message 1: missing field 'author'"},
       {"{\"channel\":\"war-room\",\"author\":\"a\",\"text\":\"\xff\"}", 400, "malformed JSON"},
+      // Bad string content is located (simdjson alone says "Problem while parsing a string").
+      {R"({"channel":"war-room","author":"a","text":"x\ud800y"})", 400,
+       "malformed JSON: a lone UTF-16 high surrogate \\ud800 at byte 44"},
+      {R"({"channel":"war-room","author":"a","text":"x\ud800\u0041"})", 400,
+       "lone UTF-16 high surrogate \\ud800 at byte 44"},
+      {R"({"channel":"war-room","author":"\udc00","text":"t"})", 400,
+       "a lone UTF-16 low surrogate \\udc00 at byte 32"},
+      {R"({"channel":"war-room","author":"a","text":"x\q"})", 400,
+       "an invalid escape \\q at byte 44"},
+      {R"({"channel":"war-room","author":"a","text":"x\u12"})", 400,
+       "a \\u escape without four hex digits at byte 44"},
   };
   for (const Case& c : cases) {
     INFO(c.body);
@@ -78,6 +89,16 @@ TEST_CASE("ingest rejects bad bodies with an error naming the problem") {
     CHECK(err.http_status == c.status);
     CHECK_THAT(err.message, Catch::Contains(c.says));
   }
+}
+
+TEST_CASE("ingest takes escaped surrogate pairs and other escapes") {
+  relay::IngestRequest req;
+  relay::IngestError err;
+  REQUIRE(relay::ParseIngestBody(
+      R"({"channel":"war-room","author":"a\"\\\/\b\f\n\r\t","text":"\ud83d\ude00 \u00e9"})",
+      TestConfig(), &req, &err));
+  CHECK(req.messages[0].text == "\xf0\x9f\x98\x80 \xc3\xa9");
+  CHECK(req.messages[0].author == "a\"\\/\b\f\n\r\t");
 }
 
 TEST_CASE("ingest answers 413 for text over the limit") {
