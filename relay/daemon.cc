@@ -1476,8 +1476,11 @@ struct Daemon::Impl : transports::LinkHandler {
         opened = std::move(old);
     }
     if (!opened.ok()) {
-      if (!opened.expired)
+      if (opened.expired) {
+        ++metrics.bundles_expired;
+      } else {
         ++metrics.frames_rejected[static_cast<std::size_t>(opened.rejection.reason)];
+      }
       r.message = opened.rejection.message;
       return r;
     }

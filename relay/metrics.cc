@@ -66,6 +66,9 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_log_rebases_total", "counter",
          "Times the outbound log was moved above a peer's cursor (store re-created, clock behind).",
          i64(log_rebases));
+  Simple(&out, "relay_bundles_expired_total", "counter",
+         "Bundle files refused because they were past their expiry (not counted as frames).",
+         i64(bundles_expired));
   Simple(&out, "relay_store_commits_total", "counter", "Synced ingest write batches.",
          i64(commits));
   Simple(&out, "relay_events_delivered_total", "counter", "Events written to a local sink.",

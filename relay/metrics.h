@@ -46,6 +46,7 @@ struct Metrics {
   std::atomic<std::uint64_t> ingest_disk_low{0};     // 503: free space below min_free
   std::atomic<std::uint64_t> log_rebases{0};         // queue moved above a peer's cursor
   std::atomic<std::uint64_t> commits{0};             // synced ingest write batches
+  std::atomic<std::uint64_t> bundles_expired{0};     // bundle files refused as past expiry
   std::atomic<std::uint64_t> events_delivered{0};
   std::atomic<std::uint64_t> delivery_failures{0};
   std::atomic<std::uint64_t> dedup_hits{0};

@@ -760,6 +760,7 @@ class BundleCatalogue(Catalogue):
                 self.refuse(aws, before, p, reason, says, what)
         with self.subTest("expired"):
             self.refuse(aws, before, self.expired, None, "expired at", "expired bundle")
+            self.assertEqual(aws.metric("relay_bundles_expired_total"), 1)
         with self.subTest("missing file"):
             self.refuse(aws, before, os.path.join(self.bad, "nope.bundle"), None, "cannot read",
                         "missing file")
