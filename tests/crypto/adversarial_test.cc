@@ -781,7 +781,8 @@ TEST_CASE("catalogue: bundles of the wrong kind and with inconsistent bodies, co
 
 TEST_CASE("catalogue: a correctly signed bundle carrying bad frames", "[crypto][adversarial]") {
   // OpenBundle does not open the frames; the receiver opens each one and refuses the bundle
-  // when any is bad (relay/daemon.cc, all-or-nothing import). Each bad frame keeps its reason.
+  // when any is bad (relay/daemon_inbound.cc, all-or-nothing import). Each bad frame keeps
+  // its reason.
   Sites s;
   Counter n("frames inside bundles");
   const std::string good = SealFrame(s.a, s.b.identity(), 1, 2, 2, Random(20));

@@ -1,0 +1,448 @@
+// Daemon::Impl, ingest: the HTTP API's routing, the ingest committer (group commit of
+// messages and captured chat changes), disk and queue limits, the per-peer queue
+// accounting, and the rebase of the outbound log. See relay/daemon_impl.h.
+
+#include "relay/daemon_impl.h"
+
+#include <sys/statvfs.h>
+
+#include <algorithm>
+
+#include "relay/json.h"
+#include "relay/log.h"
+
+namespace relay {
+
+using daemon_detail::kNextOrigin;
+using daemon_detail::kNextOut;
+using daemon_detail::NowMs;
+
+Result<std::uint64_t> Daemon::Impl::CountRouted(std::size_t p, std::uint64_t from,
+                                                std::uint64_t through) {
+  std::uint64_t n = 0;
+  if (through <= from) return n;
+  Status s = store->ScanOutbound(from + 1, [&](const queue::OutboundEntry& e) {
+    if (e.seq > through) return false;
+    if (e.HasPeer(peers[p].name)) ++n;
+    return true;
+  });
+  if (!s) return s;
+  return n;
+}
+
+Status Daemon::Impl::CountQueues(const std::vector<std::uint64_t>& acked) {
+  queue_counted.assign(peers.size(), 0);
+  queue_added.assign(peers.size(), 0);
+  recount_acked = acked;
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    auto n = CountRouted(i, acked[i], published.load());
+    if (!n) return n.status().Wrap("counting the queue for peer '" + peers[i].name + "'");
+    queue_counted[i] = *n;
+    peers[i].metrics->queue_depth = *n;
+  }
+  return Status::Ok();
+}
+
+std::vector<std::uint64_t> Daemon::Impl::AckedCursors() {
+  std::lock_guard<std::mutex> lock(ship_mu);
+  std::vector<std::uint64_t> acked(peers.size());
+  for (std::size_t i = 0; i < peers.size(); ++i) acked[i] = peers[i].acked;
+  return acked;
+}
+
+void Daemon::Impl::RecountQueues(const std::vector<std::uint64_t>& acked) {
+  if (queues_dirty.exchange(false)) {
+    std::lock_guard<std::mutex> lock(out_mu);  // no appends while counting
+    if (Status s = CountQueues(AckedCursors()); !s) {
+      log::Error("queue accounting: " + s.message());
+      queues_dirty = true;
+    }
+    return;
+  }
+  std::vector<std::uint64_t> taken, done(peers.size(), 0);
+  std::uint64_t head;
+  {
+    std::lock_guard<std::mutex> lock(out_mu);
+    taken = queue_added;  // exactly the events appended through `head` since the last time
+    head = published.load();
+  }
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    std::uint64_t to = std::min(acked[i], head);
+    if (to <= recount_acked[i]) continue;
+    auto n = CountRouted(i, recount_acked[i], to);
+    if (!n) {
+      log::Error("queue accounting: " + n.status().message());
+      return;  // counted again next time
+    }
+    done[i] = *n;
+  }
+  std::lock_guard<std::mutex> lock(out_mu);
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    queue_counted[i] += taken[i];
+    queue_counted[i] -= std::min(queue_counted[i], done[i]);
+    queue_added[i] -= taken[i];
+    recount_acked[i] = std::max(recount_acked[i], std::min(acked[i], head));
+    peers[i].metrics->queue_depth = queue_counted[i] + queue_added[i];
+  }
+}
+
+void Daemon::Impl::NoteQueued(const std::vector<std::size_t>& peer_indexes) {
+  for (std::size_t i : peer_indexes) ++queue_added[i];
+}
+
+void Daemon::Impl::Route(HttpRequest&& req, const HttpResponder& respond) {
+  std::string path = req.target.substr(0, req.target.find('?'));
+  if (path == "/v1/messages") {
+    if (req.method != "POST") {
+      respond({405, "application/json", JsonError("use POST for /v1/messages")});
+      return;
+    }
+    Ingest(std::move(req), respond);
+  } else if (path == "/healthz") {
+    respond({200, "application/json", "{\"status\":\"ok\"}"});
+  } else if (path == "/metrics") {
+    metrics.store_bytes = store->ApproximateSize();
+    respond({200, "text/plain; version=0.0.4", metrics.RenderPrometheus(config.site_name)});
+  } else if (path == "/v1/bundles/export" || path == "/v1/bundles/import") {
+    if (req.method != "POST") {
+      respond({405, "application/json", JsonError("use POST for " + path)});
+      return;
+    }
+    BundleRequest(path, std::move(req.body), respond);
+  } else if (path == "/v1/status") {
+    respond({200, "application/json", StatusJson()});
+  } else {
+    respond({404, "application/json", JsonError("no such endpoint: " + path)});
+  }
+}
+
+void Daemon::Impl::Ingest(HttpRequest&& req, const HttpResponder& respond) {
+  ++metrics.ingest_requests;
+  PendingIngest p;
+  IngestError err;
+  if (!ParseIngestBody(req.body, config, &p.request, &err)) {
+    ++metrics.ingest_rejected;
+    respond({err.http_status, "application/json", JsonError(err.message)});
+    return;
+  }
+  p.respond = respond;
+  {
+    std::lock_guard<std::mutex> lock(ingest_mu);
+    if (ingest_closed) {
+      ++metrics.ingest_unavailable;
+      respond({503, "application/json", JsonError("relay is shutting down")});
+      return;
+    }
+    ingest_queue.push_back(std::move(p));
+  }
+  ingest_cv.notify_one();
+}
+
+void Daemon::Impl::CommitterLoop() {
+  std::vector<PendingIngest> work;
+  std::vector<PendingCapture> captures;
+  std::unordered_map<std::string, std::string> round_keys;  // client id -> event id
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(ingest_mu);
+      ingest_cv.wait(
+          lock, [&] { return !ingest_queue.empty() || !capture_queue.empty() || ingest_closed; });
+      if (ingest_queue.empty() && capture_queue.empty() && ingest_closed) return;
+      work.swap(ingest_queue);
+      captures.swap(capture_queue);
+    }
+    CommitIngest(work, captures, round_keys);
+    work.clear();
+    captures.clear();
+    round_keys.clear();
+  }
+}
+
+Status Daemon::Impl::SubmitCapture(CaptureSubmission& submission) {
+  std::promise<Status> done;
+  auto result = done.get_future();
+  {
+    std::lock_guard<std::mutex> lock(ingest_mu);
+    if (ingest_closed) return Status::Error("relay is shutting down");
+    capture_queue.push_back({&submission, &done});
+  }
+  ingest_cv.notify_one();
+  return result.get();
+}
+
+std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
+                                        queue::WriteBatch& batch, std::int64_t now) {
+  std::int64_t map_expire = now + MattermostBridge::kMappingTtlMs;
+  std::unordered_map<std::string, std::string> round_map;  // post id -> event id
+  auto event_of = [&](const std::string& post_id) -> std::optional<std::string> {
+    if (post_id.empty()) return std::nullopt;
+    auto it = round_map.find(post_id);
+    if (it != round_map.end()) return it->second;
+    return store->GetDedup(MattermostBridge::PostToEventKey(post_id), now);
+  };
+  std::uint64_t added = 0;
+  std::string encoded;
+  for (PendingCapture& pc : captures) {
+    for (CapturedChange& c : pc.submission->changes) {
+      Event e;
+      e.kind = c.kind;
+      if (c.kind != EventKind::kPost && c.kind != EventKind::kFileChunk) {
+        auto ref = event_of(c.post_id);
+        if (!ref) {
+          log::Warning("capture: change to post " + c.post_id + " that was never bridged: skipped");
+          continue;
+        }
+        e.ref = *ref;
+      }
+      if (auto thread = event_of(c.thread_post_id)) e.thread = *thread;
+      auto ch = channels.find(c.channel);
+      if (ch == channels.end()) continue;
+      e.origin_site = config.site_name;
+      e.origin_seq = next_origin++;
+      e.id = MakeEventId(e.origin_site, e.origin_seq);
+      e.channel = c.channel;
+      e.author = std::move(c.author);
+      e.text = std::move(c.text);
+      e.created_at_ms = now;
+      e.hops = {config.site_name};
+      e.props = std::move(c.props);
+      e.files = std::move(c.files);
+      e.chunk = std::move(c.chunk);
+      encoded.clear();
+      EncodeEvent(e, &encoded);
+      if (!ch->second.peer_names.empty()) {
+        batch.AppendOutbound(next_out++, ch->second.peer_names, encoded);
+        NoteQueued(ch->second.peers);
+      }
+      if (c.kind == EventKind::kPost) {
+        round_map[c.post_id] = e.id;
+        batch.PutDedup(MattermostBridge::PostToEventKey(c.post_id), map_expire, e.id);
+        batch.PutDedup(MattermostBridge::EventToPostKey(e.id), map_expire, c.post_id);
+      }
+      ++added;
+    }
+    for (const auto& [k, v] : pc.submission->state) batch.PutDedup(k, map_expire, v);
+    for (const auto& [k, v] : pc.submission->counters) batch.PutCounter(k, v);
+  }
+  return added;
+}
+
+HttpResponse Daemon::Impl::Unavailable(const std::string& why) {
+  HttpResponse r{503, "application/json", JsonError(why)};
+  r.retry_after_s = 1;
+  return r;
+}
+
+std::string Daemon::Impl::DiskLow() {
+  if (config.min_free == 0) return {};
+  struct statvfs fs {};
+  if (statvfs(config.data_dir.c_str(), &fs) != 0) return {};  // the store will say what fails
+  const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+  const bool low = free_bytes < config.min_free;
+  if (low != disk_low) {
+    disk_low = low;
+    if (low) {
+      log::Error("data_dir '" + config.data_dir + "' has " + std::to_string(free_bytes) +
+                 " bytes free, below [site] min_free (" + std::to_string(config.min_free) +
+                 "): new messages are refused (503) until space is freed");
+    } else {
+      log::Info("data_dir '" + config.data_dir + "' has space again (" +
+                std::to_string(free_bytes) + " bytes free): accepting messages");
+    }
+  }
+  if (!low) return {};
+  return "disk nearly full: data_dir has " + std::to_string(free_bytes) +
+         " bytes free, below [site] min_free (" + std::to_string(config.min_free) +
+         " bytes); nothing was stored, retry later";
+}
+
+template <typename Items>
+std::string Daemon::Impl::QueueFull(const Items& items) {
+  std::vector<std::uint64_t> want(peers.size(), 0);
+  for (const auto& item : items) {
+    auto ch = channels.find(item.channel);
+    if (ch == channels.end()) continue;
+    for (std::size_t i : ch->second.peers) ++want[i];
+  }
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    if (want[i] == 0) continue;
+    const std::uint64_t queued = queue_counted[i] + queue_added[i];
+    if (queued + want[i] > peers[i].config->max_queue) {
+      ++peers[i].metrics->queue_full;
+      return "queue for peer '" + peers[i].name + "' is full: " + std::to_string(queued) +
+             " events wait for it ([peer." + peers[i].name +
+             "] max_queue = " + std::to_string(peers[i].config->max_queue) +
+             "); nothing was stored, retry when it has caught up";
+    }
+  }
+  return {};
+}
+
+void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
+                                std::vector<PendingCapture>& captures,
+                                std::unordered_map<std::string, std::string>& round_keys) {
+  std::int64_t now = NowMs();
+  std::int64_t expire = now + config.dedup_ttl.count();
+  queue::WriteBatch batch;
+  std::vector<std::vector<std::pair<std::string, bool>>> answers(work.size());
+  std::uint64_t new_events = 0, duplicates = 0;
+  std::string encoded;
+  std::lock_guard<std::mutex> lock(out_mu);
+  std::uint64_t origin_before = next_origin, out_before = next_out;
+  const std::vector<std::uint64_t> queued_before = queue_added;
+  if (std::string low = DiskLow(); !low.empty()) {
+    for (PendingCapture& pc : captures) pc.done->set_value(Status::Error(low));
+    for (auto& w : work) {
+      ++metrics.ingest_unavailable;
+      ++metrics.ingest_disk_low;
+      w.respond(Unavailable(low));
+    }
+    return;
+  }
+  std::vector<bool> refused(work.size(), false);
+  for (std::size_t r = 0; r < work.size(); ++r) {
+    if (std::string full = QueueFull(work[r].request.messages); !full.empty()) {
+      refused[r] = true;
+      ++metrics.ingest_unavailable;
+      work[r].respond(Unavailable(full));
+      continue;
+    }
+    for (const IngestMessage& m : work[r].request.messages) {
+      std::string client_key;
+      if (!m.client_id.empty()) {
+        client_key = "c:" + m.client_id;
+        auto it = round_keys.find(client_key);
+        std::optional<std::string> known;
+        if (it != round_keys.end()) {
+          known = it->second;
+        } else {
+          known = store->GetDedup(client_key, now);
+        }
+        if (known) {
+          answers[r].emplace_back(*known, true);
+          ++duplicates;
+          continue;
+        }
+      }
+      const ChannelRuntime& ch = channels.at(m.channel);
+      Event e;
+      e.origin_site = config.site_name;
+      e.origin_seq = next_origin++;
+      e.id = MakeEventId(e.origin_site, e.origin_seq);
+      e.kind = m.kind;
+      e.channel = m.channel;
+      e.author = m.author;
+      e.text = m.text;
+      e.thread = m.thread;
+      e.ref = m.ref;
+      e.created_at_ms = now;
+      e.hops = {config.site_name};
+      e.props = m.props;
+      encoded.clear();
+      EncodeEvent(e, &encoded);
+      if (!ch.peer_names.empty()) {
+        batch.AppendOutbound(next_out++, ch.peer_names, encoded);
+        NoteQueued(ch.peers);
+      }
+      if (!client_key.empty()) {
+        batch.PutDedup(client_key, expire, e.id);
+        round_keys[client_key] = e.id;
+      }
+      answers[r].emplace_back(e.id, false);
+      ++new_events;
+    }
+  }
+  for (PendingCapture& pc : captures) {
+    if (std::string full = QueueFull(pc.submission->changes); !full.empty()) {
+      pc.done->set_value(Status::Error(full));
+      pc.done = nullptr;
+    }
+  }
+  std::erase_if(captures, [](const PendingCapture& pc) { return pc.done == nullptr; });
+  new_events += AddCaptures(captures, batch, now);
+  batch.PutCounter(kNextOrigin, next_origin);
+  batch.PutCounter(kNextOut, next_out);
+  Status s = store->Commit(batch, /*sync=*/true);
+  for (PendingCapture& pc : captures) pc.done->set_value(s);
+  if (!s) {
+    next_origin = origin_before;
+    next_out = out_before;
+    queue_added = queued_before;
+    log::Error("ingest commit failed, answering 503: " + s.message());
+    for (std::size_t r = 0; r < work.size(); ++r) {
+      if (refused[r]) continue;
+      ++metrics.ingest_unavailable;
+      work[r].respond(Unavailable("store cannot accept: " + s.message()));
+    }
+    return;
+  }
+  published = next_out - 1;
+  ++metrics.commits;
+  metrics.events_ingested += new_events;
+  metrics.ingest_duplicates += duplicates;
+  ship_cv.notify_all();
+  for (std::size_t r = 0; r < work.size(); ++r) {
+    if (refused[r]) continue;
+    std::string body;
+    auto one = [&](const std::pair<std::string, bool>& a) {
+      body += "{\"id\":" + JsonString(a.first) + (a.second ? ",\"duplicate\":true}" : "}");
+    };
+    if (work[r].request.batch) {
+      body.reserve(answers[r].size() * 24 + 2);
+      body += "[";
+      for (std::size_t i = 0; i < answers[r].size(); ++i) {
+        if (i) body += ",";
+        one(answers[r][i]);
+      }
+      body += "]";
+    } else {
+      one(answers[r][0]);
+    }
+    work[r].respond({202, "application/json", std::move(body)});
+  }
+}
+
+void Daemon::Impl::RebaseLog(std::size_t who, std::uint64_t floor) {
+  std::lock_guard<std::mutex> out_lock(out_mu);
+  const std::uint64_t head = published.load();
+  if (floor <= head) return;  // done meanwhile
+  queue::WriteBatch b;
+  std::uint64_t pos = floor + 1, moved = 0;
+  Status s = store->ScanOutbound(1, [&](const queue::OutboundEntry& e) {
+    if (e.seq > head) return false;
+    b.AppendOutbound(pos++, e.Peers(), e.event);
+    ++moved;
+    return true;
+  });
+  if (s) {
+    b.DeleteOutboundRange(1, head + 1);
+    b.PutCounter(kNextOut, pos);
+    s = store->Commit(b, true);
+  }
+  if (!s) {
+    log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
+               std::to_string(floor) + ", beyond its head " + std::to_string(head) +
+               ", and moving the queue above that failed: " + s.message());
+    return;
+  }
+  next_out = pos;
+  published = pos - 1;
+  {
+    std::lock_guard<std::mutex> lock(ship_mu);
+    for (PeerRuntime& p : peers) {
+      p.inflight.clear();
+      p.send_pos = p.scan_pos = p.acked + 1;
+    }
+  }
+  queues_dirty = true;
+  ++metrics.log_rebases;
+  log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
+             std::to_string(floor) + ", beyond its head " + std::to_string(head) +
+             ": this site's store was re-created while its clock was behind. " +
+             std::to_string(moved) + " queued event(s) moved above that position (" +
+             std::to_string(floor + 1) + ".." + std::to_string(pos - 1) +
+             ") so that nothing is lost; check the clock (NTP)");
+  ship_cv.notify_all();
+}
+
+}  // namespace relay
