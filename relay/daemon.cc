@@ -183,26 +183,18 @@ Status Daemon::Impl::Start() {
     hooks.metrics = &metrics;
     bridge = std::make_unique<MattermostBridge>(config, std::move(hooks));
   }
-  committer = std::thread([this] {
-    pthread_setname_np(pthread_self(), "relay-commit");
-    CommitterLoop();
-  });
-  shipper = std::thread([this] {
-    pthread_setname_np(pthread_self(), "relay-ship");
-    ShipperLoop();
-  });
-  inbound = std::thread([this] {
-    pthread_setname_np(pthread_self(), "relay-inbound");
-    InboundLoop();
-  });
-  delivery = std::thread([this] {
-    pthread_setname_np(pthread_self(), "relay-deliver");
-    DeliveryLoop();
-  });
-  maintenance = std::thread([this] {
-    pthread_setname_np(pthread_self(), "relay-maint");
-    MaintenanceLoop();
-  });
+  // Named threads (at most 15 characters): top -H and gdb show which loop is which.
+  auto run = [this](const char* name, void (Impl::*loop)()) {
+    return std::thread([this, name, loop] {
+      pthread_setname_np(pthread_self(), name);
+      (this->*loop)();
+    });
+  };
+  committer = run("relay-commit", &Impl::CommitterLoop);
+  shipper = run("relay-ship", &Impl::ShipperLoop);
+  inbound = run("relay-inbound", &Impl::InboundLoop);
+  delivery = run("relay-deliver", &Impl::DeliveryLoop);
+  maintenance = run("relay-maint", &Impl::MaintenanceLoop);
   started = true;
   if (Status s = StartDiode(); !s) return s;
   if (bridge) {
