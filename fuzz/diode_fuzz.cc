@@ -14,10 +14,11 @@
 namespace {
 constexpr std::size_t kMaxPending = 64u << 10;  // small, so eviction paths are reachable
 constexpr std::size_t kMaxStreams = 3;
+constexpr std::size_t kMaxRanges = 4;  // small, so forgetting ranges is reachable
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  relay::transports::DiodeDecoder decoder(kMaxPending, kMaxStreams);
+  relay::transports::DiodeDecoder decoder(kMaxPending, kMaxStreams, kMaxRanges);
   std::vector<relay::transports::DiodeDecoder::Message> out;
   std::size_t pos = 0;
   while (pos < size) {

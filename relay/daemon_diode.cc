@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 #include <sodium.h>
 
@@ -239,8 +240,12 @@ void Daemon::Impl::DiodeRecvLoop() {
     }
     if (Clock::now() - last_stats > std::chrono::seconds(1)) {
       last_stats = Clock::now();
+      // Forged heartbeats can announce up to 2^64-1 per stream: saturate, the gauge is an int64.
+      constexpr std::uint64_t kMaxGauge = std::numeric_limits<std::int64_t>::max();
       std::uint64_t missing = 0;
-      for (const auto& st : decoder.Streams()) missing += decoder.MissingCount(st.stream_id);
+      for (const auto& st : decoder.Streams())
+        missing =
+            std::min(kMaxGauge, missing + std::min(kMaxGauge, decoder.MissingCount(st.stream_id)));
       metrics.diode_shards_recovered = decoder.recovered_shards();
       metrics.diode_messages_missing = missing;
       if (decoder.streams_dropped() > metrics.diode_streams_dropped) {

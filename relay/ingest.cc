@@ -159,6 +159,9 @@ std::string DescribeStringError(std::string_view body) {
       }
       if (unit >= 0xD800 && unit <= 0xDBFF) {
         const long low = Utf16Escape(body, i + 6);
+        if (low < 0 && body.substr(i + 6, 2) == "\\u") {
+          return "a \\u escape without four hex digits at byte " + std::to_string(i + 6);
+        }
         if (low < 0xDC00 || low > 0xDFFF) {
           return "a lone UTF-16 high surrogate " + text + at +
                  " (not followed by a \\u escape of "
@@ -180,7 +183,7 @@ bool ParseIngestBody(std::string_view body, const config::Config& config, Ingest
   thread_local simdjson::dom::parser parser;
   element root;
   auto err = parser.parse(body.data(), body.size()).get(root);
-  if (err == simdjson::STRING_ERROR) {
+  if (err == simdjson::STRING_ERROR || err == simdjson::UNESCAPED_CHARS) {
     return Fail(error, 400, "malformed JSON: " + DescribeStringError(body));
   }
   if (err) {

@@ -23,10 +23,6 @@ constexpr std::uint32_t kMaxShardBytes = 9000;
 constexpr std::uint32_t kMaxShards = 255;  // k + m; GF(2^8) Cauchy rows must stay distinct
 constexpr std::uint64_t kMaxMessageBytes = std::uint64_t{1} << 30;
 constexpr std::size_t kMaxIncompleteListed = 100000;
-// Completed ids are kept as ranges; each permanently lost message leaves a gap. Beyond this many
-// ranges per stream the lowest gap is forgotten (its ids count as done), so neither a long lossy
-// run nor datagrams forged on the diode's network can grow this state without bound.
-constexpr std::size_t kMaxCompletedRanges = 4096;
 // Bookkeeping charged per stored block on top of its payload bytes, so that a flood of tiny
 // shards cannot hold much more memory than max_pending_bytes says.
 constexpr std::size_t kBlockOverheadBytes = 256;
@@ -134,7 +130,13 @@ Status CheckDataHeader(const DataHeader& h) {
   return Status::Ok();
 }
 
-// Completed message ids of one stream as disjoint, non-adjacent inclusive ranges.
+// Completed message ids of one stream as disjoint, non-adjacent inclusive ranges, at most a
+// given number of them: each message lost for good leaves a gap, and datagrams forged on the
+// diode's network can complete made-up ids anywhere. Beyond the limit the lowest range (other
+// than the one just changed) is forgotten: its ids are no longer "completed" (a late duplicate of
+// one may be delivered again; frames are de-duplicated downstream), and ids up to its end are
+// no longer counted as missing. Forgetting never marks an id as done, so forged ids cannot make
+// the decoder refuse real ones.
 class IdRanges {
  public:
   bool Contains(std::uint64_t id) const {
@@ -143,7 +145,7 @@ class IdRanges {
     --it;
     return id <= it->second;
   }
-  void Insert(std::uint64_t id) {
+  void Insert(std::uint64_t id, std::size_t max_ranges) {
     assert(!Contains(id));
     auto next = ranges_.upper_bound(id);
     std::uint64_t first = id, last = id;
@@ -159,34 +161,32 @@ class IdRanges {
       ranges_.erase(next);
     }
     ranges_[first] = last;
+    if (ranges_.size() > max_ranges) {
+      auto victim = ranges_.begin();
+      if (victim->first == first) ++victim;  // keep the range just changed
+      forgotten_through_ = std::max(forgotten_through_, victim->second);
+      ranges_.erase(victim);
+    }
   }
   std::size_t size() const { return ranges_.size(); }
-  // Merges the two lowest ranges, returning the ids of the gap between them (now "contained").
-  // Needs at least two ranges.
-  std::pair<std::uint64_t, std::uint64_t> ForgetLowestGap() {
-    assert(ranges_.size() >= 2);
-    auto low = ranges_.begin();
-    auto high = std::next(low);
-    const std::pair<std::uint64_t, std::uint64_t> gap{low->second + 1, high->first - 1};
-    low->second = high->second;
-    ranges_.erase(high);
-    return gap;
-  }
-  // How many ids in [1, through] are not contained.
+  // How many ids in (forgotten, through] are not contained.
   std::uint64_t CountMissing(std::uint64_t through) const {
+    if (through <= forgotten_through_) return 0;
     std::uint64_t contained = 0;
     for (const auto& [first, last] : ranges_) {
       if (first > through) break;
-      contained += std::min(last, through) - first + 1;
+      if (last <= forgotten_through_) continue;
+      contained += std::min(last, through) - std::max(first, forgotten_through_ + 1) + 1;
     }
-    return through - contained;
+    return through - forgotten_through_ - contained;
   }
-  // Ids in [1, through] not contained, at most `cap` of them.
+  // Ids in (forgotten, through] not contained, at most `cap` of them.
   std::vector<std::uint64_t> Missing(std::uint64_t through, std::size_t cap) const {
     std::vector<std::uint64_t> out;
-    if (through == 0) return out;
-    std::uint64_t next = 1;  // the smallest id not classified yet; always <= through
+    if (through <= forgotten_through_) return out;
+    std::uint64_t next = forgotten_through_ + 1;  // smallest id not classified yet; <= through
     for (const auto& [first, last] : ranges_) {
+      if (last < next) continue;
       if (first > through) break;
       for (std::uint64_t id = next; id < first && out.size() < cap; ++id) out.push_back(id);
       if (out.size() >= cap || last >= through) return out;
@@ -202,6 +202,7 @@ class IdRanges {
 
  private:
   std::map<std::uint64_t, std::uint64_t> ranges_;  // first -> last
+  std::uint64_t forgotten_through_ = 0;            // the end of the highest range forgotten
 };
 
 }  // namespace
@@ -356,6 +357,7 @@ struct DiodeDecoder::Impl {
 
   std::size_t max_pending_bytes;
   std::size_t max_streams;
+  std::size_t max_completed_ranges;
   std::size_t pending_bytes = 0;
   std::uint64_t next_arrival = 0;
   std::uint64_t recovered_shards = 0;  // over every stream ever seen
@@ -553,15 +555,8 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
     }
     assert(message.bytes.size() == p.message_len);
     DropPending(stream, pending_it);
-    stream.completed.Insert(h.message_id);
+    stream.completed.Insert(h.message_id, max_completed_ranges);
     ++stream.completed_count;
-    if (stream.completed.size() > kMaxCompletedRanges) {
-      const auto [first, last] = stream.completed.ForgetLowestGap();
-      for (auto it = stream.pending.lower_bound(first);
-           it != stream.pending.end() && it->first <= last;) {
-        DropPending(stream, it++);
-      }
-    }
     out->push_back(std::move(message));
     return Status::Ok();
   }
@@ -569,10 +564,12 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
   return Status::Ok();
 }
 
-DiodeDecoder::DiodeDecoder(std::size_t max_pending_bytes, std::size_t max_streams)
+DiodeDecoder::DiodeDecoder(std::size_t max_pending_bytes, std::size_t max_streams,
+                           std::size_t max_completed_ranges)
     : impl_(std::make_unique<Impl>()) {
   impl_->max_pending_bytes = max_pending_bytes;
   impl_->max_streams = std::max<std::size_t>(max_streams, 1);
+  impl_->max_completed_ranges = std::max<std::size_t>(max_completed_ranges, 2);
 }
 
 DiodeDecoder::~DiodeDecoder() = default;

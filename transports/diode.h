@@ -55,9 +55,13 @@ class DiodeDecoder {
  public:
   // Partial messages are held up to max_pending_bytes (oldest dropped first); state is kept for
   // at most max_streams streams (a sender has one per process start; the least recently active
-  // stream is dropped for a new one), so forged datagrams cannot grow either without bound.
+  // stream is dropped for a new one) and at most max_completed_ranges ranges of completed ids per
+  // stream (the lowest forgotten: no longer de-duplicated, no longer counted as missing), so
+  // forged datagrams cannot grow any of it without bound (a forged completed id shadows only
+  // that id of the real stream, whose frame then comes back with a resend request).
   explicit DiodeDecoder(std::size_t max_pending_bytes = 256u << 20,
-                        std::size_t max_streams = kDiodeMaxStreams);
+                        std::size_t max_streams = kDiodeMaxStreams,
+                        std::size_t max_completed_ranges = 4096);
   ~DiodeDecoder();
   DiodeDecoder(const DiodeDecoder&) = delete;
   DiodeDecoder& operator=(const DiodeDecoder&) = delete;
@@ -81,7 +85,7 @@ class DiodeDecoder {
   };
   std::vector<StreamState> Streams() const;
   // Message ids of `stream_id` in [1, announced] not completed (pending or lost), at most
-  // 100,000. Ids below the last 4096 gaps in the completed ids are forgotten (count as done).
+  // 100,000, leaving out ids at or below the end of a forgotten range (see the constructor).
   std::vector<std::uint64_t> Incomplete(std::uint64_t stream_id) const;
   // How many ids Incomplete would list without its cap, without listing them.
   std::uint64_t MissingCount(std::uint64_t stream_id) const;

@@ -82,6 +82,10 @@ TEST_CASE("ingest rejects bad bodies with an error naming the problem") {
        "an invalid escape \\q at byte 44"},
       {R"({"channel":"war-room","author":"a","text":"x\u12"})", 400,
        "a \\u escape without four hex digits at byte 44"},
+      {R"({"channel":"war-room","author":"a","text":"x\ud800\u12"})", 400,
+       "a \\u escape without four hex digits at byte 50"},
+      {"{\"channel\":\"war-room\",\"author\":\"a\",\"text\":\"x\ty\"}", 400,
+       "a raw control character (byte 9) inside a string at byte 44"},
   };
   for (const Case& c : cases) {
     INFO(c.body);

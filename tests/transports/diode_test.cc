@@ -16,6 +16,7 @@ namespace {
 using relay::transports::DiodeDecoder;
 using relay::transports::DiodeEncoder;
 using relay::transports::DiodeParams;
+using relay::transports::kDiodeMaxStreams;
 
 constexpr std::uint64_t kStream = 0x0123456789abcdefULL;
 
@@ -638,38 +639,72 @@ TEST_CASE("diode: forged stream ids cannot grow the decoder; the live stream kee
   CHECK(StateOf(dec, kStream).announced == enc.last_message_id());
 }
 
-TEST_CASE("diode: messages lost for good leave bounded state; the oldest gaps are forgotten") {
+TEST_CASE("diode: messages lost for good leave bounded state; the oldest ranges are forgotten") {
   DiodeEncoder enc(kStream, DiodeParams{});
-  DiodeDecoder dec;
+  DiodeDecoder dec;  // 4096 ranges of completed ids per stream
   constexpr std::uint64_t kMessages = 10000;
   std::vector<std::vector<std::string>> datagrams(kMessages + 1);
   for (std::uint64_t id = 1; id <= kMessages; ++id) {
     // Message 4 spans several shards, so that part of it can be held.
     enc.Encode(id == 4 ? RandomBytes(20000, 4) : "message " + std::to_string(id), &datagrams[id]);
   }
-  // Message 4 is partly received early and then stays incomplete.
+  // Message 4 is partly received early.
   std::vector<DiodeDecoder::Message> out;
   REQUIRE(dec.Feed(datagrams[4][0], &out).ok());
   const std::size_t partial_bytes = dec.pending_bytes();
   CHECK(partial_bytes > 0);
-  // Every even message is lost: 5000 gaps in the completed ids, more than the 4096 kept.
+  // Every even message is lost: 5000 ranges of completed ids, more than the 4096 kept. The
+  // lowest are forgotten: the ids up to 1807 are neither completed nor missing any more.
   for (std::uint64_t id = 1; id < kMessages; id += 2) {
     REQUIRE(FeedAll(dec, datagrams[id]).size() == 1);
   }
   CHECK(StateOf(dec, kStream).announced == kMessages - 1);
   const auto missing = dec.Incomplete(kStream);
   CHECK(dec.MissingCount(kStream) == missing.size());
-  REQUIRE(missing.size() == 4095);  // the gaps between the 4096 ranges kept
-  CHECK(missing.front() == kMessages - 2 * 4095);
+  REQUIRE(missing.size() == 4096);  // 1808, 1810, ..., 9998
+  CHECK(missing.front() == kMessages - 2 * 4096);
   CHECK(missing.back() == kMessages - 2);
-  // The partial message 4 fell into a forgotten gap: its memory is released...
+  // Forgetting dropped nothing held: message 4 still completes when the rest comes late.
+  CHECK(dec.pending_bytes() == partial_bytes);
+  auto late = FeedAll(dec, datagrams[4]);
+  REQUIRE(late.size() == 1);
+  CHECK(late[0].message_id == 4);
+  CHECK(late[0].bytes == RandomBytes(20000, 4));
   CHECK(dec.pending_bytes() == 0);
-  // ... and a forgotten message arriving late is taken as already done; a tracked one completes.
-  out.clear();
-  for (const auto& d : datagrams[4]) REQUIRE(dec.Feed(d, &out).ok());
-  CHECK(out.empty());
-  REQUIRE(FeedAll(dec, datagrams[kMessages - 2]).size() == 1);
-  CHECK(dec.MissingCount(kStream) == 4094);
+  // A late copy of a forgotten completed message is delivered again (frames are de-duplicated
+  // downstream); one of a remembered message is not.
+  CHECK(FeedAll(dec, datagrams[1]).size() == 1);
+  CHECK(FeedAll(dec, datagrams[kMessages - 1]).empty());
+  CHECK(dec.MissingCount(kStream) == dec.Incomplete(kStream).size());
+}
+
+TEST_CASE("diode: forged completions far ahead cannot silence the real stream") {
+  // Someone on the diode's network completes made-up one-shard messages with ids far beyond the
+  // real stream's, more of them than the decoder keeps ranges for. The real stream goes on.
+  DiodeEncoder enc(kStream, DiodeParams{});
+  DiodeDecoder dec(256u << 20, kDiodeMaxStreams, 64);
+  std::vector<std::string> one;
+  for (int i = 0; i < 10; ++i) enc.Encode(RandomBytes(3000, 500 + i), &one);
+  REQUIRE(FeedAll(dec, one).size() == 10);
+  DiodeEncoder forger(kStream, DiodeParams{});
+  std::vector<std::string> tiny;
+  forger.Encode("x", &tiny);
+  REQUIRE(K(tiny[0]) == 1);  // one shard is the whole message
+  std::vector<DiodeDecoder::Message> out;
+  for (std::uint64_t i = 0; i < 200; ++i) {
+    std::string forged = tiny[0];
+    SetBE(&forged, 16, 8, (1ULL << 62) + 2 * i);
+    REQUIRE(dec.Feed(forged, &out).ok());
+  }
+  CHECK(out.size() == 200);  // delivered as frames, and refused there (not authentic)
+  for (std::uint32_t i = 0; i < 50; ++i) {
+    std::vector<std::string> datagrams;
+    enc.Encode(RandomBytes(3000, 600 + i), &datagrams);
+    const auto got = FeedAll(dec, datagrams);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].message_id == 11 + i);
+    CHECK(got[0].bytes == RandomBytes(3000, 600 + i));
+  }
 }
 
 }  // namespace
