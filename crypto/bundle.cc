@@ -3,6 +3,7 @@
 #include <sodium.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -52,15 +53,25 @@ constexpr Envelope kBundleEnvelope{.noun = "bundle",
   std::abort();
 }
 
+// A buffer with room for the header at its front, for the body to be appended to, so that Seal
+// never copies a body (a frames bundle can be gigabytes).
+std::string HeaderSpace(std::size_t body_len) {
+  std::string out(kHeaderSize, '\0');
+  out.reserve(kHeaderSize + body_len + crypto_sign_BYTES);
+  return out;
+}
+
+// `out` is HeaderSpace followed by the body: fills in the header and appends the signature.
 std::string Seal(const SiteKey& sender, const PublicIdentity& recipient, BundleKind kind,
-                 std::string_view body, std::int64_t created_at_ms, std::int64_t expires_at_ms,
+                 std::string out, std::int64_t created_at_ms, std::int64_t expires_at_ms,
                  BundleId* id_out) {
-  if (body.size() > kMaxBodyLen) CallerBug("SealBundle: the body exceeds the 4 GiB limit");
+  assert(out.size() >= kHeaderSize);
+  const std::size_t body_len = out.size() - kHeaderSize;
+  if (body_len > kMaxBodyLen) CallerBug("SealBundle: the body exceeds the 4 GiB limit");
   BundleId id;
   randombytes_buf(id.data(), id.size());
   if (id_out != nullptr) *id_out = id;
 
-  std::string out(kHeaderSize, '\0');
   auto* h = reinterpret_cast<unsigned char*>(out.data());
   std::memcpy(h, kBundleMagic.data(), kBundleMagic.size());
   h[kVersionOffset] = kBundleVersion;
@@ -71,8 +82,7 @@ std::string Seal(const SiteKey& sender, const PublicIdentity& recipient, BundleK
   std::memcpy(h + kIdOffset, id.data(), id.size());
   PutBigEndian(static_cast<std::uint64_t>(created_at_ms), 8, h + kCreatedAtOffset);
   PutBigEndian(static_cast<std::uint64_t>(expires_at_ms), 8, h + kExpiresAtOffset);
-  PutBigEndian(body.size(), 8, h + kBodyLenOffset);
-  out.append(body);
+  PutBigEndian(body_len, 8, h + kBodyLenOffset);
   AppendSignature(sender, kHeaderSize, &out);
   return out;
 }
@@ -132,39 +142,47 @@ std::string SealBundle(const SiteKey& sender, const PublicIdentity& recipient,
   }
   if (body_len > kMaxBodyLen) CallerBug("SealBundle: the frames exceed the 4 GiB body limit");
 
-  std::string body(4, '\0');
-  body.reserve(static_cast<std::size_t>(body_len));
-  PutBigEndian(frames.size(), 4, reinterpret_cast<unsigned char*>(body.data()));
+  std::string out = HeaderSpace(static_cast<std::size_t>(body_len));
+  unsigned char count[4];
+  PutBigEndian(frames.size(), 4, count);
+  out.append(reinterpret_cast<const char*>(count), sizeof count);
   for (const std::string& frame : frames) {
     unsigned char len[4];
     PutBigEndian(frame.size(), 4, len);
-    body.append(reinterpret_cast<const char*>(len), sizeof len);
-    body.append(frame);
+    out.append(reinterpret_cast<const char*>(len), sizeof len);
+    out.append(frame);
   }
-  return Seal(sender, recipient, BundleKind::kFrames, body, created_at_ms, expires_at_ms, id_out);
+  return Seal(sender, recipient, BundleKind::kFrames, std::move(out), created_at_ms, expires_at_ms,
+              id_out);
 }
 
 std::string SealResendRequest(const SiteKey& sender, const PublicIdentity& recipient,
                               std::uint64_t accepted,
                               const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges,
                               std::int64_t created_at_ms, std::int64_t expires_at_ms) {
-  std::string body(12 + 16 * ranges.size(), '\0');
-  auto* b = reinterpret_cast<unsigned char*>(body.data());
+  const std::size_t body_len = 12 + 16 * ranges.size();
+  std::string out = HeaderSpace(body_len);
+  out.resize(kHeaderSize + body_len);
+  auto* b = reinterpret_cast<unsigned char*>(out.data()) + kHeaderSize;
   PutBigEndian(accepted, 8, b);
   PutBigEndian(ranges.size(), 4, b + 8);
   for (std::size_t i = 0; i < ranges.size(); ++i) {
     PutBigEndian(ranges[i].first, 8, b + 12 + 16 * i);
     PutBigEndian(ranges[i].second, 8, b + 20 + 16 * i);
   }
-  return Seal(sender, recipient, BundleKind::kResend, body, created_at_ms, expires_at_ms, nullptr);
+  return Seal(sender, recipient, BundleKind::kResend, std::move(out), created_at_ms, expires_at_ms,
+              nullptr);
 }
 
 std::string SealAck(const SiteKey& sender, const PublicIdentity& recipient,
                     std::uint64_t ack_through, std::int64_t created_at_ms,
                     std::int64_t expires_at_ms) {
-  std::string body(kAckBodySize, '\0');
-  PutBigEndian(ack_through, kAckBodySize, reinterpret_cast<unsigned char*>(body.data()));
-  return Seal(sender, recipient, BundleKind::kAck, body, created_at_ms, expires_at_ms, nullptr);
+  std::string out = HeaderSpace(kAckBodySize);
+  out.resize(kHeaderSize + kAckBodySize);
+  PutBigEndian(ack_through, kAckBodySize,
+               reinterpret_cast<unsigned char*>(out.data()) + kHeaderSize);
+  return Seal(sender, recipient, BundleKind::kAck, std::move(out), created_at_ms, expires_at_ms,
+              nullptr);
 }
 
 BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::string_view bytes,
