@@ -55,7 +55,11 @@ struct Bundle {
 // 32 lowercase hex characters.
 std::string BundleIdHex(const BundleId& id);
 
+// The largest body a bundle can carry (its frames and their framing): 4 GiB.
+inline constexpr std::uint64_t kMaxBundleBodyBytes = std::uint64_t{1} << 32;
+
 // Writes a bundle of `frames` (each a SealFrame result for `recipient`). A random id is drawn.
+// The body is a 4-byte count, then per frame a 4-byte length and the frame.
 std::string SealBundle(const SiteKey& sender, const PublicIdentity& recipient,
                        const std::vector<std::string>& frames, std::int64_t created_at_ms,
                        std::int64_t expires_at_ms, BundleId* id_out = nullptr);

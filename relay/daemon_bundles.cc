@@ -173,6 +173,10 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
         "acknowledges everything from '" + p.name + "' through " + std::to_string(through);
     return report;
   }
+  if (o.max_bytes > crypto::kMaxBundleBodyBytes)
+    return Status::Error("max_bytes " + std::to_string(o.max_bytes) +
+                         " is more than one bundle can hold (" +
+                         std::to_string(crypto::kMaxBundleBodyBytes) + " bytes, 4 GiB)");
   std::uint64_t acked;
   {
     std::lock_guard<std::mutex> lock(ship_mu);
@@ -182,7 +186,7 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
   std::uint64_t first = (o.all ? acked : std::max(acked, exported)) + 1;
   std::uint64_t head = published.load();
   std::vector<std::string> frames;
-  std::size_t frames_bytes = 0;
+  std::uint64_t body_bytes = 4;  // the bundle body so far: frame count, then length + frame each
   int part = 0;
   auto flush = [&]() -> Status {
     if (frames.empty()) return Status::Ok();
@@ -193,7 +197,7 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     report.bytes += bytes.size();
     if (o.progress) o.progress(report.files.back(), report.events, report.bytes);
     frames.clear();
-    frames_bytes = 0;
+    body_bytes = 4;
     return Status::Ok();
   };
   std::uint64_t pos = first;
@@ -201,10 +205,10 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     auto built = BuildFrame(*idx, pos, pos, head);
     if (!built) return built.status();
     if (built->count == 0) break;
-    if (!frames.empty() && frames_bytes + built->bytes.size() > o.max_bytes)
+    if (!frames.empty() && body_bytes + 4 + built->bytes.size() > o.max_bytes)
       if (Status s = flush(); !s) return s;
     report.events += built->count;
-    frames_bytes += built->bytes.size();
+    body_bytes += 4 + built->bytes.size();
     frames.push_back(std::move(built->bytes));
     pos = built->last_seq + 1;
   }

@@ -29,8 +29,16 @@ class SneakernetTest(RelayTestCase):
         eu, aws = self.disk_pair()
         eu.start()
         post_all(eu, messages(3000, prefix="disk"), batch=500)
+        # A limit over what one bundle can hold (4 GiB) is refused, and nothing is written.
+        r = eu.cli("export", "--config", eu.conf, "--peer", "aws", "--out", self.disk,
+                   "--max-bytes", "5GiB")
+        self.assertNotEqual(r.returncode, 0, r.stdout)
+        self.assertIn("more than one bundle can hold", r.stdout + r.stderr)
+        self.assertEqual(os.listdir(self.disk), [])
         files = self.export(eu, "aws", "--max-bytes", "256KiB")
         self.assertGreater(len(files), 1, "a 256 KiB limit must split 3000 messages")
+        for f in files:  # header (112 bytes) + body within the limit + signature (64 bytes)
+            self.assertLessEqual(os.path.getsize(f), 256 * 1024 + 112 + 64, f)
         eu.stop()
         # Import in reverse order while aws is not running (the store is opened by the CLI).
         r = self.imp(aws, *reversed(files))
