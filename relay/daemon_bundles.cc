@@ -4,6 +4,7 @@
 #include "relay/daemon_impl.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -31,6 +32,7 @@ void Daemon::Impl::BundleRequest(const std::string& path, std::string body,
                                  const HttpResponder& respond) {
   std::lock_guard<std::mutex> lock(bundle_mu);
   bundle_threads.emplace_back([this, path, body = std::move(body), respond] {
+    pthread_setname_np(pthread_self(), "relay-bundle");
     simdjson::dom::parser parser;
     simdjson::dom::element doc;
     if (parser.parse(body).get(doc) || doc.type() != simdjson::dom::element_type::OBJECT) {
