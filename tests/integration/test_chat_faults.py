@@ -188,6 +188,19 @@ class Chat:
                     if f["info"]["user_id"] == self.bot_id]
 
 
+def in_creation_order(dst_posts, src_created):
+    """Whether the relayed posts `dst_posts` were created on the peer's server in the order their
+    originals were created (`src_created`: message -> create_at on the origin's server). Posts
+    created in the same millisecond on either server have no order (create_at is all there is)."""
+    keys = sorted((p["create_at"], src_created[p["message"]]) for p in dst_posts)
+    return [k[1] for k in keys] == sorted(k[1] for k in keys)
+
+
+def created_at(site):
+    """message -> create_at of the current posts on a site's server."""
+    return {p["message"]: p["create_at"] for p in site.rows() if not p.get("original_id")}
+
+
 class Workload:
     """Every kind of change, made by the human on `src`'s server: a thread root and a reply, an
     edit, reactions added and removed, a post with an attachment, a post deleted, plain posts.
@@ -271,8 +284,10 @@ class Workload:
             test.assertEqual(len(dst.copies(text)), 1,
                              f"{name}: {len(dst.copies(text))} copies of {text!r}")
         live = dst.from_peer(self.src.name)
-        test.assertEqual([p["message"] for p in live], self.order,
-                         f"{name}: posts missing, extra or out of order")
+        test.assertEqual(sorted(p["message"] for p in live), sorted(self.order),
+                         f"{name}: posts missing or extra")
+        test.assertTrue(in_creation_order(live, created_at(self.src)),
+                        f"{name}: posts out of order: {[p['message'] for p in live]}")
         root = next(p for p in live if p["message"] == self.edited)
         reply = next(p for p in live if p["message"] == self.reply)
         test.assertEqual(reply["root_id"], root["id"], f"{name}: the reply left its thread")
@@ -490,11 +505,20 @@ class ChatFaultTest(RelayTestCase):
             self.wait_post(eu, text, timeout=30)
         self.wait_for(lambda: eu.bot_reactions(local_old["id"]) == {"rocket"}, 30,
                       "the reaction made during the outage")
-        self.wait_for(lambda: [p["message"] for p in eu.from_peer("aws")] ==
-                      ["aws before the outage (edited)", "aws during the outage 1",
-                       "aws reply during the outage", "aws during the outage 2"], 30,
+        # In aws's order of creation; posts created in the same millisecond have no order (the
+        # server's create_at is all there is), so any order among them is right.
+        created = created_at(aws)
+
+        def arrived_in_order():
+            live = eu.from_peer("aws")
+            return (sorted(p["message"] for p in live) ==
+                    sorted(["aws before the outage (edited)", "aws during the outage 1",
+                            "aws reply during the outage", "aws during the outage 2"]) and
+                    in_creation_order(live, created))
+        self.wait_for(arrived_in_order, 30,
                       "aws's edit and delete made during the outage",
-                      lambda: [p["message"] for p in eu.from_peer("aws")])
+                      lambda: "europe has %s; aws has %s" % (
+                          [(p["message"], p["create_at"]) for p in eu.from_peer("aws")], created))
         self.settle()
         w.check(self, aws)
         reply = eu.copies("aws reply during the outage")[0]
