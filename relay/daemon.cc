@@ -183,18 +183,11 @@ Status Daemon::Impl::Start() {
     hooks.metrics = &metrics;
     bridge = std::make_unique<MattermostBridge>(config, std::move(hooks));
   }
-  // Named threads (at most 15 characters): top -H and gdb show which loop is which.
-  auto run = [this](const char* name, void (Impl::*loop)()) {
-    return std::thread([this, name, loop] {
-      pthread_setname_np(pthread_self(), name);
-      (this->*loop)();
-    });
-  };
-  committer = run("relay-commit", &Impl::CommitterLoop);
-  shipper = run("relay-ship", &Impl::ShipperLoop);
-  inbound = run("relay-inbound", &Impl::InboundLoop);
-  delivery = run("relay-deliver", &Impl::DeliveryLoop);
-  maintenance = run("relay-maint", &Impl::MaintenanceLoop);
+  committer = RunNamed("relay-commit", &Impl::CommitterLoop);
+  shipper = RunNamed("relay-ship", &Impl::ShipperLoop);
+  inbound = RunNamed("relay-inbound", &Impl::InboundLoop);
+  delivery = RunNamed("relay-deliver", &Impl::DeliveryLoop);
+  maintenance = RunNamed("relay-maint", &Impl::MaintenanceLoop);
   started = true;
   if (Status s = StartDiode(); !s) return s;
   if (bridge) {

@@ -72,10 +72,7 @@ Status Daemon::Impl::StartDiode() {
     diode_senders.push_back(std::move(ds));
   }
   if (!diode_senders.empty()) {
-    diode_send_thread = std::thread([this] {
-      pthread_setname_np(pthread_self(), "relay-diode-tx");
-      DiodeSendLoop();
-    });
+    diode_send_thread = RunNamed("relay-diode-tx", &Impl::DiodeSendLoop);
   }
   if (!config.diode_listen.empty()) {
     sockaddr_storage addr{};
@@ -92,10 +89,7 @@ Status Daemon::Impl::StartDiode() {
                            "': " + std::strerror(errno));
     timeval tv{0, 200000};
     ::setsockopt(diode_recv_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    diode_recv_thread = std::thread([this] {
-      pthread_setname_np(pthread_self(), "relay-diode-rx");
-      DiodeRecvLoop();
-    });
+    diode_recv_thread = RunNamed("relay-diode-rx", &Impl::DiodeRecvLoop);
   }
   return Status::Ok();
 }

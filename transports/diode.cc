@@ -168,7 +168,6 @@ class IdRanges {
       ranges_.erase(victim);
     }
   }
-  std::size_t size() const { return ranges_.size(); }
   // How many ids in (forgotten, through] are not contained.
   std::uint64_t CountMissing(std::uint64_t through) const {
     if (through <= forgotten_through_) return 0;
