@@ -24,7 +24,7 @@
 
 namespace relay::crypto {
 
-inline constexpr std::uint8_t kBundleVersion = 1;
+inline constexpr std::uint8_t kBundleVersion = 2;  // wire version 2 (frames inside are version 2)
 
 enum class BundleKind : std::uint8_t {
   kFrames = 1,  // body: frames for the recipient

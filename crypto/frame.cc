@@ -243,7 +243,7 @@ bool LooksLikeFrame(std::string_view bytes) {
 std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                       std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
                       std::string_view plaintext, std::uint8_t flags) {
-  if (first_seq > last_seq || (flags & ~kFrameKnownFlags) != 0 ||
+  if (first_seq > last_seq || last_seq > kMaxSequence || (flags & ~kFrameKnownFlags) != 0 ||
       plaintext.size() > std::numeric_limits<std::uint32_t>::max() - kTagSize) {
     std::fprintf(stderr, "relay: SealFrame called with an invalid sequence range or size\n");
     std::abort();
@@ -316,6 +316,13 @@ OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_v
     return result;
   }
   header.flags = static_cast<std::uint8_t>(flags);
+  if (header.last_seq > kMaxSequence) {
+    result.rejection =
+        Reject(env, RejectReason::kMalformed,
+               "sequence " + std::to_string(header.last_seq) + " is beyond the largest allowed (" +
+                   std::to_string(kMaxSequence) + ")");
+    return result;
+  }
   if (header.first_seq > header.last_seq) {
     result.rejection = Reject(env, RejectReason::kMalformed,
                               "sequence range " + std::to_string(header.first_seq) + ".." +

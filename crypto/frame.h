@@ -24,8 +24,13 @@
 
 namespace relay::crypto {
 
-inline constexpr std::uint8_t kFrameVersion = 1;
-inline constexpr std::uint8_t kControlVersion = 1;
+// Wire version 2 (docs/wire-format.md): frame payloads carry origin attestations, events the
+// core/hops envelope, and the ZeroMQ link runs over CURVE. Version 1 is refused by name.
+inline constexpr std::uint8_t kFrameVersion = 2;
+inline constexpr std::uint8_t kControlVersion = 2;
+// Link sequences (a frame's range, an acknowledgement) never exceed this; larger ones are
+// malformed, so that arithmetic on them cannot overflow.
+inline constexpr std::uint64_t kMaxSequence = std::uint64_t{1} << 62;
 
 enum class RejectReason : std::uint8_t {
   kTruncated = 0,       // shorter than its header says, or than a header

@@ -27,7 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckRoundTrip(bytes);
   auto framed = relay::DecodeFramePayload(bytes);
   if (framed.ok()) {
-    for (const auto& item : *framed) CheckRoundTrip(item.encoded);
+    for (const auto& item : framed->events) CheckRoundTrip(item.encoded);
   }
   return 0;
 }

@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "crypto/frame.h"
+#include "crypto/origin.h"
 #include "fuzz_keys.h"
 #include "relay/event.h"
 
@@ -26,12 +27,25 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto frame = relay::crypto::OpenFrame(*g_self, *g_peers, bytes);
   if (frame.ok()) {
     // What the daemon does next with an opened frame.
-    auto events = relay::DecodeFramePayload(frame.frame->plaintext);
-    if (events.ok())
-      for (const auto& item : *events) (void)relay::DecodeEvent(item.encoded);
+    auto payload = relay::DecodeFramePayload(frame.frame->plaintext);
+    if (payload.ok()) {
+      for (const auto& item : payload->events) {
+        std::string_view core;
+        if (relay::DecodeEvent(item.encoded, &core).ok()) (void)relay::crypto::EventDigest(core);
+      }
+      for (std::string_view a : payload->attestations) {
+        auto att = relay::crypto::ParseAttestation(a);
+        if (att.ok()) (void)relay::crypto::VerifyAttestation(*att, g_self->identity().sign_pk);
+      }
+    }
   } else {
     (void)relay::crypto::RejectReasonName(frame.rejection.reason);
   }
   (void)relay::crypto::OpenControl(*g_self, *g_peers, bytes);
+  // Origin attestations are parsed before their signature is checked (crypto/origin.h).
+  if (auto att = relay::crypto::ParseAttestation(bytes); att.ok()) {
+    if (att->count() * 32 != att->digests.size()) std::abort();
+    (void)relay::crypto::VerifyAttestation(*att, g_self->identity().sign_pk);
+  }
   return 0;
 }

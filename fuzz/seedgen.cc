@@ -11,6 +11,7 @@
 
 #include "crypto/bundle.h"
 #include "crypto/frame.h"
+#include "crypto/origin.h"
 #include "fuzz_keys.h"
 #include "relay/event.h"
 #include "transports/diode.h"
@@ -90,13 +91,21 @@ int main(int argc, char** argv) {
     relay::EncodeEvent(chunk, &bytes);
     Write("event", "event-chunk", bytes);
   }
+  // The origin ("aws", the peer's key) signs its events: one attestation for all of them.
+  std::vector<relay::crypto::Digest> digests;
+  for (const std::string& e : encoded)
+    digests.push_back(relay::crypto::EventDigest(relay::ParseEventEnvelope(e)->core));
+  const std::string attestation =
+      relay::crypto::SealAttestation(peer, "aws", digests.data(), digests.size());
+  Write("frame", "attestation-5", attestation);
   std::vector<relay::FramedEvent> framed;
   for (std::size_t i = 0; i < encoded.size(); ++i) framed.push_back({i + 10, encoded[i]});
-  const std::string payload = relay::EncodeFramePayload(framed);
+  const std::string payload = relay::EncodeFramePayload(framed, {attestation});
   Write("event", "payload-5", payload);
   relay::FramePayloadWriter writer;
   writer.Add(7, encoded[0]);
   writer.Add(8, encoded[3]);
+  writer.AddAttestation(attestation);
   const std::string payload2 = writer.Finish();
   Write("event", "payload-writer-2", payload2);
 
@@ -105,7 +114,7 @@ int main(int argc, char** argv) {
   Write("frame", "frame-2", relay::crypto::SealFrame(peer, site.identity(), 7, 8, 2, payload2));
   Write("frame", "frame-1",
         relay::crypto::SealFrame(peer, site.identity(), 3, 3, 1,
-                                 relay::EncodeFramePayload({{3, encoded[2]}})));
+                                 relay::EncodeFramePayload({{3, encoded[2]}}, {attestation})));
   using relay::crypto::ControlType;
   Write("frame", "control-hello",
         relay::crypto::SealControl(peer, site.identity(), ControlType::kHello, 1764000000000, ""));
@@ -119,7 +128,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> frames = {
       relay::crypto::SealFrame(peer, site.identity(), 7, 8, 2, payload2),
       relay::crypto::SealFrame(peer, site.identity(), 9, 9, 1,
-                               relay::EncodeFramePayload({{9, encoded[1]}}))};
+                               relay::EncodeFramePayload({{9, encoded[1]}}, {attestation}))};
   Write("bundle", "frames-2",
         relay::crypto::SealBundle(peer, site.identity(), frames, 1764000000000, 0));
   Write("bundle", "frames-0",
@@ -167,24 +176,28 @@ int main(int argc, char** argv) {
   const std::string pk = peer.identity().ToString();
   Write("config", "minimal.conf",
         "[site]\nname = europe\nkey_file = europe.key\ndata_dir = data\n\n"
-        "[ingest]\nlisten = 127.0.0.1:8081\n\n[peer.aws]\npublic_key = " + pk + "\n\n"
-        "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
+        "[ingest]\nlisten = 127.0.0.1:8081\n\n[peer.aws]\npublic_key = " +
+            pk +
+            "\n\n"
+            "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
   Write("config", "full.conf",
         "# every section\n[site]\nname = europe\nkey_file = /etc/relay/europe.key\n"
         "previous_key_file = old.key\ndata_dir = /var/lib/relay/europe\ndedup_ttl = 7d\n\n"
         "[ingest]\nlisten = [::1]:8081\nmax_body = 16MiB\nmax_text = 64KiB\n\n"
         "[zmq]\nlisten = tcp://0.0.0.0:7400\nheartbeat_interval = 1500ms\n"
         "peer_timeout = 5s\n\n[diode]\nlisten = udp://0.0.0.0:9000\n\n"
-        "[peer.aws]\npublic_key = " + pk + "\nprevious_public_key = " + site.identity().ToString() +
-        "\nzmq_connect = tcp://aws-relay.internal:7400\nfiles_dir = /media/usb/relay\n"
-        "files_auto = true\nfiles_interval = 1m\ndiode_send = udp://10.9.0.2:9000\n"
-        "diode_rate = 8MiB\ndiode_data_shards = 16\ndiode_parity_shards = 8\n"
-        "diode_interleave = 8\ndiode_retention = 7d\nwindow = 8\nmax_frame_events = 2048\n"
-        "max_frame_bytes = 4MiB\n\n"
-        "[channel.war-room]\npeers = aws\nsink = mattermost\n"
-        "mattermost_channel_id = 4xp9fdt77pncbef59f4k1qe83o\n\n"
-        "[channel.ops]\npeers = aws\nsink = webhook\nwebhook_url = https://hooks.example/T0/B0/x\n\n"
-        "[mattermost]\nurl = https://chat.europe.example\ntoken_file = mm.token\n"
-        "timeout = 10s\ndisplay_name = {author} ({site})\nmax_file_bytes = 50MiB\n");
+        "[peer.aws]\npublic_key = " +
+            pk + "\nprevious_public_key = " + site.identity().ToString() +
+            "\nzmq_connect = tcp://aws-relay.internal:7400\nfiles_dir = /media/usb/relay\n"
+            "files_auto = true\nfiles_interval = 1m\ndiode_send = udp://10.9.0.2:9000\n"
+            "diode_rate = 8MiB\ndiode_data_shards = 16\ndiode_parity_shards = 8\n"
+            "diode_interleave = 8\ndiode_retention = 7d\nwindow = 8\nmax_frame_events = 2048\n"
+            "max_frame_bytes = 4MiB\n\n"
+            "[channel.war-room]\npeers = aws\nsink = mattermost\n"
+            "mattermost_channel_id = 4xp9fdt77pncbef59f4k1qe83o\n\n"
+            "[channel.ops]\npeers = aws\nsink = webhook\nwebhook_url = "
+            "https://hooks.example/T0/B0/x\n\n"
+            "[mattermost]\nurl = https://chat.europe.example\ntoken_file = mm.token\n"
+            "timeout = 10s\ndisplay_name = {author} ({site})\nmax_file_bytes = 50MiB\n");
   return 0;
 }

@@ -23,8 +23,8 @@
 namespace relay::queue {
 namespace {
 
-enum Cf : std::size_t { kOutbound = 0, kInbound, kDedup, kMeta, kCfCount };
-const char* const kCfNames[kCfCount] = {"outbound", "inbound", "dedup", "meta"};
+enum Cf : std::size_t { kOutbound = 0, kInbound, kDedup, kMeta, kAttest, kCfCount };
+const char* const kCfNames[kCfCount] = {"outbound", "inbound", "dedup", "meta", "attest"};
 
 // Drops dedup entries whose expiry (the value's first 8 bytes) has passed by the wall clock.
 // Lookups check the expiry themselves, so an expired entry that survives until the next
@@ -108,10 +108,10 @@ struct WriteBatch::Impl {
 WriteBatch::WriteBatch() : impl_(std::make_unique<Impl>()) {}
 WriteBatch::~WriteBatch() = default;
 
-void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
+std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
                                 std::string_view encoded_event) {
   std::string value;
-  std::size_t size = 1 + encoded_event.size();
+  std::size_t size = 1 + 8 + encoded_event.size();
   for (const auto& p : peers) size += 1 + p.size();
   value.reserve(size);
   value.push_back(static_cast<char>(peers.size()));
@@ -120,9 +120,52 @@ void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string
     value.push_back(static_cast<char>(p.size()));
     value.append(p);
   }
+  value.append(Key64(attestation));
   value.append(encoded_event);
+  return value;
+}
+
+namespace {
+// Offset of the attestation key in an outbound value, or npos when the peer list is cut off.
+std::size_t AttestationOffset(std::string_view v) {
+  if (v.empty()) return std::string_view::npos;
+  std::size_t n = static_cast<unsigned char>(v[0]);
+  std::size_t pos = 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (pos >= v.size()) return std::string_view::npos;
+    pos += 1 + static_cast<unsigned char>(v[pos]);
+  }
+  return pos + 8 <= v.size() ? pos : std::string_view::npos;
+}
+}  // namespace
+
+void SetOutboundAttestation(std::string* value, std::uint64_t attestation) {
+  const std::size_t pos = AttestationOffset(*value);
+  if (pos != std::string_view::npos) PutBigEndian64(attestation, value->data() + pos);
+}
+
+std::string_view OutboundValueEvent(std::string_view value) {
+  const std::size_t pos = AttestationOffset(value);
+  return pos == std::string_view::npos ? std::string_view() : value.substr(pos + 8);
+}
+
+void WriteBatch::PutOutbound(std::uint64_t seq, std::string value) {
   impl_->bytes += value.size() + 8;
   impl_->ops.push_back({Impl::Op::kPut, kOutbound, Key64(seq), std::move(value)});
+}
+
+void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
+                                std::uint64_t attestation, std::string_view encoded_event) {
+  PutOutbound(seq, EncodeOutboundValue(peers, attestation, encoded_event));
+}
+
+void WriteBatch::PutAttestation(std::uint64_t key, std::string_view attestation) {
+  impl_->bytes += attestation.size() + 8;
+  impl_->ops.push_back({Impl::Op::kPut, kAttest, Key64(key), std::string(attestation)});
+}
+
+void WriteBatch::DeleteAttestationRange(std::uint64_t from, std::uint64_t to_exclusive) {
+  impl_->ops.push_back({Impl::Op::kDeleteRange, kAttest, Key64(from), Key64(to_exclusive)});
 }
 
 void WriteBatch::DeleteOutboundRange(std::uint64_t from, std::uint64_t to_exclusive) {
@@ -382,19 +425,17 @@ Status Store::ScanOutbound(std::uint64_t from,
   std::unique_ptr<rocksdb::Iterator> it(
       impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kOutbound]));
   for (it->Seek(Key64(from)); it->Valid(); it->Next()) {
-    rocksdb::Slice k = it->key(), v = it->value();
-    if (k.size() != 8 || v.empty()) return Status::Error("corrupt outbound log entry");
-    std::size_t n = static_cast<unsigned char>(v[0]);
-    std::size_t pos = 1;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (pos >= v.size()) return Status::Error("corrupt outbound log entry peer list");
-      pos += 1 + static_cast<unsigned char>(v[pos]);
-    }
-    if (pos > v.size()) return Status::Error("corrupt outbound log entry peer list");
+    rocksdb::Slice k = it->key();
+    const std::string_view v = ToView(it->value());
+    const std::size_t pos = AttestationOffset(v);
+    if (k.size() != 8 || pos == std::string_view::npos)
+      return Status::Error("corrupt outbound log entry at " +
+                           std::to_string(k.size() == 8 ? GetBigEndian64(k.data()) : 0));
     OutboundEntry e;
     e.seq = GetBigEndian64(k.data());
-    e.peers = std::string_view(v.data(), pos);
-    e.event = std::string_view(v.data() + pos, v.size() - pos);
+    e.peers = v.substr(0, pos);
+    e.attestation = GetBigEndian64(v.data() + pos);
+    e.event = v.substr(pos + 8);
     if (!visit(e)) return Status::Ok();
   }
   if (!it->status().ok()) return Status::Error("reading outbound log: " + it->status().ToString());
@@ -413,6 +454,15 @@ Status Store::ScanInbound(
   }
   if (!it->status().ok()) return Status::Error("reading inbound store: " + it->status().ToString());
   return Status::Ok();
+}
+
+Result<std::optional<std::string>> Store::GetAttestation(std::uint64_t key) const {
+  std::string v;
+  rocksdb::Status s = impl_->db->Get(rocksdb::ReadOptions(), impl_->cf[kAttest], Key64(key), &v);
+  if (s.IsNotFound()) return std::optional<std::string>();
+  if (!s.ok())
+    return Status::Error("reading attestation " + std::to_string(key) + ": " + s.ToString());
+  return std::optional<std::string>(std::move(v));
 }
 
 std::optional<std::uint64_t> Store::FirstOutboundSeq() const {

@@ -8,6 +8,10 @@
 //   dedup     key -> be64(expire_ms) value  event ids ("e:<id>") and client keys ("c:<key>");
 //                                           expired entries are dropped by a compaction filter
 //   meta      name -> be64(value)           counters and cursors (see queue/cursors.h names)
+//   attest    be64(key) -> attestation      origin signatures (crypto/origin.h) of the events in
+//                                           the outbound log; the key is the highest log seq
+//                                           whose entry refers to it, so the log's GC deletes
+//                                           an attestation with the last entry that needs it
 //
 // All writes go through WriteBatch + Commit, so every change made together is atomic. Commit
 // with sync=true returns only once the batch is on stable storage (WAL fsync).
@@ -33,9 +37,14 @@ class WriteBatch {
   WriteBatch(const WriteBatch&) = delete;
   WriteBatch& operator=(const WriteBatch&) = delete;
 
-  // Appends an event to the outbound log for `peers` (names of configured peers).
+  // Appends an event to the outbound log for `peers` (names of configured peers), covered by
+  // the attestation stored under key `attestation` (PutAttestation).
   void AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
-                      std::string_view encoded_event);
+                      std::uint64_t attestation, std::string_view encoded_event);
+  // The same with a value built by EncodeOutboundValue.
+  void PutOutbound(std::uint64_t seq, std::string value);
+  void PutAttestation(std::uint64_t key, std::string_view attestation);
+  void DeleteAttestationRange(std::uint64_t from, std::uint64_t to_exclusive);
   void DeleteOutboundRange(std::uint64_t from, std::uint64_t to_exclusive);
   void PutInbound(std::uint64_t seq, std::string_view encoded_event);
   void DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusive);
@@ -54,11 +63,20 @@ class WriteBatch {
   std::unique_ptr<Impl> impl_;
 };
 
+// The stored value of an outbound log entry: the packed peer list, the key of the attestation
+// that covers the event, the encoded event. SetOutboundAttestation fills in the key later (the
+// committer knows it only once the whole group is built); OutboundValueEvent finds the event.
+std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
+                                std::string_view encoded_event);
+void SetOutboundAttestation(std::string* value, std::uint64_t attestation);
+std::string_view OutboundValueEvent(std::string_view value);
+
 // One entry of the outbound log as read back.
 struct OutboundEntry {
   std::uint64_t seq = 0;
-  std::string_view peers;  // packed peer list; use HasPeer()
-  std::string_view event;  // encoded event
+  std::string_view peers;         // packed peer list; use HasPeer()
+  std::uint64_t attestation = 0;  // key of its attestation (Store::GetAttestation)
+  std::string_view event;         // encoded event
   bool HasPeer(std::string_view peer) const;
   std::vector<std::string> Peers() const;
 };
@@ -100,6 +118,9 @@ class Store {
   Status ScanInbound(
       std::uint64_t from,
       const std::function<bool(std::uint64_t seq, std::string_view event)>& visit) const;
+  // The attestation stored under `key`; nullopt when there is none, an error when it cannot be
+  // read.
+  Result<std::optional<std::string>> GetAttestation(std::uint64_t key) const;
   // The lowest outbound seq still stored, or nullopt when the log is empty.
   std::optional<std::uint64_t> FirstOutboundSeq() const;
 

@@ -7,11 +7,6 @@
 namespace relay {
 namespace {
 
-constexpr std::uint32_t kEventFields = 14;
-// A kFileChunk event has one more field, the chunk. Other kinds keep 14 fields, so their bytes
-// are what relays without chunk support expect.
-constexpr std::uint32_t kChunkEventFields = 15;
-
 const char* const kKindNames[] = {"post",      "edit", "delete", "reaction_add", "reaction_remove",
                                   "file_chunk"};
 constexpr std::uint64_t kLastKind = 6;
@@ -67,49 +62,54 @@ msgpack::object_handle Unpack(std::string_view bytes, Status* status) {
   return handle;
 }
 
-Result<Event> DecodeEventObject(const msgpack::object& o) {
-  if (o.type != msgpack::type::ARRAY) return Status::Error("event is not a msgpack array");
-  const auto& a = o.via.array;
-  if (a.size < 1) return Status::Error("event array is empty");
-  std::uint64_t version = 0;
-  if (Status s = WantUint(a.ptr[0], "version", &version); !s) return s;
-  if (version != kEventFormatVersion)
-    return Status::Error("unsupported event format version " + std::to_string(version));
-  // The kind decides the field count, so it is read first (when there is one).
-  std::uint64_t kind = 0;
-  Status s;
-  if (a.size > 4) {
-    if (!(s = WantUint(a.ptr[4], "kind", &kind))) return s;
-    if (kind < 1 || kind > kLastKind)
-      return Status::Error("unknown event kind " + std::to_string(kind));
-  }
-  const std::uint32_t want =
-      kind == static_cast<std::uint64_t>(EventKind::kFileChunk) ? kChunkEventFields : kEventFields;
-  if (a.size != want)
-    return Status::Error("event has " + std::to_string(a.size) + " fields, expected " +
-                         std::to_string(want));
-  Event e;
-  if (!(s = WantStr(a.ptr[1], "id", &e.id))) return s;
-  if (!(s = WantStr(a.ptr[2], "origin_site", &e.origin_site))) return s;
-  if (!(s = WantUint(a.ptr[3], "origin_seq", &e.origin_seq))) return s;
-  e.kind = static_cast<EventKind>(kind);
-  if (!(s = WantStr(a.ptr[5], "channel", &e.channel))) return s;
-  if (!(s = WantStr(a.ptr[6], "author", &e.author))) return s;
-  if (!(s = WantStr(a.ptr[7], "text", &e.text))) return s;
-  if (!(s = WantStr(a.ptr[8], "thread", &e.thread))) return s;
-  if (!(s = WantStr(a.ptr[9], "ref", &e.ref))) return s;
-  if (!(s = WantInt(a.ptr[10], "created_at", &e.created_at_ms))) return s;
-  const msgpack::object& hops = a.ptr[11];
+// The fields of an event's core, in order (docs/wire-format.md, "Event"): everything the origin
+// signs. The chunk follows for a kFileChunk event.
+constexpr std::uint32_t kCoreFields = 12;
+constexpr std::uint32_t kChunkCoreFields = 13;
+// The envelope: [version, kind, core (bin), hops].
+constexpr std::uint32_t kEnvelopeFields = 4;
+
+Status ReadHops(const msgpack::object& hops, std::vector<std::string>* out) {
   if (hops.type != msgpack::type::ARRAY) return Status::Error("field 'hops' is not an array");
   if (hops.via.array.size > kMaxHops)
     return Status::Error("field 'hops' has " + std::to_string(hops.via.array.size) +
                          " entries, more than the limit " + std::to_string(kMaxHops));
   for (std::uint32_t i = 0; i < hops.via.array.size; ++i) {
     std::string hop;
-    if (!(s = WantStr(hops.via.array.ptr[i], "hops[]", &hop))) return s;
-    e.hops.push_back(std::move(hop));
+    if (Status s = WantStr(hops.via.array.ptr[i], "hops[]", &hop); !s) return s;
+    out->push_back(std::move(hop));
   }
-  const msgpack::object& props = a.ptr[12];
+  return Status::Ok();
+}
+
+// Decodes the core (a msgpack array, see kCoreFields) of an event whose envelope says `kind`.
+Result<Event> DecodeCoreObject(const msgpack::object& o, std::uint64_t envelope_kind) {
+  if (o.type != msgpack::type::ARRAY) return Status::Error("event core is not a msgpack array");
+  const auto& a = o.via.array;
+  const std::uint32_t want = envelope_kind == static_cast<std::uint64_t>(EventKind::kFileChunk)
+                                 ? kChunkCoreFields
+                                 : kCoreFields;
+  if (a.size != want)
+    return Status::Error("event core has " + std::to_string(a.size) + " fields, expected " +
+                         std::to_string(want));
+  Status s;
+  std::uint64_t kind = 0;
+  if (!(s = WantUint(a.ptr[3], "kind", &kind))) return s;
+  if (kind != envelope_kind)
+    return Status::Error("field 'kind' of the core (" + std::to_string(kind) +
+                         ") differs from the envelope's (" + std::to_string(envelope_kind) + ")");
+  Event e;
+  if (!(s = WantStr(a.ptr[0], "id", &e.id))) return s;
+  if (!(s = WantStr(a.ptr[1], "origin_site", &e.origin_site))) return s;
+  if (!(s = WantUint(a.ptr[2], "origin_seq", &e.origin_seq))) return s;
+  e.kind = static_cast<EventKind>(kind);
+  if (!(s = WantStr(a.ptr[4], "channel", &e.channel))) return s;
+  if (!(s = WantStr(a.ptr[5], "author", &e.author))) return s;
+  if (!(s = WantStr(a.ptr[6], "text", &e.text))) return s;
+  if (!(s = WantStr(a.ptr[7], "thread", &e.thread))) return s;
+  if (!(s = WantStr(a.ptr[8], "ref", &e.ref))) return s;
+  if (!(s = WantInt(a.ptr[9], "created_at", &e.created_at_ms))) return s;
+  const msgpack::object& props = a.ptr[10];
   if (props.type != msgpack::type::MAP) return Status::Error("field 'props' is not a map");
   for (std::uint32_t i = 0; i < props.via.map.size; ++i) {
     std::string k, v;
@@ -117,7 +117,7 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
     if (!(s = WantStr(props.via.map.ptr[i].val, "props value", &v))) return s;
     e.props.emplace_back(std::move(k), std::move(v));
   }
-  const msgpack::object& files = a.ptr[13];
+  const msgpack::object& files = a.ptr[11];
   if (files.type != msgpack::type::ARRAY) return Status::Error("field 'files' is not an array");
   for (std::uint32_t i = 0; i < files.via.array.size; ++i) {
     const msgpack::object& f = files.via.array.ptr[i];
@@ -148,7 +148,7 @@ Result<Event> DecodeEventObject(const msgpack::object& o) {
     e.files.push_back(std::move(at));
   }
   if (e.kind == EventKind::kFileChunk) {
-    const msgpack::object& c = a.ptr[14];
+    const msgpack::object& c = a.ptr[12];
     if (c.type != msgpack::type::ARRAY || c.via.array.size != 4)
       return Status::Error("field 'chunk' is not a [blob_id, offset, total_size, data]");
     const msgpack::object* ca = c.via.array.ptr;
@@ -211,12 +211,13 @@ std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq) 
   return id;
 }
 
-void EncodeEvent(const Event& e, std::string* out) {
+namespace {
+
+// The core's fields (kCoreFields, plus the chunk) packed into `buf`.
+void PackCore(const Event& e, msgpack::sbuffer* buf) {
   const bool chunk = e.kind == EventKind::kFileChunk;
-  msgpack::sbuffer buf(256 + e.text.size() + (chunk ? e.chunk.data.size() : 0));
-  msgpack::packer<msgpack::sbuffer> pk(buf);
-  pk.pack_array(chunk ? kChunkEventFields : kEventFields);
-  pk.pack_uint8(kEventFormatVersion);
+  msgpack::packer<msgpack::sbuffer> pk(*buf);
+  pk.pack_array(chunk ? kChunkCoreFields : kCoreFields);
   pk.pack(e.id);
   pk.pack(e.origin_site);
   pk.pack_uint64(e.origin_seq);
@@ -227,8 +228,6 @@ void EncodeEvent(const Event& e, std::string* out) {
   pk.pack(e.thread);
   pk.pack(e.ref);
   pk.pack_int64(e.created_at_ms);
-  pk.pack_array(static_cast<std::uint32_t>(e.hops.size()));
-  for (const auto& h : e.hops) pk.pack(h);
   pk.pack_map(static_cast<std::uint32_t>(e.props.size()));
   for (const auto& [k, v] : e.props) {
     pk.pack(k);
@@ -256,15 +255,141 @@ void EncodeEvent(const Event& e, std::string* out) {
     pk.pack_bin(static_cast<std::uint32_t>(e.chunk.data.size()));
     pk.pack_bin_body(e.chunk.data.data(), static_cast<std::uint32_t>(e.chunk.data.size()));
   }
+}
+
+// Appends the envelope [version, kind, core, hops] to *out.
+template <typename Hops>
+void AppendEnvelope(EventKind kind, std::string_view core, const Hops& hops, std::string* out) {
+  msgpack::sbuffer buf(core.size() + 64);
+  msgpack::packer<msgpack::sbuffer> pk(buf);
+  pk.pack_array(kEnvelopeFields);  // fixarray: 0x94
+  pk.pack_uint8(kEventFormatVersion);
+  pk.pack_uint8(static_cast<std::uint8_t>(kind));
+  pk.pack_bin(static_cast<std::uint32_t>(core.size()));
+  pk.pack_bin_body(core.data(), static_cast<std::uint32_t>(core.size()));
+  pk.pack_array(static_cast<std::uint32_t>(hops.size()));
+  for (const auto& h : hops) pk.pack(std::string_view(h));
   out->append(buf.data(), buf.size());
 }
 
-Result<Event> DecodeEvent(std::string_view bytes) {
+}  // namespace
+
+std::string_view OriginOfEventId(std::string_view id) {
+  const auto colon = id.rfind(':');
+  return colon == std::string_view::npos ? std::string_view() : id.substr(0, colon);
+}
+
+void EncodeEvent(const Event& e, std::string* out) {
+  const bool chunk = e.kind == EventKind::kFileChunk;
+  msgpack::sbuffer core(256 + e.text.size() + (chunk ? e.chunk.data.size() : 0));
+  PackCore(e, &core);
+  AppendEnvelope(e.kind, std::string_view(core.data(), core.size()), e.hops, out);
+}
+
+Result<EventEnvelope> ParseEventEnvelope(std::string_view bytes) {
+  // Read by hand rather than unpacked: the shipper and the inbound path call this per event.
+  auto fail = [](const std::string& what) { return Status::Error("event: " + what); };
+  if (bytes.size() < 3) return fail("truncated (" + std::to_string(bytes.size()) + " bytes)");
+  const auto u8 = [&](std::size_t i) { return static_cast<unsigned char>(bytes[i]); };
+  if ((u8(0) == 0x9e || u8(0) == 0x9f) && u8(1) == 1)  // a flat array of 14/15: version 1
+    return fail("event format version 1 is not supported (this relay supports version " +
+                std::to_string(kEventFormatVersion) + ")");
+  if (u8(0) != 0x90 + kEnvelopeFields)
+    return fail("not an event envelope (first byte " + std::to_string(u8(0)) + ", want " +
+                std::to_string(0x90 + kEnvelopeFields) + ")");
+  if (u8(1) != kEventFormatVersion)
+    return fail("event format version " + std::to_string(u8(1)) +
+                " is not supported (this relay supports version " +
+                std::to_string(kEventFormatVersion) + ")");
+  const unsigned kind = u8(2);
+  if (kind < 1 || kind > kLastKind) return fail("unknown event kind " + std::to_string(kind));
+  std::size_t pos = 3, len = 0, width = 0;
+  if (pos >= bytes.size()) return fail("truncated before the core");
+  switch (u8(pos)) {
+    case 0xc4:
+      width = 1;
+      break;
+    case 0xc5:
+      width = 2;
+      break;
+    case 0xc6:
+      width = 4;
+      break;
+    default:
+      return fail("field 'core' is not bin");
+  }
+  if (pos + 1 + width > bytes.size()) return fail("truncated in the core's length");
+  for (std::size_t i = 0; i < width; ++i) len = (len << 8) | u8(pos + 1 + i);
+  pos += 1 + width;
+  if (len > bytes.size() - pos) return fail("core of " + std::to_string(len) + " bytes is cut off");
+  EventEnvelope env;
+  env.kind = static_cast<EventKind>(kind);
+  env.core = bytes.substr(pos, len);
+  env.hops = bytes.substr(pos + len);
+  if (env.hops.empty()) return fail("missing field 'hops'");
+  return env;
+}
+
+Result<std::string_view> LastHop(const EventEnvelope& envelope) {
+  const std::string_view h = envelope.hops;
+  auto fail = [] { return Status::Error("event: field 'hops' is not an array of strings"); };
+  const auto u8 = [&](std::size_t i) { return static_cast<unsigned char>(h[i]); };
+  auto be = [&](std::size_t at, std::size_t width, std::size_t* out) {
+    if (at + width > h.size()) return false;
+    *out = 0;
+    for (std::size_t i = 0; i < width; ++i) *out = (*out << 8) | u8(at + i);
+    return true;
+  };
+  if (h.empty()) return fail();
+  std::size_t n = 0, pos = 1;
+  if (u8(0) >= 0x90 && u8(0) <= 0x9f) {
+    n = u8(0) & 0x0f;
+  } else if (u8(0) == 0xdc) {
+    if (!be(1, 2, &n)) return fail();
+    pos = 3;
+  } else if (u8(0) == 0xdd) {
+    if (!be(1, 4, &n)) return fail();
+    pos = 5;
+  } else {
+    return fail();
+  }
+  std::string_view last;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (pos >= h.size()) return fail();
+    std::size_t len = 0, head = 1;
+    const unsigned t = u8(pos);
+    if (t >= 0xa0 && t <= 0xbf) {
+      len = t & 0x1f;
+    } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
+      head = t == 0xd9 ? 2 : t == 0xda ? 3 : 5;
+      if (!be(pos + 1, head - 1, &len)) return fail();
+    } else {
+      return fail();
+    }
+    if (pos + head + len > h.size()) return fail();
+    last = h.substr(pos + head, len);
+    pos += head + len;
+  }
+  return last;
+}
+
+void EncodeEventEnvelope(EventKind kind, std::string_view core,
+                         const std::vector<std::string>& hops, std::string* out) {
+  AppendEnvelope(kind, core, hops, out);
+}
+
+Result<Event> DecodeEvent(std::string_view bytes, std::string_view* core_out) {
+  auto env = ParseEventEnvelope(bytes);
+  if (!env) return env.status();
   Status status;
-  msgpack::object_handle h = Unpack(bytes, &status);
-  if (!status) return status.Wrap("event");
-  auto r = DecodeEventObject(h.get());
+  msgpack::object_handle hops = Unpack(env->hops, &status);
+  if (!status) return status.Wrap("event hops");
+  msgpack::object_handle core = Unpack(env->core, &status);
+  if (!status) return status.Wrap("event core");
+  auto r = DecodeCoreObject(core.get(), static_cast<std::uint64_t>(env->kind));
   if (!r) return r.status().Wrap("event");
+  if (Status s = ReadHops(hops.get(), &r->hops); !s) return s.Wrap("event");
+  if (core_out != nullptr) *core_out = env->core;
   return r;
 }
 
@@ -275,7 +400,8 @@ void PutBe(std::string* out, std::uint64_t v, int bytes) {
 }  // namespace
 
 FramePayloadWriter::FramePayloadWriter(std::size_t reserve_bytes) {
-  buf_.reserve(reserve_bytes + 5);
+  buf_.reserve(reserve_bytes + 6);
+  buf_.push_back(static_cast<char>(0x92));  // [events, attestations]
   buf_.push_back(static_cast<char>(0xdd));  // array32; the count is patched by Finish()
   PutBe(&buf_, 0, 4);
 }
@@ -290,24 +416,37 @@ void FramePayloadWriter::Add(std::uint64_t seq, std::string_view encoded_event) 
   ++count_;
 }
 
+void FramePayloadWriter::AddAttestation(std::string_view attestation) {
+  attestations_.push_back(static_cast<char>(0xc6));  // bin32
+  PutBe(&attestations_, attestation.size(), 4);
+  attestations_.append(attestation);
+  ++attestation_count_;
+}
+
 std::string FramePayloadWriter::Finish() {
   for (int i = 0; i < 4; ++i)
-    buf_[1 + static_cast<std::size_t>(i)] = static_cast<char>((count_ >> (8 * (3 - i))) & 0xff);
+    buf_[2 + static_cast<std::size_t>(i)] = static_cast<char>((count_ >> (8 * (3 - i))) & 0xff);
+  buf_.push_back(static_cast<char>(0xdd));
+  PutBe(&buf_, attestation_count_, 4);
+  buf_.append(attestations_);
   std::string out = std::move(buf_);
   buf_.clear();
-  count_ = 0;
+  attestations_.clear();
+  count_ = attestation_count_ = 0;
   return out;
 }
 
-std::string EncodeFramePayload(const std::vector<FramedEvent>& events) {
+std::string EncodeFramePayload(const std::vector<FramedEvent>& events,
+                               const std::vector<std::string_view>& attestations) {
   std::size_t size = 0;
   for (const auto& e : events) size += e.encoded.size() + 16;
   FramePayloadWriter w(size);
   for (const auto& e : events) w.Add(e.seq, e.encoded);
+  for (const auto& a : attestations) w.AddAttestation(a);
   return w.Finish();
 }
 
-Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
+Result<FramePayload> DecodeFramePayload(std::string_view bytes) {
   // msgpack's unpack references (does not copy) BIN bodies when the reference function says so.
   msgpack::object_handle h;
   try {
@@ -318,10 +457,17 @@ Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
   } catch (const std::exception& e) {
     return Status::Error(std::string("frame payload: malformed msgpack: ") + e.what());
   }
-  const msgpack::object& o = h.get();
-  if (o.type != msgpack::type::ARRAY) return Status::Error("frame payload is not an array");
-  std::vector<FramedEvent> out;
-  out.reserve(o.via.array.size);
+  const msgpack::object& top = h.get();
+  if (top.type != msgpack::type::ARRAY || top.via.array.size != 2)
+    return Status::Error("frame payload is not an [events, attestations] array");
+  const msgpack::object& o = top.via.array.ptr[0];
+  const msgpack::object& att = top.via.array.ptr[1];
+  if (o.type != msgpack::type::ARRAY)
+    return Status::Error("frame payload: events are not an array");
+  if (att.type != msgpack::type::ARRAY)
+    return Status::Error("frame payload: attestations are not an array");
+  FramePayload out;
+  out.events.reserve(o.via.array.size);
   std::uint64_t last = 0;
   for (std::uint32_t i = 0; i < o.via.array.size; ++i) {
     const msgpack::object& item = o.via.array.ptr[i];
@@ -340,7 +486,14 @@ Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes) {
       return Status::Error("frame payload entry " + std::to_string(i) + ": event is not bin");
     // With always_ref, bin bodies point into `bytes`.
     fe.encoded = std::string_view(bin.via.bin.ptr, bin.via.bin.size);
-    out.push_back(fe);
+    out.events.push_back(fe);
+  }
+  out.attestations.reserve(att.via.array.size);
+  for (std::uint32_t i = 0; i < att.via.array.size; ++i) {
+    const msgpack::object& bin = att.via.array.ptr[i];
+    if (bin.type != msgpack::type::BIN)
+      return Status::Error("frame payload attestation " + std::to_string(i) + " is not bin");
+    out.attestations.emplace_back(bin.via.bin.ptr, bin.via.bin.size);
   }
   return out;
 }

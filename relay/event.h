@@ -2,8 +2,10 @@
 // The event model: one chat operation travelling between sites.
 //
 // An event has a globally unique id "<origin_site>:<origin_seq>". It is encoded with msgpack as a
-// versioned array (see docs/wire-format.md, "Event"); DecodeEvent is strict: wrong types, wrong
-// field counts, an unknown version or kind are errors that name the field.
+// versioned envelope [version, kind, core, hops] (see docs/wire-format.md, "Event"): the core
+// holds every field but the hop list, as the bytes the origin signs (crypto/origin.h), so a
+// transit site appends itself to the hops without touching them. DecodeEvent is strict: wrong
+// types, wrong field counts, an unknown version or kind are errors that name the field.
 
 #include <cstdint>
 #include <string>
@@ -32,7 +34,8 @@ const char* EventKindName(EventKind kind);
 // also for "file_chunk".
 bool ParseEventKind(std::string_view name, EventKind* kind);
 
-inline constexpr std::uint8_t kEventFormatVersion = 1;
+// Changed in wire version 2: the core/hops envelope (version 1 was one flat array).
+inline constexpr std::uint8_t kEventFormatVersion = 2;
 // An event's hop list may hold at most this many sites; longer paths are dropped as loops.
 inline constexpr std::size_t kMaxHops = 16;
 
@@ -102,18 +105,44 @@ struct Event {
 
 // Builds the globally unique id of an event.
 std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq);
+// The origin site named by an event id ("europe" for "europe:42"); empty when it has no ':'.
+std::string_view OriginOfEventId(std::string_view id);
 
-// msgpack encoding of one event (appended to *out) and strict decoding.
+// msgpack encoding of one event (appended to *out) and strict decoding. With `core` set, the
+// decoder also returns where the core lies in `bytes` (for its digest, crypto::EventDigest).
 void EncodeEvent(const Event& event, std::string* out);
-Result<Event> DecodeEvent(std::string_view bytes);
+Result<Event> DecodeEvent(std::string_view bytes, std::string_view* core = nullptr);
 
-// The plaintext payload of a frame: a msgpack array of [log sequence, encoded event] pairs, the
-// sequence being the sender's outbound-log position of that event for this peer.
+// The outer layer of an encoded event, read without decoding the core (cheap: the shipper and
+// the inbound path look at every event). Views point into the encoded bytes.
+struct EventEnvelope {
+  EventKind kind = EventKind::kPost;
+  std::string_view core;  // the signed fields, a msgpack array (see docs/wire-format.md)
+  std::string_view hops;  // the msgpack array of hops (not validated here)
+};
+Result<EventEnvelope> ParseEventEnvelope(std::string_view bytes);
+// The last site in an envelope's hops (the peer an event was received from), read without
+// decoding the event; empty for an empty list.
+Result<std::string_view> LastHop(const EventEnvelope& envelope);
+// Encodes an envelope around an existing core: a transit site forwards an event with itself
+// added to `hops`, the origin's bytes (and so its signature) unchanged.
+void EncodeEventEnvelope(EventKind kind, std::string_view core,
+                         const std::vector<std::string>& hops, std::string* out);
+
+// The plaintext payload of a frame: a msgpack array [events, attestations]. `events` is an
+// array of [log sequence, encoded event] pairs, the sequence being the sender's outbound-log
+// position of that event for this peer; `attestations` holds the origin signatures
+// (crypto/origin.h) that cover the events, each once.
 struct FramedEvent {
   std::uint64_t seq = 0;
   std::string_view encoded;  // an EncodeEvent() result; views into the caller's buffer
 };
-std::string EncodeFramePayload(const std::vector<FramedEvent>& events);
+struct FramePayload {
+  std::vector<FramedEvent> events;
+  std::vector<std::string_view> attestations;  // views into the caller's buffer
+};
+std::string EncodeFramePayload(const std::vector<FramedEvent>& events,
+                               const std::vector<std::string_view>& attestations = {});
 
 // Builds a frame payload one event at a time, copying each encoded event once. It writes the
 // fixed-width msgpack forms (array32, uint64, bin32), which every msgpack decoder accepts.
@@ -121,16 +150,19 @@ class FramePayloadWriter {
  public:
   explicit FramePayloadWriter(std::size_t reserve_bytes = 0);
   void Add(std::uint64_t seq, std::string_view encoded_event);
+  void AddAttestation(std::string_view attestation);
   std::uint32_t count() const { return count_; }
-  std::size_t size() const { return buf_.size(); }
+  std::size_t size() const { return buf_.size() + attestations_.size(); }
   // The finished payload; the writer is empty afterwards.
   std::string Finish();
 
  private:
   std::string buf_;
+  std::string attestations_;
   std::uint32_t count_ = 0;
+  std::uint32_t attestation_count_ = 0;
 };
 // Views in the result point into `bytes`, which must outlive them.
-Result<std::vector<FramedEvent>> DecodeFramePayload(std::string_view bytes);
+Result<FramePayload> DecodeFramePayload(std::string_view bytes);
 
 }  // namespace relay

@@ -155,7 +155,7 @@ std::string BadMagic(const std::string& noun, const char* magic) {
 }
 std::string Version(const std::string& noun, unsigned v) {
   return noun + " rejected: format version " + std::to_string(v) +
-         " is not supported (this relay supports version 1)";
+         " is not supported (this relay supports version 2)";
 }
 std::string ShortHeader(const std::string& noun, std::size_t n, std::size_t header) {
   return noun + " rejected: truncated: " + std::to_string(n) + " bytes, header needs " +
@@ -228,6 +228,10 @@ Expect FrameHeaderFlip(const Sites& s, const std::string& frame, std::size_t off
   if (offset < kFSender)  // a known flag set or cleared: the signature no longer matches
     return {RejectReason::kBadSignature, BadSignature(kFrameNoun, Fp(s.a))};
   const std::uint64_t first = GetU(bad, kFFirst, 8), last = GetU(bad, kFLast, 8);
+  if (last > kMaxSequence)
+    return {RejectReason::kMalformed, "frame rejected: sequence " + std::to_string(last) +
+                                          " is beyond the largest allowed (" +
+                                          std::to_string(kMaxSequence) + ")"};
   if (first > last)
     return {RejectReason::kMalformed, "frame rejected: sequence range " + std::to_string(first) +
                                           ".." + std::to_string(last) + " is inverted"};
@@ -800,7 +804,7 @@ TEST_CASE("catalogue: a correctly signed bundle carrying bad frames", "[crypto][
       {good.substr(0, 100), {RejectReason::kTruncated, ShortHeader(kFrameNoun, 100, kFrameHeader)}},
       {good + "!", {RejectReason::kMalformed, Trailing(kFrameNoun, total + 1, total)}},
       {"RLYF", {RejectReason::kTruncated, ShortHeader(kFrameNoun, 4, kFrameHeader)}},
-      {Flip(good, 4, 1), {RejectReason::kUnsupportedVersion, Version(kFrameNoun, 3)}},
+      {Flip(good, 4, 1), {RejectReason::kUnsupportedVersion, Version(kFrameNoun, 0)}},
   };
   for (std::size_t i = 0; i < inner.size(); ++i) {
     INFO("inner case " << i);

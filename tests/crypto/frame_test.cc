@@ -108,7 +108,7 @@ TEST_CASE("frame header bytes follow the documented layout", "[crypto][frame]") 
       SealFrame(s.a, s.b.identity(), 0x0102030405060708, 0x1112131415161718, 0x21222324, "hello");
   const auto* u = reinterpret_cast<const unsigned char*>(f.data());
   CHECK(f.substr(0, 4) == "RLYF");
-  CHECK(u[4] == 1);
+  CHECK(u[4] == 2);
   CHECK(u[5] == 0);
   CHECK((u[6] | u[7]) == 0);
   CHECK(std::equal(u + 8, u + 40, s.a.identity().sign_pk.begin()));
@@ -165,11 +165,12 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
   }
   SECTION("unsupported version, checked before the signature") {
     std::string bad = frame;
-    bad[4] = 2;
+    bad[4] = 1;  // wire version 1, before origin signatures: refused naming both versions
     OpenResult r = OpenFrame(s.b, s.b_peers(), bad);
     REQUIRE_FALSE(r.ok());
     CHECK(r.rejection.reason == RejectReason::kUnsupportedVersion);
-    CHECK_THAT(r.rejection.message, Catch::Contains("version 2") && Catch::Contains("version 1"));
+    CHECK_THAT(r.rejection.message, Catch::Contains("format version 1 is not supported") &&
+                                        Catch::Contains("supports version 2"));
     // A future version with a different header size is still reported as a version problem.
     CHECK(FrameReason(s, bad.substr(0, 20)) == RejectReason::kUnsupportedVersion);
   }

@@ -14,17 +14,16 @@ using relay::testing::TempDir;
 using relay::queue::Store;
 using relay::queue::WriteBatch;
 
-namespace {
-}  // namespace
+namespace {}  // namespace
 
 TEST_CASE("outbound log stores an event once for several peers and scans in order") {
   TempDir dir;
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
   WriteBatch b;
-  b.AppendOutbound(1, {"aws", "enclave"}, "e1");
-  b.AppendOutbound(2, {"aws"}, "e2");
-  b.AppendOutbound(3, {"enclave"}, "e3");
+  b.AppendOutbound(1, {"aws", "enclave"}, 2, "e1");
+  b.AppendOutbound(2, {"aws"}, 2, "e2");
+  b.AppendOutbound(3, {"enclave"}, 3, "e3");
   REQUIRE((*store)->Commit(b, true).ok());
   std::vector<std::string> for_aws;
   REQUIRE((*store)
@@ -35,6 +34,15 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
                              })
               .ok());
   CHECK(for_aws == std::vector<std::string>{"e1", "e2"});
+  std::vector<std::uint64_t> attestations;
+  REQUIRE((*store)
+              ->ScanOutbound(1,
+                             [&](const relay::queue::OutboundEntry& e) {
+                               attestations.push_back(e.attestation);
+                               return true;
+                             })
+              .ok());
+  CHECK(attestations == std::vector<std::uint64_t>{2, 2, 3});
   std::vector<std::string> peers;
   REQUIRE((*store)
               ->ScanOutbound(1,
@@ -47,13 +55,50 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
   CHECK_FALSE(relay::queue::OutboundEntry{1,
                                           "\x01\x03"
                                           "aws",
-                                          ""}
+                                          0, ""}
                   .HasPeer("aw"));
 
   WriteBatch del;
   del.DeleteOutboundRange(1, 3);
   REQUIRE((*store)->Commit(del, false).ok());
   CHECK((*store)->FirstOutboundSeq() == std::optional<std::uint64_t>(3));
+}
+
+TEST_CASE("attestations are stored by key, read back, and deleted by range") {
+  TempDir dir;
+  auto store = Store::Open(dir.path().string());
+  REQUIRE(store.ok());
+  WriteBatch b;
+  b.PutAttestation(5, "att-5");
+  b.PutAttestation(9, "att-9");
+  REQUIRE((*store)->Commit(b, true).ok());
+  auto five = (*store)->GetAttestation(5);
+  REQUIRE(five.ok());
+  CHECK(**five == "att-5");
+  auto none = (*store)->GetAttestation(6);
+  REQUIRE(none.ok());
+  CHECK_FALSE(none->has_value());
+  WriteBatch del;
+  del.DeleteAttestationRange(1, 6);
+  REQUIRE((*store)->Commit(del, false).ok());
+  CHECK_FALSE((*store)->GetAttestation(5)->has_value());
+  CHECK(**(*store)->GetAttestation(9) == "att-9");
+  // The committer builds a value first and fills in its attestation key later.
+  std::string value = relay::queue::EncodeOutboundValue({"aws"}, 0, "event");
+  relay::queue::SetOutboundAttestation(&value, 42);
+  CHECK(relay::queue::OutboundValueEvent(value) == "event");
+  WriteBatch put;
+  put.PutOutbound(7, value);
+  REQUIRE((*store)->Commit(put, false).ok());
+  std::uint64_t seen = 0;
+  REQUIRE((*store)
+              ->ScanOutbound(7,
+                             [&](const relay::queue::OutboundEntry& e) {
+                               seen = e.attestation;
+                               return false;
+                             })
+              .ok());
+  CHECK(seen == 42);
 }
 
 TEST_CASE("counters and entries survive reopening") {

@@ -74,21 +74,67 @@ TEST_CASE("blob attachments and chunk events round-trip") {
   CHECK_FALSE(relay::ParseEventKind("file_chunk", &k));  // producers cannot send chunks
 }
 
-TEST_CASE("events without chunks keep the 14-field encoding older relays read") {
+TEST_CASE("the envelope keeps the core apart from the hops (wire version 2)") {
   Event e;
   e.origin_site = "europe";
   e.origin_seq = 1;
   e.id = "europe:1";
+  e.hops = {"europe"};
   e.files = {relay::Attachment::Inline("a", "b", "c")};
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
-  CHECK(static_cast<unsigned char>(bytes[0]) == 0x9e);  // fixarray of 14
-  // files[0] is the 3-element [name, type, data] of format version 1.
-  CHECK(bytes.find(std::string("\x93\xa1"
-                               "a\xa1"
-                               "b\xc4\x01"
-                               "c",
-                               8)) != std::string::npos);
+  CHECK(static_cast<unsigned char>(bytes[0]) == 0x94);  // [version, kind, core, hops]
+  CHECK(static_cast<unsigned char>(bytes[1]) == 2);
+  CHECK(static_cast<unsigned char>(bytes[2]) == 1);  // the kind, readable without decoding
+  auto env = relay::ParseEventEnvelope(bytes);
+  REQUIRE(env.ok());
+  std::string_view core;
+  auto back = relay::DecodeEvent(bytes, &core);
+  REQUIRE(back.ok());
+  CHECK(core == env->core);
+  // A transit site adds itself to the hops: the core (what the origin signed) is unchanged.
+  std::string forwarded;
+  relay::EncodeEventEnvelope(e.kind, env->core, {"europe", "aws"}, &forwarded);
+  std::string_view core2;
+  auto fwd = relay::DecodeEvent(forwarded, &core2);
+  REQUIRE(fwd.ok());
+  CHECK(core2 == core);
+  CHECK(fwd->hops == std::vector<std::string>{"europe", "aws"});
+  fwd->hops = e.hops;
+  CHECK(*fwd == e);
+}
+
+TEST_CASE("an event of wire version 1 is refused naming both versions") {
+  // A version-1 event was one flat msgpack array of 14 fields starting with the version.
+  const std::string v1(
+      "\x9e\x01\xa8"
+      "europe:1",
+      11);
+  auto r = relay::DecodeEvent(v1);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.message(), Catch::Contains("version 1 is not supported") &&
+                              Catch::Contains("supports version 2"));
+  std::string bytes;
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  relay::EncodeEvent(e, &bytes);
+  bytes[1] = 3;
+  CHECK_THAT(relay::DecodeEvent(bytes).message(), Catch::Contains("version 3 is not supported"));
+}
+
+TEST_CASE("the envelope's kind must be the core's") {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  std::string bytes;
+  relay::EncodeEvent(e, &bytes);
+  bytes[2] = 3;  // says delete; the signed core says post
+  auto r = relay::DecodeEvent(bytes);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.message(), Catch::Contains("differs from the envelope"));
 }
 
 TEST_CASE("chunk and blob fields are checked") {
@@ -142,18 +188,16 @@ TEST_CASE("chunk and blob fields are checked") {
     fails(e, "files[].blob_id");
   }
   SECTION("a chunk kind without the chunk field") {
-    // Kind 6 with 14 fields: the count check names the expected 15.
+    // Kind 6 with a 12-field core: the count check names the expected 13.
     Event p = ChunkEvent();
     p.kind = relay::EventKind::kPost;
     std::string pb;
-    relay::EncodeEvent(p, &pb);  // 14 fields, kind 1
-    // array, version, "europe:7" (9 bytes), "europe" (7), origin_seq: the kind is at 19.
-    const std::size_t pos = 1 + 1 + 9 + 7 + 1;
-    REQUIRE(pb[pos] == 0x01);
-    pb[pos] = 0x06;  // kind byte -> file_chunk
+    relay::EncodeEvent(p, &pb);  // a 12-field core, kind 1
+    REQUIRE(pb[2] == 0x01);      // the envelope's kind
+    pb[2] = 0x06;                // -> file_chunk
     auto r = relay::DecodeEvent(pb);
     REQUIRE_FALSE(r.ok());
-    CHECK_THAT(r.message(), Catch::Contains("expected 15"));
+    CHECK_THAT(r.message(), Catch::Contains("expected 13"));
   }
 }
 
@@ -188,12 +232,20 @@ TEST_CASE("event decoding is strict") {
 
 TEST_CASE("frame payload keeps sequences and requires them increasing") {
   std::string a = "event-a", b = "event-b";
-  auto payload = relay::EncodeFramePayload({{5, a}, {9, b}});
+  auto payload = relay::EncodeFramePayload({{5, a}, {9, b}}, {"att-1", "att-2"});
   auto back = relay::DecodeFramePayload(payload);
   REQUIRE(back.ok());
-  REQUIRE(back->size() == 2);
-  CHECK((*back)[0].seq == 5);
-  CHECK((*back)[1].encoded == "event-b");
+  REQUIRE(back->events.size() == 2);
+  CHECK(back->events[0].seq == 5);
+  CHECK(back->events[1].encoded == "event-b");
+  CHECK(back->attestations == std::vector<std::string_view>{"att-1", "att-2"});
+  relay::FramePayloadWriter w;
+  w.Add(3, a);
+  w.AddAttestation("x");
+  auto built = relay::DecodeFramePayload(w.Finish());
+  REQUIRE(built.ok());
+  CHECK(built->events.size() == 1);
+  CHECK(built->attestations.size() == 1);
   auto bad = relay::EncodeFramePayload({{9, a}, {5, b}});
   auto r = relay::DecodeFramePayload(bad);
   REQUIRE_FALSE(r.ok());
