@@ -41,6 +41,7 @@ constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
 
 constexpr std::string_view kPeerPrefix = "peer.";
 constexpr std::string_view kChannelPrefix = "channel.";
+constexpr std::string_view kOriginPrefix = "origin.";
 
 std::string_view Trim(std::string_view s) {
   const auto begin = s.find_first_not_of(kWhitespace);
@@ -226,7 +227,17 @@ struct Section {
   std::vector<Entry> entries;
 };
 
-enum class SectionKind { kSite, kIngest, kZmq, kDiode, kMattermost, kPeer, kChannel, kUnknown };
+enum class SectionKind {
+  kSite,
+  kIngest,
+  kZmq,
+  kDiode,
+  kMattermost,
+  kPeer,
+  kChannel,
+  kOrigin,
+  kUnknown
+};
 
 SectionKind KindOf(std::string_view name) {
   if (name == "site") return SectionKind::kSite;
@@ -236,6 +247,7 @@ SectionKind KindOf(std::string_view name) {
   if (name == "mattermost") return SectionKind::kMattermost;
   if (name.starts_with(kPeerPrefix)) return SectionKind::kPeer;
   if (name.starts_with(kChannelPrefix)) return SectionKind::kChannel;
+  if (name.starts_with(kOriginPrefix)) return SectionKind::kOrigin;
   return SectionKind::kUnknown;
 }
 
@@ -279,7 +291,12 @@ class Loader {
   void ValidateZmq(const Section& section);
   void ValidateDiode(const Section& section);
   void ValidatePeer(const Section& section);
+  void ValidateOrigin(const Section& section);
   void ValidateChannel(const Section& section);
+  // A comma-separated list of [peer.NAME] names, each declared and listed once (not `self`,
+  // when set); problems name the entry.
+  std::vector<std::string> ReadPeerList(const Section& section, const Entry& entry,
+                                        std::string_view self = {});
   void ValidateMattermost(const Section* section);
 
   std::string display_name_;
@@ -332,7 +349,8 @@ std::string Loader::Prescan(std::string_view text) {
         LineProblem(line_number, "missing ']' in section header " + Quote(line));
       } else if (inner.empty()) {
         LineProblem(line_number, "empty section name " + Quote(line));
-      } else if (inner == "peer" || inner == "peer." || inner == "channel" || inner == "channel.") {
+      } else if (inner == "peer" || inner == "peer." || inner == "channel" || inner == "channel." ||
+                 inner == "origin" || inner == "origin.") {
         const std::string kind(inner.substr(0, inner.find('.')));
         LineProblem(line_number,
                     "section [" + std::string(inner) + "] has no name; use [" + kind + ".NAME]");
@@ -511,6 +529,31 @@ void Loader::ReadNumber(const Section& section, std::string_view key, std::uint6
   }
 }
 
+std::vector<std::string> Loader::ReadPeerList(const Section& section, const Entry& entry,
+                                              std::string_view self) {
+  std::vector<std::string> out;
+  std::string_view rest = entry.value;
+  while (true) {
+    const auto comma = rest.find(',');
+    const std::string name(Trim(rest.substr(0, comma)));
+    if (name.empty()) {
+      ValueProblem(section, entry, "empty peer name in the list");
+    } else if (declared_peers_.count(name) == 0) {
+      ValueProblem(section, entry,
+                   "unknown peer " + Quote(name) + " (there is no [peer." + name + "] section)");
+    } else if (name == self) {
+      ValueProblem(section, entry, "peer " + Quote(name) + " cannot be listed for itself");
+    } else if (std::find(out.begin(), out.end(), name) != out.end()) {
+      ValueProblem(section, entry, "peer " + Quote(name) + " is listed twice");
+    } else {
+      out.push_back(name);
+    }
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return out;
+}
+
 void Loader::ValidateSite(const Section& section) {
   CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file", "min_free",
                       "attachment_wait"});
@@ -601,10 +644,13 @@ void Loader::ValidatePeer(const Section& section) {
   } else if (peer.name == config_->site_name) {
     Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
   }
-  CheckKeys(section, {"public_key", "zmq_connect", "files_dir", "diode_send", "window",
-                      "max_frame_events", "max_frame_bytes", "diode_rate", "diode_data_shards",
-                      "diode_parity_shards", "diode_interleave", "diode_retention", "files_auto",
-                      "max_queue", "files_interval", "previous_public_key"});
+  CheckKeys(section,
+            {"public_key", "zmq_connect", "files_dir", "diode_send", "window", "max_frame_events",
+             "max_frame_bytes", "diode_rate", "diode_data_shards", "diode_parity_shards",
+             "diode_interleave", "diode_retention", "files_auto", "max_queue", "files_interval",
+             "previous_public_key", "via", "max_inbound", "max_spool"});
+  if (const Entry* via = Optional(section, "via"))
+    peer.via = ReadPeerList(section, *via, peer.name);
   if (const Entry* prev = Optional(section, "previous_public_key")) {
     auto identity = crypto::PublicIdentity::Parse(prev->value);
     if (identity) {
@@ -647,6 +693,10 @@ void Loader::ValidatePeer(const Section& section) {
   ReadNumber(section, "max_queue", 1, 2'000'000'000, &peer.max_queue);
   ReadNumber(section, "max_frame_events", kMinFrameEvents, kMaxFrameEvents, &peer.max_frame_events);
   ReadSize(section, "max_frame_bytes", kMinFrameBytes, kMaxFrameBytes, &peer.max_frame_bytes);
+  ReadSize(section, "max_inbound", 1u << 20, std::numeric_limits<std::uint64_t>::max(),
+           &peer.max_inbound);
+  ReadSize(section, "max_spool", 1u << 20, std::numeric_limits<std::uint64_t>::max(),
+           &peer.max_spool);
   ReadSize(section, "diode_rate", 1024, std::uint64_t{10} << 30, &peer.diode_rate);
   ReadNumber(section, "diode_data_shards", 1, 200, &peer.diode_data_shards);
   ReadNumber(section, "diode_parity_shards", 1, 55, &peer.diode_parity_shards);
@@ -664,6 +714,42 @@ void Loader::ValidatePeer(const Section& section) {
   config_->peers.push_back(std::move(peer));
 }
 
+void Loader::ValidateOrigin(const Section& section) {
+  OriginConfig origin;
+  origin.name = section.name.substr(kOriginPrefix.size());
+  if (!IsValidPeerName(origin.name)) {
+    Problem("[" + section.name + "]: bad site name " + Quote(origin.name) + ": " +
+            std::string(kPeerNameRule));
+  } else if (origin.name == config_->site_name) {
+    Problem("[" + section.name + "]: this site's own name " + Quote(origin.name) +
+            " cannot be an origin of events it receives");
+  } else if (declared_peers_.count(origin.name) != 0) {
+    Problem("[" + section.name + "]: '" + origin.name + "' is a [peer." + origin.name +
+            "] already: its key is the peer's public_key (use [peer." + origin.name +
+            "] via = ... for the peers that may forward its events)");
+  }
+  CheckKeys(section, {"public_key", "previous_public_key", "via"});
+  if (const Entry* key = Required(section, "public_key")) {
+    auto identity = crypto::PublicIdentity::Parse(key->value);
+    if (identity) {
+      origin.public_key = *identity;
+    } else {
+      ValueProblem(section, *key, "bad public key: " + identity.message());
+    }
+  }
+  if (const Entry* prev = Optional(section, "previous_public_key")) {
+    auto identity = crypto::PublicIdentity::Parse(prev->value);
+    if (identity) {
+      origin.previous_public_key = *identity;
+    } else {
+      ValueProblem(section, *prev, "bad public key: " + identity.message());
+    }
+  }
+  if (const Entry* via = Required(section, "via", "the peers that may forward its events"))
+    origin.via = ReadPeerList(section, *via);
+  config_->origins.push_back(std::move(origin));
+}
+
 void Loader::ValidateChannel(const Section& section) {
   ChannelConfig channel;
   channel.name = section.name.substr(kChannelPrefix.size());
@@ -673,24 +759,7 @@ void Loader::ValidateChannel(const Section& section) {
   }
   CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id", "webhook_url"});
   if (const Entry* peers = Required(section, "peers")) {
-    std::string_view rest = peers->value;
-    while (true) {
-      const auto comma = rest.find(',');
-      const std::string name(Trim(rest.substr(0, comma)));
-      if (name.empty()) {
-        ValueProblem(section, *peers, "empty peer name in the list");
-      } else if (declared_peers_.count(name) == 0) {
-        ValueProblem(section, *peers,
-                     "unknown peer " + Quote(name) + " (there is no [peer." + name + "] section)");
-      } else if (std::find(channel.peers.begin(), channel.peers.end(), name) !=
-                 channel.peers.end()) {
-        ValueProblem(section, *peers, "peer " + Quote(name) + " is listed twice");
-      } else {
-        channel.peers.push_back(name);
-      }
-      if (comma == std::string_view::npos) break;
-      rest.remove_prefix(comma + 1);
-    }
+    channel.peers = ReadPeerList(section, *peers);
   }
   if (const Entry* sink = Optional(section, "sink")) {
     if (sink->value == "jsonl") {
@@ -826,6 +895,9 @@ void Loader::Load(const std::string& text) {
     if (KindOf(section.name) == SectionKind::kPeer) ValidatePeer(section);
   }
   for (const Section& section : sections_) {
+    if (KindOf(section.name) == SectionKind::kOrigin) ValidateOrigin(section);
+  }
+  for (const Section& section : sections_) {
     if (KindOf(section.name) == SectionKind::kChannel) ValidateChannel(section);
   }
   ValidateMattermost(FindSection("mattermost"));
@@ -836,6 +908,13 @@ void Loader::Load(const std::string& text) {
 const PeerConfig* Config::FindPeer(const std::string& name) const {
   for (const PeerConfig& peer : peers) {
     if (peer.name == name) return &peer;
+  }
+  return nullptr;
+}
+
+const OriginConfig* Config::FindOrigin(const std::string& name) const {
+  for (const OriginConfig& origin : origins) {
+    if (origin.name == name) return &origin;
   }
   return nullptr;
 }

@@ -42,6 +42,23 @@ struct PeerConfig {
   std::uint32_t max_queue = 10'000'000;
   std::uint32_t max_frame_events = 2048;
   std::uint64_t max_frame_bytes = 4u << 20;
+  // Bytes of events received from this peer stored and not yet delivered to every local sink;
+  // beyond, its frames wait (not acknowledged) until delivery catches up.
+  std::uint64_t max_inbound = std::uint64_t{1} << 30;
+  // Bytes of large-attachment chunks in the spool for origins this peer sends chunks of.
+  std::uint64_t max_spool = std::uint64_t{16} << 30;
+  // Peers that may forward this peer's own events to this site (it always may send them
+  // itself), e.g. the third side of a triangle.
+  std::vector<std::string> via;
+};
+
+// [origin.NAME]: a site reached only through others, whose events this site accepts when they
+// carry its signature (crypto/origin.h) and come from one of the peers in `via`.
+struct OriginConfig {
+  std::string name;
+  crypto::PublicIdentity public_key;  // only sign_pk is used: it verifies the origin signatures
+  std::optional<crypto::PublicIdentity> previous_public_key;
+  std::vector<std::string> via;  // peer names
 };
 
 enum class SinkKind { kJsonl, kMattermost, kWebhook };
@@ -99,9 +116,11 @@ struct Config {
   std::chrono::milliseconds mattermost_poll_interval{300000};  // periodic catch-up safety net
 
   std::vector<PeerConfig> peers;
+  std::vector<OriginConfig> origins;
   std::vector<ChannelConfig> channels;
 
   const PeerConfig* FindPeer(const std::string& name) const;
+  const OriginConfig* FindOrigin(const std::string& name) const;
   const ChannelConfig* FindChannel(const std::string& name) const;
 };
 

@@ -298,6 +298,27 @@ int CmdImport(const po::variables_map& vm) {
   return refused == 0 ? 0 : 1;
 }
 
+int CmdRebase(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  const std::uint64_t above = vm["above"].as<std::uint64_t>();
+  if (DaemonRunning(*cfg)) return Fail("stop the relay daemon first: the log moves only offline");
+  Daemon daemon(*cfg, Daemon::Options{/*offline=*/true});
+  if (Status s = daemon.Start(); !s) {
+    daemon.Stop();
+    return Fail(s.Wrap("opening the site's store (is another relay using it?)").message());
+  }
+  auto moved = daemon.RebaseLog(above);
+  daemon.Stop();
+  if (!moved) return Fail("rebase: " + moved.message());
+  std::printf(
+      "moved %llu queued event(s) above log position %llu; peers whose cursor is there "
+      "take them as new\n",
+      static_cast<unsigned long long>(*moved), static_cast<unsigned long long>(above));
+  return 0;
+}
+
 int CmdDemo(const po::variables_map& vm) {
   DemoOptions o;
   o.messages = vm["messages"].as<int>();
@@ -361,6 +382,15 @@ const std::vector<Command>& Commands() {
          p.add("path", -1);
        },
        CmdImport},
+      {"rebase", "--config FILE --above SEQ",
+       "with the daemon stopped: move the outbound log above a peer's cursor (a store re-created "
+       "behind it; the daemon's log names SEQ)",
+       [](auto& o, auto&) {
+         AddConfig(o);
+         o.add_options()("above", po::value<std::uint64_t>()->required(),
+                         "the peer's acknowledged position, as the refusal in the log names it");
+       },
+       CmdRebase},
       {"demo", "[--messages N] [--keep]",
        "run two sites on loopback, send messages both ways, print what arrived",
        [](auto& o, auto&) {

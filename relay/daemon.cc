@@ -27,13 +27,18 @@ constexpr int kExitStoreFailed = 75;
 
 using daemon_detail::AcceptedKey;
 using daemon_detail::AckedKey;
+using daemon_detail::DiodePosKey;
+using daemon_detail::ExportedKey;
 using daemon_detail::kDelivered;
 using daemon_detail::kNextIn;
 using daemon_detail::kNextOrigin;
 using daemon_detail::kNextOut;
+using daemon_detail::kStoreFormat;
+using daemon_detail::kStoreFormatVersion;
 using daemon_detail::kUnset;
 using daemon_detail::NowMs;
 using daemon_detail::RangesKey;
+using daemon_detail::SentKey;
 
 std::optional<std::size_t> Daemon::Impl::PeerBySignKey(const crypto::PublicKey& pk) const {
   for (std::size_t i = 0; i < peers.size(); ++i) {
@@ -98,6 +103,12 @@ Status Daemon::Impl::Open() {
     p.acked = store->GetCounter(AckedKey(p.name), 0);
     p.send_pos = p.scan_pos = p.acked + 1;
     p.metrics->acked_through = p.acked;
+    // What was sent to the peer before this start (acks up to it are expected): the link's
+    // position (recorded every second), the last export and the diode sender's position.
+    p.sent_through = std::max({p.acked, store->GetCounter(SentKey(p.name), 0),
+                               store->GetCounter(ExportedKey(p.name), 0),
+                               store->GetCounter(DiodePosKey(p.name), 0)});
+    p.sent_recorded = p.sent_through;
     accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
     file_ranges.push_back(DecodeRanges(store->GetDedup(RangesKey(p.name), NowMs()).value_or("")));
   }
@@ -105,6 +116,28 @@ Status Daemon::Impl::Open() {
     if (key->identity() == p.identity)
       return Status::Error("[peer." + p.name + "] public_key is this site's own public key (" +
                            config.key_file + "): paste the peer's `relay pubkey` output");
+  }
+  // Whose events may come from whom (origin signatures, crypto/origin.h).
+  auto peer_indexes = [this](const std::vector<std::string>& names) {
+    std::vector<std::size_t> out;
+    for (const auto& n : names)
+      if (auto i = PeerByName(n)) out.push_back(*i);
+    return out;
+  };
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    OriginRule& r = origins[peers[i].name];
+    r.key = peers[i].identity.sign_pk;
+    if (peers[i].config->previous_public_key)
+      r.previous = peers[i].config->previous_public_key->sign_pk;
+    r.peer = i;
+    r.senders = peer_indexes(peers[i].config->via);
+    r.senders.push_back(i);
+  }
+  for (const config::OriginConfig& o : config.origins) {
+    OriginRule& r = origins[o.name];
+    r.key = o.public_key.sign_pk;
+    if (o.previous_public_key) r.previous = o.previous_public_key->sign_pk;
+    r.senders = peer_indexes(o.via);
   }
   for (const auto& c : config.channels) {
     ChannelRuntime& ch = channels[c.name];
@@ -118,6 +151,7 @@ Status Daemon::Impl::Open() {
       }
     }
   }
+  if (Status s = CheckStoreFormat(); !s) return s;
   if (store->GetCounter(kNextOut, kUnset) == kUnset) {
     // A new store starts its sequences at the current time in microseconds, not at 1: if a
     // site loses its data folder but keeps its key, its new events must not reuse event ids
@@ -133,10 +167,48 @@ Status Daemon::Impl::Open() {
   published = next_out - 1;
   next_in = store->GetCounter(kNextIn, 1);
   stored_in = next_in - 1;
+  // What each peer's events hold in the inbound store now ([peer] max_inbound): every entry
+  // still there (entries go once every sink has them).
+  Status held = store->ScanInbound(1, [&](std::uint64_t, std::string_view e) {
+    if (auto p = InboundPeerOf(e)) peers[*p].metrics->inbound_held += e.size();
+    return true;
+  });
+  if (!held) return held;
   delivered = store->GetCounter(kDelivered, 0);
   delivered_through = delivered;
   if (Status s = CountQueues(AckedCursors()); !s) return s;
   return RecoverSinks();
+}
+
+Status Daemon::Impl::CheckStoreFormat() {
+  if (store->GetCounter(kStoreFormat, 0) >= kStoreFormatVersion) return Status::Ok();
+  if (store->GetCounter(kNextOut, kUnset) != kUnset) {
+    // A store of wire version 1: its queued events carry no origin signature and its log
+    // entries no attestation key, so they can be neither sent nor delivered. Drained, it is fine.
+    std::uint64_t low = kUnset;
+    for (const PeerRuntime& p : peers) low = std::min(low, p.acked);
+    bool queued = false, undelivered = false;
+    Status s = store->ScanOutbound(low == kUnset ? 1 : low + 1, [&](const queue::OutboundEntry&) {
+      queued = true;
+      return false;
+    });
+    if (s)
+      s = store->ScanInbound(store->GetCounter(kDelivered, 0) + 1,
+                             [&](std::uint64_t, std::string_view) {
+                               undelivered = true;
+                               return false;
+                             });
+    if (!s || queued || undelivered)
+      return Status::Error(
+          "the store in '" + config.data_dir + "' was written by relay wire version 1 and still " +
+          "holds " + (queued ? "events queued for a peer" : "received events not yet delivered") +
+          ": those carry no origin signature and cannot be sent or delivered by this version. "
+          "Drain it with the previous version first (docs/wire-format.md, \"Upgrading a "
+          "federation\"), or move the folder away");
+  }
+  queue::WriteBatch b;
+  b.PutCounter(kStoreFormat, kStoreFormatVersion);
+  return store->Commit(b, true);
 }
 
 Status Daemon::Impl::Start() {
@@ -251,22 +323,44 @@ std::string Daemon::Impl::StatusLine() const {
 }
 
 std::string Daemon::Impl::StatusJson() {
+  // Every refusal by reason (the same counts as relay_frames_rejected_total), then per peer.
+  std::string refused;
+  auto add = [&refused](const char* reason, std::uint64_t n) {
+    refused +=
+        std::string(refused.empty() ? "" : ",") + JsonString(reason) + ":" + std::to_string(n);
+  };
+  for (std::size_t i = 0; i < metrics.frames_rejected.size(); ++i)
+    add(crypto::RejectReasonName(static_cast<crypto::RejectReason>(i)), metrics.frames_rejected[i]);
+  for (std::size_t i = 0; i < metrics.inbound_dropped.size(); ++i)
+    add(InboundDropName(static_cast<InboundDrop>(i)), metrics.inbound_dropped[i]);
   std::string out = "{\"site\":" + JsonString(config.site_name) +
                     ",\"identity\":" + JsonString(key->identity().ToString()) +
                     ",\"events_ingested\":" + std::to_string(metrics.events_ingested.load()) +
                     ",\"events_delivered\":" + std::to_string(metrics.events_delivered.load()) +
                     ",\"inbound_backlog\":" + std::to_string(metrics.inbound_backlog.load()) +
-                    ",\"peers\":[";
+                    ",\"log_head\":" + std::to_string(published.load()) + ",\"refused\":{" +
+                    refused + "},\"peers\":[";
   for (std::size_t i = 0; i < peers.size(); ++i) {
     const PeerMetrics& m = *peers[i].metrics;
+    std::uint64_t sent;
+    {
+      std::lock_guard<std::mutex> lock(ship_mu);
+      sent = peers[i].sent_through;
+    }
+    std::string acks;
+    for (std::size_t r = 0; r < m.acks_refused.size(); ++r)
+      acks += std::string(r ? "," : "") + JsonString(AckRefusalName(static_cast<AckRefusal>(r))) +
+              ":" + std::to_string(m.acks_refused[r].load());
     if (i) out += ",";
     out += "{\"name\":" + JsonString(peers[i].name) +
            ",\"link\":" + (m.link_up ? std::string("\"up\"") : std::string("\"down\"")) +
            ",\"queue_depth\":" + std::to_string(m.queue_depth.load()) +
            ",\"acked_through\":" + std::to_string(m.acked_through.load()) +
+           ",\"sent_through\":" + std::to_string(sent) +
            ",\"last_contact_ms\":" + std::to_string(link->LastContactMs(i)) +
            ",\"frames_sent\":" + std::to_string(m.frames_sent.load()) +
-           ",\"frames_received\":" + std::to_string(m.frames_received.load()) + "}";
+           ",\"frames_received\":" + std::to_string(m.frames_received.load()) +
+           ",\"acks_refused\":{" + acks + "}}";
   }
   out += "]}";
   return out;
@@ -298,6 +392,10 @@ Daemon::Daemon(config::Config config, Options options)
 Result<ExportReport> Daemon::Export(const ExportOptions& options) { return impl_->Export(options); }
 std::vector<ImportResult> Daemon::Import(const std::vector<std::string>& paths) {
   return impl_->Import(paths);
+}
+Result<std::uint64_t> Daemon::RebaseLog(std::uint64_t above) {
+  if (!impl_->offline) return Status::Error("the log is moved only with the daemon stopped");
+  return impl_->RebaseLog(above);
 }
 Daemon::~Daemon() { Stop(); }
 Status Daemon::Start() { return impl_->Start(); }

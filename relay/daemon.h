@@ -76,6 +76,11 @@ class Daemon {
   Result<ExportReport> Export(const ExportOptions& options);
   std::vector<ImportResult> Import(const std::vector<std::string>& paths);
 
+  // `relay rebase` (offline only): moves the outbound log above position `above`, for a store
+  // re-created behind a peer's cursor (its acknowledgements are refused until then). Returns how
+  // many queued events moved.
+  Result<std::uint64_t> RebaseLog(std::uint64_t above);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

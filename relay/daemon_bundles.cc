@@ -204,7 +204,8 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
   };
   std::uint64_t pos = first;
   while (pos <= head) {
-    auto built = BuildFrame(*idx, pos, pos, head);
+    // A frame adds 232 bytes to its payload, and its length and the count 8 to the body.
+    auto built = BuildFrame(*idx, pos, pos, head, 0, o.max_bytes > 240 ? o.max_bytes - 240 : 1);
     if (!built) return built.status();
     if (built->count == 0) break;
     if (!frames.empty() && body_bytes + 4 + built->bytes.size() > o.max_bytes)
@@ -225,6 +226,10 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
   queue::WriteBatch b;
   b.PutCounter(ExportedKey(p.name), std::max(exported, pos - 1));
   if (Status s = store->Commit(b, true); !s) return s;
+  {
+    std::lock_guard<std::mutex> lock(ship_mu);
+    peers[*idx].sent_through = std::max(peers[*idx].sent_through, pos - 1);
+  }
   return report;
 }
 
@@ -314,7 +319,11 @@ ImportResult Daemon::Impl::ImportOne(const std::string& path) {
   }
   std::size_t p = *PeerBySignKey(b.header.sender);
   if (b.header.kind == crypto::BundleKind::kAck || b.header.kind == crypto::BundleKind::kResend) {
-    OnAck(p, b.ack_through);
+    const bool previous = b.header.sender != peers[p].identity.sign_pk;
+    if (Status acked = AcceptAck(p, b.ack_through, previous); !acked) {
+      r.message = "refused: " + acked.message();  // nothing recorded: it may be imported later
+      return r;
+    }
     if (b.header.kind == crypto::BundleKind::kResend) QueueResend(p, b.ack_through, b.ranges);
     queue::WriteBatch wb;
     wb.PutDedup(bundle_key, now + kForeverMs, std::to_string(now));

@@ -164,6 +164,10 @@ void Daemon::Impl::DiodeSendLoop() {
         for (const std::string& dg : datagrams) SendPaced(ds, dg);
         ++peers[ds.peer].metrics->frames_sent;
         peers[ds.peer].metrics->events_sent += built->count;
+        {
+          std::lock_guard<std::mutex> lock(ship_mu);
+          peers[ds.peer].sent_through = std::max(peers[ds.peer].sent_through, built->last_seq);
+        }
         first = from;
         did = true;
         if (!resending) ds.pos = from;

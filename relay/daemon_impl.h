@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -65,15 +66,33 @@ constexpr char kNextOrigin[] = "next/origin";  // next origin sequence of this s
 constexpr char kNextOut[] = "next/out";        // next outbound log sequence
 constexpr char kNextIn[] = "next/in";          // next inbound store sequence
 constexpr char kDelivered[] = "delivered";     // inbound sequence delivered to sinks through
+constexpr char kStoreFormat[] = "format";      // the store's layout version (kStoreFormatVersion)
+// 2: wire version 2 -- outbound entries carry an attestation key, events the v2 envelope.
+constexpr std::uint64_t kStoreFormatVersion = 2;
 inline std::string AckedKey(const std::string& peer) { return "acked/" + peer; }
 inline std::string AcceptedKey(const std::string& peer) { return "accepted/" + peer; }
 inline std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
 inline std::string ExportedKey(const std::string& peer) { return "exported/" + peer; }
 inline std::string DiodePosKey(const std::string& peer) { return "diode/" + peer; }
 inline std::string RangesKey(const std::string& peer) { return "rr:" + peer; }
+inline std::string SentKey(const std::string& peer) { return "sent/" + peer; }
+// A reaction `emoji` that `author` of site `origin` added to event `ref`, received here: only
+// that site may remove it again.
+inline std::string ReactionKey(std::string_view ref, std::string_view emoji,
+                               std::string_view origin, std::string_view author) {
+  std::string k = "rx:";
+  k.append(ref).push_back('\x1f');
+  k.append(emoji).push_back('\x1f');
+  k.append(origin).push_back('\x1f');
+  k.append(author);
+  return k;
+}
 constexpr std::int64_t kForeverMs = 100LL * 365 * 24 * 3600 * 1000;  // "never" for the dedup family
 
 constexpr std::uint64_t kUnset = ~std::uint64_t{0};
+// Log and link sequences never exceed this (frames and acknowledgements beyond it are refused),
+// so that `seq + 1` never overflows anywhere.
+constexpr std::uint64_t kMaxSeq = crypto::kMaxSequence;
 
 struct InFlight {
   std::uint64_t first = 0, last = 0;
@@ -94,6 +113,28 @@ struct PeerRuntime {
   std::uint64_t scan_pos = 1;  // where the next scan resumes (>= send_pos)
   std::deque<InFlight> inflight;
   Clock::time_point last_progress{};
+  // Highest log position sent to the peer by any path (link, bundle, diode), as far as this site
+  // knows; an acknowledgement beyond it is refused. Guarded by ship_mu.
+  std::uint64_t sent_through = 0;
+  std::uint64_t sent_recorded = 0;  // the value last written to SentKey (maintenance thread)
+};
+
+// How this site checks the origin of a received event (crypto/origin.h): the key that signs the
+// origin's attestations and the peers that may send its events.
+struct OriginRule {
+  crypto::PublicKey key{};
+  std::optional<crypto::PublicKey> previous;  // during the origin's key rotation
+  std::vector<std::size_t> senders;           // peer indexes: itself when a peer, and its `via`
+  std::optional<std::size_t> peer;            // the origin's own peer index, when it is a peer
+};
+
+// An entry being added to the outbound log by one commit. Entries with the same `group` are
+// covered by one attestation (the origin's channel in this commit, or the attestation a
+// forwarded event came with).
+struct PendingOut {
+  std::uint64_t seq = 0;
+  std::uintptr_t group = 0;
+  std::string value;  // queue::EncodeOutboundValue, attestation key filled in at the end
 };
 
 struct ChannelRuntime {
@@ -131,6 +172,10 @@ struct BundleImport {
 // ReceivedFrame::link_peer for frames whose sender is only known from the frame itself.
 constexpr std::size_t kAnyPeer = ~std::size_t{0};
 
+// Free bytes on the file system of `dir` for an unprivileged writer, or nullopt when statvfs
+// fails (the store then says what fails).
+std::optional<std::uint64_t> FreeBytes(const std::string& dir);
+
 // Rate limit for repeated warnings (e.g. a flood of rejected frames): at most a few a second.
 class WarnLimiter {
  public:
@@ -163,6 +208,8 @@ struct Daemon::Impl : transports::LinkHandler {
   using ReceivedFrame = daemon_detail::ReceivedFrame;
   using BundleImport = daemon_detail::BundleImport;
   using WarnLimiter = daemon_detail::WarnLimiter;
+  using OriginRule = daemon_detail::OriginRule;
+  using PendingOut = daemon_detail::PendingOut;
 
   config::Config config;
   std::optional<crypto::SiteKey> key;
@@ -171,6 +218,7 @@ struct Daemon::Impl : transports::LinkHandler {
   Metrics metrics;
   std::vector<PeerRuntime> peers;
   std::map<std::string, ChannelRuntime> channels;
+  std::unordered_map<std::string, daemon_detail::OriginRule> origins;  // by site name
   std::unique_ptr<HttpServer> http;
   std::unique_ptr<transports::ZmqLink> link;
   std::unique_ptr<MattermostBridge> bridge;  // when a channel uses sink = mattermost or webhook
@@ -252,6 +300,12 @@ struct Daemon::Impl : transports::LinkHandler {
   std::map<std::string, std::string>
       delivery_lines;  // delivery thread only  // `delivered`, readable by other threads
   std::uint64_t inbound_removed = 0;  // maintenance thread only: inbound entries deleted through
+  // Bytes of chunk files in data_dir/spool/in/<origin>, by origin (against [peer] max_spool):
+  // measured by maintenance every few seconds, raised by the inbound thread as it writes.
+  std::mutex spool_mu;
+  std::map<std::string, std::uint64_t> spool_usage;  // guarded by spool_mu
+  Clock::time_point last_spool_measure{};            // maintenance thread only
+  std::atomic<bool> inbound_disk_low{false};         // the state last logged by InboundDiskLow
   std::unique_ptr<BlobWaiter> delivery_waiter;  // delivery thread only: posts waiting for blobs
   bool delivery_blocked = false;                // delivery thread only: stopped at such a post
 
@@ -273,6 +327,9 @@ struct Daemon::Impl : transports::LinkHandler {
   std::optional<crypto::PublicIdentity> LookupPeer(const crypto::PublicKey& pk) const;
 
   Status Open();
+  // A store of wire version 1 is taken only when nothing is queued or undelivered in it (its
+  // events have no origin signatures); then it is marked as version 2.
+  Status CheckStoreFormat();
   Status Start();
   // A thread running one of the loops below under `name` (at most 15 characters): top -H and
   // gdb show which loop is which.
@@ -321,9 +378,19 @@ struct Daemon::Impl : transports::LinkHandler {
   Status SubmitCapture(CaptureSubmission& submission);
 
   // Adds captured changes to the batch: post ids become event ids (through the mapping, which
-  // a post captured in the same round may have just created).
+  // a post captured in the same round may have just created). Their outbound entries go to *own.
   std::uint64_t AddCaptures(std::vector<PendingCapture>& captures, queue::WriteBatch& batch,
-                            std::int64_t now);
+                            std::vector<PendingOut>* own, std::int64_t now);
+
+  // Adds `out` to the batch, each group of entries (PendingOut::group, at most
+  // crypto::kMaxAttestedEvents at a time) with the attestation `attest` gives for it, stored
+  // under the highest seq of the group (so that the log's GC deletes it with the last entry
+  // that needs it).
+  static void PutOutboundGroups(
+      std::vector<PendingOut>& out, queue::WriteBatch& batch,
+      const std::function<std::string(const std::vector<PendingOut*>&)>& attest);
+  // PutOutboundGroups for this site's own events: each group is signed with the site's key.
+  void PutOwnEvents(std::vector<PendingOut>& own, queue::WriteBatch& batch);
 
   static HttpResponse Unavailable(const std::string& why);
 
@@ -339,17 +406,22 @@ struct Daemon::Impl : transports::LinkHandler {
   void CommitIngest(std::vector<PendingIngest>& work, std::vector<PendingCapture>& captures,
                     std::unordered_map<std::string, std::string>& round_keys);
 
-  // Moves every entry of the outbound log to new positions above `floor` (in order, in one
-  // synced batch), so that peer `who`, whose cursor is at `floor`, takes them as new. Other
-  // peers keep their cursors: the moved entries follow them, those they had already taken come
-  // again and are dropped by event id. Rare (a re-created store); holds out_mu, so ingest waits.
-  void RebaseLog(std::size_t who, std::uint64_t floor);
+  // Moves every entry of the outbound log to new positions above `floor` (in order, with their
+  // attestations, in one synced batch), so that a peer whose cursor is at `floor` takes them as
+  // new. Other peers keep their cursors: the moved entries follow them, those they had already
+  // taken come again and are dropped by event id. Only by the operator (`relay rebase`, with the
+  // daemon stopped): a store re-created behind a peer's cursor. Returns how many moved.
+  Result<std::uint64_t> RebaseLog(std::uint64_t floor);
 
   // ---- shipper; link callbacks: link state, acks (daemon_shipper.cc) ----------------------------
   // Link callbacks (link thread).
   void OnLinkUp(std::size_t peer, std::uint64_t epoch) override;
   void OnLinkDown(std::size_t peer) override;
-  void OnAck(std::size_t peer, std::uint64_t seq) override;
+  void OnAck(std::size_t peer, std::uint64_t seq, bool by_previous_key) override;
+  // Applies an acknowledgement from any path (link, ack or resend file): refused, counted and
+  // logged when it is signed with the peer's previous key or goes beyond what was sent to the
+  // peer (never more than the log holds). The error says why.
+  Status AcceptAck(std::size_t peer, std::uint64_t seq, bool by_previous_key);
 
   // Shipper.
   void ShipperLoop();
@@ -365,8 +437,11 @@ struct Daemon::Impl : transports::LinkHandler {
   // peer's events up to the frame limits; the frame covers [first, last_seq]. Events are copied
   // once, from the store's iterator straight into the payload. An attachment chunk ends the
   // frame, so a frame holds at most one. Used by the shipper and by sneakernet export.
+  // The payload stays within the peer's max_frame_bytes and `byte_limit` (export's file limit),
+  // attestations included, unless a single event is larger.
   Result<BuiltFrame> BuildFrame(std::size_t peer, std::uint64_t first, std::uint64_t from,
-                                std::uint64_t head, std::uint8_t flags = 0);
+                                std::uint64_t head, std::uint8_t flags = 0,
+                                std::uint64_t byte_limit = ~std::uint64_t{0});
 
   // Called with ship_mu held; releases it while reading the store and sealing.
   bool BuildAndSend(std::size_t peer, std::unique_lock<std::mutex>& lock);
@@ -399,6 +474,17 @@ struct Daemon::Impl : transports::LinkHandler {
   // a range received out of order (bundles, diode).
   bool AlreadyAccepted(std::size_t p, std::uint64_t seq) const;
 
+  // Bytes in the spool for chunks of `origin` (last measured, plus what was written since).
+  std::uint64_t SpoolUsage(const std::string& origin);
+  // Maintenance: measures the spool's usage per origin (blocks on disk: chunk files are sparse
+  // until complete).
+  void MeasureSpool();
+  // Non-empty (the reason) when data_dir has less than [site] min_free free: received frames are
+  // then not taken (nor acknowledged) until space is back. Logged when the state changes.
+  std::string InboundDiskLow();
+  // The peer an inbound store entry came from (the last of its hops), or nullopt.
+  std::optional<std::size_t> InboundPeerOf(std::string_view encoded) const;
+
   static std::string EncodeRanges(const std::map<std::uint64_t, std::uint64_t>& ranges);
   static std::map<std::uint64_t, std::uint64_t> DecodeRanges(const std::string& text);
 
@@ -406,7 +492,16 @@ struct Daemon::Impl : transports::LinkHandler {
     std::vector<std::string> peers;       // names, as the log stores them
     std::vector<std::size_t> peer_index;  // the same peers, for the queue accounting
     std::string encoded;
+    std::size_t attestation = 0;  // index into the round's attestations
   };
+
+  // Why a received event may not be accepted from peer `p` (the reason to count, *why says
+  // more), or nullopt when it may: its origin is known and may send through p, a verified
+  // attestation of its origin covers it (`attested`), its hops start at the origin and end at p, it
+  // is not older than the dedup memory when it comes through a transit site, and an edit or
+  // delete comes from the site where the message was posted.
+  std::optional<InboundDrop> CheckOrigin(const Event& ev, std::size_t p, bool attested,
+                                         std::int64_t now, std::string* why) const;
 
   // Verifies, de-duplicates and stores received frames in one synced batch, then acknowledges.
   // Frames from the link must continue the peer's sequence (replay and gap checks). Frames of a

@@ -4,14 +4,21 @@
 #include "relay/daemon_impl.h"
 
 #include <algorithm>
+#include <unordered_map>
 #include <unordered_set>
 
+#include "crypto/origin.h"
+#include "relay/json.h"
 #include "relay/log.h"
 
 namespace relay {
 namespace {
 
 constexpr std::size_t kMaxInboundQueueBytes = 256u << 20;
+// How long a received reaction is remembered, so that only its site may remove it (as long as
+// the Mattermost bridge's mappings).
+constexpr std::int64_t kReactionMemoryMs = 400LL * 24 * 3600 * 1000;
+constexpr std::int64_t kHourMs = 3600 * 1000;
 
 }  // namespace
 
@@ -22,6 +29,7 @@ using daemon_detail::kNextIn;
 using daemon_detail::kNextOut;
 using daemon_detail::NowMs;
 using daemon_detail::RangesKey;
+using daemon_detail::ReactionKey;
 
 crypto::OpenResult Daemon::Impl::OpenFrameAny(std::string_view bytes) const {
   auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
@@ -110,6 +118,37 @@ void Daemon::Impl::SubmitFramesAsync(std::unique_ptr<BundleImport> import) {
   in_cv.notify_one();
 }
 
+std::uint64_t Daemon::Impl::SpoolUsage(const std::string& origin) {
+  std::lock_guard<std::mutex> lock(spool_mu);
+  auto it = spool_usage.find(origin);
+  return it == spool_usage.end() ? 0 : it->second;
+}
+
+std::string Daemon::Impl::InboundDiskLow() {
+  auto free_bytes = daemon_detail::FreeBytes(config.data_dir);
+  const bool low = config.min_free > 0 && free_bytes && *free_bytes < config.min_free;
+  if (low != inbound_disk_low.exchange(low)) {
+    if (low) {
+      log::Error("data_dir '" + config.data_dir + "' has " + std::to_string(*free_bytes) +
+                 " bytes free, below [site] min_free: received frames are not taken (nor " +
+                 "acknowledged) until space is freed");
+    } else {
+      log::Info("data_dir '" + config.data_dir + "' has space again: taking received frames");
+    }
+  }
+  if (!low) return {};
+  return "data_dir has " + std::to_string(*free_bytes) + " bytes free, below [site] min_free (" +
+         std::to_string(config.min_free) + ")";
+}
+
+std::optional<std::size_t> Daemon::Impl::InboundPeerOf(std::string_view encoded) const {
+  auto env = ParseEventEnvelope(encoded);
+  if (!env) return std::nullopt;
+  auto last = LastHop(*env);
+  if (!last) return std::nullopt;
+  return PeerByName(std::string(*last));
+}
+
 void Daemon::Impl::CoverRange(std::size_t p, std::uint64_t first, std::uint64_t last) {
   auto& ranges = file_ranges[p];
   std::uint64_t& end = ranges[first];
@@ -146,6 +185,51 @@ std::map<std::uint64_t, std::uint64_t> Daemon::Impl::DecodeRanges(const std::str
   return out;
 }
 
+std::optional<InboundDrop> Daemon::Impl::CheckOrigin(const Event& ev, std::size_t p, bool attested,
+                                                     std::int64_t now, std::string* why) const {
+  const std::string& pname = peers[p].name;
+  auto rule = origins.find(ev.origin_site);
+  if (rule == origins.end()) {
+    *why = "its origin '" + ev.origin_site + "' is neither a peer nor an [origin." +
+           ev.origin_site + "] of this site";
+    return InboundDrop::kUnknownOrigin;
+  }
+  const OriginRule& r = rule->second;
+  if (std::find(r.senders.begin(), r.senders.end(), p) == r.senders.end()) {
+    *why = "peer '" + pname + "' may not send events of '" + ev.origin_site + "' (add it to " +
+           (r.peer ? "[peer." : "[origin.") + ev.origin_site + "] via to allow it)";
+    return InboundDrop::kOriginNotAllowed;
+  }
+  if (!attested) {
+    *why = "no origin signature of '" + ev.origin_site + "' that verifies covers it";
+    return InboundDrop::kBadOriginSignature;
+  }
+  if (ev.hops.empty() || ev.hops.front() != ev.origin_site || ev.hops.back() != pname) {
+    *why = "its hop list does not start at its origin '" + ev.origin_site +
+           "' and end at the sending peer '" + pname + "'";
+    return InboundDrop::kBadHops;
+  }
+  // Through a transit site, the dedup index is what recognises a replayed event; past its
+  // memory (dedup_ttl, less an hour for clock differences) a replay could not be told apart.
+  // An origin's own frames are also checked by their log position, which never expires.
+  const std::int64_t memory = config.dedup_ttl.count();
+  const std::int64_t limit = memory > 2 * kHourMs ? memory - kHourMs : memory / 2;
+  if (r.peer != p && now - ev.created_at_ms > limit) {
+    *why = "it was created at " + FormatTimestampMs(ev.created_at_ms) +
+           ", longer ago than this site remembers events (dedup_ttl): a replay could not be "
+           "recognised (raise [site] dedup_ttl on sites forwarding over links down that long)";
+    return InboundDrop::kStale;
+  }
+  if ((ev.kind == EventKind::kEdit || ev.kind == EventKind::kDelete) &&
+      OriginOfEventId(ev.ref) != ev.origin_site) {
+    *why = "it would " + std::string(ev.kind == EventKind::kEdit ? "edit" : "delete") + " " +
+           ev.ref + ", which was posted at '" + std::string(OriginOfEventId(ev.ref)) +
+           "': only that site may change it";
+    return InboundDrop::kNotOwner;
+  }
+  return std::nullopt;
+}
+
 Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport* bundle) {
   std::int64_t now = NowMs();
   std::int64_t expire = now + config.dedup_ttl.count();
@@ -156,7 +240,18 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   std::set<std::size_t> ack_peers;
   std::unordered_set<std::string> round_ids;
   std::vector<Forward> forwards;
+  // Attestations of forwarded events, each once per round (a commit's events may come in two
+  // frames), and the reactions added in this round.
+  std::vector<std::string> round_attestations;
+  std::unordered_map<std::string, std::size_t> round_attestation_index;
+  std::unordered_set<std::string> round_reactions;
+  std::unordered_map<crypto::Digest, std::size_t, crypto::DigestHash> attested;
   std::vector<std::uint64_t> frames_ok(peers.size(), 0), events_ok(peers.size(), 0);
+  // Taken in this round, counted against the peer's bounds; the bytes actually stored.
+  std::vector<std::uint64_t> round_held(peers.size(), 0), stored_bytes(peers.size(), 0);
+  std::map<std::string, std::uint64_t> round_spool;
+  std::string disk_low_why = InboundDiskLow();
+  const bool no_space = !disk_low_why.empty();
   std::uint64_t dedup = 0, chunks_written = 0;
   // Chunks of large attachments go to their spool file, not into the inbound store: written
   // at their offset (again after a crash: harmless) and synced before the batch that records
@@ -206,27 +301,31 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     auto payload = DecodeFramePayload(opened.frame->plaintext);
     std::string bad;
     std::vector<Event> events;
+    std::vector<std::string_view> cores;  // each event's signed core, inside the plaintext
     if (!payload) {
       bad = payload.message();
-    } else if (payload->size() != h.event_count) {
+    } else if (payload->events.size() != h.event_count) {
       bad = "header says " + std::to_string(h.event_count) + " events, payload has " +
-            std::to_string(payload->size());
+            std::to_string(payload->events.size());
     } else {
-      for (const FramedEvent& fe : *payload) {
+      for (const FramedEvent& fe : payload->events) {
         if (fe.seq < h.first_seq || fe.seq > h.last_seq) {
           bad = "event sequence " + std::to_string(fe.seq) + " outside the frame's range";
           break;
         }
         if (stored_before(fe.seq)) {
           events.emplace_back();  // placeholder, already accepted earlier
+          cores.emplace_back();
           continue;
         }
-        auto ev = DecodeEvent(fe.encoded);
+        std::string_view core;
+        auto ev = DecodeEvent(fe.encoded, &core);
         if (!ev) {
           bad = ev.message();
           break;
         }
         events.push_back(std::move(ev).value());
+        cores.push_back(core);
       }
     }
     if (!bad.empty()) {
@@ -236,13 +335,81 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         return Status::Error("a frame's payload is malformed: " + bad);
       continue;
     }
+    // Bounds on what a peer can make this site hold (stored, not yet delivered; spooled
+    // chunks) and the disk's free space: a frame over them is not taken now, and not
+    // acknowledged, so it comes again once delivery has caught up or space is back.
+    std::optional<InboundWait> wait;
+    std::string wait_why;
+    const std::uint64_t held = peers[p].metrics->inbound_held + round_held[p];
+    const std::uint64_t frame_bytes = opened.frame->plaintext.size();
+    if (no_space) {
+      wait = InboundWait::kDiskLow;
+      wait_why = disk_low_why;
+    } else if (held > 0 && held + frame_bytes > peers[p].config->max_inbound) {
+      wait = InboundWait::kMaxInbound;
+      wait_why = std::to_string(held) + " bytes of its events wait for delivery here ([peer." +
+                 pname + "] max_inbound = " + std::to_string(peers[p].config->max_inbound) + ")";
+    } else {
+      for (const Event& ev : events) {
+        if (ev.kind != EventKind::kFileChunk) continue;
+        const std::uint64_t used = SpoolUsage(ev.origin_site) + round_spool[ev.origin_site];
+        if (used + ev.chunk.data.size() > peers[p].config->max_spool) {
+          wait = InboundWait::kMaxSpool;
+          wait_why = "the spool of attachments from '" + ev.origin_site + "' holds " +
+                     std::to_string(used) + " bytes ([peer." + pname +
+                     "] max_spool = " + std::to_string(peers[p].config->max_spool) + ")";
+          break;
+        }
+      }
+    }
+    if (wait) {
+      ++peers[p].metrics->inbound_deferred[static_cast<std::size_t>(*wait)];
+      if (warn_limiter.Allow())
+        log::Warning("frame from peer '" + pname + "' not taken for now (" +
+                     InboundWaitName(*wait) + "): " + wait_why + "; it comes again");
+      if (bundle && bundle->all_or_nothing)
+        return Status::Error("not taken for now: " + wait_why + "; import it again later");
+      continue;
+    }
+    round_held[p] += frame_bytes;
+    for (const Event& ev : events)
+      if (ev.kind == EventKind::kFileChunk) round_spool[ev.origin_site] += ev.chunk.data.size();
+    // The origin signatures that came with the frame: digest -> attestation, for those whose
+    // signature verifies with their origin's key. A bad one is not fatal to the frame: the
+    // events it would cover are refused one by one below, the rest is taken.
+    attested.clear();
+    std::vector<std::string_view> att_origin(payload->attestations.size());
+    constexpr std::size_t kNoSlot = ~std::size_t{0};
+    constexpr std::size_t kSignatureBytes = 64;  // an attestation ends with its signature
+    std::vector<std::size_t> att_round(payload->attestations.size(), kNoSlot);
+    for (std::size_t i = 0; i < payload->attestations.size(); ++i) {
+      auto a = crypto::ParseAttestation(payload->attestations[i]);
+      if (!a) {
+        if (warn_limiter.Allow())
+          log::Warning("frame from peer '" + pname + "': " + a.message() +
+                       "; the events it covers are refused");
+        continue;
+      }
+      auto rule = origins.find(std::string(a->origin_site));
+      if (rule == origins.end()) continue;  // its events are refused as of an unknown origin
+      if (!crypto::VerifyAttestation(*a, rule->second.key) &&
+          !(rule->second.previous && crypto::VerifyAttestation(*a, *rule->second.previous))) {
+        if (warn_limiter.Allow())
+          log::Warning("frame from peer '" + pname + "': an origin attestation for '" +
+                       std::string(a->origin_site) +
+                       "' does not verify with that site's key; the events it covers are refused");
+        continue;
+      }
+      att_origin[i] = a->origin_site;
+      for (std::size_t k = 0; k < a->count(); ++k) attested.emplace(a->digest(k), i);
+    }
     // One batched lookup of the frame's event ids in the dedup index.
     std::vector<std::string> dkeys(events.size());
     for (std::size_t k = 0; k < events.size(); ++k)
-      if (!stored_before((*payload)[k].seq)) dkeys[k] = "e:" + events[k].id;
+      if (!stored_before(payload->events[k].seq)) dkeys[k] = "e:" + events[k].id;
     std::vector<bool> known = store->HasDedup(dkeys, now);
     for (std::size_t k = 0; k < events.size(); ++k) {
-      const FramedEvent& fe = (*payload)[k];
+      const FramedEvent& fe = payload->events[k];
       if (stored_before(fe.seq)) {
         if (bundle) ++dedup;  // received before, by the link or another bundle
         continue;
@@ -262,10 +429,39 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kLoop)];
         continue;
       }
+      auto by = attested.find(crypto::EventDigest(cores[k]));
+      const bool signed_by_origin =
+          by != attested.end() && att_origin[by->second] == ev.origin_site;
+      std::string why;
+      if (auto refused = CheckOrigin(ev, p, signed_by_origin, now, &why)) {
+        ++metrics.inbound_dropped[static_cast<std::size_t>(*refused)];
+        if (warn_limiter.Allow())
+          log::Warning("event " + ev.id + " from peer '" + pname + "' refused (" +
+                       InboundDropName(*refused) + "): " + why);
+        continue;
+      }
       std::string& dkey = dkeys[k];
       if (known[k] || round_ids.count(dkey)) {
         ++dedup;
         continue;
+      }
+      // A reaction may be removed only by the site (and author) that added it.
+      if (ev.kind == EventKind::kReactionAdd || ev.kind == EventKind::kReactionRemove) {
+        std::string rkey = ReactionKey(ev.ref, ev.text, ev.origin_site, ev.author);
+        if (ev.kind == EventKind::kReactionAdd) {
+          batch.PutDedup(rkey, now + kReactionMemoryMs, "");
+          round_reactions.insert(std::move(rkey));
+        } else if (round_reactions.erase(rkey) == 0 && !store->GetDedup(rkey, now)) {
+          ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kNotOwner)];
+          if (warn_limiter.Allow())
+            log::Warning("event " + ev.id + " from peer '" + pname +
+                         "' refused (not_owner): it removes reaction '" + ev.text + "' of " +
+                         ev.author + "@" + ev.origin_site + " from " + ev.ref +
+                         ", which that site never added here");
+          continue;
+        } else {
+          batch.DeleteDedup(rkey);
+        }
       }
       round_ids.insert(dkey);
       if (ev.kind == EventKind::kFileChunk) {
@@ -277,10 +473,12 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         ++chunks_written;
       } else {
         batch.PutInbound(next_in++, fe.encoded);
+        stored_bytes[p] += fe.encoded.size();
       }
       batch.PutDedup(dkey, expire, "");
       ++events_ok[p];
-      // Forward to the channel's other peers that the event has not passed through.
+      // Forward to the channel's other peers that the event has not passed through, with the
+      // origin's core and attestation unchanged.
       Forward f;
       for (std::size_t q : ch->second.peers) {
         if (q == p) continue;
@@ -290,7 +488,17 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       }
       if (!f.peers.empty()) {
         ev.hops.push_back(config.site_name);
-        EncodeEvent(ev, &f.encoded);
+        EncodeEventEnvelope(ev.kind, cores[k], ev.hops, &f.encoded);
+        std::size_t& slot = att_round[by->second];
+        if (slot == kNoSlot) {
+          // Keyed by its signature: the same attestation may come in two frames of the round.
+          const std::string_view att = payload->attestations[by->second];
+          auto [it, added] = round_attestation_index.emplace(
+              std::string(att.substr(att.size() - kSignatureBytes)), round_attestations.size());
+          if (added) round_attestations.emplace_back(att);
+          slot = it->second;
+        }
+        f.attestation = slot;
         forwards.push_back(std::move(f));
       }
     }
@@ -318,10 +526,16 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       std::lock_guard<std::mutex> lock(out_mu);
       std::uint64_t out_before = next_out;
       const std::vector<std::uint64_t> queued_before = queue_added;
+      std::vector<PendingOut> out;
+      out.reserve(forwards.size());
       for (const Forward& f : forwards) {
-        batch.AppendOutbound(next_out++, f.peers, f.encoded);
+        out.push_back(
+            {next_out++, f.attestation, queue::EncodeOutboundValue(f.peers, 0, f.encoded)});
         NoteQueued(f.peer_index);
       }
+      PutOutboundGroups(out, batch, [&](const std::vector<PendingOut*>& part) {
+        return round_attestations[part.front()->group];
+      });
       batch.PutCounter(kNextOut, next_out);
       s = store->Commit(batch, true);
       if (s) {
@@ -354,6 +568,11 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   for (std::size_t p = 0; p < peers.size(); ++p) {
     peers[p].metrics->frames_received += frames_ok[p];
     peers[p].metrics->events_received += events_ok[p];
+    peers[p].metrics->inbound_held += stored_bytes[p];
+  }
+  if (chunks_written > 0) {
+    std::lock_guard<std::mutex> lock(spool_mu);
+    for (const auto& [origin, n] : round_spool) spool_usage[origin] += n;
   }
   if (link)
     for (std::size_t p : ack_peers) link->SendAck(p, accepted[p]);

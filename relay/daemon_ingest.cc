@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "crypto/origin.h"
 #include "relay/json.h"
 #include "relay/log.h"
 
@@ -171,7 +172,8 @@ Status Daemon::Impl::SubmitCapture(CaptureSubmission& submission) {
 }
 
 std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
-                                        queue::WriteBatch& batch, std::int64_t now) {
+                                        queue::WriteBatch& batch, std::vector<PendingOut>* own,
+                                        std::int64_t now) {
   std::int64_t map_expire = now + MattermostBridge::kMappingTtlMs;
   std::unordered_map<std::string, std::string> round_map;  // post id -> event id
   auto event_of = [&](const std::string& post_id) -> std::optional<std::string> {
@@ -211,7 +213,8 @@ std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
       encoded.clear();
       EncodeEvent(e, &encoded);
       if (!ch->second.peer_names.empty()) {
-        batch.AppendOutbound(next_out++, ch->second.peer_names, encoded);
+        own->push_back({next_out++, reinterpret_cast<std::uintptr_t>(&ch->second),
+                        queue::EncodeOutboundValue(ch->second.peer_names, 0, encoded)});
         NoteQueued(ch->second.peers);
       }
       if (c.kind == EventKind::kPost) {
@@ -227,17 +230,60 @@ std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
   return added;
 }
 
+void Daemon::Impl::PutOutboundGroups(
+    std::vector<PendingOut>& out, queue::WriteBatch& batch,
+    const std::function<std::string(const std::vector<PendingOut*>&)>& attest) {
+  std::vector<std::vector<PendingOut*>> groups;
+  std::unordered_map<std::uintptr_t, std::size_t> index;
+  for (PendingOut& e : out) {
+    auto [it, added] = index.emplace(e.group, groups.size());
+    if (added) groups.emplace_back();
+    groups[it->second].push_back(&e);
+  }
+  std::vector<PendingOut*> part;
+  for (const auto& g : groups) {
+    for (std::size_t start = 0; start < g.size(); start += crypto::kMaxAttestedEvents) {
+      part.assign(g.begin() + static_cast<std::ptrdiff_t>(start),
+                  g.begin() + static_cast<std::ptrdiff_t>(
+                                  std::min(g.size(), start + crypto::kMaxAttestedEvents)));
+      const std::uint64_t key = part.back()->seq;  // entries are in log order
+      for (PendingOut* e : part) queue::SetOutboundAttestation(&e->value, key);
+      batch.PutAttestation(key, attest(part));
+    }
+  }
+  for (PendingOut& e : out) batch.PutOutbound(e.seq, std::move(e.value));
+}
+
+void Daemon::Impl::PutOwnEvents(std::vector<PendingOut>& own, queue::WriteBatch& batch) {
+  std::vector<crypto::Digest> digests;
+  PutOutboundGroups(own, batch, [&](const std::vector<PendingOut*>& part) {
+    digests.clear();
+    for (const PendingOut* e : part) {
+      // The committer encoded these events itself: the envelope parses.
+      auto env = ParseEventEnvelope(queue::OutboundValueEvent(e->value));
+      digests.push_back(crypto::EventDigest(env ? env->core : std::string_view()));
+    }
+    return crypto::SealAttestation(*key, config.site_name, digests.data(), digests.size());
+  });
+}
+
 HttpResponse Daemon::Impl::Unavailable(const std::string& why) {
   HttpResponse r{503, "application/json", JsonError(why)};
   r.retry_after_s = 1;
   return r;
 }
 
+std::optional<std::uint64_t> daemon_detail::FreeBytes(const std::string& dir) {
+  struct statvfs fs {};
+  if (statvfs(dir.c_str(), &fs) != 0) return std::nullopt;  // the store will say what fails
+  return static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+}
+
 std::string Daemon::Impl::DiskLow() {
   if (config.min_free == 0) return {};
-  struct statvfs fs {};
-  if (statvfs(config.data_dir.c_str(), &fs) != 0) return {};  // the store will say what fails
-  const std::uint64_t free_bytes = static_cast<std::uint64_t>(fs.f_bavail) * fs.f_frsize;
+  const auto free_or = daemon_detail::FreeBytes(config.data_dir);
+  if (!free_or) return {};
+  const std::uint64_t free_bytes = *free_or;
   const bool low = free_bytes < config.min_free;
   if (low != disk_low) {
     disk_low = low;
@@ -300,6 +346,7 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
     return;
   }
   std::vector<bool> refused(work.size(), false);
+  std::vector<PendingOut> own;  // this commit's outbound entries, signed per channel below
   for (std::size_t r = 0; r < work.size(); ++r) {
     if (std::string full = QueueFull(work[r].request.messages); !full.empty()) {
       refused[r] = true;
@@ -341,7 +388,8 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
       encoded.clear();
       EncodeEvent(e, &encoded);
       if (!ch.peer_names.empty()) {
-        batch.AppendOutbound(next_out++, ch.peer_names, encoded);
+        own.push_back({next_out++, reinterpret_cast<std::uintptr_t>(&ch),
+                       queue::EncodeOutboundValue(ch.peer_names, 0, encoded)});
         NoteQueued(ch.peers);
       }
       if (!client_key.empty()) {
@@ -359,7 +407,8 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
     }
   }
   std::erase_if(captures, [](const PendingCapture& pc) { return pc.done == nullptr; });
-  new_events += AddCaptures(captures, batch, now);
+  new_events += AddCaptures(captures, batch, &own, now);
+  PutOwnEvents(own, batch);
   batch.PutCounter(kNextOrigin, next_origin);
   batch.PutCounter(kNextOut, next_out);
   Status s = store->Commit(batch, /*sync=*/true);
@@ -402,47 +451,64 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
   }
 }
 
-void Daemon::Impl::RebaseLog(std::size_t who, std::uint64_t floor) {
+Result<std::uint64_t> Daemon::Impl::RebaseLog(std::uint64_t floor) {
   std::lock_guard<std::mutex> out_lock(out_mu);
   const std::uint64_t head = published.load();
-  if (floor <= head) return;  // done meanwhile
-  queue::WriteBatch b;
-  std::uint64_t pos = floor + 1, moved = 0;
+  if (floor >= daemon_detail::kMaxSeq)
+    return Status::Error("position " + std::to_string(floor) + " is beyond the largest (" +
+                         std::to_string(daemon_detail::kMaxSeq) + ")");
+  if (floor <= head)
+    return Status::Error("the log's head " + std::to_string(head) + " is already at or above " +
+                         std::to_string(floor) + ": nothing to move");
+  // Entries move in order to floor+1, floor+2, ...; an attestation moves with the entry whose
+  // old position was its key (the highest entry that refers to it).
+  std::vector<std::uint64_t> old_seqs;
   Status s = store->ScanOutbound(1, [&](const queue::OutboundEntry& e) {
     if (e.seq > head) return false;
-    b.AppendOutbound(pos++, e.Peers(), e.event);
-    ++moved;
+    old_seqs.push_back(e.seq);
     return true;
   });
-  if (s) {
-    b.DeleteOutboundRange(1, head + 1);
-    b.PutCounter(kNextOut, pos);
-    s = store->Commit(b, true);
-  }
-  if (!s) {
-    log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
-               std::to_string(floor) + ", beyond its head " + std::to_string(head) +
-               ", and moving the queue above that failed: " + s.message());
-    return;
-  }
+  if (!s) return s;
+  auto new_pos = [&](std::uint64_t old) -> std::optional<std::uint64_t> {
+    auto it = std::lower_bound(old_seqs.begin(), old_seqs.end(), old);
+    if (it == old_seqs.end() || *it != old) return std::nullopt;
+    return floor + 1 + static_cast<std::uint64_t>(it - old_seqs.begin());
+  };
+  queue::WriteBatch b;
+  std::set<std::uint64_t> moved_attestations;
+  s = store->ScanOutbound(1, [&](const queue::OutboundEntry& e) {
+    if (e.seq > head) return false;
+    const auto att_key = new_pos(e.attestation);
+    if (!att_key) {
+      s = Status::Error("log entry " + std::to_string(e.seq) + " refers to attestation " +
+                        std::to_string(e.attestation) + ", which has no entry");
+      return false;
+    }
+    if (moved_attestations.insert(e.attestation).second) {
+      auto att = store->GetAttestation(e.attestation);
+      if (!att || !*att) {
+        s = att ? Status::Error("attestation " + std::to_string(e.attestation) + " is missing")
+                : att.status();
+        return false;
+      }
+      b.PutAttestation(*att_key, **att);
+    }
+    b.AppendOutbound(*new_pos(e.seq), e.Peers(), *att_key, e.event);
+    return true;
+  });
+  if (!s) return s;
+  const std::uint64_t pos = floor + 1 + old_seqs.size();
+  b.DeleteOutboundRange(1, head + 1);
+  b.DeleteAttestationRange(1, head + 1);
+  b.PutCounter(kNextOut, pos);
+  // Event ids started at the same (behind) clock: keep new ones above the old ones too, as far
+  // as the peer's position tells.
+  next_origin = std::max(next_origin, pos);
+  b.PutCounter(kNextOrigin, next_origin);
+  if (Status c = store->Commit(b, true); !c) return c;
   next_out = pos;
   published = pos - 1;
-  {
-    std::lock_guard<std::mutex> lock(ship_mu);
-    for (PeerRuntime& p : peers) {
-      p.inflight.clear();
-      p.send_pos = p.scan_pos = p.acked + 1;
-    }
-  }
-  queues_dirty = true;
-  ++metrics.log_rebases;
-  log::Error("peer '" + peers[who].name + "' has accepted this site's log through " +
-             std::to_string(floor) + ", beyond its head " + std::to_string(head) +
-             ": this site's store was re-created while its clock was behind. " +
-             std::to_string(moved) + " queued event(s) moved above that position (" +
-             std::to_string(floor + 1) + ".." + std::to_string(pos - 1) +
-             ") so that nothing is lost; check the clock (NTP)");
-  ship_cv.notify_all();
+  return static_cast<std::uint64_t>(old_seqs.size());
 }
 
 }  // namespace relay

@@ -3,6 +3,8 @@
 
 #include "relay/daemon_impl.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <filesystem>
 
@@ -16,6 +18,7 @@ constexpr std::size_t kGcScanLimit = 50'000;
 }  // namespace
 
 using daemon_detail::AcceptedKey;
+using daemon_detail::SentKey;
 
 void Daemon::Impl::CollectSpools() {
   if (Clock::now() - last_spool_collection < std::chrono::minutes(10) &&
@@ -39,6 +42,7 @@ void Daemon::Impl::MaintenanceLoop() {
     CollectOutbound();
     CollectInbound();
     CollectSpools();
+    MeasureSpool();
     AutoFiles();
     // Expired dedup entries go with RocksDB's compactions; force one every few hours so
     // an idle site does not keep them for ever.
@@ -101,6 +105,17 @@ void Daemon::Impl::CollectInbound() {
   std::uint64_t removable = delivered_through.load();
   if (bridge) removable = std::min(removable, bridge->replayed_through());
   if (removable <= inbound_removed) return;
+  // What each peer's events held in the store goes with them ([peer] max_inbound).
+  std::vector<std::uint64_t> freed(peers.size(), 0);
+  Status scan = store->ScanInbound(inbound_removed + 1, [&](std::uint64_t seq, std::string_view e) {
+    if (seq > removable) return false;
+    if (auto p = InboundPeerOf(e)) freed[*p] += e.size();
+    return true;
+  });
+  if (!scan) {
+    log::Error("inbound GC: " + scan.message());
+    return;
+  }
   queue::WriteBatch b;
   b.DeleteInboundRange(inbound_removed + 1, removable + 1);
   if (Status s = store->Commit(b, false); !s) {
@@ -108,11 +123,35 @@ void Daemon::Impl::CollectInbound() {
     return;
   }
   inbound_removed = removable;
+  for (std::size_t p = 0; p < peers.size(); ++p) {
+    std::atomic<std::uint64_t>& held = peers[p].metrics->inbound_held;
+    held -= std::min(held.load(), freed[p]);
+  }
+}
+
+void Daemon::Impl::MeasureSpool() {
+  if (Clock::now() - last_spool_measure < std::chrono::seconds(5)) return;
+  last_spool_measure = Clock::now();
+  std::map<std::string, std::uint64_t> usage;
+  std::error_code ec;
+  const std::filesystem::path in = std::filesystem::path(config.data_dir) / "spool" / "in";
+  for (const auto& origin : std::filesystem::directory_iterator(in, ec)) {
+    std::uint64_t bytes = 0;
+    std::error_code ec2;
+    for (const auto& f : std::filesystem::directory_iterator(origin.path(), ec2)) {
+      struct stat st {};
+      if (::lstat(f.path().c_str(), &st) == 0 && S_ISREG(st.st_mode))
+        bytes += static_cast<std::uint64_t>(st.st_blocks) * 512;  // sparse until complete
+    }
+    usage[origin.path().filename().string()] = bytes;
+  }
+  std::lock_guard<std::mutex> lock(spool_mu);
+  spool_usage = std::move(usage);
 }
 
 void Daemon::Impl::CollectOutbound() {
   ApplyDiodeRetention();
-  std::vector<std::uint64_t> acked(peers.size());
+  std::vector<std::uint64_t> acked(peers.size()), sent(peers.size());
   std::uint64_t head = published.load();
   std::uint64_t low = head;
   {
@@ -120,6 +159,7 @@ void Daemon::Impl::CollectOutbound() {
     for (std::size_t i = 0; i < peers.size(); ++i) {
       const PeerRuntime& p = peers[i];
       acked[i] = p.acked;
+      sent[i] = p.sent_through;
       // A peer with nothing in flight whose shipper scanned past its cursor and found nothing
       // for it does not hold back the entries it skipped (it may never get an event to ack).
       std::uint64_t passed = p.acked;
@@ -129,9 +169,26 @@ void Daemon::Impl::CollectOutbound() {
     }
   }
   RecountQueues(acked);  // before the GC below deletes what it reads
+  {
+    // How far each peer was sent, so that its acknowledgements up to there are expected after a
+    // restart too (AcceptAck). Not synced: a lost value only refuses a few early acks, which
+    // come again once the frames are sent again.
+    queue::WriteBatch b;
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      if (sent[i] <= peers[i].sent_recorded) continue;
+      b.PutCounter(SentKey(peers[i].name), sent[i]);
+      peers[i].sent_recorded = sent[i];
+    }
+    if (b.Count() > 0) {
+      if (Status s = store->Commit(b, false); !s)
+        log::Error("recording sent positions: " + s.message());
+    }
+  }
   if (low > gc_deleted_through) {
     queue::WriteBatch b;
     b.DeleteOutboundRange(gc_deleted_through + 1, low + 1);
+    // An attestation's key is the highest entry that refers to it: it goes with that entry.
+    b.DeleteAttestationRange(gc_deleted_through + 1, low + 1);
     if (Status s = store->Commit(b, false); !s) {
       log::Error("queue GC: " + s.message());
     } else {

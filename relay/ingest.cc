@@ -103,6 +103,15 @@ bool ParseOne(element obj, std::size_t index, bool batch, const config::Config& 
     return Fail(error, 400, where + "unknown kind '" + kind_name + "'");
   if (msg->kind != EventKind::kPost && msg->ref.empty())
     return Fail(error, 400, where + "kind '" + kind_name + "' needs field 'ref'");
+  // Only the site where a message was posted changes it (design.md, "Trust model"); reactions
+  // may be added to and removed from anyone's message (a removal applies only to this site's own
+  // reaction, which the receiver checks).
+  if ((msg->kind == EventKind::kEdit || msg->kind == EventKind::kDelete) &&
+      OriginOfEventId(msg->ref) != config.site_name)
+    return Fail(error, 403,
+                where + "kind '" + kind_name + "' applies to event '" + msg->ref +
+                    "', which was posted at site '" + std::string(OriginOfEventId(msg->ref)) +
+                    "': only the site where a message was posted can edit or delete it");
   return true;
 }
 

@@ -33,7 +33,7 @@ struct IngestRequest {
 };
 
 struct IngestError {
-  int http_status = 400;  // 400 or 413
+  int http_status = 400;  // 400, 403 (another site's message) or 413
   std::string message;
 };
 

@@ -928,6 +928,12 @@ struct MattermostBridge::Impl {
     }
     const std::string& mm_channel = ch.mattermost_channel_id;
     if (e.kind == EventKind::kPost) return ApplyPost(client, e, mm_channel);
+    // Only the site where a message was posted changes it, and never a local user's post: the
+    // inbound path refused anything else already (CheckOrigin); this guards the server too.
+    if ((e.kind == EventKind::kEdit || e.kind == EventKind::kDelete) &&
+        (OriginOfEventId(e.ref) != e.origin_site || e.origin_site == config.site_name))
+      return Fail(e,
+                  "it would change " + e.ref + ", which site '" + e.origin_site + "' did not post");
     auto local = Get(EventToPostKey(e.ref));
     if (!local) return Fail(e, "the post it applies to (" + e.ref + ") is not known here");
     switch (e.kind) {

@@ -35,8 +35,44 @@ const char* InboundDropName(InboundDrop d) {
       return "unroutable";
     case InboundDrop::kLoop:
       return "loop";
+    case InboundDrop::kUnknownOrigin:
+      return "unknown_origin";
+    case InboundDrop::kBadOriginSignature:
+      return "bad_origin_signature";
+    case InboundDrop::kOriginNotAllowed:
+      return "origin_not_allowed";
+    case InboundDrop::kBadHops:
+      return "bad_hops";
+    case InboundDrop::kStale:
+      return "stale";
+    case InboundDrop::kNotOwner:
+      return "not_owner";
     case InboundDrop::kCount:
       break;
+  }
+  return "unknown";
+}
+
+const char* AckRefusalName(AckRefusal r) {
+  switch (r) {
+    case AckRefusal::kBeyondLog:
+      return "beyond_log";
+    case AckRefusal::kBeyondSent:
+      return "beyond_sent";
+    case AckRefusal::kPreviousKey:
+      return "previous_key";
+  }
+  return "unknown";
+}
+
+const char* InboundWaitName(InboundWait w) {
+  switch (w) {
+    case InboundWait::kMaxInbound:
+      return "max_inbound";
+    case InboundWait::kMaxSpool:
+      return "max_spool";
+    case InboundWait::kDiskLow:
+      return "disk_low";
   }
   return "unknown";
 }
@@ -63,9 +99,6 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   Simple(&out, "relay_ingest_disk_low_total", "counter",
          "Ingest requests answered 503 because data_dir had less than [site] min_free free.",
          i64(ingest_disk_low));
-  Simple(&out, "relay_log_rebases_total", "counter",
-         "Times the outbound log was moved above a peer's cursor (store re-created, clock behind).",
-         i64(log_rebases));
   Simple(&out, "relay_bundles_expired_total", "counter",
          "Bundle files refused because they were past their expiry (not counted as frames).",
          i64(bundles_expired));
@@ -190,6 +223,26 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
   for (const auto& f : kPeerFamilies) {
     Family(&out, f.name, f.type, f.help);
     for (const auto& p : peers) Sample(&out, f.name, PeerLabel(*p), f.get(*p));
+  }
+  Family(&out, "relay_inbound_held_bytes", "gauge",
+         "Bytes of events from the peer stored and not yet delivered to every sink.");
+  for (const auto& p : peers)
+    Sample(&out, "relay_inbound_held_bytes", PeerLabel(*p), i64(p->inbound_held));
+  Family(&out, "relay_inbound_deferred_total", "counter",
+         "Frames from the peer not taken for now (not acknowledged; they come again), by reason.");
+  for (const auto& p : peers) {
+    for (std::size_t r = 0; r < p->inbound_deferred.size(); ++r)
+      Sample(&out, "relay_inbound_deferred_total",
+             PeerLabel(*p) + ",reason=\"" + InboundWaitName(static_cast<InboundWait>(r)) + "\"",
+             i64(p->inbound_deferred[r]));
+  }
+  Family(&out, "relay_acks_refused_total", "counter",
+         "Acknowledgements from the peer not applied to its cursor, by reason.");
+  for (const auto& p : peers) {
+    for (std::size_t r = 0; r < p->acks_refused.size(); ++r)
+      Sample(&out, "relay_acks_refused_total",
+             PeerLabel(*p) + ",reason=\"" + AckRefusalName(static_cast<AckRefusal>(r)) + "\"",
+             i64(p->acks_refused[r]));
   }
   return out;
 }

@@ -26,13 +26,44 @@ struct PeerMetrics {
   std::atomic<std::int64_t> last_contact_ms{0};
   std::atomic<std::uint64_t> resends{0};
   std::atomic<std::uint64_t> queue_full{0};  // ingest requests refused: max_queue reached
+  // Acknowledgements from this peer that were not applied (AckRefusal).
+  std::array<std::atomic<std::uint64_t>, 3> acks_refused{};
+  // Bytes of events received from the peer still in the inbound store (until every sink has
+  // them), against [peer] max_inbound.
+  std::atomic<std::uint64_t> inbound_held{0};
+  // Frames from the peer not taken for now (InboundWait): not acknowledged, so they come again.
+  std::array<std::atomic<std::uint64_t>, 3> inbound_deferred{};
 };
+
+// Why a frame from a peer was not taken for now (it comes again: resent, imported again, or
+// asked for by a resend request).
+enum class InboundWait : std::size_t {
+  kMaxInbound = 0,  // the peer's undelivered events reached [peer] max_inbound
+  kMaxSpool,        // the spool of its chunks' origin reached [peer] max_spool
+  kDiskLow,         // data_dir has less than [site] min_free free
+};
+const char* InboundWaitName(InboundWait w);
+
+// Why an acknowledgement was not applied to a peer's cursor.
+enum class AckRefusal : std::size_t {
+  kBeyondLog = 0,  // beyond anything this site's log ever held (attack, or a re-created store)
+  kBeyondSent,     // beyond what was sent to the peer (attack or misconfiguration)
+  kPreviousKey,    // signed with the peer's previous key, which may not move cursors
+};
+const char* AckRefusalName(AckRefusal r);
 
 // Reasons a frame or control message can be rejected, beyond crypto::RejectReason.
 enum class InboundDrop : std::size_t {
   kGap = 0,     // frame starts after a sequence not yet received (resent later)
   kUnroutable,  // event for a channel not bridged with that peer
   kLoop,        // event whose hop list already holds this site
+  // Origin signatures (crypto/origin.h) and ownership.
+  kUnknownOrigin,       // event from a site that is neither a peer nor an [origin.X]
+  kBadOriginSignature,  // no valid attestation of its origin covers the event
+  kOriginNotAllowed,    // the sending peer may not forward that origin's events (via =)
+  kBadHops,             // the hop list does not start at the origin or end at the sender
+  kStale,               // forwarded event older than the dedup memory (a replay could pass)
+  kNotOwner,            // edit, delete or reaction removal of another site's post or reaction
   kCount
 };
 
@@ -44,7 +75,6 @@ struct Metrics {
   std::atomic<std::uint64_t> ingest_unavailable{0};  // 503 answers (all reasons below, and more)
   std::atomic<std::uint64_t> ingest_busy{0};         // 503: max_pending bytes in memory
   std::atomic<std::uint64_t> ingest_disk_low{0};     // 503: free space below min_free
-  std::atomic<std::uint64_t> log_rebases{0};         // queue moved above a peer's cursor
   std::atomic<std::uint64_t> commits{0};             // synced ingest write batches
   std::atomic<std::uint64_t> bundles_expired{0};     // bundle files refused as past expiry
   std::atomic<std::uint64_t> events_delivered{0};

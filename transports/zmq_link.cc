@@ -240,7 +240,7 @@ struct ZmqLink::Impl {
         handler->OnRejectedControl("malformed", "ack body is not 8 bytes");
         return;
       }
-      handler->OnAck(peer, *seq);
+      handler->OnAck(peer, *seq, m.sender != p.config.identity.sign_pk);
     }
   }
 

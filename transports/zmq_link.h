@@ -41,7 +41,8 @@ class LinkHandler {
   // Bytes of a frame that arrived from the connection of `peer`; not yet verified.
   virtual void OnFrame(std::size_t peer, std::string bytes) = 0;
   // A verified acknowledgement: `peer` has durably accepted everything through `seq`.
-  virtual void OnAck(std::size_t peer, std::uint64_t seq) = 0;
+  // `previous_key`: it was signed with the peer's previous key (during a key rotation).
+  virtual void OnAck(std::size_t peer, std::uint64_t seq, bool previous_key) = 0;
   // A message that failed verification (bad signature, unknown sender, ...), for metrics.
   virtual void OnRejectedControl(const std::string& reason, const std::string& message) = 0;
 };

@@ -17,6 +17,8 @@
 
 #include "config/config.h"
 #include "crypto/frame.h"
+#include "crypto/origin.h"
+#include "queue/store.h"
 #include "relay/daemon.h"
 #include "relay/event.h"
 #include "relay/http_server.h"
@@ -51,7 +53,7 @@ struct FakePeer : relay::transports::LinkHandler {
     up = false;
   }
   void OnFrame(std::size_t, std::string) override {}
-  void OnAck(std::size_t, std::uint64_t seq) override {
+  void OnAck(std::size_t, std::uint64_t seq, bool) override {
     std::lock_guard<std::mutex> l(mu);
     acked = seq;
     ++acks;
@@ -73,14 +75,24 @@ relay::Event MakeEvent(std::uint64_t seq, const std::string& channel = "war-room
   return e;
 }
 
-std::string Payload(const std::vector<std::pair<std::uint64_t, relay::Event>>& events) {
+// A frame payload of `events`, with an origin attestation for all of them signed by `origin`
+// under the name `origin_name` (none when `origin` is null).
+std::string Payload(const std::vector<std::pair<std::uint64_t, relay::Event>>& events,
+                    const relay::crypto::SiteKey* origin,
+                    const std::string& origin_name = "europe") {
   std::vector<std::string> encoded(events.size());
   std::vector<relay::FramedEvent> fe;
+  std::vector<relay::crypto::Digest> digests;
   for (std::size_t i = 0; i < events.size(); ++i) {
     relay::EncodeEvent(events[i].second, &encoded[i]);
     fe.push_back({events[i].first, encoded[i]});
+    digests.push_back(relay::crypto::EventDigest(relay::ParseEventEnvelope(encoded[i])->core));
   }
-  return relay::EncodeFramePayload(fe);
+  std::vector<std::string> attestations;
+  if (origin != nullptr && !digests.empty())
+    attestations.push_back(
+        relay::crypto::SealAttestation(*origin, origin_name, digests.data(), digests.size()));
+  return relay::EncodeFramePayload(fe, {attestations.begin(), attestations.end()});
 }
 
 std::size_t CountLines(const std::string& path) {
@@ -167,7 +179,7 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
 
   // A good frame is accepted, acknowledged and delivered.
   std::string good =
-      relay::crypto::SealFrame(*eu, aws->identity(), 1, 1, 1, Payload({{1, MakeEvent(1)}}));
+      relay::crypto::SealFrame(*eu, aws->identity(), 1, 1, 1, Payload({{1, MakeEvent(1)}}, &*eu));
   send(good);
   REQUIRE(wait_ack(1));
   REQUIRE(WaitFor([&] { return CountLines(sink) == 1; }));
@@ -187,7 +199,7 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   }
   SECTION("tampered, misaddressed and foreign frames") {
     std::string next =
-        relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}}));
+        relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}}, &*eu));
     std::string flipped = next;
     flipped[flipped.size() - 1] ^= 1;
     send(flipped);
@@ -196,12 +208,14 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
     std::string version = next;
     version[4] = 9;
     send(version);
-    send(relay::crypto::SealFrame(*eu, stranger.identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}})));
-    send(
-        relay::crypto::SealFrame(stranger, aws->identity(), 2, 2, 1, Payload({{2, MakeEvent(2)}})));
+    send(relay::crypto::SealFrame(*eu, stranger.identity(), 2, 2, 1,
+                                  Payload({{2, MakeEvent(2)}}, &*eu)));
+    send(relay::crypto::SealFrame(stranger, aws->identity(), 2, 2, 1,
+                                  Payload({{2, MakeEvent(2)}}, &*eu)));
     send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1, "\xc1 not msgpack"));
     // A frame that skips sequences: dropped until the missing ones come, not acknowledged.
-    send(relay::crypto::SealFrame(*eu, aws->identity(), 7, 7, 1, Payload({{7, MakeEvent(7)}})));
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 7, 7, 1,
+                                  Payload({{7, MakeEvent(7)}}, &*eu)));
     REQUIRE(WaitFor([&] {
       return Rejected(ingest, "bad_signature") == 1 && Rejected(ingest, "truncated") == 1 &&
              Rejected(ingest, "unsupported_version") == 1 &&
@@ -220,7 +234,7 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   }
   SECTION("an event for a channel not bridged with the sender is dropped and counted") {
     send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1,
-                                  Payload({{2, MakeEvent(2, "secret-channel")}})));
+                                  Payload({{2, MakeEvent(2, "secret-channel")}}, &*eu)));
     REQUIRE(wait_ack(2));
     CHECK(Rejected(ingest, "unroutable") == 1);
     std::this_thread::sleep_for(200ms);
@@ -228,12 +242,132 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   }
   SECTION("the same event id twice in later frames is delivered once") {
     send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 3, 2,
-                                  Payload({{2, MakeEvent(1)}, {3, MakeEvent(3)}})));
+                                  Payload({{2, MakeEvent(1)}, {3, MakeEvent(3)}}, &*eu)));
     REQUIRE(wait_ack(3));
     REQUIRE(WaitFor([&] { return CountLines(sink) == 2; }));
     std::this_thread::sleep_for(200ms);
     CHECK(CountLines(sink) == 2);
   }
+  SECTION("events without a valid origin signature are refused one by one; the link moves on") {
+    // No attestation at all, one signed by a stranger, and one for another origin name.
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 2, 1,
+                                  Payload({{2, MakeEvent(2)}}, nullptr)));
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 3, 3, 1,
+                                  Payload({{3, MakeEvent(3)}}, &stranger)));
+    REQUIRE(wait_ack(3));  // acknowledged: a refused event does not stall the link
+    CHECK(Rejected(ingest, "bad_origin_signature") == 2);
+    // An event claiming another origin, signed with the peer's own key.
+    relay::Event gamma = MakeEvent(4);
+    gamma.origin_site = "gamma";
+    gamma.id = relay::MakeEventId("gamma", 4);
+    gamma.hops = {"gamma", "europe"};
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 4, 4, 1,
+                                  Payload({{4, gamma}}, &*eu, "gamma")));
+    REQUIRE(wait_ack(4));
+    CHECK(Rejected(ingest, "unknown_origin") == 1);
+    // The signature covers the core: an event changed after signing is refused.
+    relay::Event changed = MakeEvent(5);
+    std::string p5 = Payload({{5, changed}}, &*eu);
+    auto at = p5.find("message 5");
+    REQUIRE(at != std::string::npos);
+    p5[at] = 'M';
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 5, 5, 1, p5));
+    REQUIRE(wait_ack(5));
+    CHECK(Rejected(ingest, "bad_origin_signature") == 3);
+    std::this_thread::sleep_for(200ms);
+    CHECK(CountLines(sink) == 1);
+    // The genuine next one is delivered.
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 6, 6, 1,
+                                  Payload({{6, MakeEvent(6)}}, &*eu)));
+    REQUIRE(wait_ack(6));
+    REQUIRE(WaitFor([&] { return CountLines(sink) == 2; }));
+  }
+  SECTION("a peer cannot edit, delete or un-react what another site posted") {
+    relay::Event edit = MakeEvent(2);
+    edit.kind = relay::EventKind::kEdit;
+    edit.ref = "aws:12345";  // a message of this site
+    relay::Event del = MakeEvent(3);
+    del.kind = relay::EventKind::kDelete;
+    del.ref = "gamma:1";
+    relay::Event unreact = MakeEvent(4);
+    unreact.kind = relay::EventKind::kReactionRemove;
+    unreact.ref = "aws:12345";
+    unreact.text = "thumbsup";
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 2, 4, 3,
+                                  Payload({{2, edit}, {3, del}, {4, unreact}}, &*eu)));
+    REQUIRE(wait_ack(4));
+    CHECK(Rejected(ingest, "not_owner") == 3);
+    // Its own reaction it may remove again, and its own message it may edit.
+    relay::Event react = unreact;
+    react.origin_seq = 5;
+    react.id = relay::MakeEventId("europe", 5);
+    react.kind = relay::EventKind::kReactionAdd;
+    relay::Event unreact2 = react;
+    unreact2.origin_seq = 6;
+    unreact2.id = relay::MakeEventId("europe", 6);
+    unreact2.kind = relay::EventKind::kReactionRemove;
+    relay::Event own_edit = MakeEvent(7);
+    own_edit.kind = relay::EventKind::kEdit;
+    own_edit.ref = "europe:1";
+    send(relay::crypto::SealFrame(*eu, aws->identity(), 5, 7, 3,
+                                  Payload({{5, react}, {6, unreact2}, {7, own_edit}}, &*eu)));
+    REQUIRE(wait_ack(7));
+    REQUIRE(WaitFor([&] { return CountLines(sink) == 4; }));
+    CHECK(Rejected(ingest, "not_owner") == 3);
+  }
   link.Stop();
   daemon.Stop();
+}
+
+TEST_CASE("a store of wire version 1 with events still queued is refused at start") {
+  REQUIRE(relay::crypto::Init().ok());
+  TempDir dir;
+  const std::string base = dir.path().string();
+  REQUIRE(relay::crypto::SiteKey::CreateFile(base + "/aws.key").ok());
+  relay::crypto::SiteKey eu = relay::crypto::SiteKey::Generate();
+  std::ofstream(base + "/aws.conf") << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
+                                    << "[ingest]\nlisten = 127.0.0.1:" << FreePort() << "\n"
+                                    << "[peer.europe]\npublic_key = " << eu.identity().ToString()
+                                    << "\n[channel.war-room]\npeers = europe\nsink = jsonl\n"
+                                    << "jsonl_path = war-room.jsonl\n";
+  auto start = [&] {
+    auto cfg = relay::config::LoadConfig(base + "/aws.conf");
+    REQUIRE(cfg.ok());
+    relay::Daemon daemon(std::move(cfg).value(), relay::Daemon::Options{/*offline=*/true});
+    relay::Status s = daemon.Start();
+    daemon.Stop();
+    return s;
+  };
+  {
+    // What version 1 left behind: its counters, no format mark, and one queued entry (peer list
+    // and a flat version-1 event).
+    auto store = relay::queue::Store::Open(base + "/data");
+    REQUIRE(store.ok());
+    relay::queue::WriteBatch b;
+    b.PutCounter("next/out", 11);
+    b.PutCounter("next/origin", 11);
+    b.PutOutbound(10, std::string("\x01\x06"
+                                  "europe"
+                                  "\x9e\x01\xa8"
+                                  "aws:10",
+                                  17));
+    REQUIRE((*store)->Commit(b, true).ok());
+  }
+  relay::Status refused = start();
+  REQUIRE_FALSE(refused.ok());
+  CHECK_THAT(refused.message(), Catch::Contains("wire version 1") &&
+                                    Catch::Contains("events queued for a peer") &&
+                                    Catch::Contains("Upgrading a federation"));
+  {
+    // Drained (the entry acknowledged and collected), the same store is taken and marked.
+    auto store = relay::queue::Store::Open(base + "/data");
+    REQUIRE(store.ok());
+    relay::queue::WriteBatch b;
+    b.DeleteOutboundRange(1, 11);
+    REQUIRE((*store)->Commit(b, true).ok());
+  }
+  CHECK(start().ok());
+  auto store = relay::queue::Store::Open(base + "/data");
+  REQUIRE(store.ok());
+  CHECK((*store)->GetCounter("format", 0) == 2);
 }

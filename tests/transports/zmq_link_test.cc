@@ -50,7 +50,7 @@ struct Recorder : relay::transports::LinkHandler {
     frames.push_back(std::move(b));
     cv.notify_all();
   }
-  void OnAck(std::size_t, std::uint64_t s) override {
+  void OnAck(std::size_t, std::uint64_t s, bool) override {
     std::lock_guard<std::mutex> l(mu);
     acks.push_back(s);
     cv.notify_all();
