@@ -146,6 +146,22 @@ def free_port():
         return port
 
 
+def forge_bin():
+    """tests/tools/relay_forge (hostile bundles, frames and acks for the attack tests): from
+    $RELAY_FORGE (CTest sets it), or next to the relay binary's build folder."""
+    return os.environ.get("RELAY_FORGE") or os.path.join(
+        os.path.dirname(os.path.dirname(source_bin())), "tests", "tools", "relay_forge")
+
+
+def forge(*args, timeout=60):
+    """Runs relay_forge ARGS...; raises when it fails (a test's own mistake)."""
+    r = subprocess.run([forge_bin()] + [str(a) for a in args], capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"relay_forge {args[0]} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
 def run_cli(args, timeout=60, input=None, env=None):
     """Runs `relay ARGS...`; returns subprocess.CompletedProcess (text mode)."""
     last = None
@@ -291,10 +307,12 @@ class Site:
         return os.path.join(self.dir, f"{channel}.jsonl")
 
     def config_text(self, peers=None, channels=None, zmq_listen=True, site=None, ingest=None,
-                    zmq=None, extra=""):
+                    zmq=None, extra="", origins=None):
         """peers: {peer_name: {"site": Site, "dial": bool, "connect": URL to dial instead of the
         site's listener, "public_key": str (overrides the site's), "keys": {k: v}}}; channels: {channel: [peer names]} (or {channel: {"peers":
-        [...], "keys": {...}}}); site/ingest/zmq: extra keys for those sections."""
+        [...], "keys": {...}}}); site/ingest/zmq: extra keys for those sections; origins: sites
+        reached through others, {name: {"site": Site (or "public_key": str), "via": [peer
+        names]}} -> [origin.NAME] sections."""
         peers = peers or {}
         channels = channels if channels is not None else {}
         lines = ["[site]", f"name = {self.name}", f"key_file = {self.key}",
@@ -318,6 +336,10 @@ class Site:
                 lines.append(f"zmq_connect = {p['site'].zmq_url}")
             lines += [f"{k} = {v}" for k, v in p.get("keys", {}).items()]
             lines.append("")
+        for oname, o in (origins or {}).items():
+            key = o.get("public_key") or o["site"].pub
+            lines += [f"[origin.{oname}]", f"public_key = {key}", "via = " + ", ".join(o["via"]),
+                      ""]
         self.channels = []
         for cname, c in channels.items():
             if isinstance(c, dict):

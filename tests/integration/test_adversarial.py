@@ -46,11 +46,14 @@ def tearDownModule():
 
 
 REASONS = ("truncated", "bad_magic", "unsupported_version", "unknown_sender", "wrong_recipient",
-           "bad_signature", "decrypt_failed", "malformed", "replay", "gap", "unroutable", "loop")
+           "bad_signature", "decrypt_failed", "malformed", "replay", "gap", "unroutable", "loop",
+           "unknown_origin", "bad_origin_signature", "origin_not_allowed", "bad_hops", "stale",
+           "not_owner")
 FAST_LINK = {"heartbeat_interval": "500ms", "peer_timeout": "2s"}
 
 # ---- byte layouts (docs/wire-format.md), written out independently of the implementation ----
 F_MAGIC, F_VERSION, F_FLAGS, F_RESERVED = 0, 4, 5, 6
+MAX_SEQ = 2**62  # link sequences beyond are malformed (docs/wire-format.md, "Frame")
 F_SENDER, F_RECIPIENT, F_EPHEMERAL, F_NONCE = 8, 40, 72, 104
 F_FIRST, F_LAST, F_COUNT, F_CTLEN, F_HEADER = 128, 136, 144, 148, 152
 C_TYPE, C_RESERVED, C_SENDER, C_RECIPIENT = 5, 6, 8, 40
@@ -140,10 +143,12 @@ def state(site):
     fam = {k: v for k, v in m.items() if k.split("{")[0] in STATE_FAMILIES}
     st, body = site.get("/v1/status")
     status = json.loads(body)
+    status.pop("refused", None)  # the refusal counters: checked by reason, separately
     for p in status.get("peers", []):
         p.pop("last_contact_ms", None)
         p.pop("link", None)
         p.pop("frames_sent", None)
+        p.pop("acks_refused", None)
     sinks = {}
     for ch in site.channels:
         try:
@@ -480,9 +485,9 @@ class LinkCatalogue(Catalogue):
             nf = first ^ (1 << bit)
             out.append((f"first_seq bit {bit}", flip(f, F_FIRST + byte, b),
                         "malformed" if nf > last else "bad_signature"))
-            nl = last ^ (1 << bit)
+            nl = last ^ (1 << bit)  # beyond 2^62 (MAX_SEQ) or below first_seq: malformed
             out.append((f"last_seq bit {bit}", flip(f, F_LAST + byte, b),
-                        "malformed" if first > nl else "bad_signature"))
+                        "malformed" if first > nl or nl > MAX_SEQ else "bad_signature"))
         out.append(("event_count bit 0", flip(f, F_COUNT + 3), "bad_signature"))
         out.append(("event_count bit 31", flip(f, F_COUNT, 7), "bad_signature"))
         low = ctlen & -ctlen  # lowest set bit: clearing it declares fewer bytes than present
@@ -698,7 +703,7 @@ class BundleCatalogue(Catalogue):
         ob = (other_kind ^ kind).bit_length() - 1
         cases = [
             ("magic", flip(data, 2), "bad_magic", "does not start with 'RLYB'"),
-            ("version", flip(data, 4, 1), "unsupported_version", "format version 3"),
+            ("version", flip(data, 4, 1), "unsupported_version", "format version 0"),
             ("kind to an unknown kind", flip(data, B_KIND, 6), "malformed", "unknown bundle kind"),
             (f"kind {kind} to {other_kind}", flip(data, B_KIND, ob), "bad_signature",
              "bad signature"),
@@ -749,8 +754,8 @@ class BundleCatalogue(Catalogue):
              "is not a configured peer"),
             ("a frame, not a bundle", frame, "bad_magic", "not a relay bundle"),
             ("random bytes", os.urandom(700), "bad_magic", "not a relay bundle"),
-            ("a bundle of version 2 cut short", b"RLYB\x02", "unsupported_version",
-             "format version 2"),
+            ("a bundle of wire version 1 cut short", b"RLYB\x01", "unsupported_version",
+             "format version 1 is not supported (this relay supports version 2)"),
         ]
         paths = []
         for i, (what, data, reason, says) in enumerate(cases):
@@ -981,7 +986,7 @@ class PathCatalogue(Catalogue):
                  "\u00e9\u2603\u202e.bundle", "n" * 248 + ".bundle", "--all.bundle",
                  "..bundle"]
         for n in names:
-            write(os.path.join(hostile, n), b"RLYB\x01" + b"\x00" * 50)
+            write(os.path.join(hostile, n), b"RLYB\x02" + b"\x00" * 50)
         os.makedirs(os.path.join(hostile, "dir.bundle"))
         os.symlink("/dev/null", os.path.join(hostile, "devnull.bundle"))
         os.symlink(self.outside, os.path.join(hostile, "outside.bundle"))
@@ -1058,7 +1063,7 @@ class PathCatalogue(Catalogue):
         p = os.path.join(self.shared, "europe-to-aws-")
         write(p + "zero.bundle", b"")
         write(p + "junk.bundle", os.urandom(300))
-        write(p + "a b\u00e9\u202e.bundle", b"RLYB\x01")
+        write(p + "a b\u00e9\u202e.bundle", b"RLYB\x02")
         write(p + "n" * 200 + ".bundle", b"RLYB")
         os.makedirs(p + "dir.bundle")
         os.makedirs(p + "..")

@@ -133,8 +133,11 @@ class DeliveryTest(RelayTestCase):
         # europe is the hub: the channel is bridged to both spokes; "ops" only to aws.
         eu.write_config({"aws": {"site": aws, "dial": True}, "enclave": {"site": enc, "dial": True}},
                         {CHANNEL: ["aws", "enclave"], "ops": ["aws"]})
-        aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"], "ops": ["europe"]})
-        enc.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"], "ops": ["europe"]})
+        # Each spoke knows the other by its key, reached through the hub (origin signatures).
+        aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"], "ops": ["europe"]},
+                         origins={"enclave": {"site": enc, "via": ["europe"]}})
+        enc.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"], "ops": ["europe"]},
+                         origins={"aws": {"site": aws, "via": ["europe"]}})
         for s in (eu, aws, enc):
             s.start()
         n = 300
@@ -168,11 +171,16 @@ class DeliveryTest(RelayTestCase):
 
     def test_triangle_no_duplicates_over_two_paths(self):
         eu, aws, enc = self.site("europe"), self.site("aws"), self.site("enclave")
-        eu.write_config({"aws": {"site": aws, "dial": True}, "enclave": {"site": enc, "dial": True}},
+        # Each site accepts a neighbour's events also through the third one (`via`): the
+        # second path is a standby, its copies are dropped as duplicates.
+        eu.write_config({"aws": {"site": aws, "dial": True, "keys": {"via": "enclave"}},
+                         "enclave": {"site": enc, "dial": True, "keys": {"via": "aws"}}},
                         {CHANNEL: ["aws", "enclave"]})
-        aws.write_config({"europe": {"site": eu}, "enclave": {"site": enc, "dial": True}},
+        aws.write_config({"europe": {"site": eu, "keys": {"via": "enclave"}},
+                          "enclave": {"site": enc, "dial": True, "keys": {"via": "europe"}}},
                          {CHANNEL: ["europe", "enclave"]})
-        enc.write_config({"europe": {"site": eu}, "aws": {"site": aws}},
+        enc.write_config({"europe": {"site": eu, "keys": {"via": "aws"}},
+                          "aws": {"site": aws, "keys": {"via": "europe"}}},
                          {CHANNEL: ["europe", "aws"]})
         for s in (eu, aws, enc):
             s.start()
@@ -210,7 +218,13 @@ class DeliveryTest(RelayTestCase):
             if i + 1 < len(sites):
                 peers[names[i + 1]] = {"site": sites[i + 1], "dial": True}
                 plist.append(names[i + 1])
-            s.write_config(peers, {CHANNEL: plist})
+            # The sites further along the chain sign their events: each is known by its key,
+            # reached through the neighbour on its side.
+            origins = {}
+            for j, o in enumerate(sites):
+                if abs(j - i) > 1:
+                    origins[o.name] = {"site": o, "via": [names[i - 1] if j < i else names[i + 1]]}
+            s.write_config(peers, {CHANNEL: plist}, origins=origins)
         for s in sites:
             s.start()
         n = 200

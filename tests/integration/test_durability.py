@@ -344,7 +344,8 @@ class DurabilityTest(RelayTestCase):
         eu.write_config({"aws": {"site": aws, "dial": True}, "enclave": {"site": enc, "dial": True}},
                         {CHANNEL: ["aws", "enclave"]})
         aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]})
-        enc.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]})
+        enc.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]},
+                         origins={"aws": {"site": aws, "via": ["europe"]}})
         for s in (eu, aws, enc):
             s.start()
         msgs = messages(6000, prefix="h", ids=True)
