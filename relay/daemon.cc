@@ -160,17 +160,7 @@ Status Daemon::Impl::Start() {
   link = std::make_unique<transports::ZmqLink>(*key, std::move(link_peers), lo, this,
                                                previous_key ? &*previous_key : nullptr);
 
-  HttpServer::Options ho;
-  ho.host = config.ingest_listen.host;
-  ho.port = config.ingest_listen.port;
-  ho.max_body = config.ingest_max_body;
-  ho.max_pending = std::max(config.ingest_max_pending, config.ingest_max_body);
-  ho.on_busy = [this] {
-    ++metrics.ingest_unavailable;
-    ++metrics.ingest_busy;
-  };
-  http = std::make_unique<HttpServer>(
-      ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
+  if (Status s = CreateApi(); !s) return s;
 
   bool chat_sinks = false;
   for (const auto& c : config.channels)
@@ -208,11 +198,8 @@ void Daemon::Impl::Stop() {
   started = false;
   // Order: stop taking work in, let each stage finish what it holds, then stop the links.
   if (http) http->Stop();
-  {
-    std::lock_guard<std::mutex> lock(bundle_mu);
-    for (auto& t : bundle_threads) t.join();
-    bundle_threads.clear();
-  }
+  if (api_token) api_token->Wipe();
+  if (bundle_pool) bundle_pool->Stop();  // waits for the exports and imports being served
   if (bridge) bridge->Stop();
   {
     std::lock_guard<std::mutex> lock(ingest_mu);
@@ -256,7 +243,7 @@ std::string Daemon::Impl::StatusJson() {
                     ",\"events_ingested\":" + std::to_string(metrics.events_ingested.load()) +
                     ",\"events_delivered\":" + std::to_string(metrics.events_delivered.load()) +
                     ",\"inbound_backlog\":" + std::to_string(metrics.inbound_backlog.load()) +
-                    ",\"peers\":[";
+                    ",\"api_refused\":" + ApiRefusedJson() + ",\"peers\":[";
   for (std::size_t i = 0; i < peers.size(); ++i) {
     const PeerMetrics& m = *peers[i].metrics;
     if (i) out += ",";
