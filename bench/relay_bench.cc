@@ -61,6 +61,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
 #include "relay/http_server.h"
@@ -473,6 +474,16 @@ class CliCommand {
 
 // ---- two relay sites on loopback -----------------------------------------------------------
 
+// The API token of every site this bench started ([ingest] token_file), by ingest port.
+std::mutex g_tokens_mu;
+std::map<std::uint16_t, std::string> g_tokens;
+
+// Makes `client` send the token of the site on `port`.
+void Authorize(HttpClient& client, std::uint16_t port) {
+  std::lock_guard<std::mutex> lock(g_tokens_mu);
+  if (auto it = g_tokens.find(port); it != g_tokens.end()) client.SetBearerToken(it->second);
+}
+
 struct Site {
   std::string name;
   fs::path dir;
@@ -482,6 +493,7 @@ struct Site {
   pid_t pid = -1;
   fs::path conf() const { return dir / (name + ".conf"); }
   fs::path key() const { return dir / (name + ".key"); }
+  fs::path token() const { return dir / "ingest.token"; }
   fs::path sink() const { return dir / "war-room.jsonl"; }
   fs::path log() const { return dir / "relay.log"; }
 };
@@ -528,6 +540,11 @@ class SitePair {
       auto key = crypto::SiteKey::LoadFile(s->key().string());
       if (!key) return key.status();
       s->identity = key->identity().ToString();
+      if (Status st = crypto::ApiToken::CreateFile(s->token().string()); !st) return st;
+      auto token = crypto::ApiToken::LoadFile(s->token().string());
+      if (!token) return token.status();
+      std::lock_guard<std::mutex> lock(g_tokens_mu);
+      g_tokens[s->ingest_port] = std::string(token->value());
     }
     if (Status s = WriteConfig(europe_, aws_, /*dial=*/true); !s) return s;
     if (Status s = WriteConfig(aws_, europe_, /*dial=*/false); !s) return s;
@@ -591,8 +608,10 @@ class SitePair {
     std::ofstream f(self.conf());
     f << "# relay_bench site '" << self.name << "'\n"
       << "[site]\nname = " << self.name << "\nkey_file = " << self.name << ".key\n"
-      << "data_dir = data\n\n"
-      << "[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\n\n";
+      << "data_dir = data\n";
+    // Bundles go through <pair folder>/usb (phase 4): a folder the configuration must name.
+    if (mode_ == Mode::kBundles) f << "transfer_dirs = ../usb\n";
+    f << "\n[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\ntoken_file = ingest.token\n\n";
     if (mode_ == Mode::kZmq) f << "[zmq]\nlisten = tcp://127.0.0.1:" << self.zmq_port << "\n\n";
     if (mode_ == Mode::kDiode && self.diode_port != 0)
       f << "[diode]\nlisten = udp://127.0.0.1:" << self.diode_port << "\n\n";
@@ -620,6 +639,7 @@ class SitePair {
     while (Clock::now() < deadline && !g_interrupted) {
       if (Status st = CheckAlive(); !st) return st;
       HttpClient c("127.0.0.1", s.ingest_port);
+      Authorize(c, s.ingest_port);
       auto r = c.Request("GET", "/healthz");
       if (r && r->status == 200) return Status::Ok();
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -630,6 +650,7 @@ class SitePair {
 
   Status WaitLinkUp() {
     HttpClient c("127.0.0.1", europe_.ingest_port);
+    Authorize(c, europe_.ingest_port);
     auto deadline = Clock::now() + std::chrono::seconds(30);
     while (Clock::now() < deadline && !g_interrupted) {
       if (Status st = CheckAlive(); !st) return st;
@@ -760,6 +781,7 @@ void PostBatches(std::uint16_t port, std::string_view tag, std::uint64_t count, 
                  std::atomic<std::uint64_t>* next_batch, std::atomic<int>* ready,
                  const std::atomic<bool>* go, Failure* failure) {
   HttpClient client("127.0.0.1", port);
+  Authorize(client, port);
   // Connect before the clock starts.
   if (auto r = client.Request("GET", "/healthz"); !r) {
     failure->Set("client: " + r.message());
@@ -973,6 +995,7 @@ Result<Latency> MeasureLatency(const Options& o, const fs::path& root) {
   auto sender = [&] {
     PreciseSleeps();
     HttpClient client("127.0.0.1", sites.europe().ingest_port);
+    Authorize(client, sites.europe().ingest_port);
     if (auto r = client.Request("GET", "/healthz"); !r) {  // connect before the clock starts
       failure.Set("sender: " + r.message());
       return;
@@ -1118,6 +1141,7 @@ Status PostAll(std::uint16_t port, std::string_view tag, std::uint64_t count, in
 // The sum of every sample of metric `name` (all label sets) in the site's /metrics.
 Result<double> ReadMetric(std::uint16_t port, std::string_view name) {
   HttpClient c("127.0.0.1", port);
+  Authorize(c, port);
   auto r = c.Request("GET", "/metrics");
   if (!r) return r.status();
   if (r->status != 200) return Status::Error("/metrics answered " + std::to_string(r->status));

@@ -143,6 +143,14 @@ Result<std::uint64_t> ParseNumberWithUnit(const std::string& text, std::string_v
   return *number * unit->factor;
 }
 
+// Whether `path` is `folder` or inside it (both lexically normal and absolute).
+bool IsSameOrInside(std::string path, std::string folder) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  while (folder.size() > 1 && folder.back() == '/') folder.pop_back();
+  if (folder == "/") return true;
+  return path == folder || path.starts_with(folder + "/");
+}
+
 bool IsHostChar(char c) { return IsAlnum(c) || c == '.' || c == '-' || c == '_'; }
 bool IsIpv6Char(char c) { return IsAlnum(c) || c == ':' || c == '.' || c == '%'; }
 
@@ -287,6 +295,7 @@ class Loader {
                   std::uint64_t max, std::uint32_t* out);
 
   void ValidateSite(const Section& section);
+  void ReadTransferDirs(const Section& section);
   void ValidateIngest(const Section& section);
   void ValidateZmq(const Section& section);
   void ValidateDiode(const Section& section);
@@ -556,7 +565,7 @@ std::vector<std::string> Loader::ReadPeerList(const Section& section, const Entr
 
 void Loader::ValidateSite(const Section& section) {
   CheckKeys(section, {"name", "key_file", "data_dir", "dedup_ttl", "previous_key_file", "min_free",
-                      "attachment_wait"});
+                      "attachment_wait", "transfer_dirs"});
   ReadPath(section, "previous_key_file", /*required=*/false, &config_->previous_key_file);
   if (const Entry* name = Required(section, "name")) {
     if (IsValidPeerName(name->value)) {
@@ -570,10 +579,40 @@ void Loader::ValidateSite(const Section& section) {
   ReadDuration(section, "dedup_ttl", &config_->dedup_ttl);
   ReadDuration(section, "attachment_wait", &config_->attachment_wait);
   ReadSize(section, "min_free", 0, std::numeric_limits<std::uint64_t>::max(), &config_->min_free);
+  ReadTransferDirs(section);
+}
+
+void Loader::ReadTransferDirs(const Section& section) {
+  const Entry* dirs = Optional(section, "transfer_dirs");
+  if (dirs == nullptr) return;
+  std::string_view rest = dirs->value;
+  while (true) {
+    const auto comma = rest.find(',');
+    const std::string_view item = Trim(rest.substr(0, comma));
+    if (item.empty()) {
+      ValueProblem(section, *dirs, "empty folder in the list");
+    } else {
+      std::string path = ResolvePath(item);
+      while (path.size() > 1 && path.back() == '/') path.pop_back();
+      if (std::find(config_->transfer_dirs.begin(), config_->transfer_dirs.end(), path) !=
+          config_->transfer_dirs.end()) {
+        ValueProblem(section, *dirs, "folder " + Quote(item) + " is listed twice");
+      } else if (!config_->data_dir.empty() && IsSameOrInside(path, config_->data_dir)) {
+        ValueProblem(section, *dirs,
+                     "folder " + Quote(path) + " is inside data_dir " + Quote(config_->data_dir) +
+                         ": bundles never go into the store's own folder");
+      } else {
+        config_->transfer_dirs.push_back(path);
+      }
+    }
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
 }
 
 void Loader::ValidateIngest(const Section& section) {
-  CheckKeys(section, {"listen", "max_body", "max_text", "max_pending"});
+  CheckKeys(section, {"listen", "max_body", "max_text", "max_pending", "token_file",
+                      "allow_anonymous", "allowed_hosts"});
   if (const Entry* listen = Required(section, "listen")) {
     const auto endpoint = ParseEndpoint(listen->value);
     if (!endpoint) {
@@ -601,6 +640,46 @@ void Loader::ValidateIngest(const Section& section) {
     }
   } else {
     config_->ingest_max_pending = std::max<std::uint64_t>(64u << 20, config_->ingest_max_body);
+  }
+  // The API is authenticated unless the file says, in so many words, that it must not be.
+  ReadPath(section, "token_file", /*required=*/false, &config_->ingest_token_file);
+  if (const Entry* anonymous = Optional(section, "allow_anonymous")) {
+    if (anonymous->value == "true" || anonymous->value == "yes") {
+      config_->ingest_allow_anonymous = true;
+      if (!config_->ingest_token_file.empty()) {
+        ValueProblem(section, *anonymous,
+                     "contradicts token_file (remove one: with a token_file the API is "
+                     "authenticated)");
+      }
+    } else if (anonymous->value != "false" && anonymous->value != "no") {
+      ValueProblem(section, *anonymous, "expected true or false");
+    }
+  }
+  const Entry* listen = FindEntry(section, "listen");
+  if (listen != nullptr && config_->ingest_token_file.empty() && !config_->ingest_allow_anonymous) {
+    Problem("[ingest] listen = " + Quote(listen->value) +
+            " is a TCP address and there is no token_file: anyone who can reach it could use "
+            "the API. Set token_file = PATH (create the file with `relay token PATH`), or "
+            "allow_anonymous = true (for demos only)");
+  }
+  if (const Entry* hosts = Optional(section, "allowed_hosts")) {
+    std::string_view rest = hosts->value;
+    while (true) {
+      const auto comma = rest.find(',');
+      const std::string name(Trim(rest.substr(0, comma)));
+      if (name.empty()) {
+        ValueProblem(section, *hosts, "empty host name in the list");
+      } else if (!AllOf(name, IsHostChar) || name.front() == '-' || name.front() == '.') {
+        ValueProblem(section, *hosts,
+                     "bad host name " + Quote(name) +
+                         " (a DNS name such as relay.example.internal; IP addresses are "
+                         "accepted without listing them)");
+      } else {
+        config_->ingest_allowed_hosts.push_back(name);
+      }
+      if (comma == std::string_view::npos) break;
+      rest.remove_prefix(comma + 1);
+    }
   }
 }
 

@@ -88,6 +88,9 @@ struct Config {
   // Below this many free bytes on data_dir's file system, new messages are refused (503) before
   // the store runs into the full disk; 0 leaves it to the store's own error.
   std::uint64_t min_free = 64u << 20;
+  // Folders, besides each peer's files_dir, that bundle export and import may use (and their
+  // subfolders); absolute after loading. See docs/sneakernet.md.
+  std::vector<std::string> transfer_dirs;
   // [ingest]
   Endpoint ingest_listen;
   std::uint64_t ingest_max_body = 16u << 20;  // bytes of one HTTP request body
@@ -95,6 +98,12 @@ struct Config {
   // Bytes of request bodies held in memory at once (being read or awaiting their answer);
   // default max(64 MiB, max_body).
   std::uint64_t ingest_max_pending = 0;
+  // The API's bearer token (docs/security.md); absolute after loading. Empty only with
+  // allow_anonymous.
+  std::string ingest_token_file;
+  bool ingest_allow_anonymous = false;  // demos only: anyone who reaches the port uses the API
+  // Host names clients may use for the API besides the listen address (DNS-rebinding check).
+  std::vector<std::string> ingest_allowed_hosts;
   // [zmq]
   std::string zmq_listen;  // optional, "tcp://host:port"
   std::chrono::milliseconds heartbeat_interval{1000};

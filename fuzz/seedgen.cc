@@ -176,14 +176,15 @@ int main(int argc, char** argv) {
   const std::string pk = peer.identity().ToString();
   Write("config", "minimal.conf",
         "[site]\nname = europe\nkey_file = europe.key\ndata_dir = data\n\n"
-        "[ingest]\nlisten = 127.0.0.1:8081\n\n[peer.aws]\npublic_key = " +
-            pk +
-            "\n\n"
-            "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
+        "[ingest]\nlisten = 127.0.0.1:8081\ntoken_file = ingest.token\n\n[peer.aws]\npublic_key = " +
+            pk + "\n\n"
+        "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
   Write("config", "full.conf",
         "# every section\n[site]\nname = europe\nkey_file = /etc/relay/europe.key\n"
-        "previous_key_file = old.key\ndata_dir = /var/lib/relay/europe\ndedup_ttl = 7d\n\n"
-        "[ingest]\nlisten = [::1]:8081\nmax_body = 16MiB\nmax_text = 64KiB\n\n"
+        "previous_key_file = old.key\ndata_dir = /var/lib/relay/europe\ndedup_ttl = 7d\n"
+        "transfer_dirs = /media/usb, /srv/relay/outbox\n\n"
+        "[ingest]\nlisten = [::1]:8081\ntoken_file = /etc/relay/ingest.token\nmax_body = 16MiB\n"
+        "max_text = 64KiB\nallowed_hosts = relay-eu.internal\n\n"
         "[zmq]\nlisten = tcp://0.0.0.0:7400\nheartbeat_interval = 1500ms\n"
         "peer_timeout = 5s\n\n[diode]\nlisten = udp://0.0.0.0:9000\n\n"
         "[peer.aws]\npublic_key = " +

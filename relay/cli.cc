@@ -9,11 +9,14 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config/config.h"
+#include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "relay/daemon.h"
 #include "relay/demo.h"
@@ -58,6 +61,18 @@ std::string IngestHost(const config::Config& c) {
   return c.ingest_listen.host;
 }
 
+// A client for the site's API, sending the token of [ingest] token_file (none with
+// allow_anonymous). Error when the token file cannot be used.
+Result<std::unique_ptr<HttpClient>> ApiClient(const config::Config& c) {
+  auto client = std::make_unique<HttpClient>(IngestHost(c), c.ingest_listen.port);
+  if (!c.ingest_token_file.empty()) {
+    auto token = crypto::ApiToken::LoadFile(c.ingest_token_file);
+    if (!token) return token.status().Wrap("[ingest] token_file");
+    client->SetBearerToken(token->value());
+  }
+  return client;
+}
+
 int CmdKeygen(const po::variables_map& vm) {
   if (Status s = crypto::Init(); !s) return Fail(s.message());
   std::string file = vm["file"].as<std::string>();
@@ -77,6 +92,16 @@ int CmdPubkey(const po::variables_map& vm) {
   return 0;
 }
 
+int CmdToken(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  const std::string file = vm["file"].as<std::string>();
+  if (Status s = crypto::ApiToken::CreateFile(file); !s) return Fail(s.message());
+  // The token itself is never printed: it stays in the file.
+  std::fprintf(stderr, "wrote %s (mode 0600); use it with [ingest] token_file = %s\n", file.c_str(),
+               file.c_str());
+  return 0;
+}
+
 int CmdRun(const po::variables_map& vm) { return RunDaemon(vm["config"].as<std::string>()); }
 
 int CmdCheckConfig(const po::variables_map& vm) {
@@ -85,6 +110,12 @@ int CmdCheckConfig(const po::variables_map& vm) {
   if (!cfg) {
     std::printf("%s\n", cfg.message().c_str());
     return 1;
+  }
+  if (!cfg->ingest_token_file.empty()) {
+    if (auto token = crypto::ApiToken::LoadFile(cfg->ingest_token_file); !token) {
+      std::printf("%s: [ingest] token_file: %s\n", cfg->path.c_str(), token.message().c_str());
+      return 1;
+    }
   }
   std::printf("%s: ok (site '%s', %zu peer(s), %zu channel(s))\n", cfg->path.c_str(),
               cfg->site_name.c_str(), cfg->peers.size(), cfg->channels.size());
@@ -101,8 +132,9 @@ int CmdPost(const po::variables_map& vm) {
   if (vm.count("id")) body += ",\"id\":" + JsonString(vm["id"].as<std::string>());
   if (vm.count("thread")) body += ",\"thread\":" + JsonString(vm["thread"].as<std::string>());
   body += "}";
-  HttpClient client(IngestHost(*cfg), cfg->ingest_listen.port);
-  auto r = client.Request("POST", "/v1/messages", body);
+  auto client = ApiClient(*cfg);
+  if (!client) return Fail(client.message());
+  auto r = (*client)->Request("POST", "/v1/messages", body);
   if (!r) return Fail(r.message() + " (is the relay daemon running?)");
   if (r->status != 202)
     return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
@@ -114,10 +146,12 @@ int CmdStatus(const po::variables_map& vm) {
   if (Status s = crypto::Init(); !s) return Fail(s.message());
   auto cfg = Load(vm);
   if (!cfg) return Fail(cfg.message());
-  HttpClient client(IngestHost(*cfg), cfg->ingest_listen.port);
-  auto r = client.Request("GET", "/v1/status");
+  auto client = ApiClient(*cfg);
+  if (!client) return Fail(client.message());
+  auto r = (*client)->Request("GET", "/v1/status");
   if (!r) return Fail(r.message() + " (is the relay daemon running?)");
-  if (r->status != 200) return Fail("the daemon answered " + std::to_string(r->status));
+  if (r->status != 200)
+    return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
   if (vm.count("json")) {
     std::printf("%s\n", r->body.c_str());
     return 0;
@@ -151,6 +185,16 @@ int CmdStatus(const po::variables_map& vm) {
                   static_cast<long long>(num(p, "acked_through")), ago.c_str());
     }
   }
+  simdjson::dom::object refused;
+  if (!doc["api_refused"].get(refused)) {
+    std::string line;
+    for (auto [reason, count] : refused) {
+      std::int64_t n = 0;
+      if (!count.get(n) && n > 0)
+        line += (line.empty() ? "" : ", ") + std::string(reason) + " " + std::to_string(n);
+    }
+    if (!line.empty()) std::printf("API requests refused: %s\n", line.c_str());
+  }
   return 0;
 }
 
@@ -161,6 +205,8 @@ bool DaemonRunning(const config::Config& c) {
   return r && r->status == 200;
 }
 
+constexpr int kBusyRetries = 60;  // seconds `relay export` / `import` wait for a bundle worker
+
 // Runs `work` against the site's store: through the running daemon when there is one (the
 // daemon owns the store), else with the store opened here.
 template <typename T>
@@ -168,8 +214,14 @@ Result<T> WithStore(const config::Config& c, const std::string& endpoint, const 
                     const std::function<Result<T>(const std::string&)>& parse,
                     const std::function<Result<T>(Daemon&)>& offline) {
   if (DaemonRunning(c)) {
-    HttpClient client(IngestHost(c), c.ingest_listen.port);
-    auto r = client.Request("POST", endpoint, body);
+    auto client = ApiClient(c);
+    if (!client) return client.status();
+    auto r = (*client)->Request("POST", endpoint, body);
+    // Every bundle worker busy (429): wait for one, for a while.
+    for (int i = 0; r && r->status == 429 && i < kBusyRetries; ++i) {
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      r = (*client)->Request("POST", endpoint, body);
+    }
     if (!r) return Status::Error(r.message());
     if (r->status != 200) {
       simdjson::dom::parser parser;
@@ -340,6 +392,13 @@ const std::vector<Command>& Commands() {
          p.add("file", 1);
        },
        CmdPubkey},
+      {"token", "FILE",
+       "create a new token file for [ingest] token_file (0600); refuses to overwrite",
+       [](auto& o, auto& p) {
+         o.add_options()("file", po::value<std::string>()->required(), "token file to create");
+         p.add("file", 1);
+       },
+       CmdToken},
       {"run", "--config FILE", "run the daemon in the foreground (systemd runs this)",
        [](auto& o, auto&) { AddConfig(o); }, CmdRun},
       {"check-config", "--config FILE", "validate; exit 0 or print every problem and exit 1",

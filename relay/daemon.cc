@@ -106,8 +106,11 @@ Status Daemon::Impl::Open() {
     // What was sent to the peer before this start (acks up to it are expected): the link's
     // position (recorded every second), the last export and the diode sender's position.
     p.sent_through = std::max({p.acked, store->GetCounter(SentKey(p.name), 0),
-                               store->GetCounter(ExportedKey(p.name), 0),
                                store->GetCounter(DiodePosKey(p.name), 0)});
+    // Exports: to the peer's files_dir ("exported/<peer>") or another folder ("...@<folder>").
+    for (const auto& [name, value] : store->ListCounters(ExportedKey(p.name)))
+      if (name == ExportedKey(p.name) || name.rfind(ExportedKey(p.name) + "@", 0) == 0)
+        p.sent_through = std::max(p.sent_through, value);
     p.sent_recorded = p.sent_through;
     accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
     file_ranges.push_back(DecodeRanges(store->GetDedup(RangesKey(p.name), NowMs()).value_or("")));
@@ -232,17 +235,7 @@ Status Daemon::Impl::Start() {
   link = std::make_unique<transports::ZmqLink>(*key, std::move(link_peers), lo, this,
                                                previous_key ? &*previous_key : nullptr);
 
-  HttpServer::Options ho;
-  ho.host = config.ingest_listen.host;
-  ho.port = config.ingest_listen.port;
-  ho.max_body = config.ingest_max_body;
-  ho.max_pending = std::max(config.ingest_max_pending, config.ingest_max_body);
-  ho.on_busy = [this] {
-    ++metrics.ingest_unavailable;
-    ++metrics.ingest_busy;
-  };
-  http = std::make_unique<HttpServer>(
-      ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
+  if (Status s = CreateApi(); !s) return s;
 
   bool chat_sinks = false;
   for (const auto& c : config.channels)
@@ -280,11 +273,8 @@ void Daemon::Impl::Stop() {
   started = false;
   // Order: stop taking work in, let each stage finish what it holds, then stop the links.
   if (http) http->Stop();
-  {
-    std::lock_guard<std::mutex> lock(bundle_mu);
-    for (auto& t : bundle_threads) t.join();
-    bundle_threads.clear();
-  }
+  if (api_token) api_token->Wipe();
+  if (bundle_pool) bundle_pool->Stop();  // waits for the exports and imports being served
   if (bridge) bridge->Stop();
   {
     std::lock_guard<std::mutex> lock(ingest_mu);
@@ -339,7 +329,7 @@ std::string Daemon::Impl::StatusJson() {
                     ",\"events_delivered\":" + std::to_string(metrics.events_delivered.load()) +
                     ",\"inbound_backlog\":" + std::to_string(metrics.inbound_backlog.load()) +
                     ",\"log_head\":" + std::to_string(published.load()) + ",\"refused\":{" +
-                    refused + "},\"peers\":[";
+                    refused + "},\"api_refused\":" + ApiRefusedJson() + ",\"peers\":[";
   for (std::size_t i = 0; i < peers.size(); ++i) {
     const PeerMetrics& m = *peers[i].metrics;
     std::uint64_t sent;

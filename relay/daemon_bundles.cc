@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -24,66 +25,87 @@ namespace relay {
 
 using daemon_detail::AcceptedKey;
 using daemon_detail::ExportedKey;
+using daemon_detail::kBundleWaiting;
+using daemon_detail::kBundleWorkers;
 using daemon_detail::kForeverMs;
 using daemon_detail::NowMs;
 using daemon_detail::RangesKey;
 
 void Daemon::Impl::BundleRequest(const std::string& path, std::string body,
                                  const HttpResponder& respond) {
-  std::lock_guard<std::mutex> lock(bundle_mu);
-  bundle_threads.emplace_back([this, path, body = std::move(body), respond] {
-    pthread_setname_np(pthread_self(), "relay-bundle");
-    simdjson::dom::parser parser;
-    simdjson::dom::element doc;
-    if (parser.parse(body).get(doc) || doc.type() != simdjson::dom::element_type::OBJECT) {
-      respond({400, "application/json", JsonError("body must be a JSON object")});
+  auto job = [this, path, body = std::move(body), respond] {
+    ServeBundleRequest(path, body, respond);
+  };
+  if (bundle_pool && bundle_pool->TrySubmit(std::move(job))) return;
+  ++metrics.api_refused[static_cast<std::size_t>(ApiRefusal::kBundleBusy)];
+  HttpResponse busy{
+      429, "application/json",
+      JsonError("relay is busy with other bundle requests (" + std::to_string(kBundleWorkers) +
+                " at work and " + std::to_string(kBundleWaiting) + " waiting); retry later")};
+  busy.retry_after_s = 1;
+  respond(std::move(busy));
+}
+
+void Daemon::Impl::ServeBundleRequest(const std::string& path, const std::string& body,
+                                      const HttpResponder& respond) {
+  simdjson::dom::parser parser;
+  simdjson::dom::element doc;
+  if (parser.parse(body).get(doc) || doc.type() != simdjson::dom::element_type::OBJECT) {
+    respond({400, "application/json", JsonError("body must be a JSON object")});
+    return;
+  }
+  if (path == "/v1/bundles/import") {
+    std::vector<std::string> paths;
+    simdjson::dom::array list;
+    if (doc["paths"].get(list)) {
+      respond({400, "application/json", JsonError("missing field 'paths' (array of strings)")});
       return;
     }
-    if (path == "/v1/bundles/import") {
-      std::vector<std::string> paths;
-      simdjson::dom::array list;
-      if (doc["paths"].get(list)) {
-        respond({400, "application/json", JsonError("missing field 'paths' (array of strings)")});
+    for (simdjson::dom::element e : list) {
+      std::string_view v;
+      if (e.get(v)) {
+        respond({400, "application/json", JsonError("'paths' must hold strings")});
         return;
       }
-      for (simdjson::dom::element e : list) {
-        std::string_view v;
-        if (e.get(v)) {
-          respond({400, "application/json", JsonError("'paths' must hold strings")});
-          return;
-        }
-        paths.emplace_back(v);
-      }
-      respond({200, "application/json", ImportResultsJson(Import(paths))});
+      paths.emplace_back(v);
+    }
+    respond({200, "application/json", ImportResultsJson(Import(paths))});
+    return;
+  }
+  ExportOptions o;
+  std::string_view v;
+  if (doc["peer"].get(v)) {
+    respond({400, "application/json", JsonError("missing field 'peer'")});
+    return;
+  }
+  o.peer = std::string(v);
+  if (doc["out"].get(v)) {
+    respond({400, "application/json", JsonError("missing field 'out'")});
+    return;
+  }
+  o.out_dir = std::string(v);
+  bool flag = false;
+  if (!doc["all"].get(flag)) o.all = flag;
+  if (!doc["ack"].get(flag)) o.ack = flag;
+  if (!doc["resend"].get(flag)) o.resend = flag;
+  std::uint64_t n = 0;
+  if (!doc["max_bytes"].get(n)) o.max_bytes = n;
+  std::int64_t ttl = 0;
+  if (!doc["ttl_ms"].get(ttl)) o.ttl = std::chrono::milliseconds(ttl);
+  // Checked here too (Export checks again) to answer 403 rather than 400.
+  std::error_code ec;
+  if (std::filesystem::is_directory(o.out_dir, ec)) {
+    if (Result<std::string> folder = ResolveBundlePath(o.out_dir); !folder) {
+      respond({403, "application/json", JsonError(folder.message())});
       return;
     }
-    ExportOptions o;
-    std::string_view v;
-    if (doc["peer"].get(v)) {
-      respond({400, "application/json", JsonError("missing field 'peer'")});
-      return;
-    }
-    o.peer = std::string(v);
-    if (doc["out"].get(v)) {
-      respond({400, "application/json", JsonError("missing field 'out'")});
-      return;
-    }
-    o.out_dir = std::string(v);
-    bool flag = false;
-    if (!doc["all"].get(flag)) o.all = flag;
-    if (!doc["ack"].get(flag)) o.ack = flag;
-    if (!doc["resend"].get(flag)) o.resend = flag;
-    std::uint64_t n = 0;
-    if (!doc["max_bytes"].get(n)) o.max_bytes = n;
-    std::int64_t ttl = 0;
-    if (!doc["ttl_ms"].get(ttl)) o.ttl = std::chrono::milliseconds(ttl);
-    auto r = Export(o);
-    if (!r) {
-      respond({400, "application/json", JsonError(r.message())});
-      return;
-    }
-    respond({200, "application/json", ExportReportJson(*r)});
-  });
+  }
+  auto r = Export(o);
+  if (!r) {
+    respond({400, "application/json", JsonError(r.message())});
+    return;
+  }
+  respond({200, "application/json", ExportReportJson(*r)});
 }
 
 std::optional<std::size_t> Daemon::Impl::PeerByName(const std::string& name) const {
@@ -92,10 +114,12 @@ std::optional<std::size_t> Daemon::Impl::PeerByName(const std::string& name) con
   return std::nullopt;
 }
 
-Status Daemon::Impl::WriteAtomically(const std::string& dir, const std::string& name,
+Status Daemon::Impl::WriteAtomically(int dir_fd, const std::string& dir, const std::string& name,
                                      const std::string& bytes) {
-  std::string tmp = dir + "/.tmp-" + RandomHex(8) + "-" + name, final_path = dir + "/" + name;
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+  const std::string tmp_name = ".tmp-" + RandomHex(8) + "-" + name;
+  const std::string tmp = dir + "/" + tmp_name, final_path = dir + "/" + name;
+  int fd = ::openat(dir_fd, tmp_name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                    0640);
   if (fd < 0)
     return Status::Error("cannot create '" + log::Printable(tmp) + "': " + std::strerror(errno));
   std::size_t done = 0;
@@ -105,25 +129,91 @@ Status Daemon::Impl::WriteAtomically(const std::string& dir, const std::string& 
     if (n < 0) {
       Status st = Status::Error("cannot write '" + tmp + "': " + std::strerror(errno));
       ::close(fd);
-      ::unlink(tmp.c_str());
+      ::unlinkat(dir_fd, tmp_name.c_str(), 0);
       return st;
     }
     done += static_cast<std::size_t>(n);
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
+    ::unlinkat(dir_fd, tmp_name.c_str(), 0);
     return Status::Error("cannot sync '" + tmp + "': " + std::strerror(errno));
   }
-  if (::rename(tmp.c_str(), final_path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
+  if (::renameat(dir_fd, tmp_name.c_str(), dir_fd, name.c_str()) != 0) {
+    ::unlinkat(dir_fd, tmp_name.c_str(), 0);
     return Status::Error("cannot rename to '" + final_path + "': " + std::strerror(errno));
   }
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  ::fsync(dir_fd);
   return Status::Ok();
+}
+
+std::vector<std::string> Daemon::Impl::BundleFolders() const {
+  std::vector<std::string> out;
+  for (const PeerRuntime& p : peers)
+    if (!p.config->files_dir.empty()) out.push_back(p.config->files_dir);
+  out.insert(out.end(), config.transfer_dirs.begin(), config.transfer_dirs.end());
+  return out;
+}
+
+namespace {
+
+std::optional<std::string> RealPath(const std::string& path) {
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (real == nullptr) return std::nullopt;
+  std::string out(real);
+  std::free(real);
+  return out;
+}
+
+bool SameOrInside(const std::string& path, const std::string& folder) {
+  return path == folder || folder == "/" || path.starts_with(folder + "/");
+}
+
+// Closes a file descriptor when it goes out of scope.
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+Result<std::string> Daemon::Impl::ResolveBundlePath(const std::string& path) {
+  const std::string shown = "'" + log::Printable(path) + "'";
+  auto refuse = [&](const std::string& why) -> Result<std::string> {
+    ++metrics.api_refused[static_cast<std::size_t>(ApiRefusal::kFolder)];
+    return Status::Error(why);
+  };
+  std::optional<std::string> real = RealPath(path);
+  if (!real) return Status::Error("cannot read " + shown + ": " + std::strerror(errno));
+  std::error_code ec;
+  const bool is_dir = std::filesystem::is_directory(*real, ec);
+  const std::string folder = is_dir ? *real : std::filesystem::path(*real).parent_path().string();
+  if (std::optional<std::string> data = RealPath(config.data_dir);
+      data && SameOrInside(*real, *data))
+    return refuse(shown + " is inside the site's data_dir ('" + *data +
+                  "'): bundle files are never written to or read from the store's folder; use "
+                  "a folder of [site] transfer_dirs or a peer's files_dir");
+  const std::vector<std::string> folders = BundleFolders();
+  std::string listed;
+  for (const std::string& f : folders) {
+    listed += (listed.empty() ? "" : ", ") + f;
+    std::optional<std::string> allowed = RealPath(f);
+    if (allowed && SameOrInside(*real, *allowed)) return *real;
+  }
+  return refuse(std::string(is_dir ? "folder " : "") + shown + " (resolved: '" +
+                log::Printable(*real) +
+                "') is not in a folder the configuration names for bundles" +
+                (folders.empty() ? " (none is configured)" : " (" + log::Printable(listed) + ")") +
+                ": add '" + log::Printable(folder) +
+                "' to [site] transfer_dirs, or make it a peer's files_dir");
+}
+
+std::string Daemon::Impl::ExportCursorKey(std::size_t p, const std::string& folder) {
+  const std::string& own = peers[p].config->files_dir;
+  std::optional<std::string> own_real = own.empty() ? std::nullopt : RealPath(own);
+  if (own_real && *own_real == folder) return ExportedKey(peers[p].name);
+  return ExportedKey(peers[p].name) + "@" + folder;
 }
 
 std::string Daemon::Impl::BundleName(const std::string& peer, const char* ext, std::int64_t now,
@@ -142,6 +232,17 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
   std::error_code ec;
   if (!std::filesystem::is_directory(o.out_dir, ec))
     return Status::Error("output folder '" + o.out_dir + "' does not exist");
+  Result<std::string> resolved = ResolveBundlePath(o.out_dir);
+  if (!resolved) return resolved.status();
+  const std::string& dir = *resolved;
+  // Everything is written relative to this descriptor: a folder swapped for a symlink after the
+  // check above cannot redirect the files (the resolved path has no symlink left to follow).
+  FdCloser dir_fd{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)};
+  if (dir_fd.fd < 0)
+    return Status::Error("cannot open output folder '" + dir + "': " + std::strerror(errno));
+  if (RealPath("/proc/self/fd/" + std::to_string(dir_fd.fd)).value_or("") != dir)
+    return Status::Error("output folder '" + dir + "' changed while it was checked: refused");
+  std::lock_guard<std::mutex> export_lock(export_mu);
   std::int64_t now = NowMs();
   std::int64_t expires = o.ttl.count() > 0 ? now + o.ttl.count() : 0;
   const PeerRuntime& p = peers[*idx];
@@ -155,8 +256,8 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
       if (a > through + 1 || b > through) ranges.emplace_back(std::max(a, through + 1), b);
     std::string bytes = crypto::SealResendRequest(*key, p.identity, through, ranges, now, expires);
     std::string name = BundleName(p.name, ".resend", now, 1);
-    if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
-    report.files.push_back(o.out_dir + "/" + name);
+    if (Status s = WriteAtomically(dir_fd.fd, dir, name, bytes); !s) return s;
+    report.files.push_back(dir + "/" + name);
     report.bytes = bytes.size();
     report.note = "asks '" + p.name + "' to send again everything after " +
                   std::to_string(through) + " except " + std::to_string(ranges.size()) +
@@ -168,8 +269,8 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     std::uint64_t through = store->GetCounter(AcceptedKey(p.name), 0);
     std::string bytes = crypto::SealAck(*key, p.identity, through, now, expires);
     std::string name = BundleName(p.name, ".ack", now, 1);
-    if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
-    report.files.push_back(o.out_dir + "/" + name);
+    if (Status s = WriteAtomically(dir_fd.fd, dir, name, bytes); !s) return s;
+    report.files.push_back(dir + "/" + name);
     report.bytes = bytes.size();
     report.note =
         "acknowledges everything from '" + p.name + "' through " + std::to_string(through);
@@ -184,7 +285,8 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     std::lock_guard<std::mutex> lock(ship_mu);
     acked = p.acked;
   }
-  std::uint64_t exported = store->GetCounter(ExportedKey(p.name), 0);
+  const std::string cursor = ExportCursorKey(*idx, dir);
+  std::uint64_t exported = store->GetCounter(cursor, 0);
   std::uint64_t first = (o.all ? acked : std::max(acked, exported)) + 1;
   std::uint64_t head = published.load();
   std::vector<std::string> frames;
@@ -194,8 +296,8 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     if (frames.empty()) return Status::Ok();
     std::string bytes = crypto::SealBundle(*key, p.identity, frames, now, expires);
     std::string name = BundleName(p.name, ".bundle", now, ++part);
-    if (Status s = WriteAtomically(o.out_dir, name, bytes); !s) return s;
-    report.files.push_back(o.out_dir + "/" + name);
+    if (Status s = WriteAtomically(dir_fd.fd, dir, name, bytes); !s) return s;
+    report.files.push_back(dir + "/" + name);
     report.bytes += bytes.size();
     if (o.progress) o.progress(report.files.back(), report.events, report.bytes);
     frames.clear();
@@ -224,7 +326,7 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
     return report;
   }
   queue::WriteBatch b;
-  b.PutCounter(ExportedKey(p.name), std::max(exported, pos - 1));
+  b.PutCounter(cursor, std::max(exported, pos - 1));
   if (Status s = store->Commit(b, true); !s) return s;
   {
     std::lock_guard<std::mutex> lock(ship_mu);
@@ -234,33 +336,54 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
 }
 
 std::vector<ImportResult> Daemon::Impl::Import(const std::vector<std::string>& paths) {
-  std::vector<std::string> files;
+  struct File {
+    std::string read;   // resolved: what is opened
+    std::string shown;  // as the caller named it (a folder's entries: folder + "/" + name)
+  };
+  std::vector<File> files;
   std::vector<ImportResult> results;
   for (const std::string& path : paths) {
+    Result<std::string> resolved = ResolveBundlePath(path);
+    if (!resolved) {
+      results.push_back({path, false, resolved.message(), 0});
+      continue;
+    }
     std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) {
-      std::vector<std::string> found;
-      for (const auto& entry : std::filesystem::directory_iterator(path, ec)) {
+    if (std::filesystem::is_directory(*resolved, ec)) {
+      std::vector<File> found;
+      const std::string shown_dir = path.ends_with("/") ? path.substr(0, path.size() - 1) : path;
+      for (const auto& entry : std::filesystem::directory_iterator(*resolved, ec)) {
         std::string name = entry.path().filename().string();
         if (name.rfind(".tmp-", 0) == 0) continue;  // an export still being written
         std::string ext = entry.path().extension().string();
-        if (entry.is_regular_file() && (ext == ".bundle" || ext == ".ack" || ext == ".resend"))
-          found.push_back(entry.path().string());
+        // Plain files only: a symlink found in a folder is skipped (it could point anywhere;
+        // name a file itself to import through a link, and its target must be in a folder
+        // the configuration names).
+        std::error_code type_ec;
+        if (entry.symlink_status(type_ec).type() == std::filesystem::file_type::regular &&
+            (ext == ".bundle" || ext == ".ack" || ext == ".resend"))
+          found.push_back({entry.path().string(), shown_dir + "/" + name});
       }
       if (ec) results.push_back({path, false, "cannot read folder: " + ec.message(), 0});
-      std::sort(found.begin(), found.end());
+      std::sort(found.begin(), found.end(),
+                [](const File& a, const File& b) { return a.read < b.read; });
       files.insert(files.end(), found.begin(), found.end());
     } else {
-      files.push_back(path);
+      files.push_back({*resolved, path});
     }
   }
-  for (const std::string& f : files) results.push_back(ImportOne(f));
+  for (const File& f : files) {
+    ImportResult r = ImportOne(f.read);
+    r.path = f.shown;
+    results.push_back(std::move(r));
+  }
   return results;
 }
 
 Status Daemon::Impl::ReadBundleFile(const std::string& path, std::string* bytes) {
   constexpr std::uint64_t kMaxFile = 112 + (std::uint64_t{1} << 32) + 64;  // header, body, sig
-  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  // O_NOFOLLOW: the path was resolved; a symlink swapped in at its end since is not followed.
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return Status::Error(std::string("cannot read: ") + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -36,6 +36,7 @@
 
 #include "chat/jsonl_sink.h"
 #include "config/config.h"
+#include "crypto/api_token.h"
 #include "crypto/frame.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
@@ -47,6 +48,7 @@
 #include "relay/mattermost_bridge.h"
 #include "relay/metrics.h"
 #include "relay/status.h"
+#include "relay/worker_pool.h"
 #include "transports/diode.h"
 #include "transports/zmq_link.h"
 
@@ -93,6 +95,10 @@ constexpr std::uint64_t kUnset = ~std::uint64_t{0};
 // Log and link sequences never exceed this (frames and acknowledgements beyond it are refused),
 // so that `seq + 1` never overflows anywhere.
 constexpr std::uint64_t kMaxSeq = crypto::kMaxSequence;
+
+// /v1/bundles/* requests served at once, and waiting for a worker, before 429.
+constexpr std::size_t kBundleWorkers = 2;
+constexpr std::size_t kBundleWaiting = 2;
 
 struct InFlight {
   std::uint64_t first = 0, last = 0;
@@ -248,8 +254,11 @@ struct Daemon::Impl : transports::LinkHandler {
   std::map<std::string, Clock::time_point> auto_files_last;               // maintenance only
   std::set<std::string> auto_files_seen;                                  // maintenance only
   std::map<std::string, std::uint64_t> auto_acked;                        // maintenance only
-  std::mutex bundle_mu;
-  std::vector<std::thread> bundle_threads;  // export/import requests, joined at Stop
+  // /v1/bundles/* requests: a fixed pool (429 when it is full), stopped after the HTTP server.
+  std::unique_ptr<WorkerPool> bundle_pool;
+  std::mutex export_mu;  // one export at a time: each reads and advances its folder's cursor
+  // [ingest] token_file, loaded at Start (not offline); wiped at Stop.
+  std::unique_ptr<crypto::ApiToken> api_token;
 
   // Outbound log writers (committer, inbound forwarding) allocate sequences and commit under
   // out_mu, so the log is gap-free up to `published` when the shipper reads it.
@@ -367,8 +376,12 @@ struct Daemon::Impl : transports::LinkHandler {
   // Writers of the outbound log (under out_mu) count the events they append for each peer.
   void NoteQueued(const std::vector<std::size_t>& peer_indexes);
 
-  // HTTP.
+  // HTTP. CreateApi loads [ingest] token_file and creates the server (started later) with the
+  // access checks of docs/security.md, and the bundle worker pool.
+  Status CreateApi();
   void Route(HttpRequest&& req, const HttpResponder& respond);
+  // {"host": n, ...}: relay_api_refused_total by reason, for /v1/status.
+  std::string ApiRefusedJson() const;
   void Ingest(HttpRequest&& req, const HttpResponder& respond);
 
   // Ingest committer: group commit.
@@ -531,17 +544,37 @@ struct Daemon::Impl : transports::LinkHandler {
                      std::uint64_t failed_before);
 
   // ---- sneakernet bundles (daemon_bundles.cc) ---------------------------------------------------
-  // Export and import can take a while: they run on their own thread and answer when done.
+  // Export and import can take a while: they run on bundle_pool and answer when done; 429 with
+  // Retry-After when every worker is busy and the pool's queue is full.
   void BundleRequest(const std::string& path, std::string body, const HttpResponder& respond);
+  void ServeBundleRequest(const std::string& path, const std::string& body,
+                          const HttpResponder& respond);
+
+  // The folders bundle files may be written to and read from: every peer's files_dir and
+  // [site] transfer_dirs, as configured (not resolved).
+  std::vector<std::string> BundleFolders() const;
+
+  // Resolves `path` (realpath: no symlink or '..' is left) and checks that it is one of
+  // BundleFolders() or inside one, and not inside data_dir. Returns the resolved path, or an
+  // error naming the path, the folders and the key to set. Counted as ApiRefusal::kFolder.
+  Result<std::string> ResolveBundlePath(const std::string& path);
+
+  // The store counter of what was exported for peer `p` into `folder` (resolved): the peer's
+  // own files_dir keeps the historical "exported/<peer>"; any other folder has its own, so an
+  // export elsewhere never hides events from the next export to the peer's folder.
+  std::string ExportCursorKey(std::size_t p, const std::string& folder);
 
   std::optional<std::size_t> PeerByName(const std::string& name) const;
 
-  // Writes `bytes` to dir/name atomically: a temporary file, fsync, rename, fsync of the folder.
-  // A pulled disk never holds half a bundle under the final name. The folder may be writable by
-  // others (a transfer disk): the temporary name is random and created exclusively without
-  // following symlinks, so nothing planted there redirects the write; rename replaces a planted
-  // final name itself, never what it points to.
-  Status WriteAtomically(const std::string& dir, const std::string& name, const std::string& bytes);
+  // Writes `bytes` to name in the folder open as `dir_fd` (named `dir` in messages) atomically: a
+  // temporary file, fsync, rename, fsync of the folder. A pulled disk never holds half a bundle
+  // under the final name. The folder may be writable by others (a transfer disk): the
+  // temporary name is random and created exclusively without following symlinks, so nothing
+  // planted there redirects the write; rename replaces a planted final name itself, never what
+  // it points to; and working relative to dir_fd, a folder swapped for a symlink after it was
+  // checked cannot redirect the write either.
+  Status WriteAtomically(int dir_fd, const std::string& dir, const std::string& name,
+                         const std::string& bytes);
 
   std::string BundleName(const std::string& peer, const char* ext, std::int64_t now, int part);
   Result<ExportReport> Export(const ExportOptions& o);

@@ -14,6 +14,8 @@
 
 namespace relay {
 
+using daemon_detail::kBundleWaiting;
+using daemon_detail::kBundleWorkers;
 using daemon_detail::kNextOrigin;
 using daemon_detail::kNextOut;
 using daemon_detail::NowMs;
@@ -89,6 +91,59 @@ void Daemon::Impl::RecountQueues(const std::vector<std::uint64_t>& acked) {
 
 void Daemon::Impl::NoteQueued(const std::vector<std::size_t>& peer_indexes) {
   for (std::size_t i : peer_indexes) ++queue_added[i];
+}
+
+Status Daemon::Impl::CreateApi() {
+  const std::string address = (config.ingest_listen.host.find(':') != std::string::npos
+                                   ? "[" + config.ingest_listen.host + "]"
+                                   : config.ingest_listen.host) +
+                              ":" + std::to_string(config.ingest_listen.port);
+  HttpServer::Options ho;
+  ho.host = config.ingest_listen.host;
+  ho.port = config.ingest_listen.port;
+  ho.max_body = config.ingest_max_body;
+  ho.max_pending = std::max(config.ingest_max_pending, config.ingest_max_body);
+  ho.on_busy = [this] {
+    ++metrics.ingest_unavailable;
+    ++metrics.ingest_busy;
+  };
+  ho.allowed_hosts = config.ingest_allowed_hosts;
+  if (!config.ingest_token_file.empty()) {
+    auto token = crypto::ApiToken::LoadFile(config.ingest_token_file);
+    if (!token) return token.status().Wrap("[ingest] token_file");
+    api_token = std::make_unique<crypto::ApiToken>(std::move(token).value());
+    // The server's I/O thread is stopped before api_token is wiped or destroyed (Stop).
+    const crypto::ApiToken* t = api_token.get();
+    ho.authorize = [t](std::string_view presented) { return t->Matches(presented); };
+  } else {
+    log::Warning("[ingest] allow_anonymous = true: the API on " + address +
+                 " takes no token; anyone who can reach it can post, export and import. For "
+                 "demos only: set token_file (`relay token FILE`)");
+  }
+  ho.on_refused = [this](HttpRefusal reason, const std::string& message) {
+    ++metrics.http_refused[static_cast<std::size_t>(reason)];
+    // Never the token: the messages quote the Host, Origin and Content-Type only.
+    if (warn_limiter.Allow())
+      log::Warning("ingest API: refused (" + std::string(HttpRefusalName(reason)) +
+                   "): " + log::Printable(message));
+  };
+  http = std::make_unique<HttpServer>(
+      ho, [this](HttpRequest&& req, HttpResponder respond) { Route(std::move(req), respond); });
+  bundle_pool = std::make_unique<WorkerPool>("relay-bundle", kBundleWorkers, kBundleWaiting);
+  return Status::Ok();
+}
+
+std::string Daemon::Impl::ApiRefusedJson() const {
+  std::string out = "{";
+  for (std::size_t i = 0; i < metrics.http_refused.size(); ++i) {
+    out += std::string(i ? "," : "") + "\"" + HttpRefusalName(static_cast<HttpRefusal>(i)) +
+           "\":" + std::to_string(metrics.http_refused[i].load());
+  }
+  for (std::size_t i = 0; i < metrics.api_refused.size(); ++i) {
+    out += std::string(",\"") + ApiRefusalName(static_cast<ApiRefusal>(i)) +
+           "\":" + std::to_string(metrics.api_refused[i].load());
+  }
+  return out + "}";
 }
 
 void Daemon::Impl::Route(HttpRequest&& req, const HttpResponder& respond) {

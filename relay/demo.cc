@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "relay/http_server.h"
 #include "relay/json.h"
@@ -53,6 +54,7 @@ struct DemoSite {
   pid_t pid = -1;
   fs::path conf() const { return dir / (name + ".conf"); }
   fs::path key() const { return dir / (name + ".key"); }
+  fs::path token() const { return dir / "ingest.token"; }  // the API's bearer token
   fs::path sink() const { return dir / "war-room.jsonl"; }
   fs::path log() const { return dir / "relay.log"; }
 };
@@ -127,7 +129,7 @@ void WriteConfig(const DemoSite& self, const DemoSite& peer, bool dial) {
   f << "# relay demo site '" << self.name << "'\n"
     << "[site]\nname = " << self.name << "\nkey_file = " << self.name << ".key\n"
     << "data_dir = data\n\n"
-    << "[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\n\n"
+    << "[ingest]\nlisten = 127.0.0.1:" << self.ingest_port << "\ntoken_file = ingest.token\n\n"
     << "[zmq]\nlisten = tcp://127.0.0.1:" << self.zmq_port << "\n\n"
     << "[peer." << peer.name << "]\npublic_key = " << peer.identity << "\n";
   if (dial) f << "zmq_connect = tcp://127.0.0.1:" << peer.zmq_port << "\n";
@@ -137,6 +139,12 @@ void WriteConfig(const DemoSite& self, const DemoSite& peer, bool dial) {
 
 bool PostMessages(DemoSite& from, int count, std::string* error) {
   HttpClient c("127.0.0.1", from.ingest_port);
+  auto token = crypto::ApiToken::LoadFile(from.token().string());
+  if (!token) {
+    *error = token.message();
+    return false;
+  }
+  c.SetBearerToken(token->value());
   const int kBatch = 250;
   for (int start = 0; start < count; start += kBatch) {
     std::string body = "[";
@@ -202,6 +210,10 @@ int RunDemo(const DemoOptions& options) {
       return finish();
     }
     s->identity = crypto::SiteKey::LoadFile(s->key().string())->identity().ToString();
+    if (Status st = crypto::ApiToken::CreateFile(s->token().string()); !st) {
+      std::fprintf(stderr, "relay demo: %s\n", st.message().c_str());
+      return finish();
+    }
   }
   WriteConfig(eu, aws, /*dial=*/true);
   WriteConfig(aws, eu, /*dial=*/false);

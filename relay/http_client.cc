@@ -1,6 +1,8 @@
 // HttpClient on Boost.Beast. Blocking calls are async operations run to completion on a private
 // io_context, because beast::tcp_stream timeouts only apply to async operations.
 
+#include <string.h>  // explicit_bzero
+
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -66,6 +68,13 @@ struct HttpClient::Impl {
     return Status::Ok();
   }
 
+  ~Impl() { WipeAuthorization(); }
+
+  void WipeAuthorization() {
+    if (!authorization.empty()) explicit_bzero(authorization.data(), authorization.size());
+    authorization.clear();
+  }
+
   void Disconnect() {
     beast::error_code ignored;
     stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -83,12 +92,19 @@ struct HttpClient::Impl {
   beast::flat_buffer buffer;
   bool connected = false;
   bool reused = false;  // a response was already read on this connection
+  std::string authorization;  // "Bearer <token>", or empty
 };
 
 HttpClient::HttpClient(std::string host, std::uint16_t port)
     : impl_(std::make_unique<Impl>(std::move(host), port)) {}
 
 HttpClient::~HttpClient() = default;
+
+void HttpClient::SetBearerToken(std::string_view token) {
+  impl_->WipeAuthorization();
+  impl_->authorization.reserve(7 + token.size());  // no reallocation leaves a copy behind
+  impl_->authorization.append("Bearer ").append(token);
+}
 
 Result<HttpResponse> HttpClient::Request(const std::string& method, const std::string& target,
                                          const std::string& body, const std::string& content_type) {
@@ -106,6 +122,7 @@ Result<HttpResponse> HttpClient::Request(const std::string& method, const std::s
     request.version(11);
     request.set(http::field::host, impl.address);
     request.set(http::field::user_agent, "relay");
+    if (!impl.authorization.empty()) request.set(http::field::authorization, impl.authorization);
     if (!body.empty() || verb == http::verb::post) {
       request.set(http::field::content_type, content_type);
     }

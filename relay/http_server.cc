@@ -43,9 +43,9 @@ using tcp = asio::ip::tcp;
 
 constexpr std::uint32_t kHeaderLimit = 64 * 1024;
 constexpr std::size_t kReadBufferSize = 64 * 1024;
-// A keep-alive connection (or a request trickling in) idle this long is closed.
-constexpr std::chrono::seconds kIdleTimeout{120};
 constexpr std::chrono::seconds kWriteTimeout{30};
+// Client-supplied values quoted in error messages are cut to this many bytes.
+constexpr std::size_t kQuoteLimit = 200;
 // After an error response we stop sending and discard what the client still sends for this long
 // before closing, so that unread request bytes do not turn the close into a reset that destroys
 // the response in flight.
@@ -90,6 +90,87 @@ std::string FormatAddress(const std::string& host, std::uint16_t port) {
   return (ipv6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
 }
 
+std::string_view View(beast::string_view s) { return {s.data(), s.size()}; }
+
+std::string Quote(std::string_view text) {
+  if (text.size() > kQuoteLimit) return "'" + std::string(text.substr(0, kQuoteLimit)) + "...'";
+  return "'" + std::string(text) + "'";
+}
+
+std::string Lower(std::string_view text) {
+  std::string out(text);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+std::string_view TrimSpaces(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+bool IsWildcard(const std::string& host) {
+  return host.empty() || host == "0.0.0.0" || host == "::";
+}
+
+// An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 client) as IPv4.
+asio::ip::address Unmapped(const asio::ip::address& a) {
+  if (a.is_v6() && a.to_v6().is_v4_mapped()) {
+    return asio::ip::make_address_v4(asio::ip::v4_mapped, a.to_v6());
+  }
+  return a;
+}
+
+// Splits a Host header value ("name", "name:port", "[v6]", "[v6]:port") into name and port
+// (80 when absent). False when it is not of that form.
+bool SplitHostPort(std::string_view value, std::string_view* name, std::uint32_t* port) {
+  std::string_view port_text;
+  bool has_port = false;
+  if (!value.empty() && value.front() == '[') {
+    const auto close = value.find(']');
+    if (close == std::string_view::npos) return false;
+    *name = value.substr(1, close - 1);
+    std::string_view rest = value.substr(close + 1);
+    if (!rest.empty()) {
+      if (rest.front() != ':') return false;
+      port_text = rest.substr(1);
+      has_port = true;
+    }
+  } else {
+    const auto colon = value.rfind(':');
+    if (colon != std::string_view::npos) {
+      if (value.find(':') != colon) return false;  // an IPv6 literal must be in brackets
+      port_text = value.substr(colon + 1);
+      has_port = true;
+      *name = value.substr(0, colon);
+    } else {
+      *name = value;
+    }
+  }
+  if (name->empty()) return false;
+  *port = 80;
+  if (has_port) {
+    if (port_text.empty() || port_text.size() > 5) return false;
+    std::uint32_t n = 0;
+    for (char c : port_text) {
+      if (c < '0' || c > '9') return false;
+      n = n * 10 + static_cast<std::uint32_t>(c - '0');
+    }
+    if (n == 0 || n > 65535) return false;
+    *port = n;
+  }
+  return true;
+}
+
+// A request the server refuses before its body is read.
+struct Refused {
+  HttpRefusal reason;
+  HttpResponse response;
+  std::string message;
+};
+
 class Session;
 
 struct Core : std::enable_shared_from_this<Core> {
@@ -99,7 +180,14 @@ struct Core : std::enable_shared_from_this<Core> {
   void OnAccept(beast::error_code ec, tcp::socket socket);
   void CloseAll();  // I/O thread
 
+  // Whether a Host header value (or an Origin's host part) names this server, for a client
+  // connected to `local`. See Options::check_host.
+  bool HostAllowed(std::string_view value, const asio::ip::address& local) const;
+  // This server as the error messages name it: "127.0.0.1:8081".
+  std::string ListenAddress() const { return FormatAddress(options.host, bound_port); }
+
   const HttpServer::Options options;
+  std::uint16_t bound_port = 0;  // set by Start() before the I/O thread runs
   HttpHandler handler;  // reset by Stop(), in case it owns Responders (which own the Core)
   std::atomic<bool> stopped{false};
   // Bytes reserved by requests being read or awaiting their answer (see Options::max_pending).
@@ -113,12 +201,32 @@ struct Core : std::enable_shared_from_this<Core> {
   std::vector<std::weak_ptr<Session>> sessions;  // I/O thread only; pruned on accept
 };
 
+bool Core::HostAllowed(std::string_view value, const asio::ip::address& local) const {
+  std::string_view name;
+  std::uint32_t port = 0;
+  if (!SplitHostPort(value, &name, &port) || port != bound_port) return false;
+  const std::string lower = Lower(name);
+  if (!IsWildcard(options.host) && lower == Lower(options.host)) return true;
+  for (const std::string& allowed : options.allowed_hosts) {
+    if (lower == Lower(allowed)) return true;
+  }
+  if (lower.find('%') == std::string::npos) {  // no zone ids: browsers never send them
+    beast::error_code ec;
+    const asio::ip::address literal = asio::ip::make_address(lower, ec);
+    if (!ec) return Unmapped(literal) == Unmapped(local);
+  }
+  return lower == "localhost" && Unmapped(local).is_loopback();
+}
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Core& core, tcp::socket socket) : core_(core), stream_(std::move(socket)) {
     // Beast sizes each read by the buffer's spare capacity (at least 512 bytes), and the parser
     // consumes what it reads, so without this a 1 MB body would arrive in ~1 KB recv calls.
     buffer_.reserve(kReadBufferSize);
+    beast::error_code ec;
+    const tcp::endpoint local = stream_.socket().local_endpoint(ec);
+    if (!ec) local_address_ = local.address();
   }
   ~Session() { Release(); }
 
@@ -138,18 +246,136 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  // Reads the next request's header: on a new connection (or with bytes of a pipelined request
+  // already buffered) under the header deadline at once; on a kept-alive connection after
+  // waiting up to idle_timeout for its first bytes.
   void ReadHeader() {
     parser_.emplace();
     parser_->body_limit(core_.options.max_body);
     parser_->header_limit(kHeaderLimit);
-    stream_.expires_after(kIdleTimeout);
+    if (requests_ == 0 || buffer_.size() > 0) return ReadHeaderBytes();
+    phase_ = Phase::kIdle;
+    stream_.expires_after(core_.options.idle_timeout);
+    stream_.async_read_some(buffer_.prepare(kReadBufferSize),
+                            [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+                              // An idle connection that ends or expires is not an error.
+                              if (ec || self->core_.stopped.load(std::memory_order_relaxed)) {
+                                return self->Close();
+                              }
+                              self->buffer_.commit(n);
+                              self->ReadHeaderBytes();
+                            });
+  }
+
+  void ReadHeaderBytes() {
+    phase_ = Phase::kHeader;
+    stream_.expires_after(core_.options.header_timeout);
     http::async_read_header(stream_, buffer_, *parser_,
                             beast::bind_front_handler(&Session::OnHeader, shared_from_this()));
+  }
+
+  // The access checks of Options, on a complete header; nullopt when the request may proceed.
+  std::optional<Refused> CheckAccess(const http::request_parser<http::string_body>& parser) {
+    const HttpServer::Options& o = core_.options;
+    const auto& header = parser.get();
+    auto refuse = [](HttpRefusal reason, int status, std::string message) {
+      Refused r{reason, JsonError(status, message), std::move(message)};
+      return std::optional<Refused>(std::move(r));
+    };
+    if (o.check_host) {
+      const auto hosts = header.count(http::field::host);
+      if (hosts > 1) return refuse(HttpRefusal::kHost, 400, "more than one Host header");
+      if (hosts == 0 && header.version() >= 11) {
+        return refuse(HttpRefusal::kHost, 400, "missing Host header (HTTP/1.1 requires one)");
+      }
+      const std::string_view host = View(header[http::field::host]);
+      if (hosts == 1 && !core_.HostAllowed(host, local_address_)) {
+        return refuse(HttpRefusal::kHost, 403,
+                      "Host " + Quote(host) + " does not name this relay (listening on " +
+                          core_.ListenAddress() +
+                          "): refused, as a web page reached through another name (DNS "
+                          "rebinding) would be; add the name to [ingest] allowed_hosts if "
+                          "clients use it");
+      }
+    }
+    if (o.check_origin) {
+      if (header.count(http::field::origin) > 0) {
+        const std::string_view origin = View(header[http::field::origin]);
+        const bool ok = origin.size() > 7 && Lower(origin.substr(0, 7)) == "http://" &&
+                        core_.HostAllowed(origin.substr(7), local_address_);
+        if (!ok) {
+          return refuse(HttpRefusal::kOrigin, 403,
+                        "requests from web pages are refused: Origin " + Quote(origin) +
+                            " is not this relay (" + core_.ListenAddress() + ")");
+        }
+      }
+      const std::string site = Lower(TrimSpaces(View(header["Sec-Fetch-Site"])));
+      if (site == "cross-site" || site == "same-site") {
+        return refuse(HttpRefusal::kOrigin, 403,
+                      "requests from web pages are refused: Sec-Fetch-Site is " + Quote(site));
+      }
+    }
+    if (o.authorize) {
+      const std::string_view target = View(header.target());
+      const std::string_view path = target.substr(0, target.find('?'));
+      const bool public_path =
+          header.method() == http::verb::get &&
+          std::find(o.public_paths.begin(), o.public_paths.end(), path) != o.public_paths.end();
+      if (!public_path) {
+        auto unauthorized = [&](HttpRefusal reason, const std::string& message,
+                                const char* challenge) {
+          std::optional<Refused> r = refuse(reason, 401, message);
+          r->response.headers.emplace_back("WWW-Authenticate", challenge);
+          return r;
+        };
+        constexpr const char* kChallenge = "Bearer realm=\"relay\"";
+        constexpr const char* kInvalid = "Bearer realm=\"relay\", error=\"invalid_token\"";
+        const auto fields = header.count(http::field::authorization);
+        if (fields == 0) {
+          return unauthorized(HttpRefusal::kMissingToken,
+                              "missing 'Authorization: Bearer <token>' header (the token is in "
+                              "the file named by [ingest] token_file)",
+                              kChallenge);
+        }
+        const std::string_view value = TrimSpaces(View(header[http::field::authorization]));
+        const auto space = value.find(' ');
+        const std::string_view scheme = value.substr(0, space);
+        const std::string_view token =
+            space == std::string_view::npos ? std::string_view() : TrimSpaces(value.substr(space));
+        if (fields > 1 || Lower(scheme) != "bearer" || token.empty()) {
+          return unauthorized(HttpRefusal::kMissingToken,
+                              "the Authorization header must be one 'Bearer <token>'", kChallenge);
+        }
+        if (!o.authorize(token)) {
+          return unauthorized(HttpRefusal::kWrongToken,
+                              "wrong token: it does not match [ingest] token_file", kInvalid);
+        }
+      }
+    }
+    if (o.require_json) {
+      const bool has_body = parser.chunked() || parser.content_length().value_or(0) > 0;
+      const std::string_view type = View(header[http::field::content_type]);
+      const std::string media = Lower(TrimSpaces(type.substr(0, type.find(';'))));
+      if (has_body && media != "application/json") {
+        return refuse(HttpRefusal::kContentType, 415,
+                      type.empty() ? std::string("missing Content-Type: send application/json")
+                                   : "Content-Type " + Quote(type) +
+                                         " is not supported: send application/json");
+      }
+    }
+    return std::nullopt;
   }
 
   void OnHeader(beast::error_code ec, std::size_t /*bytes*/) {
     if (ec) return OnReadError(ec);
     const auto& header = parser_->get();
+    version_ = header.version();
+    // Before anything is reserved or read: a refused client holds no memory.
+    if (std::optional<Refused> refused = CheckAccess(*parser_)) {
+      if (core_.options.on_refused) core_.options.on_refused(refused->reason, refused->message);
+      keep_alive_ = false;
+      return Write(std::move(refused->response), /*close_after=*/true);
+    }
     // Back-pressure: reserve the body's size against the budget before reading it. A request
     // that does not fit is refused without reading its body (a client that sent it anyway is
     // drained by the lingering close, without keeping the bytes).
@@ -170,7 +396,6 @@ class Session : public std::enable_shared_from_this<Session> {
                              std::to_string(core_.options.max_pending) + "); retry later");
       busy.retry_after_s = 1;
       keep_alive_ = false;
-      version_ = header.version();
       return Write(std::move(busy), /*close_after=*/true);
     }
     core_.pending_bytes += need;
@@ -190,6 +415,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void ReadBody() {
     if (core_.stopped.load(std::memory_order_relaxed)) return;
     if (parser_->is_done()) return OnRequest();
+    phase_ = Phase::kBody;
+    const auto rate = std::max<std::uint64_t>(core_.options.body_min_rate, 1);
+    stream_.expires_after(
+        core_.options.body_timeout +
+        std::chrono::milliseconds(reserved_ / rate * 1000 + reserved_ % rate * 1000 / rate));
     http::async_read(stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, std::size_t) {
                        if (ec) return self->OnReadError(ec);
@@ -198,8 +428,25 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnReadError(beast::error_code ec) {
+    const std::uint64_t reserved = reserved_;
     Release();
     if (core_.stopped.load(std::memory_order_relaxed)) return;
+    if (ec == beast::error::timeout) {
+      // tcp_stream has closed the socket already: nobody is left to answer.
+      const bool body = phase_ == Phase::kBody;
+      if (core_.options.on_refused) {
+        const auto limit = body ? core_.options.body_timeout : core_.options.header_timeout;
+        core_.options.on_refused(
+            body ? HttpRefusal::kBodyTimeout : HttpRefusal::kHeaderTimeout,
+            std::string(body ? "request body" : "request header") + " not complete within " +
+                (body ? "its deadline (" + std::to_string(limit.count()) + " ms + " +
+                            std::to_string(reserved) + " bytes at " +
+                            std::to_string(core_.options.body_min_rate) + " bytes/s)"
+                      : std::to_string(limit.count()) + " ms") +
+                ": connection closed");
+      }
+      return Close();
+    }
     if (ec == http::error::body_limit) {
       return Write(JsonError(413, "request body larger than " +
                                       std::to_string(core_.options.max_body) + " bytes"),
@@ -223,6 +470,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void OnRequest() {
     if (core_.stopped.load(std::memory_order_relaxed)) return;
     stream_.expires_never();  // the handler may take its time; no read is pending meanwhile
+    phase_ = Phase::kHandler;
+    ++requests_;
     http::request<http::string_body> message = parser_->release();
     parser_.reset();
     keep_alive_ = message.keep_alive();
@@ -265,6 +514,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (response.retry_after_s > 0) {
       response_.set(http::field::retry_after, std::to_string(response.retry_after_s));
     }
+    for (const auto& [name, value] : response.headers) response_.set(name, value);
     response_.body() = std::move(response.body);
     response_.keep_alive(!close_after);
     response_.prepare_payload();
@@ -308,13 +558,19 @@ class Session : public std::enable_shared_from_this<Session> {
     if (reserved_ > 0) core_.pending_bytes -= std::exchange(reserved_, 0);
   }
 
+  // What the connection is waiting for: tells a missed header deadline from a body's.
+  enum class Phase { kIdle, kHeader, kBody, kHandler };
+
   Core& core_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   http::response<http::string_body> response_;
+  asio::ip::address local_address_;  // the address the client connected to (Host checks)
   bool keep_alive_ = false;
   unsigned version_ = 11;
+  Phase phase_ = Phase::kHeader;
+  std::uint64_t requests_ = 0;  // requests handed to the handler on this connection
   std::uint64_t reserved_ = 0;  // this request's share of Core::pending_bytes
 };
 
@@ -390,6 +646,28 @@ void Core::CloseAll() {
 
 }  // namespace
 
+const char* HttpRefusalName(HttpRefusal reason) {
+  switch (reason) {
+    case HttpRefusal::kHost:
+      return "host";
+    case HttpRefusal::kOrigin:
+      return "origin";
+    case HttpRefusal::kMissingToken:
+      return "missing_token";
+    case HttpRefusal::kWrongToken:
+      return "wrong_token";
+    case HttpRefusal::kContentType:
+      return "content_type";
+    case HttpRefusal::kHeaderTimeout:
+      return "header_timeout";
+    case HttpRefusal::kBodyTimeout:
+      return "body_timeout";
+    case HttpRefusal::kCount:
+      break;
+  }
+  return "unknown";
+}
+
 struct HttpServer::Impl {
   std::shared_ptr<Core> core;
   std::thread thread;
@@ -442,6 +720,7 @@ Status HttpServer::Start() {
     const tcp::endpoint bound = core.acceptor.local_endpoint(ec);
     if (ec) return fail("getsockname");
     impl_->port = bound.port();
+    core.bound_port = bound.port();
 
     core.Accept();
     impl_->started = true;

@@ -77,6 +77,18 @@ const char* InboundWaitName(InboundWait w) {
   return "unknown";
 }
 
+const char* ApiRefusalName(ApiRefusal r) {
+  switch (r) {
+    case ApiRefusal::kBundleBusy:
+      return "bundle_busy";
+    case ApiRefusal::kFolder:
+      return "folder";
+    case ApiRefusal::kCount:
+      break;
+  }
+  return "unknown";
+}
+
 std::string Metrics::RenderPrometheus(const std::string& site) const {
   std::string out;
   auto i64 = [](std::uint64_t v) { return static_cast<std::int64_t>(v); };
@@ -179,6 +191,18 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
     Sample(&out, "relay_frames_rejected_total",
            std::string("reason=\"") + InboundDropName(static_cast<InboundDrop>(i)) + "\"",
            i64(inbound_dropped[i]));
+  }
+  Family(&out, "relay_api_refused_total", "counter",
+         "Local API requests refused (or connections closed at a deadline), by reason.");
+  for (std::size_t i = 0; i < http_refused.size(); ++i) {
+    Sample(&out, "relay_api_refused_total",
+           std::string("reason=\"") + HttpRefusalName(static_cast<HttpRefusal>(i)) + "\"",
+           i64(http_refused[i]));
+  }
+  for (std::size_t i = 0; i < api_refused.size(); ++i) {
+    Sample(&out, "relay_api_refused_total",
+           std::string("reason=\"") + ApiRefusalName(static_cast<ApiRefusal>(i)) + "\"",
+           i64(api_refused[i]));
   }
 
   struct PeerFamily {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "crypto/frame.h"
+#include "relay/http_server.h"
 
 namespace relay {
 
@@ -67,6 +68,14 @@ enum class InboundDrop : std::size_t {
   kCount
 };
 
+// Refusals of the local API beyond the HTTP server's own (HttpRefusal).
+enum class ApiRefusal : std::size_t {
+  kBundleBusy = 0,  // /v1/bundles/* answered 429: every bundle worker busy
+  kFolder,          // a bundle path outside the folders the configuration names
+  kCount
+};
+const char* ApiRefusalName(ApiRefusal r);  // "bundle_busy", "folder"
+
 struct Metrics {
   std::atomic<std::uint64_t> events_ingested{0};
   std::atomic<std::uint64_t> ingest_requests{0};
@@ -112,6 +121,11 @@ struct Metrics {
       frames_rejected{};
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(InboundDrop::kCount)>
       inbound_dropped{};
+  // Local API (relay_api_refused_total{reason}).
+  std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(HttpRefusal::kCount)>
+      http_refused{};
+  std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(ApiRefusal::kCount)>
+      api_refused{};
   std::vector<std::unique_ptr<PeerMetrics>> peers;
 
   std::string RenderPrometheus(const std::string& site) const;

@@ -170,6 +170,7 @@ class Site:
         self.key = os.path.join(self.dir, name + ".key")
         self.conf = os.path.join(self.dir, name + ".conf")
         self.token_file = os.path.join(self.dir, "mattermost.token")
+        self.api_token_file = os.path.join(self.dir, "ingest.token")  # relay's own API token
         self.log_path = os.path.join(self.dir, "relay.log")
         self.ingest_port = free_port()
         self.zmq_port = free_port()
@@ -179,6 +180,7 @@ class Site:
         try:
             run_cli(binary, "keygen", self.key)
             self.pub = run_cli(binary, "pubkey", self.key).strip()
+            run_cli(binary, "token", self.api_token_file)
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(BOT_TOKEN + "\n")
@@ -191,7 +193,8 @@ class Site:
         lines = [f"# relay Mattermost demo: site '{self.name}'",
                  "[site]", f"name = {self.name}", f"key_file = {self.key}",
                  f"data_dir = {os.path.join(self.dir, 'data')}", "",
-                 "[ingest]", f"listen = 127.0.0.1:{self.ingest_port}", "",
+                 "[ingest]", f"listen = 127.0.0.1:{self.ingest_port}",
+                 f"token_file = {self.api_token_file}", "",
                  "[zmq]", f"listen = tcp://127.0.0.1:{self.zmq_port}", "",
                  f"[peer.{peer.name}]", f"public_key = {peer.pub}"]
         if dial:

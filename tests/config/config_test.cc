@@ -57,7 +57,8 @@ const std::string kSite =
     "data_dir = data\n";
 const std::string kIngest =
     "[ingest]\n"
-    "listen = 127.0.0.1:8081\n";
+    "listen = 127.0.0.1:8081\n"
+    "token_file = ingest.token\n";
 
 std::string Peer(const std::string& name) {
   return "[peer." + name + "]\npublic_key = " + KeyOf(name) + "\n";
@@ -91,6 +92,7 @@ TEST_CASE("the example from design.md loads with every field set") {
       "\n"
       "[ingest]\n"
       "listen = 127.0.0.1:8081           # HTTP: ingest API, /healthz, /metrics\n"
+      "token_file = /etc/relay/ingest.token   # bearer token for the API (see Trust model)\n"
       "max_body = 8MiB\n"
       "max_text = 32KiB ; inline comment with a semicolon\n"
       "\n"
@@ -149,6 +151,8 @@ TEST_CASE("the example from design.md loads with every field set") {
   CHECK(config.ingest_listen.port == 8081);
   CHECK(config.ingest_max_body == 8u << 20);
   CHECK(config.ingest_max_text == 32u << 10);
+  CHECK(config.ingest_token_file == "/etc/relay/ingest.token");
+  CHECK_FALSE(config.ingest_allow_anonymous);
 
   CHECK(config.zmq_listen == "tcp://0.0.0.0:7400");
   CHECK(config.heartbeat_interval == milliseconds(500));
@@ -211,6 +215,40 @@ TEST_CASE("a minimal config gets the documented defaults") {
   CHECK(loaded->channels.empty());
 }
 
+TEST_CASE("the local API keys: token_file, allow_anonymous, allowed_hosts, transfer_dirs") {
+  TempDir dir;
+  const fs::path base = fs::canonical(dir.path());
+  SECTION("token_file is resolved like every path") {
+    const auto loaded = LoadConfig(dir.Write("a.conf", Valid()));
+    INFO(loaded.message());
+    REQUIRE(loaded.ok());
+    CHECK(loaded->ingest_token_file == (base / "ingest.token").string());
+    CHECK_FALSE(loaded->ingest_allow_anonymous);
+    CHECK(loaded->ingest_allowed_hosts.empty());
+    CHECK(loaded->transfer_dirs.empty());
+  }
+  SECTION("allow_anonymous = true instead of a token (demos)") {
+    const auto loaded = LoadConfig(
+        dir.Write("b.conf", kSite + "[ingest]\nlisten = 127.0.0.1:8081\nallow_anonymous = true\n"));
+    INFO(loaded.message());
+    REQUIRE(loaded.ok());
+    CHECK(loaded->ingest_allow_anonymous);
+    CHECK(loaded->ingest_token_file.empty());
+  }
+  SECTION("allowed_hosts and transfer_dirs are lists") {
+    const auto loaded = LoadConfig(
+        dir.Write("c.conf", kSite + "transfer_dirs = /media/usb , outbox,../shared/\n" + kIngest +
+                                "allowed_hosts = relay-eu.internal, metrics.example\n"));
+    INFO(loaded.message());
+    REQUIRE(loaded.ok());
+    CHECK(loaded->ingest_allowed_hosts ==
+          std::vector<std::string>{"relay-eu.internal", "metrics.example"});
+    CHECK(loaded->transfer_dirs ==
+          std::vector<std::string>{"/media/usb", (base / "outbox").string(),
+                                   (base.parent_path() / "shared").string()});
+  }
+}
+
 TEST_CASE("a config path given relative to the working directory becomes absolute") {
   TempDir dir;
   dir.Write("rel.conf", Valid());
@@ -255,35 +293,35 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
       {"misspelt key",
        "[site]\nnmae = europe\nname = europe\nkey_file = k\ndata_dir = d\n" + kIngest,
        {"unknown key 'nmae' in [site]"}},
-      {"unknown section", Valid("[sites]\nname = x\n"), {"line 9: unknown section [sites]"}},
+      {"unknown section", Valid("[sites]\nname = x\n"), {"line 10: unknown section [sites]"}},
       {"unknown dotted section", Valid("[site.x]\nname = x\n"), {"unknown section [site.x]"}},
       {"nameless peer",
        Valid("[peer.]\npublic_key = x\n"),
-       {"line 9: section [peer.] has no name; use [peer.NAME]"}},
+       {"line 10: section [peer.] has no name; use [peer.NAME]"}},
       {"nameless channel",
        Valid("[channel]\npeers = aws\n"),
        {"section [channel] has no name; use [channel.NAME]"}},
       {"section name ending in a dot",
        Valid("[channel.a.]\npeers = aws\n"),
        {"section name [channel.a.] ends with '.'"}},
-      {"empty section name", Valid("[ ]\n"), {"line 9: empty section name '[ ]'"}},
+      {"empty section name", Valid("[ ]\n"), {"line 10: empty section name '[ ]'"}},
       {"unterminated section",
        Valid("[channel.x\n"),
-       {"line 9: missing ']' in section header '[channel.x'"}},
+       {"line 10: missing ']' in section header '[channel.x'"}},
       {"duplicate key",
        Valid("[zmq]\nlisten = tcp://*:1\nlisten = tcp://*:2\n"),
        {"duplicate key 'listen' in [zmq]: 'tcp://*:1', then 'tcp://*:2'"}},
       {"line without =",
        Valid("just words\n"),
-       {"line 9: expected 'key = value' or '[section]', got 'just words'"}},
-      {"missing key name", Valid("= 5\n"), {"line 9: missing key name before '=' in '= 5'"}},
-      {"bad key name", Valid("a.b = 5\n"), {"line 9: bad key name 'a.b'"}},
+       {"line 10: expected 'key = value' or '[section]', got 'just words'"}},
+      {"missing key name", Valid("= 5\n"), {"line 10: missing key name before '=' in '= 5'"}},
+      {"bad key name", Valid("a.b = 5\n"), {"line 10: bad key name 'a.b'"}},
       {"key outside a section",
        "name = x\n" + kSite + kIngest,
        {"line 1: key 'name' is outside any section"}},
       {"hash inside a value",
        Valid("files_dir = /media/a#b\n"),
-       {"line 9: 'files_dir = /media/a#b': '#' starts a comment only"}},
+       {"line 10: 'files_dir = /media/a#b': '#' starts a comment only"}},
       {"missing site", kIngest, {"missing section [site]"}},
       {"missing ingest", kSite, {"missing section [ingest]"}},
       {"missing key_file",
@@ -311,14 +349,48 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
        {"[site] dedup_ttl = '0s': must be more than 0"}},
       // [ingest]
       {"ingest port 0",
-       kSite + "[ingest]\nlisten = 127.0.0.1:0\n",
+       kSite + "[ingest]\nlisten = 127.0.0.1:0\ntoken_file = t\n",
        {"[ingest] listen = '127.0.0.1:0': port must be 1..65535"}},
       {"ingest without port",
-       kSite + "[ingest]\nlisten = localhost\n",
+       kSite + "[ingest]\nlisten = localhost\ntoken_file = t\n",
        {"[ingest] listen = 'localhost': bad endpoint 'localhost': missing ':port'"}},
       {"bad max_body",
        kSite + kIngest + "max_body = 10XB\n",
        {"[ingest] max_body = '10XB': bad size '10XB': unknown unit 'XB'"}},
+      {"TCP listen without token_file",
+       kSite + "[ingest]\nlisten = 0.0.0.0:8081\n",
+       {"[ingest] listen = '0.0.0.0:8081' is a TCP address and there is no token_file: anyone "
+        "who can reach it could use the API. Set token_file = PATH (create the file with `relay "
+        "token PATH`), or allow_anonymous = true (for demos only)"}},
+      {"allow_anonymous = false is the default, still needs a token",
+       kSite + "[ingest]\nlisten = 127.0.0.1:8081\nallow_anonymous = no\n",
+       {"is a TCP address and there is no token_file"}},
+      {"allow_anonymous with token_file",
+       kSite + kIngest + "allow_anonymous = true\n",
+       {"[ingest] allow_anonymous = 'true': contradicts token_file"}},
+      {"bad allow_anonymous",
+       kSite + kIngest + "allow_anonymous = maybe\n",
+       {"[ingest] allow_anonymous = 'maybe': expected true or false"}},
+      {"empty token_file",
+       kSite + "[ingest]\nlisten = 127.0.0.1:8081\ntoken_file =\n",
+       {"[ingest] token_file = '': empty value", "is a TCP address and there is no token_file"}},
+      {"bad allowed_hosts",
+       kSite + kIngest + "allowed_hosts = relay.internal, evil.example/x, ,\n",
+       {"[ingest] allowed_hosts = 'relay.internal, evil.example/x, ,': bad host name "
+        "'evil.example/x'",
+        "empty host name in the list", "empty host name in the list"}},
+      {"transfer_dirs inside data_dir",
+       "[site]\nname = europe\nkey_file = k\ndata_dir = /var/lib/relay\n"
+       "transfer_dirs = /media/usb, /var/lib/relay/out, /var/lib/relay\n" +
+           kIngest,
+       {"[site] transfer_dirs = '/media/usb, /var/lib/relay/out, /var/lib/relay': folder "
+        "'/var/lib/relay/out' is inside data_dir '/var/lib/relay': bundles never go into the "
+        "store's own folder",
+        "folder '/var/lib/relay' is inside data_dir"}},
+      {"transfer_dirs listed twice or empty",
+       kSite + "transfer_dirs = /media/usb,/media/usb/, ,\n" + kIngest,
+       {"folder '/media/usb/' is listed twice", "empty folder in the list",
+        "empty folder in the list"}},
       {"max_text above max_body",
        kSite + kIngest + "max_body = 1KiB\nmax_text = 2KiB\n",
        {"[ingest] max_text (2048 bytes) must not exceed max_body (1024 bytes)"}},
@@ -396,7 +468,8 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
        {"missing required key 'peers' in [channel.ops]"}},
       {"unknown sink",
        Valid("[channel.ops]\npeers = aws\nsink = slack\njsonl_path = x\n"),
-       {"[channel.ops] sink = 'slack': unknown sink 'slack' (expected jsonl, mattermost or webhook)"}},
+       {"[channel.ops] sink = 'slack': unknown sink 'slack' (expected jsonl, mattermost or "
+        "webhook)"}},
       {"missing jsonl_path",
        Valid("[channel.ops]\npeers = aws\nsink = jsonl\n"),
        {"missing required key 'jsonl_path' in [channel.ops] (required when sink = jsonl)"}},
@@ -455,6 +528,7 @@ TEST_CASE("all problems in a file are reported at once") {
       "this is not ini\n"  // 3: syntax error; parsing goes on
       "[ingest]\n"
       "listen = 127.0.0.1:99999\n"  // 4: bad port
+      "token_file = t\n"
       "[peer.aws]\n"
       "public_key = nope\n"  // 5: bad key
       "window = 0\n"         // 6: bad window
@@ -469,7 +543,7 @@ TEST_CASE("all problems in a file are reported at once") {
   CHECK(Lines(message).size() == 9);
   for (const char* expected : {
            "line 5: expected 'key = value' or '[section]', got 'this is not ini'",
-           "line 15: unknown section [bogus]",
+           "line 16: unknown section [bogus]",
            "unknown key 'nmae' in [site]",
            "missing required key 'name' in [site]",
            "[ingest] listen = '127.0.0.1:99999': bad endpoint '127.0.0.1:99999': bad port '99999'",
@@ -492,7 +566,8 @@ TEST_CASE("comments and whitespace") {
                 "data_dir = d;still-the-value\r\n"
                 "   # indented comment\n"
                 "[ingest]\n"
-                "listen = [::1]:8081\t# tab before the comment\n");
+                "listen = [::1]:8081\t# tab before the comment\n"
+                "token_file = t\n");
   const auto loaded = LoadConfig(path);
   REQUIRE_FALSE(loaded.ok());
   CHECK(loaded.message() == path +
@@ -506,7 +581,8 @@ TEST_CASE("comments and whitespace") {
                                       "key_file = k\r\n"
                                       "data_dir = d;still-the-value\r\n"
                                       "[ingest]\n"
-                                      "listen = [::1]:8081\t# tab before the comment\n");
+                                      "listen = [::1]:8081\t# tab before the comment\n"
+                                      "token_file = t\n");
   const auto good = LoadConfig(fixed);
   INFO(good.message());
   REQUIRE(good.ok());

@@ -270,10 +270,15 @@ def http_request(port, method, path, body=None, headers=None, timeout=30):
 
 
 class Site:
-    """One relay site: key, config, data, sinks and log in its own folder under `root`."""
+    """One relay site: key, config, data, sinks and log in its own folder under `root`.
+
+    Every site has an API token (`relay token`, [ingest] token_file) that request() and post()
+    send; the test root is its [site] transfer_dirs, so bundles may go to any folder of the
+    test (tests of the folder rules set their own transfer_dirs)."""
 
     def __init__(self, root, name, keygen=True):
         self.name = name
+        self.root = root
         self.dir = os.path.join(root, name)
         os.makedirs(self.dir, exist_ok=True)
         self.key = os.path.join(self.dir, name + ".key")
@@ -286,6 +291,12 @@ class Site:
         self._log = None
         self.pub = None
         self.channels = []
+        self.token_file = os.path.join(self.dir, "ingest.token")
+        r = run_cli(["token", self.token_file])
+        if r.returncode != 0:
+            raise RuntimeError(f"token for {name} failed ({r.returncode}): {r.stderr.strip()}")
+        with open(self.token_file) as f:
+            self.token = f.read().strip()
         if keygen:
             r = run_cli(["keygen", self.key])
             if r.returncode != 0:
@@ -317,9 +328,14 @@ class Site:
         channels = channels if channels is not None else {}
         lines = ["[site]", f"name = {self.name}", f"key_file = {self.key}",
                  f"data_dir = {self.data}"]
-        lines += [f"{k} = {v}" for k, v in (site or {}).items()]
+        site = dict(site or {})
+        site.setdefault("transfer_dirs", self.root)
+        lines += [f"{k} = {v}" for k, v in site.items() if v is not None]
         lines += ["", "[ingest]", f"listen = 127.0.0.1:{self.ingest_port}"]
-        lines += [f"{k} = {v}" for k, v in (ingest or {}).items()]
+        ingest = dict(ingest or {})
+        if "allow_anonymous" not in ingest:
+            ingest.setdefault("token_file", self.token_file)
+        lines += [f"{k} = {v}" for k, v in ingest.items() if v is not None]
         lines.append("")
         if zmq_listen or zmq:
             lines.append("[zmq]")
@@ -443,11 +459,22 @@ class Site:
         return self.start(timeout=timeout)
 
     # ---- HTTP --------------------------------------------------------------------------------
-    def request(self, method, path, body=None, headers=None, timeout=30):
+    def auth(self, headers=None):
+        """`headers` plus this site's "Authorization: Bearer <token>" (unless they set one)."""
+        h = dict(headers or {})
+        if "Authorization" not in h:
+            h["Authorization"] = "Bearer " + self.token
+        return h
+
+    def request(self, method, path, body=None, headers=None, timeout=30, token=True):
+        """One request on a fresh connection, with the site's token unless token=False (or
+        `headers` carry their own Authorization)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
+        if token:
+            headers = self.auth(headers)
         return http_request(self.ingest_port, method, path, body, headers, timeout)
 
     def post(self, body, timeout=30):

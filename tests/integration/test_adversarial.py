@@ -350,17 +350,21 @@ class IngestCatalogue(Catalogue):
     def test_broken_http_is_refused(self):
         eu = self.eu
         before = self.settle(eu)
+        # Well-formed but for the part under test: the right Host, the token, a JSON type (the
+        # access checks come first; tests/integration/test_local_api.py attacks those).
+        h = (f"Host: 127.0.0.1:{eu.ingest_port}\r\nAuthorization: Bearer {eu.token}\r\n"
+             "Content-Type: application/json\r\n").encode()
         raw_cases = [
-            ("Content-Length of 10^15", b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            ("Content-Length of 10^15", b"POST /v1/messages HTTP/1.1\r\n" + h +
              b"Content-Length: 1000000000000000\r\n\r\n{}", b"413"),
-            ("Content-Length beyond 2^64", b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            ("Content-Length beyond 2^64", b"POST /v1/messages HTTP/1.1\r\n" + h +
              b"Content-Length: 99999999999999999999999\r\n\r\n{}", b"400"),
-            ("two Content-Length headers", b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            ("two Content-Length headers", b"POST /v1/messages HTTP/1.1\r\n" + h +
              b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}}", b"400"),
-            ("chunked body over max_body", b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            ("chunked body over max_body", b"POST /v1/messages HTTP/1.1\r\n" + h +
              b"Transfer-Encoding: chunked\r\n\r\n" + (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 40
              + b"0\r\n\r\n", b"413"),
-            ("header block over the limit", b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-A: "
+            ("header block over the limit", b"POST /v1/messages HTTP/1.1\r\n" + h + b"X-A: "
              + b"a" * 70000 + b"\r\n\r\n", b"431"),
             ("garbage request line", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
              + b"\r\n\r\n", b"400"),

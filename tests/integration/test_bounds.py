@@ -44,9 +44,10 @@ class FloodClient(threading.Thread):
     """Posts ~1 MiB batches with client ids on its own keep-alive connection until told to stop;
     records acknowledged batches (their messages) and each non-202 answer."""
 
-    def __init__(self, port, index, stop, budget):
+    def __init__(self, port, index, stop, budget, token):
         super().__init__(daemon=True)
         self.port, self.index, self.stop, self.budget = port, index, stop, budget
+        self.headers = {"Content-Type": "application/json", "Authorization": "Bearer " + token}
         self.acked = []          # lists of message dicts
         self.busy = []           # (status, retry-after, error text)
         self.other = []          # unexpected answers
@@ -63,7 +64,7 @@ class FloodClient(threading.Thread):
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-                conn.request("POST", "/v1/messages", body, {"Content-Type": "application/json"})
+                conn.request("POST", "/v1/messages", body, self.headers)
                 r = conn.getresponse()
                 data = r.read()
                 if r.status == 202:
@@ -94,7 +95,8 @@ class BoundsTest(RelayTestCase):
         eu.start()
         stop = threading.Event()
         budget = threading.Semaphore(FLOOD_REQUESTS)
-        clients = [FloodClient(eu.ingest_port, i, stop, budget) for i in range(FLOOD_CLIENTS)]
+        clients = [FloodClient(eu.ingest_port, i, stop, budget, eu.token)
+                   for i in range(FLOOD_CLIENTS)]
         peak = 0
         t0 = time.monotonic()
         for c in clients:

@@ -5,8 +5,8 @@ import stat
 
 from relay_harness import CHANNEL, RelayTestCase, run_cli
 
-SUBCOMMANDS = ["keygen", "pubkey", "run", "check-config", "post", "status", "export", "import",
-               "demo"]
+SUBCOMMANDS = ["keygen", "pubkey", "token", "run", "check-config", "post", "status", "export",
+               "import", "demo"]
 
 
 class KeyFileTest(RelayTestCase):
@@ -100,6 +100,94 @@ class KeyFileTest(RelayTestCase):
                 self.assertIn("enclave", eu.log_tail(3))
 
 
+class TokenFileTest(RelayTestCase):
+    def test_token_creates_0600_and_refuses_to_overwrite(self):
+        path = os.path.join(self.root, "ingest.token")
+        old = os.umask(0)
+        try:
+            r = run_cli(["token", path])
+        finally:
+            os.umask(old)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            text = f.read()
+        self.assertRegex(text, r"^[0-9a-f]{64}\n$")
+        self.assertNotIn(text.strip(), r.stdout + r.stderr, "the token was printed")
+        self.assertIn("token_file", r.stderr)
+        r = run_cli(["token", path])
+        self.assertNotEqual(r.returncode, 0, "relay token overwrote a token file")
+        self.assertIn("ingest.token", r.stderr)
+        self.assertIn("refusing to overwrite", r.stderr)
+        with open(path) as f:
+            self.assertEqual(f.read(), text)
+        other = os.path.join(self.root, "other.token")
+        self.assertEqual(run_cli(["token", other]).returncode, 0)
+        with open(other) as f:
+            self.assertNotEqual(f.read(), text, "two tokens are the same")
+
+    def test_daemon_and_cli_refuse_a_token_file_readable_by_others(self):
+        eu, aws = self.pair()
+        for mode in (0o644, 0o640, 0o604):
+            with self.subTest(mode=oct(mode)):
+                os.chmod(eu.token_file, mode)
+                want = f"{mode:04o}"
+                for args in (["run", "--config", eu.conf], ["check-config", "--config", eu.conf]):
+                    r = run_cli(args, timeout=30)
+                    out = r.stdout + r.stderr
+                    self.assertEqual(r.returncode, 1, f"{args[0]} accepted mode {want}: {out}")
+                    self.assertIn(f"has mode {want}", out)
+                    self.assertIn(f"chmod 600 '{eu.token_file}'", out)
+                    self.assertIn("token_file", out)
+        os.chmod(eu.token_file, 0o600)
+        eu.start()
+        os.chmod(eu.token_file, 0o644)  # the CLI checks it as well
+        r = run_cli(["post", "--config", eu.conf, "--channel", CHANNEL, "--author", "a", "x"])
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("has mode 0644", r.stderr)
+        os.chmod(eu.token_file, 0o600)
+
+    def test_bad_token_files_are_refused_by_name(self):
+        eu, aws = self.pair()
+        cases = [("", "holds a token of 0 characters"), ("short\n", "holds a token of 5 characters"),
+                 ("a" * 40 + " b\n", "not allowed in a token"),
+                 ("a" * 40 + "\n" + "b" * 40 + "\n", "more than one line")]
+        for content, says in cases:
+            with self.subTest(says=says):
+                with open(eu.token_file, "w") as f:
+                    f.write(content)
+                os.chmod(eu.token_file, 0o600)
+                r = run_cli(["run", "--config", eu.conf], timeout=30)
+                self.assertEqual(r.returncode, 1)
+                out = r.stdout + r.stderr
+                self.assertIn(says, out)
+                self.assertIn(eu.token_file, out)
+        os.remove(eu.token_file)
+        os.mkdir(eu.token_file)
+        r = run_cli(["check-config", "--config", eu.conf])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("is not a regular file", r.stdout + r.stderr)
+
+    def test_a_tcp_listen_needs_a_token_file_or_allow_anonymous(self):
+        eu, aws = self.pair()
+        eu.write_config({"aws": {"site": aws}}, {CHANNEL: ["aws"]},
+                        ingest={"token_file": None, "allow_anonymous": None})
+        r = run_cli(["check-config", "--config", eu.conf])
+        out = r.stdout + r.stderr
+        self.assertEqual(r.returncode, 1, out)
+        self.assertIn("is a TCP address and there is no token_file", out)
+        self.assertIn("relay token PATH", out)
+        self.assertIn("allow_anonymous = true", out)
+        eu.write_config({"aws": {"site": aws}}, {CHANNEL: ["aws"]},
+                        ingest={"allow_anonymous": "true"})
+        r = run_cli(["check-config", "--config", eu.conf])
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        eu.start()
+        self.assertIn("allow_anonymous = true", eu.log_text())
+        r = eu.request("GET", "/v1/status", token=False)
+        self.assertEqual(r.status, 200, r.text)
+
+
 class UsageTest(RelayTestCase):
     def test_unknown_subcommand_exits_2(self):
         r = run_cli(["no-such-subcommand"])
@@ -134,6 +222,8 @@ class UsageTest(RelayTestCase):
             ["post", "--config", "x.conf", "--channel", "c", "hello"],  # --author missing
             ["run", "--config", "a.conf", "--no-such-option"],
             ["keygen", "a.key", "b.key"],              # one FILE only
+            ["token"],                                 # FILE missing
+            ["token", "a.token", "b.token"],
         ]
         for args in cases:
             with self.subTest(args=args):

@@ -143,7 +143,7 @@ TEST_CASE("the daemon rejects each kind of bad frame, counts it, and changes not
   std::string conf = dir.path().string() + "/aws.conf";
   std::string sink = dir.path().string() + "/war-room.jsonl";
   std::ofstream(conf) << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
-                      << "[ingest]\nlisten = 127.0.0.1:" << ingest << "\n"
+                      << "[ingest]\nlisten = 127.0.0.1:" << ingest << "\nallow_anonymous = true\n"
                       << "[zmq]\nlisten = tcp://127.0.0.1:" << zmq << "\n"
                       << "[peer.europe]\npublic_key = " << eu->identity().ToString() << "\n"
                       << "[channel.war-room]\npeers = europe\nsink = jsonl\n"
@@ -326,7 +326,8 @@ TEST_CASE("a store of wire version 1 with events still queued is refused at star
   REQUIRE(relay::crypto::SiteKey::CreateFile(base + "/aws.key").ok());
   relay::crypto::SiteKey eu = relay::crypto::SiteKey::Generate();
   std::ofstream(base + "/aws.conf") << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
-                                    << "[ingest]\nlisten = 127.0.0.1:" << FreePort() << "\n"
+                                    << "[ingest]\nlisten = 127.0.0.1:" << FreePort()
+                                    << "\nallow_anonymous = true\n"
                                     << "[peer.europe]\npublic_key = " << eu.identity().ToString()
                                     << "\n[channel.war-room]\npeers = europe\nsink = jsonl\n"
                                     << "jsonl_path = war-room.jsonl\n";

@@ -44,6 +44,9 @@ HttpServer::Options Loopback() {
   return options;
 }
 
+// The Host header a client of the server on `port` sends (the server checks it).
+std::string Host(std::uint16_t port) { return "Host: 127.0.0.1:" + std::to_string(port) + "\r\n"; }
+
 // A raw loopback TCP connection for sending bytes no well-behaved client would send.
 class RawConnection {
  public:
@@ -58,6 +61,7 @@ class RawConnection {
     REQUIRE(::connect(fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0);
   }
   ~RawConnection() { ::close(fd_); }
+  int fd() const { return fd_; }
   RawConnection(const RawConnection&) = delete;
   RawConnection& operator=(const RawConnection&) = delete;
 
@@ -139,9 +143,9 @@ TEST_CASE("GET and POST round trip") {
   // A batch-sized body survives intact.
   std::string big(1 << 20, '\0');
   for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
-  auto large = client.Request("POST", "/v1/batch", big, "application/msgpack");
+  auto large = client.Request("POST", "/v1/batch", big, "application/json; charset=utf-8");
   REQUIRE(large.ok());
-  CHECK(large->body == "POST /v1/batch application/msgpack\n" + big);
+  CHECK(large->body == "POST /v1/batch application/json; charset=utf-8\n" + big);
 }
 
 TEST_CASE("handler chooses status and content type; server header is set") {
@@ -150,7 +154,7 @@ TEST_CASE("handler chooses status and content type; server header is set") {
   });
   REQUIRE(server.Start().ok());
   RawConnection raw(server.port());
-  raw.Send("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  raw.Send("GET /nope HTTP/1.1\r\n" + Host(server.port()) + "Connection: close\r\n\r\n");
   const std::string reply = raw.ReadToEof();
   CHECK(reply.rfind("HTTP/1.1 404", 0) == 0);
   CHECK(reply.find("Server: relay\r\n") != std::string::npos);
@@ -178,11 +182,11 @@ TEST_CASE("keep-alive serves several requests on one connection") {
   }
   SECTION("one raw connection gets every answer, then a close") {
     RawConnection raw(server.port());
-    raw.Send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    raw.Send("GET /a HTTP/1.1\r\n" + Host(server.port()) + "\r\n");
     std::string first = raw.ReadUntil("GET /a", 1);
     CHECK(first.find("HTTP/1.1 200") == 0);
     CHECK(first.find("Connection: close") == std::string::npos);
-    raw.Send("GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    raw.Send("GET /b HTTP/1.1\r\n" + Host(server.port()) + "Connection: close\r\n\r\n");
     std::string second = raw.ReadToEof();  // the server closes after answering
     CHECK(second.find("GET /b") != std::string::npos);
     CHECK(calls == 2);
@@ -247,22 +251,22 @@ TEST_CASE("a body over max_body is answered 413 without calling the handler") {
 
   SECTION("also when the client waits for 100-continue") {
     RawConnection raw(server.port());
-    raw.Send(
-        "POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n");
+    raw.Send("POST /big HTTP/1.1\r\n" + Host(server.port()) +
+             "Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n");
     const std::string reply = raw.ReadToEof();
     CHECK(reply.rfind("HTTP/1.1 413", 0) == 0);
     CHECK(calls == 2);
   }
   SECTION("100-continue is honoured for an acceptable body") {
     RawConnection raw(server.port());
-    raw.Send(
-        "POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
-        "Connection: close\r\n\r\n");
+    raw.Send("POST /c HTTP/1.1\r\n" + Host(server.port()) +
+             "Content-Type: application/json\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+             "Connection: close\r\n\r\n");
     CHECK(raw.ReadUntil("\r\n\r\n", 1) == "HTTP/1.1 100 Continue\r\n\r\n");
     raw.Send("hello");
     const std::string reply = raw.ReadToEof();
     CHECK(reply.rfind("HTTP/1.1 200", 0) == 0);
-    CHECK(reply.find("\r\n\r\nPOST /c \nhello") != std::string::npos);
+    CHECK(reply.find("\r\n\r\nPOST /c application/json\nhello") != std::string::npos);
     CHECK(calls == 3);
   }
 }
@@ -294,7 +298,8 @@ TEST_CASE("bodies held past max_pending are refused 503 busy; body-less requests
 
   // 800 more would pass 1500: refused at once, with Retry-After, the handler not called.
   RawConnection raw(server.port());
-  raw.Send("POST /more HTTP/1.1\r\nHost: x\r\nContent-Length: 800\r\n\r\n" + std::string(800, 'm'));
+  raw.Send("POST /more HTTP/1.1\r\n" + Host(server.port()) +
+           "Content-Type: application/json\r\nContent-Length: 800\r\n\r\n" + std::string(800, 'm'));
   const std::string reply = raw.ReadToEof();
   CHECK(reply.rfind("HTTP/1.1 503", 0) == 0);
   CHECK(reply.find("Retry-After: 1\r\n") != std::string::npos);
@@ -464,4 +469,393 @@ TEST_CASE("many concurrent clients all get their own answers") {
   }
   for (auto& thread : threads) thread.join();
   CHECK(correct == kThreads * kRequests);
+}
+
+// ---- access control and deadlines -----------------------------------------------------------
+
+namespace {
+
+constexpr char kToken[] = "0123456789abcdef0123456789abcdef";
+
+// Records refusals by reason.
+struct Refusals {
+  void Add(relay::HttpRefusal reason, const std::string& message) {
+    std::lock_guard lock(mu);
+    reasons.push_back(reason);
+    messages.push_back(message);
+  }
+  int Count(relay::HttpRefusal reason) {
+    std::lock_guard lock(mu);
+    int n = 0;
+    for (auto r : reasons) n += r == reason;
+    return n;
+  }
+  // The count once it reaches `n` (a deadline's callback may run just after the client saw
+  // the close), or what it is after 2 s.
+  int WaitCount(relay::HttpRefusal reason, int n) {
+    for (int i = 0; i < 200 && Count(reason) < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return Count(reason);
+  }
+  std::mutex mu;
+  std::vector<relay::HttpRefusal> reasons;
+  std::vector<std::string> messages;
+};
+
+HttpServer::Options Guarded(Refusals* refusals) {
+  HttpServer::Options options = Loopback();
+  options.authorize = [](std::string_view token) { return token == kToken; };
+  options.on_refused = [refusals](relay::HttpRefusal reason, const std::string& message) {
+    refusals->Add(reason, message);
+  };
+  return options;
+}
+
+// The status code of a raw reply ("HTTP/1.1 401 ..." -> 401), or 0.
+int StatusOf(const std::string& reply) {
+  if (reply.rfind("HTTP/1.", 0) != 0 || reply.size() < 12) return 0;
+  return std::stoi(reply.substr(9, 3));
+}
+
+}  // namespace
+
+TEST_CASE("without the bearer token only GET /healthz and /metrics are served") {
+  Refusals refusals;
+  std::atomic<int> calls{0};
+  HttpServer server(Guarded(&refusals), [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+
+  HttpClient anonymous("127.0.0.1", port);
+  for (const char* path : {"/healthz", "/metrics", "/healthz?x=1"}) {
+    auto r = anonymous.Request("GET", path);
+    REQUIRE(r.ok());
+    CHECK(r->status == 200);
+  }
+  CHECK(calls == 3);
+
+  auto missing = anonymous.Request("POST", "/v1/messages", "{}");
+  REQUIRE(missing.ok());
+  CHECK(missing->status == 401);
+  CHECK(missing->content_type == "application/json");
+  CHECK(missing->body.find("missing 'Authorization: Bearer <token>' header") != std::string::npos);
+  for (auto [method, path] : {std::pair{"GET", "/v1/status"}, std::pair{"POST", "/healthz"},
+                              std::pair{"GET", "/no-such-endpoint"}}) {
+    auto r = anonymous.Request(method, path);
+    REQUIRE(r.ok());
+    CHECK(r->status == 401);
+  }
+  CHECK(calls == 3);
+  CHECK(refusals.Count(relay::HttpRefusal::kMissingToken) == 4);
+
+  HttpClient wrong("127.0.0.1", port);
+  wrong.SetBearerToken("0123456789abcdef0123456789abcdeX");
+  auto w = wrong.Request("POST", "/v1/messages", "{}");
+  REQUIRE(w.ok());
+  CHECK(w->status == 401);
+  CHECK(w->body.find("wrong token") != std::string::npos);
+  HttpClient truncated("127.0.0.1", port);
+  truncated.SetBearerToken(std::string(kToken).substr(0, 31));
+  auto t = truncated.Request("GET", "/v1/status");
+  REQUIRE(t.ok());
+  CHECK(t->status == 401);
+  CHECK(refusals.Count(relay::HttpRefusal::kWrongToken) == 2);
+  for (const std::string& m : refusals.messages) CHECK(m.find(kToken) == std::string::npos);
+  CHECK(calls == 3);
+
+  HttpClient right("127.0.0.1", port);
+  right.SetBearerToken(kToken);
+  auto ok = right.Request("POST", "/v1/messages", "{}");
+  REQUIRE(ok.ok());
+  CHECK(ok->status == 200);
+  CHECK(calls == 4);
+
+  SECTION("the challenge and the scheme") {
+    RawConnection raw(port);
+    raw.Send("GET /v1/status HTTP/1.1\r\n" + Host(port) + "\r\n");
+    const std::string reply = raw.ReadToEof();
+    CHECK(StatusOf(reply) == 401);
+    CHECK(reply.find("WWW-Authenticate: Bearer realm=\"relay\"\r\n") != std::string::npos);
+    CHECK(reply.find("Connection: close") != std::string::npos);
+
+    RawConnection bad(port);
+    bad.Send("GET /v1/status HTTP/1.1\r\n" + Host(port) + "Authorization: Bearer wrong\r\n\r\n");
+    CHECK(bad.ReadToEof().find("error=\"invalid_token\"") != std::string::npos);
+
+    RawConnection lower(port);  // the scheme is case-insensitive
+    lower.Send("GET /x HTTP/1.1\r\n" + Host(port) + "Authorization: bearer   " + kToken +
+               "\r\nConnection: close\r\n\r\n");
+    CHECK(StatusOf(lower.ReadToEof()) == 200);
+
+    for (const std::string& auth :
+         {std::string("Basic ") + kToken, std::string(kToken), std::string("Bearer"),
+          std::string("Bearer ") + kToken + "\r\nAuthorization: Bearer " + kToken}) {
+      RawConnection other(port);
+      other.Send("GET /x HTTP/1.1\r\n" + Host(port) + "Authorization: " + auth + "\r\n\r\n");
+      CHECK(StatusOf(other.ReadToEof()) == 401);
+    }
+  }
+}
+
+TEST_CASE("refused requests reserve nothing: a flood of unauthenticated bodies never makes 503") {
+  Refusals refusals;
+  std::atomic<int> busy{0};
+  HttpServer::Options options = Guarded(&refusals);
+  options.max_body = 1000;
+  options.max_pending = 1000;
+  options.on_busy = [&] { ++busy; };
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+
+  // Each announces a whole max_pending of body and sends none of it: answered at the header.
+  std::vector<std::unique_ptr<RawConnection>> flood;
+  for (int i = 0; i < 8; ++i) {
+    flood.push_back(std::make_unique<RawConnection>(port));
+    flood.back()->Send("POST /v1/messages HTTP/1.1\r\n" + Host(port) +
+                       "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n");
+    CHECK(StatusOf(flood.back()->ReadUntil("\r\n\r\n", 1)) == 401);
+  }
+  HttpClient client("127.0.0.1", port);
+  client.SetBearerToken(kToken);
+  auto r = client.Request("POST", "/v1/messages", std::string(1000, 'x'));
+  REQUIRE(r.ok());
+  CHECK(r->status == 200);
+  CHECK(busy == 0);
+  CHECK(refusals.Count(relay::HttpRefusal::kMissingToken) == 8);
+}
+
+TEST_CASE("a Host that does not name the server is refused (DNS rebinding)") {
+  Refusals refusals;
+  std::atomic<int> calls{0};
+  HttpServer::Options options = Guarded(&refusals);
+  options.allowed_hosts = {"relay.example.internal"};
+  HttpServer server(options, [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+  const std::string p = std::to_string(port);
+  auto status_for = [&](const std::string& host_lines, const std::string& version = "1.1") {
+    RawConnection raw(port);
+    raw.Send("GET /healthz HTTP/" + version + "\r\n" + host_lines + "Connection: close\r\n\r\n");
+    return StatusOf(raw.ReadToEof());
+  };
+  CHECK(status_for("Host: 127.0.0.1:" + p + "\r\n") == 200);
+  CHECK(status_for("Host: localhost:" + p + "\r\n") == 200);
+  CHECK(status_for("Host: LocalHost:" + p + "\r\n") == 200);
+  CHECK(status_for("Host: relay.example.internal:" + p + "\r\n") == 200);
+  CHECK(status_for("Host: RELAY.example.internal:" + p + "\r\n") == 200);
+  CHECK(status_for("", "1.0") == 200);  // HTTP/1.0 without Host: no browser sends that
+  const int served = calls;
+  CHECK(status_for("Host: evil.example:" + p + "\r\n") == 403);
+  CHECK(status_for("Host: evil.example\r\n") == 403);
+  CHECK(status_for("Host: 127.0.0.1\r\n") == 403);             // port 80
+  CHECK(status_for("Host: 127.0.0.1:1" + p + "\r\n") == 403);  // another port
+  CHECK(status_for("Host: 127.0.0.2:" + p + "\r\n") == 403);   // not the local address
+  CHECK(status_for("Host: [::1]:" + p + "\r\n") == 403);       // not this connection's
+  CHECK(status_for("Host: 0.0.0.0:" + p + "\r\n") == 403);
+  CHECK(status_for("Host: localhost.evil.example:" + p + "\r\n") == 403);
+  CHECK(status_for("Host: 127.0.0.1:" + p + ".evil\r\n") == 403);
+  CHECK(status_for("Host: ::1:" + p + "\r\n") == 403);  // IPv6 without brackets
+  CHECK(status_for("Host: :" + p + "\r\n") == 403);
+  CHECK(status_for("") == 400);  // HTTP/1.1 requires Host
+  CHECK(status_for("Host: 127.0.0.1:" + p + "\r\nHost: evil.example:" + p + "\r\n") == 400);
+  CHECK(calls == served);
+  CHECK(refusals.Count(relay::HttpRefusal::kHost) == 13);
+
+  RawConnection raw(port);  // with a token too: the Host check comes first
+  raw.Send("GET /v1/status HTTP/1.1\r\nHost: evil.example:" + p + "\r\nAuthorization: Bearer " +
+           kToken + "\r\n\r\n");
+  const std::string reply = raw.ReadToEof();
+  CHECK(StatusOf(reply) == 403);
+  CHECK(reply.find("{\"error\":\"Host 'evil.example:" + p + "' does not name this relay") !=
+        std::string::npos);
+  CHECK(calls == served);
+}
+
+TEST_CASE("a wildcard listen accepts the address the client connected to") {
+  HttpServer::Options options;
+  options.host = "0.0.0.0";
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+  const std::string p = std::to_string(server.port());
+  for (auto [host, status] :
+       {std::pair{"127.0.0.1:" + p, 200}, std::pair{"localhost:" + p, 200},
+        std::pair{"0.0.0.0:" + p, 403}, std::pair{"evil.example:" + p, 403}}) {
+    RawConnection raw(server.port());
+    raw.Send("GET /x HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n\r\n");
+    CHECK(StatusOf(raw.ReadToEof()) == status);
+  }
+}
+
+TEST_CASE("IPv6: the bracketed literal of the listen address is accepted", "[ipv6]") {
+  HttpServer::Options options;
+  options.host = "::1";
+  HttpServer server(options, Echo);
+  if (!server.Start().ok()) {
+    WARN("no IPv6 loopback here");
+    return;
+  }
+  HttpClient client("::1", server.port());  // sends Host: [::1]:port
+  auto r = client.Request("GET", "/v6");
+  REQUIRE(r.ok());
+  CHECK(r->status == 200);
+}
+
+TEST_CASE("requests from web pages are refused: Origin and Sec-Fetch-Site") {
+  Refusals refusals;
+  std::atomic<int> calls{0};
+  HttpServer server(Guarded(&refusals), [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+  const std::string p = std::to_string(port);
+  auto status_for = [&](const std::string& lines) {
+    RawConnection raw(port);
+    raw.Send("POST /v1/messages HTTP/1.1\r\n" + Host(port) + lines + "Authorization: Bearer " +
+             kToken +
+             "\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+             "Connection: close\r\n\r\n{}");
+    return StatusOf(raw.ReadToEof());
+  };
+  CHECK(status_for("") == 200);
+  CHECK(status_for("Origin: http://127.0.0.1:" + p + "\r\n") == 200);
+  CHECK(status_for("Sec-Fetch-Site: same-origin\r\n") == 200);
+  CHECK(status_for("Sec-Fetch-Site: none\r\n") == 200);
+  const int served = calls;
+  CHECK(status_for("Origin: http://evil.example\r\n") == 403);
+  CHECK(status_for("Origin: null\r\n") == 403);
+  CHECK(status_for("Origin: https://127.0.0.1:" + p + "\r\n") == 403);
+  CHECK(status_for("Origin: http://localhost:3000\r\n") == 403);
+  CHECK(status_for("Sec-Fetch-Site: cross-site\r\n") == 403);
+  CHECK(status_for("Sec-Fetch-Site: same-site\r\n") == 403);
+  CHECK(calls == served);
+  CHECK(refusals.Count(relay::HttpRefusal::kOrigin) == 6);
+}
+
+TEST_CASE("a body must be declared application/json") {
+  Refusals refusals;
+  std::atomic<int> calls{0};
+  HttpServer server(Guarded(&refusals), [&](HttpRequest&& request, HttpResponder respond) {
+    ++calls;
+    Echo(std::move(request), std::move(respond));
+  });
+  REQUIRE(server.Start().ok());
+  HttpClient client("127.0.0.1", server.port());
+  client.SetBearerToken(kToken);
+  for (const char* type :
+       {"application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"}) {
+    auto r = client.Request("POST", "/v1/messages", "{}", type);
+    REQUIRE(r.ok());
+    CHECK(r->status == 200);
+  }
+  for (const char* type : {"text/plain", "application/x-www-form-urlencoded",
+                           "multipart/form-data; boundary=x", "application/jsonx", ""}) {
+    auto r = client.Request("POST", "/v1/messages", "{}", type);
+    REQUIRE(r.ok());
+    CHECK(r->status == 415);
+    CHECK(r->body.find("application/json") != std::string::npos);
+  }
+  CHECK(calls == 3);
+  CHECK(refusals.Count(relay::HttpRefusal::kContentType) == 5);
+  // A request without a body needs no Content-Type.
+  RawConnection raw(server.port());
+  raw.Send("POST /v1/x HTTP/1.1\r\n" + Host(server.port()) + "Authorization: Bearer " + kToken +
+           "\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+  CHECK(StatusOf(raw.ReadToEof()) == 200);
+}
+
+TEST_CASE("a header not complete by its deadline closes the connection and costs nothing") {
+  Refusals refusals;
+  HttpServer::Options options = Guarded(&refusals);
+  options.header_timeout = std::chrono::milliseconds(300);
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+
+  SECTION("a connection that sends nothing") {
+    RawConnection raw(port);
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(raw.ReadToEof().empty());
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    CHECK(waited >= std::chrono::milliseconds(250));
+    CHECK(waited < std::chrono::seconds(3));
+  }
+  SECTION("a header trickled byte by byte") {
+    RawConnection raw(port);
+    const std::string header = "GET /healthz HTTP/1.1\r\n" + Host(port) + "X-Slow: ";
+    const auto t0 = std::chrono::steady_clock::now();
+    bool closed = false;
+    for (int i = 0; i < 200 && !closed; ++i) {
+      closed = ::send(raw.fd(), "a", 1, MSG_NOSIGNAL) != 1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (i == 0) raw.Send(header);
+    }
+    CHECK(closed);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3));
+  }
+  CHECK(refusals.WaitCount(relay::HttpRefusal::kHeaderTimeout, 1) == 1);
+  // The server still serves others.
+  HttpClient client("127.0.0.1", port);
+  auto r = client.Request("GET", "/healthz");
+  REQUIRE(r.ok());
+  CHECK(r->status == 200);
+}
+
+TEST_CASE("a body not complete by its deadline closes the connection and releases its bytes") {
+  Refusals refusals;
+  std::atomic<int> busy{0};
+  HttpServer::Options options = Guarded(&refusals);
+  options.max_body = 1000;
+  options.max_pending = 1000;
+  options.body_timeout = std::chrono::milliseconds(300);
+  options.on_busy = [&] { ++busy; };
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+  const std::uint16_t port = server.port();
+
+  RawConnection slow(port);
+  slow.Send("POST /v1/messages HTTP/1.1\r\n" + Host(port) + "Authorization: Bearer " + kToken +
+            "\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[");
+  // While it holds all of max_pending, another body is refused busy...
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  HttpClient client("127.0.0.1", port);
+  client.SetBearerToken(kToken);
+  auto refused = client.Request("POST", "/v1/messages", std::string(10, ' '));
+  REQUIRE(refused.ok());
+  CHECK(refused->status == 503);
+  // ... until its deadline closes it (300 ms + 1000 bytes at 1 MiB/s).
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(slow.ReadToEof().empty());
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3));
+  CHECK(refusals.WaitCount(relay::HttpRefusal::kBodyTimeout, 1) == 1);
+  auto after = client.Request("POST", "/v1/messages", std::string(1000, ' '));
+  REQUIRE(after.ok());
+  CHECK(after->status == 200);
+  CHECK(busy == 1);
+}
+
+TEST_CASE("a kept-alive connection is closed after idle_timeout, without a refusal") {
+  Refusals refusals;
+  HttpServer::Options options = Guarded(&refusals);
+  options.idle_timeout = std::chrono::milliseconds(300);
+  options.header_timeout = std::chrono::milliseconds(5000);
+  HttpServer server(options, Echo);
+  REQUIRE(server.Start().ok());
+  RawConnection raw(server.port());
+  raw.Send("GET /healthz HTTP/1.1\r\n" + Host(server.port()) + "\r\n");
+  CHECK(StatusOf(raw.ReadUntil("/healthz \n", 1)) == 200);  // the end of Echo's body
+  const auto t0 = std::chrono::steady_clock::now();
+  raw.ReadToEof();
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  CHECK(waited >= std::chrono::milliseconds(200));
+  CHECK(waited < std::chrono::seconds(3));
+  CHECK(refusals.reasons.empty());
 }
