@@ -37,6 +37,7 @@ constexpr std::uint64_t kMaxBodyLen = kMaxBundleBodyBytes;
 constexpr std::size_t kAckBodySize = 8;
 constexpr std::string_view kFrameMagic = "RLYF";
 constexpr std::uint64_t kMaxU32 = std::numeric_limits<std::uint32_t>::max();
+constexpr std::size_t kSignatureBytes = crypto_sign_BYTES;
 
 constexpr Envelope kBundleEnvelope{.noun = "bundle",
                                    .magic = kBundleMagic,
@@ -87,39 +88,74 @@ std::string Seal(const SiteKey& sender, const PublicIdentity& recipient, BundleK
   return out;
 }
 
-// Splits a frames body (count u32, then count x (len u32, frame)) into `frames`. Returns what is
-// wrong with it, or nullopt. Only the structure is checked: the frames are opened by the caller.
-std::optional<std::string> ParseFrameList(std::string_view body, std::vector<std::string>* frames) {
-  if (body.size() < 4)
-    return "frames body is " + std::to_string(body.size()) +
+// A bundle in memory as a BundleSource.
+class MemorySource : public BundleSource {
+ public:
+  explicit MemorySource(std::string_view bytes) : bytes_(bytes) {}
+  std::uint64_t size() const override { return bytes_.size(); }
+  Status Read(std::uint64_t offset, std::size_t len, std::string* out) override {
+    if (offset > bytes_.size() || len > bytes_.size() - offset)
+      return Status::Error("read beyond the end of the bundle");
+    out->assign(bytes_.substr(static_cast<std::size_t>(offset), len));
+    return Status::Ok();
+  }
+
+ private:
+  std::string_view bytes_;
+};
+
+// Walks a frames body (count u32, then count x (len u32, frame)) of `body_len` bytes at
+// kHeaderSize in `source`, calling `visit` for each frame. Returns what is wrong with the
+// layout (an entry running past the end, bytes after the last, an entry without the frame
+// magic) in *bad, or a read error. Only the layout is checked: the frames are opened by the
+// caller.
+Status WalkFrameList(
+    BundleSource& source, std::uint64_t body_len, std::optional<std::string>* bad,
+    const std::function<Status(std::uint64_t, std::uint64_t, std::uint32_t)>& visit) {
+  std::string piece;
+  if (body_len < 4) {
+    *bad = "frames body is " + std::to_string(body_len) +
            " bytes, too short for the 4-byte frame count";
-  const std::uint64_t count = GetBigEndian(body, 0, 4);
-  std::size_t pos = 4;
-  // Every entry takes at least 4 bytes, so the body bounds how many are worth reserving.
-  frames->reserve(static_cast<std::size_t>(std::min<std::uint64_t>(count, body.size() / 4)));
+    return Status::Ok();
+  }
+  if (Status s = source.Read(kHeaderSize, 4, &piece); !s) return s;
+  const std::uint64_t count = GetBigEndian(piece, 0, 4);
+  std::uint64_t pos = 4;
   for (std::uint64_t i = 0; i < count; ++i) {
     const std::string entry = "frame " + std::to_string(i + 1) + " of " + std::to_string(count);
-    const std::size_t left = body.size() - pos;
-    if (left < 4)
-      return entry + ": its 4-byte length needs more than the " + std::to_string(left) +
+    const std::uint64_t left = body_len - pos;
+    if (left < 4) {
+      *bad = entry + ": its 4-byte length needs more than the " + std::to_string(left) +
              " bytes left in the body";
-    const std::uint64_t len = GetBigEndian(body, pos, 4);
+      return Status::Ok();
+    }
+    if (Status s = source.Read(kHeaderSize + pos, 4, &piece); !s) return s;
+    const std::uint64_t len = GetBigEndian(piece, 0, 4);
     pos += 4;
-    if (len > body.size() - pos)
-      return entry + " declares " + std::to_string(len) + " bytes, but only " +
-             std::to_string(body.size() - pos) + " are left in the body";
-    std::string_view frame = body.substr(pos, static_cast<std::size_t>(len));
-    if (frame.substr(0, kFrameMagic.size()) != kFrameMagic)
-      return entry + " (" + std::to_string(len) + " bytes) does not start with '" +
+    if (len > body_len - pos) {
+      *bad = entry + " declares " + std::to_string(len) + " bytes, but only " +
+             std::to_string(body_len - pos) + " are left in the body";
+      return Status::Ok();
+    }
+    const std::size_t magic = static_cast<std::size_t>(std::min<std::uint64_t>(len, 4));
+    if (Status s = source.Read(kHeaderSize + pos, magic, &piece); !s) return s;
+    if (std::string_view(piece).substr(0, kFrameMagic.size()) != kFrameMagic) {
+      *bad = entry + " (" + std::to_string(len) + " bytes) does not start with '" +
              std::string(kFrameMagic) + "' (not a relay frame)";
-    frames->emplace_back(frame);
-    pos += frame.size();
+      return Status::Ok();
+    }
+    if (visit)
+      if (Status s = visit(i, kHeaderSize + pos, static_cast<std::uint32_t>(len)); !s) return s;
+    pos += len;
   }
-  if (pos != body.size())
-    return std::to_string(body.size() - pos) + " bytes after the last of " + std::to_string(count) +
+  if (pos != body_len)
+    *bad = std::to_string(body_len - pos) + " bytes after the last of " + std::to_string(count) +
            " frames in the body";
-  return std::nullopt;
+  return Status::Ok();
 }
+
+// A resend request bounds its ranges (16 bytes each): more than this is malformed.
+constexpr std::uint64_t kMaxResendRanges = 1u << 20;
 
 }  // namespace
 
@@ -187,14 +223,48 @@ std::string SealAck(const SiteKey& sender, const PublicIdentity& recipient,
 
 BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::string_view bytes,
                         std::int64_t now_ms) {
+  MemorySource source(bytes);
+  BundleResult result = OpenBundleFrom(self, peers, source, now_ms);
+  if (result.ok() && result.bundle->header.kind == BundleKind::kFrames) {
+    std::vector<std::string>& frames = result.bundle->frames;
+    (void)ForEachBundleFrame(source, [&](std::uint64_t, std::uint64_t offset, std::uint32_t len) {
+      frames.emplace_back(bytes.substr(static_cast<std::size_t>(offset), len));
+      return Status::Ok();
+    });
+  }
+  return result;
+}
+
+Status ForEachBundleFrame(
+    BundleSource& source,
+    const std::function<Status(std::uint64_t, std::uint64_t, std::uint32_t)>& visit) {
+  if (source.size() < kHeaderSize + kSignatureBytes) return Status::Error("not a bundle");
+  std::optional<std::string> bad;
+  Status s = WalkFrameList(source, source.size() - kHeaderSize - kSignatureBytes, &bad, visit);
+  if (s && bad) return Status::Error(*bad);
+  return s;
+}
+
+BundleResult OpenBundleFrom(const SiteKey& self, const PeerLookup& peers, BundleSource& source,
+                            std::int64_t now_ms) {
   BundleResult result;
   const Envelope& env = kBundleEnvelope;
+  auto failed = [&](const Status& read) {
+    result.rejection = Reject(env, RejectReason::kTruncated, "cannot be read: " + read.message());
+    return result;
+  };
+  // The header first: nothing of the body is read for a file that is not a bundle for here.
+  std::string head;
+  if (Status s = source.Read(
+          0, static_cast<std::size_t>(std::min<std::uint64_t>(source.size(), kHeaderSize)), &head);
+      !s)
+    return failed(s);
   std::uint64_t body_len = 0;
-  if (auto r = CheckFraming(env, bytes, &body_len)) {
+  if (auto r = detail::CheckFramingSized(env, head, source.size(), &body_len)) {
     result.rejection = std::move(*r);
     return result;
   }
-  const unsigned kind = static_cast<unsigned char>(bytes[kKindOffset]);
+  const unsigned kind = static_cast<unsigned char>(head[kKindOffset]);
   if (kind != static_cast<unsigned>(BundleKind::kFrames) &&
       kind != static_cast<unsigned>(BundleKind::kAck) &&
       kind != static_cast<unsigned>(BundleKind::kResend)) {
@@ -203,8 +273,31 @@ BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::strin
                                   " (1 is frames, 2 is ack, 3 is resend request)");
     return result;
   }
+  const auto reserved = GetBigEndian(head, kReservedOffset, 2);
+  if (reserved != 0) {
+    result.rejection = Reject(env, RejectReason::kMalformed,
+                              "reserved field is " + std::to_string(reserved) + ", must be 0");
+    return result;
+  }
+  // The signature covers header || BLAKE2b-256(body): the body is hashed in pieces.
+  crypto_generichash_state state;
+  crypto_generichash_init(&state, nullptr, 0, crypto_generichash_BYTES);
+  std::string piece;
+  constexpr std::uint64_t kPiece = 1u << 20;
+  for (std::uint64_t pos = 0; pos < body_len; pos += kPiece) {
+    const std::size_t n = static_cast<std::size_t>(std::min(kPiece, body_len - pos));
+    if (Status s = source.Read(kHeaderSize + pos, n, &piece); !s) return failed(s);
+    crypto_generichash_update(&state, reinterpret_cast<const unsigned char*>(piece.data()), n);
+  }
+  unsigned char digest[crypto_generichash_BYTES];
+  crypto_generichash_final(&state, digest, sizeof digest);
+  Signature sig;
+  if (Status s = source.Read(kHeaderSize + body_len, kSignatureBytes, &piece); !s) return failed(s);
+  std::memcpy(sig.data(), piece.data(), sig.size());
   PublicIdentity peer;
-  if (auto r = detail::CheckReservedAndParties(env, self, peers, bytes, kReservedOffset, &peer)) {
+  if (auto r = detail::CheckPartiesSigned(
+          env, self, peers, head,
+          std::string_view(reinterpret_cast<const char*>(digest), sizeof digest), sig, &peer)) {
     result.rejection = std::move(*r);
     return result;
   }
@@ -213,24 +306,37 @@ BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::strin
   bundle.header.kind = static_cast<BundleKind>(kind);
   bundle.header.sender = peer.sign_pk;
   bundle.header.recipient = self.identity().sign_pk;
-  std::memcpy(bundle.header.id.data(), bytes.data() + kIdOffset, bundle.header.id.size());
-  bundle.header.created_at_ms = static_cast<std::int64_t>(GetBigEndian(bytes, kCreatedAtOffset, 8));
-  bundle.header.expires_at_ms = static_cast<std::int64_t>(GetBigEndian(bytes, kExpiresAtOffset, 8));
+  std::memcpy(bundle.header.id.data(), head.data() + kIdOffset, bundle.header.id.size());
+  bundle.header.created_at_ms = static_cast<std::int64_t>(GetBigEndian(head, kCreatedAtOffset, 8));
+  bundle.header.expires_at_ms = static_cast<std::int64_t>(GetBigEndian(head, kExpiresAtOffset, 8));
 
-  const std::string_view body = bytes.substr(kHeaderSize, static_cast<std::size_t>(body_len));
   if (bundle.header.kind == BundleKind::kFrames) {
-    if (auto what = ParseFrameList(body, &bundle.frames)) {
-      result.rejection = Reject(env, RejectReason::kMalformed, *what);
+    std::optional<std::string> bad;
+    if (Status s = WalkFrameList(source, body_len, &bad, nullptr); !s) return failed(s);
+    if (bad) {
+      result.rejection = Reject(env, RejectReason::kMalformed, *bad);
       return result;
     }
   } else if (bundle.header.kind == BundleKind::kResend) {
-    std::uint64_t count = body.size() >= 12 ? GetBigEndian(body, 8, 4) : 0;
-    if (body.size() < 12 || body.size() != 12 + 16 * count) {
+    std::string body;
+    if (body_len >= 12)
+      if (Status s = source.Read(kHeaderSize, 12, &body); !s) return failed(s);
+    const std::uint64_t count = body_len >= 12 ? GetBigEndian(body, 8, 4) : 0;
+    if (body_len < 12 || body_len != 12 + 16 * count) {
       result.rejection = Reject(env, RejectReason::kMalformed,
-                                "resend request body is " + std::to_string(body.size()) +
+                                "resend request body is " + std::to_string(body_len) +
                                     " bytes, which does not match its range count");
       return result;
     }
+    if (count > kMaxResendRanges) {
+      result.rejection =
+          Reject(env, RejectReason::kMalformed,
+                 "resend request holds " + std::to_string(count) +
+                     " ranges, more than the limit of " + std::to_string(kMaxResendRanges));
+      return result;
+    }
+    if (Status s = source.Read(kHeaderSize, static_cast<std::size_t>(body_len), &body); !s)
+      return failed(s);
     bundle.ack_through = GetBigEndian(body, 0, 8);
     std::uint64_t previous = bundle.ack_through;
     for (std::uint64_t i = 0; i < count; ++i) {
@@ -247,12 +353,14 @@ BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::strin
       previous = last;
     }
   } else {
-    if (body.size() != kAckBodySize) {
+    if (body_len != kAckBodySize) {
       result.rejection = Reject(env, RejectReason::kMalformed,
-                                "ack body is " + std::to_string(body.size()) + " bytes, must be " +
+                                "ack body is " + std::to_string(body_len) + " bytes, must be " +
                                     std::to_string(kAckBodySize));
       return result;
     }
+    std::string body;
+    if (Status s = source.Read(kHeaderSize, kAckBodySize, &body); !s) return failed(s);
     bundle.ack_through = GetBigEndian(body, 0, kAckBodySize);
   }
 

@@ -14,6 +14,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -85,6 +86,28 @@ struct BundleResult {
 BundleResult OpenBundle(const SiteKey& self, const PeerLookup& peers, std::string_view bytes,
                         std::int64_t now_ms);
 
+// A bundle that need not be in memory (a file of up to 4 GiB): its size and its bytes by offset.
+class BundleSource {
+ public:
+  virtual ~BundleSource() = default;
+  virtual std::uint64_t size() const = 0;
+  // Exactly `len` bytes at `offset` into *out; an error names what failed.
+  virtual Status Read(std::uint64_t offset, std::size_t len, std::string* out) = 0;
+};
+
+// OpenBundle on a source, with the same checks in the same order and the same messages, in
+// bounded memory: the header is checked before the body is read; the body is then read once
+// in pieces for the signature, and the frames' layout walked without keeping them. On success
+// the bundle carries no frames: read them with ForEachBundleFrame.
+BundleResult OpenBundleFrom(const SiteKey& self, const PeerLookup& peers, BundleSource& source,
+                            std::int64_t now_ms);
+
+// Visits the frames of a frames bundle opened from `source`, in order, as (index, offset of the
+// frame in the source, length). Stops at the first error of `visit`, or of the source.
+Status ForEachBundleFrame(BundleSource& source,
+                          const std::function<Status(std::uint64_t index, std::uint64_t offset,
+                                                     std::uint32_t len)>& visit);
+
 // --- Internal: shared by frames, control messages and bundles --------------------------------
 // One implementation (in frame.cc) of the checks every signed envelope makes and of its signing
 // scheme, header || BLAKE2b-256(body). Not an interface for code outside crypto/.
@@ -107,10 +130,19 @@ Rejection Reject(const Envelope& env, RejectReason reason, const std::string& wh
 // order. On success *body_len is the declared body length.
 std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view bytes,
                                       std::uint64_t* body_len);
+// The same from the header alone (the first header_size bytes, or fewer) and the total size,
+// for an envelope read in pieces (a bundle file).
+std::optional<Rejection> CheckFramingSized(const Envelope& env, std::string_view head,
+                                           std::uint64_t total_size, std::uint64_t* body_len);
 // Recipient, sender lookup and signature, in that order. On success *peer is the sender.
 std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
                                       const PeerLookup& peers, std::string_view bytes,
                                       PublicIdentity* peer);
+// The same from the header, BLAKE2b-256 of the body (computed in pieces) and the signature.
+std::optional<Rejection> CheckPartiesSigned(const Envelope& env, const SiteKey& self,
+                                            const PeerLookup& peers, std::string_view head,
+                                            std::string_view body_digest, const Signature& sig,
+                                            PublicIdentity* peer);
 // The 2-byte reserved field at `reserved_offset` must be 0 (malformed otherwise), then
 // CheckParties. Shared by control messages and bundles.
 std::optional<Rejection> CheckReservedAndParties(const Envelope& env, const SiteKey& self,

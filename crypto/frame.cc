@@ -98,38 +98,43 @@ Rejection Reject(const Envelope& env, RejectReason reason, const std::string& wh
 // Magic, version and length checks. On success *body_len is the declared length of the body.
 std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view bytes,
                                       std::uint64_t* body_len) {
+  return CheckFramingSized(env, bytes.substr(0, env.header_size), bytes.size(), body_len);
+}
+
+std::optional<Rejection> CheckFramingSized(const Envelope& env, std::string_view head,
+                                           std::uint64_t total_size, std::uint64_t* body_len) {
   // Magic and version come before the header-length check: a short non-relay message is
   // "bad magic", and a future version may have a different header size.
-  if (bytes.size() >= env.magic.size() && bytes.substr(0, env.magic.size()) != env.magic)
+  if (head.size() >= env.magic.size() && head.substr(0, env.magic.size()) != env.magic)
     return Reject(
         env, RejectReason::kBadMagic,
         "does not start with '" + std::string(env.magic) + "' (not a relay " + env.noun + ")");
-  if (bytes.size() > kVersionOffset) {
-    unsigned version = static_cast<unsigned char>(bytes[kVersionOffset]);
+  if (head.size() > kVersionOffset) {
+    unsigned version = static_cast<unsigned char>(head[kVersionOffset]);
     if (version != env.version)
       return Reject(env, RejectReason::kUnsupportedVersion,
                     "format version " + std::to_string(version) + " is not supported (this relay " +
                         "supports version " + std::to_string(env.version) + ")");
   }
-  if (bytes.size() < env.header_size)
+  if (total_size < env.header_size)
     return Reject(env, RejectReason::kTruncated,
-                  "truncated: " + std::to_string(bytes.size()) + " bytes, header needs " +
+                  "truncated: " + std::to_string(total_size) + " bytes, header needs " +
                       std::to_string(env.header_size));
-  *body_len = GetBigEndian(bytes, env.body_len_offset, env.body_len_width);
+  *body_len = GetBigEndian(head, env.body_len_offset, env.body_len_width);
   // Checked before the total is computed, which a u64 length could overflow.
   if (*body_len > env.max_body_len)
     return Reject(env, RejectReason::kMalformed,
                   "header declares a body of " + std::to_string(*body_len) +
                       " bytes, more than the limit of " + std::to_string(env.max_body_len));
   const std::uint64_t total = env.header_size + std::uint64_t{*body_len} + kSignatureSize;
-  if (bytes.size() < total)
+  if (total_size < total)
     return Reject(env, RejectReason::kTruncated,
-                  "truncated: " + std::to_string(bytes.size()) + " bytes, header declares " +
+                  "truncated: " + std::to_string(total_size) + " bytes, header declares " +
                       std::to_string(total));
-  if (bytes.size() > total)
+  if (total_size > total)
     return Reject(env, RejectReason::kMalformed,
-                  std::to_string(bytes.size() - total) + " trailing bytes after the signature (" +
-                      std::to_string(bytes.size()) + " bytes, header declares " +
+                  std::to_string(total_size - total) + " trailing bytes after the signature (" +
+                      std::to_string(total_size) + " bytes, header declares " +
                       std::to_string(total) + ")");
   return std::nullopt;
 }
@@ -138,21 +143,31 @@ std::optional<Rejection> CheckFraming(const Envelope& env, std::string_view byte
 std::optional<Rejection> CheckParties(const Envelope& env, const SiteKey& self,
                                       const PeerLookup& peers, std::string_view bytes,
                                       PublicIdentity* peer) {
-  const PublicKey recipient = GetKey(bytes, env.recipient_offset);
+  const std::string_view signed_part = bytes.substr(0, bytes.size() - kSignatureSize);
+  const std::string input = SigningInput(signed_part, env.header_size);
+  Signature sig;
+  std::memcpy(sig.data(), bytes.data() + bytes.size() - kSignatureSize, kSignatureSize);
+  return CheckPartiesSigned(env, self, peers, bytes.substr(0, env.header_size),
+                            std::string_view(input).substr(env.header_size), sig, peer);
+}
+
+std::optional<Rejection> CheckPartiesSigned(const Envelope& env, const SiteKey& self,
+                                            const PeerLookup& peers, std::string_view head,
+                                            std::string_view body_digest, const Signature& sig,
+                                            PublicIdentity* peer) {
+  const PublicKey recipient = GetKey(head, env.recipient_offset);
   if (!KeysEqual(recipient, self.identity().sign_pk))
     return Reject(env, RejectReason::kWrongRecipient,
                   "addressed to site " + Fingerprint(recipient) + ", but this site is " +
                       self.identity().Fingerprint());
-  const PublicKey sender = GetKey(bytes, env.sender_offset);
+  const PublicKey sender = GetKey(head, env.sender_offset);
   std::optional<PublicIdentity> found = peers ? peers(sender) : std::nullopt;
   if (!found || !KeysEqual(found->sign_pk, sender))
     return Reject(env, RejectReason::kUnknownSender,
                   "sender " + Fingerprint(sender) + " is not a configured peer");
-  Signature sig;
-  std::memcpy(sig.data(), bytes.data() + bytes.size() - kSignatureSize, kSignatureSize);
-  if (!VerifySignature(
-          sender, SigningInput(bytes.substr(0, bytes.size() - kSignatureSize), env.header_size),
-          sig))
+  std::string input(head.substr(0, env.header_size));
+  input.append(body_digest);
+  if (!VerifySignature(sender, input, sig))
     return Reject(env, RejectReason::kBadSignature,
                   "bad signature from peer " + Fingerprint(sender));
   *peer = *found;

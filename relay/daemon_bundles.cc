@@ -380,7 +380,43 @@ std::vector<ImportResult> Daemon::Impl::Import(const std::vector<std::string>& p
   return results;
 }
 
-Status Daemon::Impl::ReadBundleFile(const std::string& path, std::string* bytes) {
+namespace {
+
+// A bundle file read with pread: memory stays flat whatever its size (a 4 GiB bundle, or a
+// sparse file made to look like one).
+class FileSource : public crypto::BundleSource {
+ public:
+  FileSource(int fd, std::uint64_t size) : fd_(fd), size_(size) {}
+  ~FileSource() override { ::close(fd_); }
+  FileSource(const FileSource&) = delete;
+  FileSource& operator=(const FileSource&) = delete;
+  std::uint64_t size() const override { return size_; }
+  Status Read(std::uint64_t offset, std::size_t len, std::string* out) override {
+    out->resize(len);
+    std::size_t done = 0;
+    while (done < len) {
+      ssize_t n = ::pread(fd_, out->data() + done, len - done, static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return Status::Error(std::string("read failed: ") + std::strerror(errno));
+      if (n == 0) return Status::Error("the file shrank while it was read");
+      done += static_cast<std::size_t>(n);
+    }
+    return Status::Ok();
+  }
+
+ private:
+  int fd_;
+  std::uint64_t size_;
+};
+
+// Frames of a bundle are handed to the inbound thread in slices of about this many bytes (at
+// least one frame): an import holds one slice at a time, not the bundle.
+constexpr std::uint64_t kImportSliceBytes = 8u << 20;
+
+}  // namespace
+
+Result<std::unique_ptr<crypto::BundleSource>> Daemon::Impl::OpenBundleFile(
+    const std::string& path) {
   constexpr std::uint64_t kMaxFile = 112 + (std::uint64_t{1} << 32) + 64;  // header, body, sig
   // O_NOFOLLOW: the path was resolved; a symlink swapped in at its end since is not followed.
   int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
@@ -395,32 +431,24 @@ Status Daemon::Impl::ReadBundleFile(const std::string& path, std::string* bytes)
     return Status::Error("file of " + std::to_string(st.st_size) +
                          " bytes is larger than any bundle can be: refused");
   }
-  bytes->resize(static_cast<std::size_t>(st.st_size));
-  std::size_t done = 0;
-  while (done < bytes->size()) {
-    ssize_t n = ::read(fd, bytes->data() + done, bytes->size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<std::size_t>(n);
-  }
-  ::close(fd);
-  bytes->resize(done);  // a file that shrank while read is judged by what was read
-  return Status::Ok();
+  return std::unique_ptr<crypto::BundleSource>(
+      new FileSource(fd, static_cast<std::uint64_t>(st.st_size)));
 }
 
 ImportResult Daemon::Impl::ImportOne(const std::string& path) {
   ImportResult r{path, false, "", 0};
-  std::string bytes;
-  if (Status s = ReadBundleFile(path, &bytes); !s) {
-    r.message = s.message();
+  auto file = OpenBundleFile(path);
+  if (!file) {
+    r.message = file.message();
     return r;
   }
+  crypto::BundleSource& source = **file;
   auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
   std::int64_t now = NowMs();
-  crypto::BundleResult opened = crypto::OpenBundle(*key, lookup, bytes, now);
+  crypto::BundleResult opened = crypto::OpenBundleFrom(*key, lookup, source, now);
   if (!opened.ok() && previous_key &&
       opened.rejection.reason == crypto::RejectReason::kWrongRecipient) {
-    crypto::BundleResult old = crypto::OpenBundle(*previous_key, lookup, bytes, now);
+    crypto::BundleResult old = crypto::OpenBundleFrom(*previous_key, lookup, source, now);
     if (old.ok() || old.rejection.reason != crypto::RejectReason::kWrongRecipient)
       opened = std::move(old);
   }
@@ -459,19 +487,50 @@ ImportResult Daemon::Impl::ImportOne(const std::string& path) {
                 std::to_string(b.ack_through);
     return r;
   }
-  BundleImport import;
-  import.bundle_key = bundle_key;
-  for (const std::string& frame : b.frames) import.frames.push_back({p, frame});
+  // The bundle's signature covers every byte, so its frames are as the peer wrote them; they
+  // are stored slice by slice (each verified frame by frame, all-or-nothing within its slice),
+  // and the bundle is marked imported with the last one. A frame that does not open stops the
+  // import there: the slices before stay (their frames verified; importing the bundle again
+  // takes up where it stopped, each event once).
   std::uint64_t before = peers[p].metrics->events_received.load();
-  Status s = ImportFrames(import);
-  if (!s) {
-    r.message = "bundle refused, nothing imported: " + s.message();
+  std::uint64_t frames = 0, stored_frames = 0;
+  Status imported;
+  auto import = std::make_unique<BundleImport>();
+  std::uint64_t slice_bytes = 0;
+  auto flush = [&](bool last) -> Status {
+    if (last) import->bundle_key = bundle_key;
+    const std::size_t n = import->frames.size();
+    Status s = ImportFrames(*import);
+    if (s) stored_frames += n;
+    import = std::make_unique<BundleImport>();
+    slice_bytes = 0;
+    return s;
+  };
+  Status walk = crypto::ForEachBundleFrame(
+      source, [&](std::uint64_t, std::uint64_t offset, std::uint32_t len) -> Status {
+        if (slice_bytes > 0 && slice_bytes + len > kImportSliceBytes)
+          if (Status s = flush(false); !s) return imported = s;
+        std::string frame;
+        if (Status s = source.Read(offset, len, &frame); !s) return s;
+        import->frames.push_back({p, std::move(frame)});
+        slice_bytes += len;
+        ++frames;
+        return Status::Ok();
+      });
+  if (walk && imported) walk = imported = flush(true);
+  r.events = peers[p].metrics->events_received.load() - before;
+  if (!walk) {
+    r.message = stored_frames == 0
+                    ? "bundle refused, nothing imported: " + walk.message()
+                    : "bundle refused after its first " + std::to_string(stored_frames) +
+                          " frame(s) (" + std::to_string(r.events) +
+                          " new event(s)) were imported: " + walk.message() +
+                          "; importing it again takes up from there";
     return r;
   }
   r.ok = true;
-  r.events = peers[p].metrics->events_received.load() - before;
   r.message = "imported " + std::to_string(r.events) + " new event(s) from '" + peers[p].name +
-              "' (" + std::to_string(b.frames.size()) + " frame(s))";
+              "' (" + std::to_string(frames) + " frame(s))";
   return r;
 }
 

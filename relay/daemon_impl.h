@@ -37,6 +37,7 @@
 #include "chat/jsonl_sink.h"
 #include "config/config.h"
 #include "crypto/api_token.h"
+#include "crypto/bundle.h"
 #include "crypto/frame.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
@@ -580,10 +581,10 @@ struct Daemon::Impl : transports::LinkHandler {
   Result<ExportReport> Export(const ExportOptions& o);
   std::vector<ImportResult> Import(const std::vector<std::string>& paths);
 
-  // Reads a bundle or ack file. It must be a regular file (opened without blocking, so a FIFO or
-  // a device is refused rather than waited on or read for ever) of at most the largest size the
-  // format allows.
-  static Status ReadBundleFile(const std::string& path, std::string* bytes);
+  // Opens a bundle or ack file for reading in pieces (crypto::BundleSource over pread). It must
+  // be a regular file (opened without blocking, so a FIFO or a device is refused rather than
+  // waited on or read for ever) of at most the largest size the format allows.
+  static Result<std::unique_ptr<crypto::BundleSource>> OpenBundleFile(const std::string& path);
 
   ImportResult ImportOne(const std::string& path);
 
