@@ -47,6 +47,7 @@
 #include "relay/metrics.h"
 #include "relay/status.h"
 #include "transports/diode.h"
+#include "transports/diode_auth.h"
 #include "transports/zmq_link.h"
 
 namespace relay {
@@ -70,6 +71,10 @@ inline std::string AcceptedKey(const std::string& peer) { return "accepted/" + p
 inline std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
 inline std::string ExportedKey(const std::string& peer) { return "exported/" + peer; }
 inline std::string DiodePosKey(const std::string& peer) { return "diode/" + peer; }
+// The diode stream this site last started for a peer (sender), and the highest stream received
+// from a peer (receiver; older streams are refused as replays, also after a restart).
+inline std::string DiodeStreamKey(const std::string& peer) { return "diode-stream/" + peer; }
+inline std::string DiodeInKey(const std::string& peer) { return "diode-in/" + peer; }
 inline std::string RangesKey(const std::string& peer) { return "rr:" + peer; }
 constexpr std::int64_t kForeverMs = 100LL * 365 * 24 * 3600 * 1000;  // "never" for the dedup family
 
@@ -196,6 +201,8 @@ struct Daemon::Impl : transports::LinkHandler {
   std::vector<std::unique_ptr<DiodeSender>> diode_senders;
   std::thread diode_send_thread, diode_recv_thread;
   int diode_recv_fd = -1;
+  std::unique_ptr<transports::DiodeKeyring> diode_keyring;  // receiver: every peer's tag keys
+  std::vector<std::uint64_t> diode_stream_floor;  // receiver thread: highest stream stored
   std::vector<std::pair<Clock::time_point, std::uint64_t>> head_samples;  // maintenance only
   std::map<std::string, Clock::time_point> auto_files_last;               // maintenance only
   std::set<std::string> auto_files_seen;                                  // maintenance only
