@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <map>
 
 #include "relay/log.h"
 
@@ -43,8 +44,11 @@ Status ResolveUdp(const std::string& url, sockaddr_storage* addr, socklen_t* len
 using daemon_detail::AckedKey;
 using daemon_detail::DiodeInKey;
 using daemon_detail::DiodePosKey;
+using daemon_detail::DiodeRecordKey;
 using daemon_detail::DiodeStreamKey;
 using daemon_detail::kAnyPeer;
+using daemon_detail::kForeverMs;
+using daemon_detail::NowMs;
 
 Status Daemon::Impl::StartDiode() {
   for (std::size_t i = 0; i < peers.size(); ++i) {
@@ -107,6 +111,13 @@ Status Daemon::Impl::StartDiode() {
         }
       }
       diode_stream_floor[p] = store->GetCounter(DiodeInKey(peers[p].name), 0);
+      const auto text = store->GetDedup(DiodeRecordKey(peers[p].name), NowMs());
+      diode_records.push_back(text ? transports::DiodeDecoder::StreamRecord::Decode(*text)
+                                   : std::nullopt);
+      if (text && !diode_records.back())
+        log::Warning("diode: the stored record of peer '" + peers[p].name +
+                     "''s stream is unreadable; its frames sent before this start count missing");
+      diode_record_text.push_back(text.value_or(""));
     }
     sockaddr_storage addr{};
     socklen_t len = 0;
@@ -242,13 +253,63 @@ void Daemon::Impl::QueueResend(std::size_t peer, std::uint64_t accepted_through,
 
 void Daemon::Impl::DiodeRecvLoop() {
   transports::DiodeDecoder decoder(diode_keyring->Authenticator());
-  for (std::size_t p = 0; p < peers.size(); ++p)
-    decoder.SetStreamFloor(static_cast<std::uint32_t>(p), diode_stream_floor[p]);
+  for (std::size_t p = 0; p < peers.size(); ++p) {
+    const auto sender = static_cast<std::uint32_t>(p);
+    decoder.SetStreamFloor(sender, diode_stream_floor[p]);
+    if (diode_records[p]) decoder.Restore(sender, *diode_records[p]);
+  }
   std::vector<transports::DiodeDecoder::Message> done;
+  // Imports handed to the inbound thread and not settled yet, with the messages they carry:
+  // until then their ids are not recorded as complete.
+  std::map<std::uint64_t, std::vector<DiodeMessageRef>> unsettled;
+  std::uint64_t next_import = 0;
+  std::vector<DiodeMessageRef> not_stored;
+  std::vector<std::pair<std::uint64_t, bool>> settled;
   std::string buf(65536, '\0');
   auto last_stats = Clock::now();
+  // Writes the record of each peer's newest stream when it changed (not synced: an older
+  // record after a crash only counts more as missing).
+  auto write_records = [&] {
+    queue::WriteBatch batch;
+    for (std::size_t p = 0; p < peers.size(); ++p) {
+      const auto sender = static_cast<std::uint32_t>(p);
+      std::vector<std::uint64_t> open;
+      const std::uint64_t newest = decoder.HighestStream(sender);
+      for (const auto& entry : unsettled) {
+        for (const DiodeMessageRef& r : entry.second) {
+          if (r.sender == sender && r.stream == newest) open.push_back(r.message);
+        }
+      }
+      auto record = decoder.Record(sender, open);
+      if (!record) continue;
+      std::string text = record->Encode();
+      if (text == diode_record_text[p]) continue;
+      batch.PutDedup(DiodeRecordKey(peers[p].name), NowMs() + kForeverMs, text);
+      diode_record_text[p] = std::move(text);
+    }
+    if (batch.Count() > 0) {
+      if (Status s = store->Commit(batch, false); !s)
+        log::Error("recording the diode streams failed: " + s.message());
+    }
+  };
   while (!stopping) {
     done.clear();
+    // What the inbound thread did with earlier frames: those not stored are missing again.
+    {
+      std::lock_guard<std::mutex> lock(diode_mu);
+      not_stored.swap(diode_not_stored);
+      settled.swap(diode_settled);
+    }
+    for (const auto& [settled_number, ok] : settled) {
+      auto it = unsettled.find(settled_number);
+      if (it == unsettled.end()) continue;
+      if (!ok) not_stored.insert(not_stored.end(), it->second.begin(), it->second.end());
+      unsettled.erase(it);
+    }
+    for (const DiodeMessageRef& r : not_stored) decoder.Reopen(r.sender, r.stream, r.message);
+    metrics.diode_frames_not_stored += not_stored.size();
+    not_stored.clear();
+    settled.clear();
     // Read what is there (bounded), then store the frames completed so far in one batch.
     for (int i = 0; i < 4096; ++i) {
       ssize_t n = ::recv(diode_recv_fd, buf.data(), buf.size(), i == 0 ? 0 : MSG_DONTWAIT);
@@ -264,9 +325,25 @@ void Daemon::Impl::DiodeRecvLoop() {
       }
     }
     if (!done.empty()) {
+      // Each frame keeps the name of its message, so that one the inbound thread does not store
+      // (it fails verification, or there is no room) is counted missing again.
+      auto refs = std::make_shared<std::vector<DiodeMessageRef>>();
       auto arrived = std::make_unique<BundleImport>();
       arrived->all_or_nothing = false;
-      for (auto& m : done) arrived->frames.push_back({kAnyPeer, std::move(m.bytes)});
+      for (auto& m : done) {
+        arrived->frames.push_back({kAnyPeer, std::move(m.bytes), refs->size()});
+        refs->push_back({m.sender, m.stream_id, m.message_id});
+      }
+      const std::uint64_t number = next_import++;
+      unsettled.emplace(number, *refs);
+      arrived->not_stored = [this, refs](const ReceivedFrame& f) {
+        std::lock_guard<std::mutex> lock(diode_mu);
+        diode_not_stored.push_back((*refs)[f.ref]);
+      };
+      arrived->settled = [this, number](const Status& st) {
+        std::lock_guard<std::mutex> lock(diode_mu);
+        diode_settled.emplace_back(number, st.ok());
+      };
       metrics.diode_messages_received += done.size();
       SubmitFramesAsync(std::move(arrived));
     }
@@ -296,8 +373,10 @@ void Daemon::Impl::DiodeRecvLoop() {
                      "are kept: a sender restarted twice); their missing frames stay counted");
         metrics.diode_streams_dropped = decoder.streams_dropped();
       }
+      write_records();
     }
   }
+  write_records();
 }
 
 void Daemon::Impl::ApplyDiodeRetention() {

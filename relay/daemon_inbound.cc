@@ -75,6 +75,7 @@ void Daemon::Impl::InboundLoop() {
     work.clear();
     for (BundleImport* b : imports) {
       Status st = ProcessFrames(b->frames, b);
+      if (b->settled) b->settled(st);
       if (b->owned) {
         if (!st) log::Error("storing received frames failed: " + st.message());
         delete b;
@@ -102,11 +103,13 @@ void Daemon::Impl::SubmitFramesAsync(std::unique_ptr<BundleImport> import) {
   for (const auto& f : import->frames) bytes += f.bytes.size();
   {
     std::lock_guard<std::mutex> lock(in_mu);
-    if (stopping || in_queue_bytes + bytes > kMaxInboundQueueBytes) return;
-    in_queue_bytes += bytes;
-    import->owned = true;
-    in_imports.push_back(import.release());
+    if (!stopping && in_queue_bytes + bytes <= kMaxInboundQueueBytes) {
+      in_queue_bytes += bytes;
+      import->owned = true;
+      in_imports.push_back(import.release());
+    }
   }
+  if (import && import->settled) import->settled(Status::Error("no room in the inbound queue"));
   in_cv.notify_one();
 }
 
@@ -167,6 +170,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     crypto::OpenResult opened = OpenFrameAny(rf.bytes);
     if (!opened.ok()) {
       Reject(opened.rejection.reason, opened.rejection.message);
+      if (bundle && bundle->not_stored) bundle->not_stored(rf);
       if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);
       continue;
     }

@@ -99,12 +99,17 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
                transports::DiodeRejectName(static_cast<transports::DiodeReject>(i)) + "\"",
            i64(diode_datagrams_rejected[i]));
   }
+  Simple(&out, "relay_diode_frames_not_stored_total", "counter",
+         "Frames reassembled from the diode that failed verification or could not be stored; "
+         "each counts as missing again (relay_diode_frames_missing).",
+         i64(diode_frames_not_stored));
   Simple(&out, "relay_diode_frames_received_total", "counter",
          "Frames reassembled from diode datagrams.", i64(diode_messages_received));
   Simple(&out, "relay_diode_shards_recovered_total", "counter",
          "Lost diode data shards rebuilt from parity (FEC).", i64(diode_shards_recovered));
   Simple(&out, "relay_diode_frames_missing", "gauge",
-         "Frames announced by the diode sender and not complete here (lost beyond FEC).",
+         "Frames announced by the diode sender and not complete here: lost beyond FEC, or not "
+         "verified or stored (recovered by a resend request; they come again under new ids).",
          i64(diode_messages_missing));
   Simple(&out, "relay_diode_streams_dropped_total", "counter",
          "Diode sender streams whose reassembly state was dropped for a newer stream of the same "
