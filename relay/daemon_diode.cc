@@ -292,9 +292,8 @@ void Daemon::Impl::DiodeRecvLoop() {
         log::Error("recording the diode streams failed: " + s.message());
     }
   };
-  while (!stopping) {
-    done.clear();
-    // What the inbound thread did with earlier frames: those not stored are missing again.
+  // What the inbound thread did with earlier frames: those not stored are missing again.
+  auto take_verdicts = [&] {
     {
       std::lock_guard<std::mutex> lock(diode_mu);
       not_stored.swap(diode_not_stored);
@@ -310,6 +309,10 @@ void Daemon::Impl::DiodeRecvLoop() {
     metrics.diode_frames_not_stored += not_stored.size();
     not_stored.clear();
     settled.clear();
+  };
+  while (!stopping) {
+    done.clear();
+    take_verdicts();
     // Read what is there (bounded), then store the frames completed so far in one batch.
     for (int i = 0; i < 4096; ++i) {
       ssize_t n = ::recv(diode_recv_fd, buf.data(), buf.size(), i == 0 ? 0 : MSG_DONTWAIT);
@@ -375,6 +378,13 @@ void Daemon::Impl::DiodeRecvLoop() {
       }
       write_records();
     }
+  }
+  // The inbound thread is still running: give it a moment to settle what was handed over, so
+  // that the last record counts those frames as they are.
+  for (auto until = Clock::now() + std::chrono::seconds(2);
+       !unsettled.empty() && Clock::now() < until;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    take_verdicts();
   }
   write_records();
 }

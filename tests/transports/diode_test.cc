@@ -981,6 +981,30 @@ TEST_CASE("diode: replayed datagrams change no state and complete nothing twice"
   CHECK(dec.Incomplete(kEurope, kStream) == std::vector<std::uint64_t>{21});
 }
 
+TEST_CASE("diode: the replay window takes each number once, late ones included") {
+  DiodeEncoder enc = Encoder();
+  DiodeDecoder dec = Decoder();
+  const std::string hb = enc.Heartbeat();
+  auto feed = [&](std::uint64_t seq) {
+    std::vector<DiodeDecoder::Message> out;
+    return dec.Feed(With(hb, 32, 8, seq), &out).ok();
+  };
+  for (std::uint64_t seq = 1; seq <= 63; ++seq) REQUIRE(feed(seq));
+  // Jumps over word boundaries of the bitmap; the numbers skipped still come, once.
+  REQUIRE(feed(200));
+  for (std::uint64_t seq = 64; seq < 200; ++seq) REQUIRE(feed(seq));
+  for (std::uint64_t seq : {1, 63, 64, 127, 128, 199, 200}) CHECK_FALSE(feed(seq));
+  REQUIRE(feed(200 + kDiodeReplayWindow - 1));  // 201.. skipped, 200 still inside the window
+  CHECK_FALSE(feed(200));
+  CHECK(feed(201));
+  CHECK_FALSE(feed(199));                 // older than the window now
+  REQUIRE(feed(5 * kDiodeReplayWindow));  // a jump past the whole window clears it
+  CHECK(feed(4 * kDiodeReplayWindow + 1));
+  CHECK_FALSE(feed(4 * kDiodeReplayWindow + 1));
+  CHECK_FALSE(feed(4 * kDiodeReplayWindow));  // exactly the window's size below: too old
+  CHECK(dec.rejected(DiodeReject::kReplay) == 11);
+}
+
 TEST_CASE("diode: a replayed old stream cannot evict the live one") {
   // europe starts three times: streams 100, 200, 300 (a durable counter, raised at each start).
   DiodeEncoder a = Encoder(100), b = Encoder(200), c = Encoder(300);
