@@ -1,10 +1,12 @@
 // Writes the binary seed corpora (event, frame, bundle, diode) under argv[1]/<target>/.
-// Deterministic except for the random parts of sealing (ephemeral keys, nonces, bundle ids).
+// Deterministic except for the random parts of sealing (ephemeral keys, nonces, bundle ids);
+// diode datagrams are deterministic (fixed keys, streams and numbers).
 // Run: build-fuzz/fuzz/relay_fuzz_seedgen fuzz/corpus   (the output is checked in).
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "fuzz_keys.h"
 #include "relay/event.h"
 #include "transports/diode.h"
+#include "transports/diode_auth.h"
 
 namespace {
 std::string g_root;
@@ -139,13 +142,12 @@ int main(int argc, char** argv) {
         relay::crypto::SealResendRequest(peer, site.identity(), 5, {{8, 9}, {12, 20}},
                                          1764000000000, 0));
 
-  // diode: datagram sequences, each datagram prefixed with its 2-byte big-endian length.
-  auto diode_seed = [](relay::transports::DiodeParams params, const std::vector<std::string>& msgs,
-                       bool heartbeat) {
-    relay::transports::DiodeEncoder encoder(0x1122334455667788ULL, params);
-    std::vector<std::string> datagrams;
-    for (const auto& m : msgs) encoder.Encode(m, &datagrams);
-    if (heartbeat) datagrams.push_back(encoder.Heartbeat());
+  // diode: a mode byte (0: the real authenticator, 1: the trusting one; see diode_fuzz.cc),
+  // then datagram sequences, each datagram prefixed with its 2-byte big-endian length. Sealed
+  // by "peer" for "site", so that the real authenticator accepts them.
+  const auto diode_key = std::make_shared<relay::transports::DiodeKey>(
+      relay::transports::DiodeKey::ForSending(peer, site.identity()).value());
+  auto with_lengths = [](const std::vector<std::string>& datagrams) {
     std::string out;
     for (const auto& d : datagrams) {
       out.push_back(static_cast<char>(d.size() >> 8));
@@ -154,23 +156,46 @@ int main(int argc, char** argv) {
     }
     return out;
   };
+  auto diode_seed = [&](std::uint64_t stream, relay::transports::DiodeParams params,
+                        const std::vector<std::string>& msgs, bool heartbeat) {
+    relay::transports::DiodeEncoder encoder(stream, params,
+                                            relay::transports::DiodeKey::Sealer(diode_key));
+    std::vector<std::string> datagrams;
+    for (const auto& m : msgs) encoder.Encode(m, &datagrams);
+    if (heartbeat) datagrams.push_back(encoder.Heartbeat());
+    return datagrams;
+  };
   relay::transports::DiodeParams small;
   small.shard_bytes = 64;
   small.data_shards = 4;
   small.parity_shards = 2;
   small.interleave = 2;
-  Write("diode", "small-1", diode_seed(small, {"hello diode"}, true));
-  Write("diode", "small-3", diode_seed(small, {encoded[0], encoded[1], payload2}, false));
   relay::transports::DiodeParams tiny;
   tiny.shard_bytes = 16;
   tiny.data_shards = 2;
   tiny.parity_shards = 1;
   tiny.interleave = 1;
-  Write("diode", "tiny-2", diode_seed(tiny, {"abc", std::string(100, 'x')}, true));
-  relay::transports::DiodeEncoder hb(7, small);
-  Write("diode", "heartbeat-only",
-        std::string(1, static_cast<char>(hb.Heartbeat().size() >> 8)) +
-            std::string(1, static_cast<char>(hb.Heartbeat().size() & 0xff)) + hb.Heartbeat());
+  const std::uint64_t kStream = 0x1122334455667788ULL;
+  const auto small1 = diode_seed(kStream, small, {"hello diode"}, true);
+  const auto small3 = diode_seed(kStream, small, {encoded[0], encoded[1], payload2}, false);
+  const auto tiny2 = diode_seed(kStream, tiny, {"abc", std::string(100, 'x')}, true);
+  const auto heartbeat = diode_seed(7, small, {}, true);
+  for (const char mode : {'\0', '\1'}) {
+    const std::string prefix = mode == 0 ? "real-" : "trusting-";
+    Write("diode", prefix + "small-1", std::string(1, mode) + with_lengths(small1));
+    Write("diode", prefix + "small-3", std::string(1, mode) + with_lengths(small3));
+    Write("diode", prefix + "tiny-2", std::string(1, mode) + with_lengths(tiny2));
+    Write("diode", prefix + "heartbeat-only", std::string(1, mode) + with_lengths(heartbeat));
+  }
+  // Two runs of the sender (streams 7 and kStream), the first replayed after the second, and
+  // every datagram of a message twice.
+  {
+    auto both = heartbeat;
+    both.insert(both.end(), small1.begin(), small1.end());
+    both.insert(both.end(), heartbeat.begin(), heartbeat.end());
+    both.insert(both.end(), small1.begin(), small1.end());
+    Write("diode", "real-replays", std::string(1, '\0') + with_lengths(both));
+  }
 
   // config: the INI file, with the fixed peer's public identity.
   const std::string pk = peer.identity().ToString();

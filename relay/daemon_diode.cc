@@ -13,8 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
-
-#include <sodium.h>
+#include <map>
 
 #include "relay/log.h"
 
@@ -43,8 +42,13 @@ Status ResolveUdp(const std::string& url, sockaddr_storage* addr, socklen_t* len
 }  // namespace
 
 using daemon_detail::AckedKey;
+using daemon_detail::DiodeInKey;
 using daemon_detail::DiodePosKey;
+using daemon_detail::DiodeRecordKey;
+using daemon_detail::DiodeStreamKey;
 using daemon_detail::kAnyPeer;
+using daemon_detail::kForeverMs;
+using daemon_detail::NowMs;
 
 Status Daemon::Impl::StartDiode() {
   for (std::size_t i = 0; i < peers.size(); ++i) {
@@ -62,9 +66,25 @@ Status Daemon::Impl::StartDiode() {
     params.data_shards = static_cast<std::uint16_t>(pc.diode_data_shards);
     params.parity_shards = static_cast<std::uint16_t>(pc.diode_parity_shards);
     params.interleave = static_cast<std::uint16_t>(pc.diode_interleave);
-    std::uint64_t stream = 0;
-    randombytes_buf(&stream, sizeof stream);
-    ds->encoder = std::make_unique<transports::DiodeEncoder>(stream, params);
+    auto tag_key = transports::DiodeKey::ForSending(*key, peers[i].identity);
+    if (!tag_key) return tag_key.status().Wrap("[peer." + peers[i].name + "] diode_send");
+    // Stream ids only grow (receivers refuse older streams as replays, and (stream, datagram
+    // number) is the tag's nonce): a durable counter, raised past the wall clock in µs at each
+    // start, so that a re-created store still starts above the streams of earlier runs.
+    const auto now_us =
+        static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                       std::chrono::system_clock::now().time_since_epoch())
+                                       .count());
+    const std::uint64_t stream =
+        std::max(store->GetCounter(DiodeStreamKey(peers[i].name), 0) + 1, now_us);
+    queue::WriteBatch stream_batch;
+    stream_batch.PutCounter(DiodeStreamKey(peers[i].name), stream);
+    if (Status s = store->Commit(stream_batch, true); !s)
+      return s.Wrap("recording the diode stream for peer '" + peers[i].name + "'");
+    ds->encoder = std::make_unique<transports::DiodeEncoder>(
+        stream, params,
+        transports::DiodeKey::Sealer(
+            std::make_shared<transports::DiodeKey>(std::move(tag_key).value())));
     std::uint64_t sent = store->GetCounter(DiodePosKey(peers[i].name), 0);
     ds->scan = std::max(sent, peers[i].acked) + 1;
     ds->pos = ds->scan;
@@ -75,6 +95,30 @@ Status Daemon::Impl::StartDiode() {
     diode_send_thread = RunNamed("relay-diode-tx", &Impl::DiodeSendLoop);
   }
   if (!config.diode_listen.empty()) {
+    // The tag keys of every peer's datagrams: its current and (during a rotation) previous
+    // identity, to this site's current and previous key.
+    diode_keyring = std::make_unique<transports::DiodeKeyring>();
+    diode_stream_floor.assign(peers.size(), 0);
+    for (std::size_t p = 0; p < peers.size(); ++p) {
+      const auto& prev = peers[p].config->previous_public_key;
+      const crypto::PublicIdentity* ids[] = {&peers[p].identity, prev ? &*prev : nullptr};
+      const crypto::SiteKey* selves[] = {&*key, previous_key ? &*previous_key : nullptr};
+      for (const crypto::PublicIdentity* id : ids) {
+        for (const crypto::SiteKey* self : selves) {
+          if (id == nullptr || self == nullptr) continue;
+          if (Status s = diode_keyring->Add(static_cast<std::uint32_t>(p), *self, *id); !s)
+            return s.Wrap("[peer." + peers[p].name + "] diode keys");
+        }
+      }
+      diode_stream_floor[p] = store->GetCounter(DiodeInKey(peers[p].name), 0);
+      const auto text = store->GetDedup(DiodeRecordKey(peers[p].name), NowMs());
+      diode_records.push_back(text ? transports::DiodeDecoder::StreamRecord::Decode(*text)
+                                   : std::nullopt);
+      if (text && !diode_records.back())
+        log::Warning("diode: the stored record of peer '" + peers[p].name +
+                     "''s stream is unreadable; its frames sent before this start count missing");
+      diode_record_text.push_back(text.value_or(""));
+    }
     sockaddr_storage addr{};
     socklen_t len = 0;
     if (Status s = ResolveUdp(config.diode_listen, &addr, &len); !s) return s;
@@ -212,12 +256,67 @@ void Daemon::Impl::QueueResend(std::size_t peer, std::uint64_t accepted_through,
 }
 
 void Daemon::Impl::DiodeRecvLoop() {
-  transports::DiodeDecoder decoder;
+  transports::DiodeDecoder decoder(diode_keyring->Authenticator());
+  for (std::size_t p = 0; p < peers.size(); ++p) {
+    const auto sender = static_cast<std::uint32_t>(p);
+    decoder.SetStreamFloor(sender, diode_stream_floor[p]);
+    if (diode_records[p]) decoder.Restore(sender, *diode_records[p]);
+  }
   std::vector<transports::DiodeDecoder::Message> done;
+  // Imports handed to the inbound thread and not settled yet, with the messages they carry:
+  // until then their ids are not recorded as complete.
+  std::map<std::uint64_t, std::vector<DiodeMessageRef>> unsettled;
+  std::uint64_t next_import = 0;
+  std::vector<DiodeMessageRef> not_stored;
+  std::vector<std::pair<std::uint64_t, bool>> settled;
   std::string buf(65536, '\0');
   auto last_stats = Clock::now();
+  // Writes the record of each peer's newest stream when it changed (not synced: an older
+  // record after a crash only counts more as missing).
+  auto write_records = [&] {
+    queue::WriteBatch batch;
+    for (std::size_t p = 0; p < peers.size(); ++p) {
+      const auto sender = static_cast<std::uint32_t>(p);
+      std::vector<std::uint64_t> open;
+      const std::uint64_t newest = decoder.HighestStream(sender);
+      for (const auto& entry : unsettled) {
+        for (const DiodeMessageRef& r : entry.second) {
+          if (r.sender == sender && r.stream == newest) open.push_back(r.message);
+        }
+      }
+      auto record = decoder.Record(sender, open);
+      if (!record) continue;
+      std::string text = record->Encode();
+      if (text == diode_record_text[p]) continue;
+      batch.PutDedup(DiodeRecordKey(peers[p].name), NowMs() + kForeverMs, text);
+      diode_record_text[p] = std::move(text);
+    }
+    if (batch.Count() > 0) {
+      if (Status s = store->Commit(batch, false); !s)
+        log::Error("recording the diode streams failed: " + s.message());
+    }
+  };
+  // What the inbound thread did with earlier frames: those not stored are missing again.
+  auto take_verdicts = [&] {
+    {
+      std::lock_guard<std::mutex> lock(diode_mu);
+      not_stored.swap(diode_not_stored);
+      settled.swap(diode_settled);
+    }
+    for (const auto& [settled_number, ok] : settled) {
+      auto it = unsettled.find(settled_number);
+      if (it == unsettled.end()) continue;
+      if (!ok) not_stored.insert(not_stored.end(), it->second.begin(), it->second.end());
+      unsettled.erase(it);
+    }
+    for (const DiodeMessageRef& r : not_stored) decoder.Reopen(r.sender, r.stream, r.message);
+    metrics.diode_frames_not_stored += not_stored.size();
+    not_stored.clear();
+    settled.clear();
+  };
   while (!stopping) {
     done.clear();
+    take_verdicts();
     // Read what is there (bounded), then store the frames completed so far in one batch.
     for (int i = 0; i < 4096; ++i) {
       ssize_t n = ::recv(diode_recv_fd, buf.data(), buf.size(), i == 0 ? 0 : MSG_DONTWAIT);
@@ -225,37 +324,73 @@ void Daemon::Impl::DiodeRecvLoop() {
       ++metrics.diode_datagrams_received;
       Status s = decoder.Feed(std::string_view(buf.data(), static_cast<std::size_t>(n)), &done);
       if (!s) {
-        ++metrics.diode_datagrams_malformed;
+        for (std::size_t r = 0; r < metrics.diode_datagrams_rejected.size(); ++r)
+          metrics.diode_datagrams_rejected[r] =
+              decoder.rejected(static_cast<transports::DiodeReject>(r));
+        metrics.diode_datagrams_malformed = decoder.rejected(transports::DiodeReject::kMalformed);
         if (warn_limiter.Allow()) log::Warning("diode datagram refused: " + s.message());
       }
     }
     if (!done.empty()) {
-      auto import = std::make_unique<BundleImport>();
-      import->all_or_nothing = false;
-      for (auto& m : done) import->frames.push_back({kAnyPeer, std::move(m.bytes)});
+      // Each frame keeps the name of its message, so that one the inbound thread does not store
+      // (it fails verification, or there is no room) is counted missing again.
+      auto refs = std::make_shared<std::vector<DiodeMessageRef>>();
+      auto arrived = std::make_unique<BundleImport>();
+      arrived->all_or_nothing = false;
+      for (auto& m : done) {
+        arrived->frames.push_back({kAnyPeer, std::move(m.bytes), refs->size()});
+        refs->push_back({m.sender, m.stream_id, m.message_id});
+      }
+      const std::uint64_t number = next_import++;
+      unsettled.emplace(number, *refs);
+      arrived->not_stored = [this, refs](const ReceivedFrame& f) {
+        std::lock_guard<std::mutex> lock(diode_mu);
+        diode_not_stored.push_back((*refs)[f.ref]);
+      };
+      arrived->settled = [this, number](const Status& st) {
+        std::lock_guard<std::mutex> lock(diode_mu);
+        diode_settled.emplace_back(number, st.ok());
+      };
       metrics.diode_messages_received += done.size();
-      SubmitFramesAsync(std::move(import));
+      SubmitFramesAsync(std::move(arrived));
+    }
+    // A newer stream of a peer: remember it now, so that its older streams stay refused as
+    // replays after a restart (rare: once per start of the sender).
+    queue::WriteBatch floors;
+    for (std::size_t p = 0; p < peers.size(); ++p) {
+      const std::uint64_t highest = decoder.HighestStream(static_cast<std::uint32_t>(p));
+      if (highest <= diode_stream_floor[p]) continue;
+      floors.PutCounter(DiodeInKey(peers[p].name), highest);
+      diode_stream_floor[p] = highest;
+    }
+    if (floors.Count() > 0) {
+      if (Status s = store->Commit(floors, true); !s)
+        log::Error("recording the newest diode streams failed: " + s.message());
     }
     if (Clock::now() - last_stats > std::chrono::seconds(1)) {
       last_stats = Clock::now();
-      // Forged heartbeats can announce up to 2^64-1 per stream: saturate, the gauge is an int64.
+      // Saturate: the gauge is an int64.
       constexpr std::uint64_t kMaxGauge = std::numeric_limits<std::int64_t>::max();
-      std::uint64_t missing = 0;
-      for (const auto& st : decoder.Streams())
-        missing =
-            std::min(kMaxGauge, missing + std::min(kMaxGauge, decoder.MissingCount(st.stream_id)));
       metrics.diode_shards_recovered = decoder.recovered_shards();
-      metrics.diode_messages_missing = missing;
+      metrics.diode_messages_missing = std::min(kMaxGauge, decoder.MissingCount());
       if (decoder.streams_dropped() > metrics.diode_streams_dropped) {
         log::Warning("diode: state of " +
                      std::to_string(decoder.streams_dropped() - metrics.diode_streams_dropped) +
-                     " sender stream(s) dropped for newer ones (more than " +
-                     std::to_string(transports::kDiodeMaxStreams) +
-                     " seen: sender restarts, or datagrams forged on the diode's network)");
+                     " earlier sender stream(s) dropped for newer ones (each sender's two newest "
+                     "are kept: a sender restarted twice); their missing frames stay counted");
         metrics.diode_streams_dropped = decoder.streams_dropped();
       }
+      write_records();
     }
   }
+  // The inbound thread is still running: give it a moment to settle what was handed over, so
+  // that the last record counts those frames as they are.
+  for (auto until = Clock::now() + std::chrono::seconds(2);
+       !unsettled.empty() && Clock::now() < until;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    take_verdicts();
+  }
+  write_records();
 }
 
 void Daemon::Impl::ApplyDiodeRetention() {

@@ -51,6 +51,7 @@
 #include "relay/status.h"
 #include "relay/worker_pool.h"
 #include "transports/diode.h"
+#include "transports/diode_auth.h"
 #include "transports/zmq_link.h"
 
 namespace relay {
@@ -77,6 +78,12 @@ inline std::string AcceptedKey(const std::string& peer) { return "accepted/" + p
 inline std::string SinkPosKey(const std::string& channel) { return "sinkpos/" + channel; }
 inline std::string ExportedKey(const std::string& peer) { return "exported/" + peer; }
 inline std::string DiodePosKey(const std::string& peer) { return "diode/" + peer; }
+// The diode stream this site last started for a peer (sender), and the highest stream received
+// from a peer (receiver; older streams are refused as replays, also after a restart).
+inline std::string DiodeStreamKey(const std::string& peer) { return "diode-stream/" + peer; }
+inline std::string DiodeInKey(const std::string& peer) { return "diode-in/" + peer; }
+// Dedup family (never expiring): the receiver's record of a peer's newest diode stream.
+inline std::string DiodeRecordKey(const std::string& peer) { return "diode-record/" + peer; }
 inline std::string RangesKey(const std::string& peer) { return "rr:" + peer; }
 inline std::string SentKey(const std::string& peer) { return "sent/" + peer; }
 // A reaction `emoji` that `author` of site `origin` added to event `ref`, received here: only
@@ -164,6 +171,7 @@ struct PendingCapture {
 struct ReceivedFrame {
   std::size_t link_peer;
   std::string bytes;
+  std::uint64_t ref = 0;  // the transport's own handle (diode: which message it came in)
 };
 
 // Frames that arrived off the link -- a sneakernet bundle, or messages from the diode -- stored
@@ -174,6 +182,11 @@ struct BundleImport {
   bool all_or_nothing = true;  // bundles: one bad frame refuses all; diode: bad frames skipped
   bool owned = false;          // handed over without waiting: the inbound thread deletes it
   std::promise<Status> done;
+  // Diode: told (on the inbound thread) of each frame that failed verification, and when the
+  // import is settled (an error: none of its frames was stored), so that the receiver counts
+  // what was not stored as missing again and records what was.
+  std::function<void(const ReceivedFrame&)> not_stored;
+  std::function<void(const Status&)> settled;
 };
 
 // ReceivedFrame::link_peer for frames whose sender is only known from the frame itself.
@@ -251,6 +264,22 @@ struct Daemon::Impl : transports::LinkHandler {
   std::vector<std::unique_ptr<DiodeSender>> diode_senders;
   std::thread diode_send_thread, diode_recv_thread;
   int diode_recv_fd = -1;
+  std::unique_ptr<transports::DiodeKeyring> diode_keyring;  // receiver: every peer's tag keys
+  // Receiver thread, per peer: the highest stream stored; the record of its newest stream
+  // stored by the last run, and the text last written.
+  std::vector<std::uint64_t> diode_stream_floor;
+  std::vector<std::optional<transports::DiodeDecoder::StreamRecord>> diode_records;
+  std::vector<std::string> diode_record_text;
+  // A message the diode receiver reassembled, by the decoder's names for it.
+  struct DiodeMessageRef {
+    std::uint32_t sender;
+    std::uint64_t stream;
+    std::uint64_t message;
+  };
+  // Frames the inbound thread did not store, for the receiver to count missing again, and
+  // imports it settled (number, ok) (guarded by diode_mu).
+  std::vector<DiodeMessageRef> diode_not_stored;
+  std::vector<std::pair<std::uint64_t, bool>> diode_settled;
   std::vector<std::pair<Clock::time_point, std::uint64_t>> head_samples;  // maintenance only
   std::map<std::string, Clock::time_point> auto_files_last;               // maintenance only
   std::set<std::string> auto_files_seen;                                  // maintenance only

@@ -83,6 +83,7 @@ void Daemon::Impl::InboundLoop() {
     work.clear();
     for (BundleImport* b : imports) {
       Status st = ProcessFrames(b->frames, b);
+      if (b->settled) b->settled(st);
       if (b->owned) {
         if (!st) log::Error("storing received frames failed: " + st.message());
         delete b;
@@ -110,11 +111,13 @@ void Daemon::Impl::SubmitFramesAsync(std::unique_ptr<BundleImport> import) {
   for (const auto& f : import->frames) bytes += f.bytes.size();
   {
     std::lock_guard<std::mutex> lock(in_mu);
-    if (stopping || in_queue_bytes + bytes > kMaxInboundQueueBytes) return;
-    in_queue_bytes += bytes;
-    import->owned = true;
-    in_imports.push_back(import.release());
+    if (!stopping && in_queue_bytes + bytes <= kMaxInboundQueueBytes) {
+      in_queue_bytes += bytes;
+      import->owned = true;
+      in_imports.push_back(import.release());
+    }
   }
+  if (import && import->settled) import->settled(Status::Error("no room in the inbound queue"));
   in_cv.notify_one();
 }
 
@@ -262,6 +265,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     crypto::OpenResult opened = OpenFrameAny(rf.bytes);
     if (!opened.ok()) {
       Reject(opened.rejection.reason, opened.rejection.message);
+      if (bundle && bundle->not_stored) bundle->not_stored(rf);
       if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);
       continue;
     }
@@ -331,6 +335,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     if (!bad.empty()) {
       Reject(crypto::RejectReason::kMalformed,
              "frame from peer '" + pname + "' rejected: malformed payload: " + bad);
+      if (bundle && bundle->not_stored) bundle->not_stored(rf);
       if (bundle && bundle->all_or_nothing)
         return Status::Error("a frame's payload is malformed: " + bad);
       continue;
@@ -367,6 +372,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       if (warn_limiter.Allow())
         log::Warning("frame from peer '" + pname + "' not taken for now (" +
                      InboundWaitName(*wait) + "): " + wait_why + "; it comes again");
+      if (bundle && bundle->not_stored) bundle->not_stored(rf);
       if (bundle && bundle->all_or_nothing)
         return Status::Error("not taken for now: " + wait_why + "; import it again later");
       continue;

@@ -135,15 +135,30 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
          i64(diode_datagrams_received));
   Simple(&out, "relay_diode_datagrams_malformed_total", "counter",
          "Diode datagrams refused as malformed.", i64(diode_datagrams_malformed));
+  Family(&out, "relay_diode_datagrams_rejected_total", "counter",
+         "Diode datagrams refused before they changed anything, by reason (bad_tag: forged or "
+         "altered; replay, stale_stream: replayed or very late).");
+  for (std::size_t i = 0; i < diode_datagrams_rejected.size(); ++i) {
+    Sample(&out, "relay_diode_datagrams_rejected_total",
+           std::string("reason=\"") +
+               transports::DiodeRejectName(static_cast<transports::DiodeReject>(i)) + "\"",
+           i64(diode_datagrams_rejected[i]));
+  }
+  Simple(&out, "relay_diode_frames_not_stored_total", "counter",
+         "Frames reassembled from the diode that failed verification or could not be stored; "
+         "each counts as missing again (relay_diode_frames_missing).",
+         i64(diode_frames_not_stored));
   Simple(&out, "relay_diode_frames_received_total", "counter",
          "Frames reassembled from diode datagrams.", i64(diode_messages_received));
   Simple(&out, "relay_diode_shards_recovered_total", "counter",
          "Lost diode data shards rebuilt from parity (FEC).", i64(diode_shards_recovered));
   Simple(&out, "relay_diode_frames_missing", "gauge",
-         "Frames announced by the diode sender and not complete here (lost beyond FEC).",
+         "Frames announced by the diode sender and not complete here: lost beyond FEC, or not "
+         "verified or stored (recovered by a resend request; they come again under new ids).",
          i64(diode_messages_missing));
   Simple(&out, "relay_diode_streams_dropped_total", "counter",
-         "Diode sender streams whose reassembly state was dropped to make room for newer ones.",
+         "Diode sender streams whose reassembly state was dropped for a newer stream of the same "
+         "sender (each sender's two newest are kept).",
          i64(diode_streams_dropped));
   Simple(&out, "relay_diode_resend_ranges_total", "counter",
          "Log ranges queued for the diode again by resend-request files.",

@@ -11,6 +11,7 @@
 
 #include "crypto/frame.h"
 #include "relay/http_server.h"
+#include "transports/diode.h"
 
 namespace relay {
 
@@ -95,7 +96,10 @@ struct Metrics {
   // Data diode.
   std::atomic<std::uint64_t> diode_datagrams_sent{0};
   std::atomic<std::uint64_t> diode_datagrams_received{0};
-  std::atomic<std::uint64_t> diode_datagrams_malformed{0};
+  std::atomic<std::uint64_t> diode_datagrams_malformed{0};  // = rejected{malformed}
+  std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(transports::DiodeReject::kCount)>
+      diode_datagrams_rejected{};                         // by reason, before they changed anything
+  std::atomic<std::uint64_t> diode_frames_not_stored{0};  // reassembled, then counted missing again
   std::atomic<std::uint64_t> diode_messages_received{0};  // frames reassembled
   std::atomic<std::uint64_t> diode_shards_recovered{0};   // data shards rebuilt from parity
   std::atomic<std::uint64_t> diode_messages_missing{0};   // announced, not (yet) complete

@@ -3,9 +3,11 @@
 #include <isa-l/erasure_code.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <utility>
 
@@ -14,11 +16,12 @@ namespace {
 
 // Wire constants; see docs/wire-format.md, "Diode datagrams".
 constexpr char kMagic[4] = {'R', 'L', 'Y', 'D'};
-constexpr std::uint8_t kVersion = 1;
 constexpr std::uint8_t kTypeData = 1;
 constexpr std::uint8_t kTypeHeartbeat = 2;
-constexpr std::size_t kDataHeaderBytes = 44;
-constexpr std::size_t kHeartbeatBytes = 32;
+constexpr std::size_t kCommonHeaderBytes = 40;  // magic .. seq
+constexpr std::size_t kDataHeaderBytes = 68;    // common header + data fields, before the shard
+constexpr std::size_t kHeartbeatBytes = 72;     // tag included
+constexpr std::size_t kMinBytes = kCommonHeaderBytes + kDiodeTagBytes;
 constexpr std::uint32_t kMaxShardBytes = 9000;
 constexpr std::uint32_t kMaxShards = 255;  // k + m; GF(2^8) Cauchy rows must stay distinct
 constexpr std::uint64_t kMaxMessageBytes = std::uint64_t{1} << 30;
@@ -45,15 +48,44 @@ std::uint64_t GetBE(std::string_view in, std::size_t offset, std::size_t bytes) 
   return v;
 }
 
-std::string CommonHeader(std::uint8_t type) {
-  std::string out(kMagic, sizeof kMagic);
-  out.push_back(static_cast<char>(kVersion));
-  out.push_back(static_cast<char>(type));
-  PutU16(&out, 0);
+std::string Hex16(std::uint64_t v) {
+  static const char kDigits[] = "0123456789abcdef";
+  std::string out(16, '0');
+  for (int i = 15; i >= 0; --i, v >>= 4) out[static_cast<std::size_t>(i)] = kDigits[v & 0xf];
   return out;
 }
 
+// The 40 bytes every datagram starts with.
+std::string CommonHeader(std::uint8_t type, const DiodeSealer& sealer, std::uint64_t stream_id,
+                         std::uint64_t seq, std::size_t reserve) {
+  std::string out;
+  out.reserve(reserve);
+  out.append(kMagic, sizeof kMagic);
+  out.push_back(static_cast<char>(kDiodeVersion));
+  out.push_back(static_cast<char>(type));
+  PutU16(&out, 0);
+  PutU64(&out, sealer.sender_id);
+  PutU64(&out, sealer.recipient_id);
+  PutU64(&out, stream_id);
+  PutU64(&out, seq);
+  return out;
+}
+
+// Appends the tag of everything in *d so far.
+void AppendTag(std::string* d, const DiodeSealer& sealer, std::uint64_t stream_id,
+               std::uint64_t seq) {
+  const std::size_t signed_bytes = d->size();
+  d->resize(signed_bytes + kDiodeTagBytes);
+  DiodeTagInput in{sealer.sender_id, sealer.recipient_id, stream_id, seq,
+                   std::string_view(d->data(), signed_bytes)};
+  sealer.tag(in, reinterpret_cast<std::uint8_t*>(d->data() + signed_bytes));
+}
+
 std::uint64_t CeilDiv(std::uint64_t a, std::uint64_t b) { return (a + b - 1) / b; }
+
+std::uint64_t SaturatingAdd(std::uint64_t a, std::uint64_t b) {
+  return b > ~a ? ~std::uint64_t{0} : a + b;
+}
 
 // The (k+m) x k Cauchy encode matrix: identity on top, parity rows below. Row r >= k is
 // 1/(r xor j), independent of m, so every block with the same k shares its parity rows.
@@ -64,7 +96,6 @@ std::vector<unsigned char> EncodeMatrix(int k, int m) {
 }
 
 struct DataHeader {
-  std::uint64_t stream_id = 0;
   std::uint64_t message_id = 0;
   std::uint32_t message_len = 0;
   std::uint32_t block_index = 0;
@@ -131,22 +162,24 @@ Status CheckDataHeader(const DataHeader& h) {
 }
 
 // Completed message ids of one stream as disjoint, non-adjacent inclusive ranges, at most a
-// given number of them: each message lost for good leaves a gap, and datagrams forged on the
-// diode's network can complete made-up ids anywhere. Beyond the limit the lowest range (other
-// than the one just changed) is forgotten: its ids are no longer "completed" (a late duplicate of
-// one may be delivered again; frames are de-duplicated downstream), and ids up to its end are
-// no longer counted as missing. Forgetting never marks an id as done, so forged ids cannot make
-// the decoder refuse real ones.
+// given number of them: each message lost for good leaves a gap. Beyond the limit the lowest
+// range and every id below it are made final ("forgotten"): they count as done (their datagrams
+// are ignored, so nothing completes twice), and the ids among them that were not completed are
+// returned to the caller to be counted as missing for good. Datagrams are authenticated, so only
+// the real sender's losses can split ranges.
 class IdRanges {
  public:
-  bool Contains(std::uint64_t id) const {
+  // Completed, or at or below the forgotten end.
+  bool Done(std::uint64_t id) const {
+    if (id <= forgotten_through_) return true;
     auto it = ranges_.upper_bound(id);
     if (it == ranges_.begin()) return false;
     --it;
     return id <= it->second;
   }
-  void Insert(std::uint64_t id, std::size_t max_ranges) {
-    assert(!Contains(id));
+  // Marks `id` (not Done) completed. Returns how many missing ids were made final.
+  std::uint64_t Insert(std::uint64_t id, std::size_t max_ranges) {
+    assert(!Done(id));
     auto next = ranges_.upper_bound(id);
     std::uint64_t first = id, last = id;
     if (next != ranges_.begin()) {
@@ -161,31 +194,40 @@ class IdRanges {
       ranges_.erase(next);
     }
     ranges_[first] = last;
-    if (ranges_.size() > max_ranges) {
-      auto victim = ranges_.begin();
-      if (victim->first == first) ++victim;  // keep the range just changed
-      forgotten_through_ = std::max(forgotten_through_, victim->second);
-      ranges_.erase(victim);
-    }
+    return Trim(max_ranges);
   }
-  // How many ids in (forgotten, through] are not contained.
+  // Un-marks a completed id above the forgotten end. False (and nothing changed) when it was
+  // not completed or is final. *forgotten_missing is set as Insert's return value.
+  bool Remove(std::uint64_t id, std::size_t max_ranges, std::uint64_t* forgotten_missing) {
+    *forgotten_missing = 0;
+    if (id <= forgotten_through_) return false;
+    auto it = ranges_.upper_bound(id);
+    if (it == ranges_.begin()) return false;
+    --it;
+    const std::uint64_t first = it->first, last = it->second;
+    if (id > last) return false;
+    ranges_.erase(it);
+    if (first < id) ranges_[first] = id - 1;
+    if (id < last) ranges_[id + 1] = last;
+    *forgotten_missing = Trim(max_ranges);
+    return true;
+  }
+  // How many ids in (forgotten, through] are not completed.
   std::uint64_t CountMissing(std::uint64_t through) const {
     if (through <= forgotten_through_) return 0;
     std::uint64_t contained = 0;
     for (const auto& [first, last] : ranges_) {
       if (first > through) break;
-      if (last <= forgotten_through_) continue;
-      contained += std::min(last, through) - std::max(first, forgotten_through_ + 1) + 1;
+      contained += std::min(last, through) - first + 1;
     }
     return through - forgotten_through_ - contained;
   }
-  // Ids in (forgotten, through] not contained, at most `cap` of them.
+  // Ids in (forgotten, through] not completed, at most `cap` of them.
   std::vector<std::uint64_t> Missing(std::uint64_t through, std::size_t cap) const {
     std::vector<std::uint64_t> out;
     if (through <= forgotten_through_) return out;
     std::uint64_t next = forgotten_through_ + 1;  // smallest id not classified yet; <= through
     for (const auto& [first, last] : ranges_) {
-      if (last < next) continue;
       if (first > through) break;
       for (std::uint64_t id = next; id < first && out.size() < cap; ++id) out.push_back(id);
       if (out.size() >= cap || last >= through) return out;
@@ -198,10 +240,85 @@ class IdRanges {
     }
     return out;
   }
+  std::uint64_t forgotten_through() const { return forgotten_through_; }
+  const std::map<std::uint64_t, std::uint64_t>& ranges() const { return ranges_; }
+  // Replaces everything with sorted, disjoint, non-adjacent ranges above `forgotten_through`
+  // (checked by the caller); returns the missing ids made final as Insert.
+  std::uint64_t Restore(const std::vector<std::pair<std::uint64_t, std::uint64_t>>& ranges,
+                        std::uint64_t forgotten_through, std::size_t max_ranges) {
+    ranges_.clear();
+    forgotten_through_ = forgotten_through;
+    for (const auto& [first, last] : ranges) ranges_[first] = last;
+    return Trim(max_ranges);
+  }
 
  private:
-  std::map<std::uint64_t, std::uint64_t> ranges_;  // first -> last
-  std::uint64_t forgotten_through_ = 0;            // the end of the highest range forgotten
+  // Forgets the lowest ranges beyond max_ranges; returns the missing ids made final.
+  std::uint64_t Trim(std::size_t max_ranges) {
+    std::uint64_t missing = 0;
+    while (ranges_.size() > max_ranges) {
+      auto lowest = ranges_.begin();
+      // Every id between the forgotten end and the lowest range is missing.
+      missing += lowest->first - forgotten_through_ - 1;
+      forgotten_through_ = lowest->second;
+      ranges_.erase(lowest);
+    }
+    return missing;
+  }
+
+  std::map<std::uint64_t, std::uint64_t> ranges_;  // first -> last, all above forgotten_through_
+  std::uint64_t forgotten_through_ = 0;            // ids at or below are final
+};
+
+// Which datagram numbers of a stream were received: the highest, and a bitmap of the
+// kDiodeReplayWindow numbers up to it. Numbers older than that are refused unseen.
+class ReplayWindow {
+ public:
+  enum class Seen { kNew, kAgain, kTooOld };
+  Seen Check(std::uint64_t seq) const {
+    if (seq > highest_) return Seen::kNew;
+    if (highest_ - seq >= kDiodeReplayWindow) return Seen::kTooOld;
+    return Bit(seq) ? Seen::kAgain : Seen::kNew;
+  }
+  // Records `seq` (Check said kNew).
+  void Mark(std::uint64_t seq) {
+    if (bits_.empty()) bits_.assign(kDiodeReplayWindow / 64, 0);
+    if (seq > highest_) {
+      if (seq - highest_ >= kDiodeReplayWindow) {
+        std::fill(bits_.begin(), bits_.end(), 0);
+      } else {
+        // Clear the numbers skipped (lost, or still to come out of order): whole words where
+        // they can be, so a jump costs at most kDiodeReplayWindow / 64 word writes.
+        for (std::uint64_t s = highest_ + 1; s < seq;) {
+          if (s % 64 == 0 && seq - s >= 64) {
+            bits_[(s % kDiodeReplayWindow) / 64] = 0;
+            s += 64;
+          } else {
+            Clear(s++);
+          }
+        }
+      }
+      highest_ = seq;
+    }
+    bits_[(seq % kDiodeReplayWindow) / 64] |= std::uint64_t{1} << (seq % 64);
+  }
+  std::uint64_t highest() const { return highest_; }
+  // After a restart: every number up to `highest` counts as seen.
+  void Restore(std::uint64_t highest) {
+    highest_ = highest;
+    bits_.assign(kDiodeReplayWindow / 64, ~std::uint64_t{0});
+  }
+
+ private:
+  bool Bit(std::uint64_t seq) const {
+    return !bits_.empty() && (bits_[(seq % kDiodeReplayWindow) / 64] >> (seq % 64) & 1) != 0;
+  }
+  void Clear(std::uint64_t seq) {
+    bits_[(seq % kDiodeReplayWindow) / 64] &= ~(std::uint64_t{1} << (seq % 64));
+  }
+
+  std::uint64_t highest_ = 0;
+  std::vector<std::uint64_t> bits_;  // bit seq % window; empty until the first Mark
 };
 
 }  // namespace
@@ -212,7 +329,9 @@ class IdRanges {
 struct DiodeEncoder::Impl {
   std::uint64_t stream_id;
   DiodeParams params;
+  DiodeSealer sealer;
   std::uint64_t last_message_id = 0;
+  std::uint64_t last_seq = 0;  // number of the last datagram made
   std::uint64_t datagrams_sent = 0;
   std::map<std::pair<int, int>, std::vector<unsigned char>> tables;  // (k, m) -> ISA-L tables
 
@@ -227,15 +346,17 @@ struct DiodeEncoder::Impl {
   }
 };
 
-DiodeEncoder::DiodeEncoder(std::uint64_t stream_id, DiodeParams params)
+DiodeEncoder::DiodeEncoder(std::uint64_t stream_id, DiodeParams params, DiodeSealer sealer)
     : impl_(std::make_unique<Impl>()) {
   // Parameters come from validated configuration; anything else is a programming error.
   assert(params.shard_bytes >= 1 && params.shard_bytes <= kMaxShardBytes);
   assert(params.data_shards >= 1 && params.parity_shards >= 1);
   assert(std::uint32_t{params.data_shards} + params.parity_shards <= kMaxShards);
   assert(params.interleave >= 1);
+  assert(sealer.tag);
   impl_->stream_id = stream_id;
   impl_->params = params;
+  impl_->sealer = std::move(sealer);
 }
 
 DiodeEncoder::~DiodeEncoder() = default;
@@ -290,9 +411,9 @@ std::uint64_t DiodeEncoder::Encode(std::string_view message, std::vector<std::st
       for (std::size_t g = 0; g < group.size(); ++g) {
         const Block& block = group[g];
         if (shard >= block.k + m) continue;
-        std::string d = CommonHeader(kTypeData);
-        d.reserve(kDataHeaderBytes + s);
-        PutU64(&d, im.stream_id);
+        const std::uint64_t seq = ++im.last_seq;
+        std::string d = CommonHeader(kTypeData, im.sealer, im.stream_id, seq,
+                                     kDataHeaderBytes + s + kDiodeTagBytes);
         PutU64(&d, id);
         PutU32(&d, static_cast<std::uint32_t>(len));
         PutU32(&d, static_cast<std::uint32_t>(group_start + g));
@@ -303,6 +424,7 @@ std::uint64_t DiodeEncoder::Encode(std::string_view message, std::vector<std::st
         PutU16(&d, static_cast<std::uint16_t>(s));
         assert(d.size() == kDataHeaderBytes);
         d.append(reinterpret_cast<const char*>(&block.shards[shard * s]), s);
+        AppendTag(&d, im.sealer, im.stream_id, seq);
         out->push_back(std::move(d));
         ++im.datagrams_sent;
       }
@@ -311,16 +433,19 @@ std::uint64_t DiodeEncoder::Encode(std::string_view message, std::vector<std::st
   return id;
 }
 
-std::string DiodeEncoder::Heartbeat() const {
-  std::string d = CommonHeader(kTypeHeartbeat);
-  PutU64(&d, impl_->stream_id);
-  PutU64(&d, impl_->last_message_id);
-  PutU64(&d, impl_->datagrams_sent);
+std::string DiodeEncoder::Heartbeat() {
+  Impl& im = *impl_;
+  const std::uint64_t seq = ++im.last_seq;
+  std::string d = CommonHeader(kTypeHeartbeat, im.sealer, im.stream_id, seq, kHeartbeatBytes);
+  PutU64(&d, im.last_message_id);
+  PutU64(&d, im.datagrams_sent);
+  AppendTag(&d, im.sealer, im.stream_id, seq);
   assert(d.size() == kHeartbeatBytes);
   return d;
 }
 
 std::uint64_t DiodeEncoder::last_message_id() const { return impl_->last_message_id; }
+std::uint64_t DiodeEncoder::stream_id() const { return impl_->stream_id; }
 
 // ---------------------------------------------------------------------------------------------
 // Decoder
@@ -346,34 +471,60 @@ struct DiodeDecoder::Impl {
     std::map<std::uint32_t, Block> blocks;
   };
   struct Stream {
-    std::uint64_t last_active = 0;  // arrival counter of its latest datagram, for eviction
     std::uint64_t announced = 0;
     std::uint64_t completed_count = 0;
     std::uint64_t recovered_shards = 0;
+    std::uint64_t forgotten_missing = 0;  // missing ids made final by IdRanges
     IdRanges completed;
+    ReplayWindow seen;
     std::map<std::uint64_t, Pending> pending;
+
+    std::uint64_t Missing() const {
+      return SaturatingAdd(completed.CountMissing(announced), forgotten_missing);
+    }
+  };
+  struct Sender {
+    std::uint64_t floor = 0;                  // streams below are stale
+    std::uint64_t dropped_missing = 0;        // missing ids of its streams dropped for newer ones
+    std::map<std::uint64_t, Stream> streams;  // at most kDiodeStreamsPerSender; newest last
+  };
+  struct Key {
+    std::uint32_t sender;
+    std::uint64_t stream;
+    std::uint64_t message;
+    bool operator==(const Key&) const = default;
   };
 
-  std::size_t max_pending_bytes;
-  std::size_t max_streams;
-  std::size_t max_completed_ranges;
+  DiodeAuthenticator authenticate;
+  DiodeDecoderLimits limits;
   std::size_t pending_bytes = 0;
   std::uint64_t next_arrival = 0;
   std::uint64_t recovered_shards = 0;  // over every stream ever seen
   std::uint64_t streams_dropped = 0;
-  std::map<std::uint64_t, Stream> streams;
+  std::uint64_t reopened = 0;
+  std::array<std::uint64_t, static_cast<std::size_t>(DiodeReject::kCount)> rejected{};
+  std::map<std::uint32_t, Sender> senders;
   // Every pending message by arrival order: Evict takes the oldest without a scan.
-  std::map<std::uint64_t, std::pair<std::uint64_t, std::uint64_t>> by_arrival;
+  std::map<std::uint64_t, Key> by_arrival;
 
-  // The stream for a datagram (created if new, dropping the least recently active stream when
-  // max_streams are held), marked active.
-  Stream& Touch(std::uint64_t stream_id);
+  // The kept stream `stream_id` of `sender`; nullptr when it is not kept: then *stale says
+  // whether it is older than the kept ones (or the floor), else it would be a new stream.
+  const Stream* Find(std::uint32_t sender, std::uint64_t stream_id, bool* stale) const;
+  Stream* Find(std::uint32_t sender, std::uint64_t stream_id, bool* stale) {
+    return const_cast<Stream*>(std::as_const(*this).Find(sender, stream_id, stale));
+  }
+  // Starts a new (newest) stream of `sender`, dropping its oldest kept one when full.
+  Stream& Create(std::uint32_t sender, std::uint64_t stream_id);
+  void DropStream(Sender& sender, std::map<std::uint64_t, Stream>::iterator it);
   void DropPending(Stream& stream, std::map<std::uint64_t, Pending>::iterator it);
-  Status FeedData(const DataHeader& h, std::vector<Message>* out);
+  // Drops partial messages whose ids were made final (they can no longer complete).
+  void DropFinal(Stream& stream);
+  void FeedData(const Key& key, Stream& stream, const DataHeader& h, std::vector<Message>* out);
   // Cross-checks a datagram against what earlier datagrams of the same message said.
   static Status CheckAgainst(const DataHeader& h, const Pending& p);
   void DecodeBlock(Block* block, std::uint16_t shard_bytes, Stream* stream);
-  void Evict(std::uint64_t keep_stream, std::uint64_t keep_message);
+  void Evict(const Key& keep);
+  std::uint64_t Highest(std::uint32_t sender) const;
 };
 
 Status DiodeDecoder::Impl::CheckAgainst(const DataHeader& h, const Pending& p) {
@@ -452,23 +603,43 @@ void DiodeDecoder::Impl::DecodeBlock(Block* block, std::uint16_t shard_bytes, St
   block->decoded = true;
 }
 
-DiodeDecoder::Impl::Stream& DiodeDecoder::Impl::Touch(std::uint64_t stream_id) {
-  auto it = streams.find(stream_id);
-  if (it == streams.end()) {
-    if (streams.size() >= max_streams) {
-      auto victim = std::min_element(streams.begin(), streams.end(), [](auto& a, auto& b) {
-        return a.second.last_active < b.second.last_active;
-      });
-      while (!victim->second.pending.empty()) {
-        DropPending(victim->second, victim->second.pending.begin());
-      }
-      streams.erase(victim);
-      ++streams_dropped;
-    }
-    it = streams.try_emplace(stream_id).first;
+std::uint64_t DiodeDecoder::Impl::Highest(std::uint32_t sender) const {
+  auto it = senders.find(sender);
+  if (it == senders.end()) return 0;
+  const Sender& snd = it->second;
+  return snd.streams.empty() ? snd.floor : std::max(snd.floor, snd.streams.rbegin()->first);
+}
+
+const DiodeDecoder::Impl::Stream* DiodeDecoder::Impl::Find(std::uint32_t sender,
+                                                           std::uint64_t stream_id,
+                                                           bool* stale) const {
+  *stale = false;
+  auto sit = senders.find(sender);
+  if (sit == senders.end()) return nullptr;
+  const Sender& snd = sit->second;
+  if (auto it = snd.streams.find(stream_id); it != snd.streams.end()) return &it->second;
+  // Only a stream newer than every one seen may start; older ones are replays (or late).
+  *stale =
+      stream_id < snd.floor || (!snd.streams.empty() && stream_id < snd.streams.rbegin()->first);
+  return nullptr;
+}
+
+DiodeDecoder::Impl::Stream& DiodeDecoder::Impl::Create(std::uint32_t sender,
+                                                       std::uint64_t stream_id) {
+  Sender& snd = senders[sender];
+  while (snd.streams.size() >= kDiodeStreamsPerSender) {
+    DropStream(snd, snd.streams.begin());
+    ++streams_dropped;
   }
-  it->second.last_active = next_arrival++;
-  return it->second;
+  return snd.streams[stream_id];
+}
+
+void DiodeDecoder::Impl::DropStream(Sender& sender, std::map<std::uint64_t, Stream>::iterator it) {
+  Stream& stream = it->second;
+  // Its partial and lost messages will not complete any more: they stay counted as missing.
+  sender.dropped_missing = SaturatingAdd(sender.dropped_missing, stream.Missing());
+  while (!stream.pending.empty()) DropPending(stream, stream.pending.begin());
+  sender.streams.erase(it);
 }
 
 void DiodeDecoder::Impl::DropPending(Stream& stream,
@@ -478,39 +649,34 @@ void DiodeDecoder::Impl::DropPending(Stream& stream,
   stream.pending.erase(it);
 }
 
-void DiodeDecoder::Impl::Evict(std::uint64_t keep_stream, std::uint64_t keep_message) {
-  // Oldest first; the message just fed goes last, and only if it alone exceeds the bound.
-  while (pending_bytes > max_pending_bytes) {
-    assert(!by_arrival.empty());
-    auto victim = by_arrival.begin();
-    if (victim->second == std::make_pair(keep_stream, keep_message) && by_arrival.size() > 1) {
-      ++victim;
-    }
-    Stream& stream = streams.at(victim->second.first);
-    DropPending(stream, stream.pending.find(victim->second.second));
+void DiodeDecoder::Impl::DropFinal(Stream& stream) {
+  while (!stream.pending.empty() &&
+         stream.pending.begin()->first <= stream.completed.forgotten_through()) {
+    DropPending(stream, stream.pending.begin());
   }
 }
 
-Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* out) {
-  auto stream_it = streams.find(h.stream_id);
-  if (stream_it != streams.end()) {
-    Stream& stream = stream_it->second;
-    if (stream.completed.Contains(h.message_id)) {  // a late duplicate: the stream is alive
-      stream.last_active = next_arrival++;
-      return Status::Ok();
-    }
-    if (auto p = stream.pending.find(h.message_id); p != stream.pending.end()) {
-      if (Status st = CheckAgainst(h, p->second); !st.ok()) return st;
-    }
+void DiodeDecoder::Impl::Evict(const Key& keep) {
+  // Oldest first; the message just fed goes last, and only if it alone exceeds the bound.
+  while (pending_bytes > limits.max_pending_bytes) {
+    assert(!by_arrival.empty());
+    auto victim = by_arrival.begin();
+    if (victim->second == keep && by_arrival.size() > 1) ++victim;
+    const Key key = victim->second;
+    Stream& stream = senders.at(key.sender).streams.at(key.stream);
+    DropPending(stream, stream.pending.find(key.message));
   }
-  // Valid from here on: state may change.
-  Stream& stream = Touch(h.stream_id);
+}
+
+void DiodeDecoder::Impl::FeedData(const Key& key, Stream& stream, const DataHeader& h,
+                                  std::vector<Message>* out) {
   stream.announced = std::max(stream.announced, h.message_id);
+  if (stream.completed.Done(h.message_id)) return;  // a late shard of a completed message
   auto [pending_it, created] = stream.pending.try_emplace(h.message_id);
   Pending& p = pending_it->second;
   if (created) {
     p.arrival = next_arrival++;
-    by_arrival.emplace(p.arrival, std::make_pair(h.stream_id, h.message_id));
+    by_arrival.emplace(p.arrival, key);
     p.message_len = h.message_len;
     p.block_count = h.block_count;
     p.shard_bytes = h.shard_bytes;
@@ -545,7 +711,7 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
   }
   if (p.decoded_blocks == p.block_count) {
     // Full blocks precede the last one; the last block's k may be smaller.
-    Message message{h.stream_id, h.message_id, {}};
+    Message message{key.sender, key.stream, h.message_id, {}};
     message.bytes.reserve(p.message_len);
     for (auto& [index, decoded] : p.blocks) {
       const std::size_t want =
@@ -554,101 +720,329 @@ Status DiodeDecoder::Impl::FeedData(const DataHeader& h, std::vector<Message>* o
     }
     assert(message.bytes.size() == p.message_len);
     DropPending(stream, pending_it);
-    stream.completed.Insert(h.message_id, max_completed_ranges);
+    stream.forgotten_missing += stream.completed.Insert(h.message_id, limits.max_completed_ranges);
+    DropFinal(stream);
     ++stream.completed_count;
     out->push_back(std::move(message));
-    return Status::Ok();
+    return;
   }
-  Evict(h.stream_id, h.message_id);
-  return Status::Ok();
+  Evict(key);
 }
 
-DiodeDecoder::DiodeDecoder(std::size_t max_pending_bytes, std::size_t max_streams,
-                           std::size_t max_completed_ranges)
+const char* DiodeRejectName(DiodeReject reason) {
+  switch (reason) {
+    case DiodeReject::kMalformed:
+      return "malformed";
+    case DiodeReject::kUnsupportedVersion:
+      return "unsupported_version";
+    case DiodeReject::kWrongRecipient:
+      return "wrong_recipient";
+    case DiodeReject::kUnknownSender:
+      return "unknown_sender";
+    case DiodeReject::kBadTag:
+      return "bad_tag";
+    case DiodeReject::kStaleStream:
+      return "stale_stream";
+    case DiodeReject::kReplay:
+      return "replay";
+    case DiodeReject::kCount:
+      break;
+  }
+  return "unknown";
+}
+
+DiodeDecoder::DiodeDecoder(DiodeAuthenticator authenticate, DiodeDecoderLimits limits)
     : impl_(std::make_unique<Impl>()) {
-  impl_->max_pending_bytes = max_pending_bytes;
-  impl_->max_streams = std::max<std::size_t>(max_streams, 1);
-  impl_->max_completed_ranges = std::max<std::size_t>(max_completed_ranges, 2);
+  assert(authenticate);
+  impl_->authenticate = std::move(authenticate);
+  impl_->limits = limits;
+  impl_->limits.max_completed_ranges = std::max<std::size_t>(limits.max_completed_ranges, 1);
 }
 
 DiodeDecoder::~DiodeDecoder() = default;
 
 Status DiodeDecoder::Feed(std::string_view datagram, std::vector<Message>* out) {
-  auto reject = [](const Status& st) { return st.Wrap("diode datagram rejected"); };
-  if (datagram.size() < 4 || std::memcmp(datagram.data(), kMagic, 4) != 0) {
-    return reject(Status::Error("bad magic (want \"RLYD\")"));
+  Impl& im = *impl_;
+  auto reject = [&im](DiodeReject reason, const std::string& why) {
+    ++im.rejected[static_cast<std::size_t>(reason)];
+    return Status::Error("diode datagram rejected: " + why);
+  };
+  const std::size_t size = datagram.size();
+  if (size < 4 || std::memcmp(datagram.data(), kMagic, 4) != 0) {
+    return reject(DiodeReject::kMalformed, "bad magic (want \"RLYD\")");
   }
-  if (datagram.size() < 8) {
-    return reject(Status::Error("truncated: " + std::to_string(datagram.size()) + " bytes"));
+  if (size < 8) {
+    return reject(DiodeReject::kMalformed, "truncated: " + std::to_string(size) + " bytes");
   }
   const auto version = static_cast<std::uint8_t>(datagram[4]);
   const auto type = static_cast<std::uint8_t>(datagram[5]);
-  if (version != kVersion) {
-    return reject(Status::Error("version " + std::to_string(version) + " (want 1)"));
+  if (version != kDiodeVersion) {
+    return reject(DiodeReject::kUnsupportedVersion,
+                  "version " + std::to_string(version) +
+                      " is not supported (this relay supports version " +
+                      std::to_string(kDiodeVersion) + ")");
   }
+  if (size < kMinBytes) {
+    return reject(DiodeReject::kMalformed, "truncated: " + std::to_string(size) +
+                                               " bytes, header and tag need " +
+                                               std::to_string(kMinBytes));
+  }
+  // The tag first: until it verifies, nothing in the datagram is believed.
+  const DiodeTagInput in{GetBE(datagram, 8, 8), GetBE(datagram, 16, 8), GetBE(datagram, 24, 8),
+                         GetBE(datagram, 32, 8), datagram.substr(0, size - kDiodeTagBytes)};
+  const DiodeAuthResult auth = im.authenticate(in, datagram.substr(size - kDiodeTagBytes));
+  switch (auth.verdict) {
+    case DiodeAuthVerdict::kOk:
+      break;
+    case DiodeAuthVerdict::kWrongRecipient:
+      return reject(DiodeReject::kWrongRecipient,
+                    "addressed to site id " + Hex16(in.recipient_id) + ", which is not this site");
+    case DiodeAuthVerdict::kUnknownSender:
+      return reject(DiodeReject::kUnknownSender,
+                    "from site id " + Hex16(in.sender_id) + ", which is not a configured peer");
+    case DiodeAuthVerdict::kBadTag:
+      return reject(DiodeReject::kBadTag,
+                    "tag does not verify (forged, altered on the way, or sealed with other keys): "
+                    "sender " +
+                        Hex16(in.sender_id) + ", stream " + std::to_string(in.stream_id) +
+                        ", seq " + std::to_string(in.seq));
+  }
+  // Authentic from here on (or a replay of an authentic datagram).
+  auto malformed = [&reject](const std::string& why) {
+    return reject(DiodeReject::kMalformed, why);
+  };
   if (type != kTypeData && type != kTypeHeartbeat) {
-    return reject(Status::Error("type " + std::to_string(type) + " (want 1 data or 2 heartbeat)"));
+    return malformed("type " + std::to_string(type) + " (want 1 data or 2 heartbeat)");
   }
   if (const auto reserved = GetBE(datagram, 6, 2); reserved != 0) {
-    return reject(Status::Error("reserved " + std::to_string(reserved) + " (want 0)"));
+    return malformed("reserved " + std::to_string(reserved) + " (want 0)");
   }
+  if (in.seq == 0) return malformed("seq 0 (datagrams are numbered from 1)");
+  DataHeader h;
   if (type == kTypeHeartbeat) {
-    if (datagram.size() != kHeartbeatBytes) {
-      return reject(Status::Error("heartbeat length " + std::to_string(datagram.size()) +
-                                  " (want " + std::to_string(kHeartbeatBytes) + ")"));
+    if (size != kHeartbeatBytes) {
+      return malformed("heartbeat length " + std::to_string(size) + " (want " +
+                       std::to_string(kHeartbeatBytes) + ")");
     }
-    Impl::Stream& stream = impl_->Touch(GetBE(datagram, 8, 8));
-    stream.announced = std::max(stream.announced, GetBE(datagram, 16, 8));
+  } else {
+    if (size < kDataHeaderBytes + kDiodeTagBytes) {
+      return malformed("truncated: " + std::to_string(size) + " bytes, a data datagram needs " +
+                       std::to_string(kDataHeaderBytes + kDiodeTagBytes) + " and its shard");
+    }
+    h.message_id = GetBE(datagram, 40, 8);
+    h.message_len = static_cast<std::uint32_t>(GetBE(datagram, 48, 4));
+    h.block_index = static_cast<std::uint32_t>(GetBE(datagram, 52, 4));
+    h.block_count = static_cast<std::uint32_t>(GetBE(datagram, 56, 4));
+    h.k = static_cast<std::uint16_t>(GetBE(datagram, 60, 2));
+    h.m = static_cast<std::uint16_t>(GetBE(datagram, 62, 2));
+    h.shard_index = static_cast<std::uint16_t>(GetBE(datagram, 64, 2));
+    h.shard_bytes = static_cast<std::uint16_t>(GetBE(datagram, 66, 2));
+    h.payload = datagram.substr(kDataHeaderBytes, size - kDataHeaderBytes - kDiodeTagBytes);
+    if (h.payload.size() != h.shard_bytes) {
+      return malformed("length " + std::to_string(size) + " does not match shard_bytes " +
+                       std::to_string(h.shard_bytes) + " (want " +
+                       std::to_string(kDataHeaderBytes + h.shard_bytes + kDiodeTagBytes) + ")");
+    }
+    if (Status st = CheckDataHeader(h); !st.ok()) return malformed(st.message());
+  }
+  // Its stream must be one kept for the sender (or a newer one), its number new.
+  bool stale = false;
+  Impl::Stream* stream = im.Find(auth.sender, in.stream_id, &stale);
+  if (stale) {
+    return reject(DiodeReject::kStaleStream,
+                  "stream " + std::to_string(in.stream_id) + " of sender " + Hex16(in.sender_id) +
+                      " is older than stream " + std::to_string(im.Highest(auth.sender)) +
+                      ", the newest seen from it (a replay, or a late datagram of an earlier run)");
+  }
+  if (stream != nullptr) {
+    switch (stream->seen.Check(in.seq)) {
+      case ReplayWindow::Seen::kNew:
+        break;
+      case ReplayWindow::Seen::kAgain:
+        return reject(DiodeReject::kReplay, "seq " + std::to_string(in.seq) + " of stream " +
+                                                std::to_string(in.stream_id) +
+                                                " was received before");
+      case ReplayWindow::Seen::kTooOld:
+        return reject(DiodeReject::kReplay, "seq " + std::to_string(in.seq) + " of stream " +
+                                                std::to_string(in.stream_id) +
+                                                " is older than the replay window (" +
+                                                std::to_string(kDiodeReplayWindow) + " below " +
+                                                std::to_string(stream->seen.highest()) + ")");
+    }
+    if (type == kTypeData) {
+      if (auto p = stream->pending.find(h.message_id); p != stream->pending.end()) {
+        if (Status st = Impl::CheckAgainst(h, p->second); !st.ok()) return malformed(st.message());
+      }
+    }
+  }
+  // Valid: state may change.
+  if (stream == nullptr) stream = &im.Create(auth.sender, in.stream_id);
+  stream->seen.Mark(in.seq);
+  if (type == kTypeHeartbeat) {
+    stream->announced = std::max(stream->announced, GetBE(datagram, 40, 8));
     return Status::Ok();
   }
-  if (datagram.size() < kDataHeaderBytes) {
-    return reject(Status::Error("truncated: " + std::to_string(datagram.size()) +
-                                " bytes, data header is " + std::to_string(kDataHeaderBytes)));
-  }
-  DataHeader h;
-  h.stream_id = GetBE(datagram, 8, 8);
-  h.message_id = GetBE(datagram, 16, 8);
-  h.message_len = static_cast<std::uint32_t>(GetBE(datagram, 24, 4));
-  h.block_index = static_cast<std::uint32_t>(GetBE(datagram, 28, 4));
-  h.block_count = static_cast<std::uint32_t>(GetBE(datagram, 32, 4));
-  h.k = static_cast<std::uint16_t>(GetBE(datagram, 36, 2));
-  h.m = static_cast<std::uint16_t>(GetBE(datagram, 38, 2));
-  h.shard_index = static_cast<std::uint16_t>(GetBE(datagram, 40, 2));
-  h.shard_bytes = static_cast<std::uint16_t>(GetBE(datagram, 42, 2));
-  h.payload = datagram.substr(kDataHeaderBytes);
-  if (h.payload.size() != h.shard_bytes) {
-    return reject(Status::Error("length " + std::to_string(datagram.size()) +
-                                " does not match shard_bytes " + std::to_string(h.shard_bytes) +
-                                " (want " + std::to_string(kDataHeaderBytes + h.shard_bytes) +
-                                ")"));
-  }
-  if (Status st = CheckDataHeader(h); !st.ok()) return reject(st);
-  if (Status st = impl_->FeedData(h, out); !st.ok()) return reject(st);
+  im.FeedData({auth.sender, in.stream_id, h.message_id}, *stream, h, out);
   return Status::Ok();
+}
+
+void DiodeDecoder::Reopen(std::uint32_t sender, std::uint64_t stream_id, std::uint64_t message_id) {
+  Impl& im = *impl_;
+  bool stale = false;
+  Impl::Stream* stream = im.Find(sender, stream_id, &stale);
+  if (stream == nullptr) return;
+  std::uint64_t forgotten = 0;
+  if (!stream->completed.Remove(message_id, im.limits.max_completed_ranges, &forgotten)) return;
+  stream->forgotten_missing += forgotten;
+  im.DropFinal(*stream);
+  --stream->completed_count;
+  ++im.reopened;
+}
+
+void DiodeDecoder::SetStreamFloor(std::uint32_t sender, std::uint64_t stream_id) {
+  Impl::Sender& snd = impl_->senders[sender];
+  snd.floor = std::max(snd.floor, stream_id);
+  while (!snd.streams.empty() && snd.streams.begin()->first < snd.floor) {
+    impl_->DropStream(snd, snd.streams.begin());
+    ++impl_->streams_dropped;
+  }
+}
+
+std::uint64_t DiodeDecoder::HighestStream(std::uint32_t sender) const {
+  return impl_->Highest(sender);
 }
 
 std::vector<DiodeDecoder::StreamState> DiodeDecoder::Streams() const {
   std::vector<StreamState> out;
-  for (const auto& [id, stream] : impl_->streams) {
-    out.push_back({id, stream.announced, stream.completed_count, stream.recovered_shards});
+  for (const auto& [sender, snd] : impl_->senders) {
+    for (const auto& [id, stream] : snd.streams) {
+      out.push_back({sender, id, stream.announced, stream.completed_count, stream.recovered_shards,
+                     stream.forgotten_missing});
+    }
   }
   return out;
 }
 
-std::vector<std::uint64_t> DiodeDecoder::Incomplete(std::uint64_t stream_id) const {
-  auto it = impl_->streams.find(stream_id);
-  if (it == impl_->streams.end()) return {};
-  return it->second.completed.Missing(it->second.announced, kMaxIncompleteListed);
+std::vector<std::uint64_t> DiodeDecoder::Incomplete(std::uint32_t sender,
+                                                    std::uint64_t stream_id) const {
+  bool stale = false;
+  const Impl::Stream* stream = impl_->Find(sender, stream_id, &stale);
+  if (stream == nullptr) return {};
+  return stream->completed.Missing(stream->announced, kMaxIncompleteListed);
 }
 
-std::uint64_t DiodeDecoder::MissingCount(std::uint64_t stream_id) const {
-  auto it = impl_->streams.find(stream_id);
-  if (it == impl_->streams.end()) return 0;
-  return it->second.completed.CountMissing(it->second.announced);
+std::uint64_t DiodeDecoder::MissingCount(std::uint32_t sender, std::uint64_t stream_id) const {
+  bool stale = false;
+  const Impl::Stream* stream = impl_->Find(sender, stream_id, &stale);
+  return stream == nullptr ? 0 : stream->Missing();
+}
+
+std::uint64_t DiodeDecoder::MissingCount() const {
+  std::uint64_t total = 0;
+  for (const auto& [sender, snd] : impl_->senders) {
+    total = SaturatingAdd(total, snd.dropped_missing);
+    for (const auto& [id, stream] : snd.streams) total = SaturatingAdd(total, stream.Missing());
+  }
+  return total;
+}
+
+std::optional<DiodeDecoder::StreamRecord> DiodeDecoder::Record(
+    std::uint32_t sender, const std::vector<std::uint64_t>& unsettled) const {
+  auto sit = impl_->senders.find(sender);
+  if (sit == impl_->senders.end() || sit->second.streams.empty()) return std::nullopt;
+  const Impl::Sender& snd = sit->second;
+  const auto& [stream_id, stream] = *snd.streams.rbegin();
+  StreamRecord r;
+  r.stream_id = stream_id;
+  r.highest_seq = stream.seen.highest();
+  r.announced = stream.announced;
+  r.final_through = stream.completed.forgotten_through();
+  r.final_missing = stream.forgotten_missing;
+  r.carried_missing = snd.dropped_missing;
+  for (auto it = snd.streams.begin(); it->first != stream_id; ++it) {
+    r.carried_missing = SaturatingAdd(r.carried_missing, it->second.Missing());
+  }
+  IdRanges completed = stream.completed;
+  std::uint64_t ignored = 0;
+  for (std::uint64_t id : unsettled) {
+    (void)completed.Remove(id, std::numeric_limits<std::size_t>::max(), &ignored);
+  }
+  for (const auto& range : completed.ranges()) r.completed.push_back(range);
+  return r;
+}
+
+void DiodeDecoder::Restore(std::uint32_t sender, const StreamRecord& record) {
+  Impl& im = *impl_;
+  SetStreamFloor(sender, record.stream_id);
+  Impl::Sender& snd = im.senders[sender];
+  if (snd.streams.count(record.stream_id) != 0 || im.Highest(sender) > record.stream_id) return;
+  Impl::Stream& stream = im.Create(sender, record.stream_id);
+  stream.announced = record.announced;
+  stream.forgotten_missing = SaturatingAdd(
+      record.final_missing, stream.completed.Restore(record.completed, record.final_through,
+                                                     im.limits.max_completed_ranges));
+  stream.seen.Restore(record.highest_seq);
+  snd.dropped_missing = SaturatingAdd(snd.dropped_missing, record.carried_missing);
+}
+
+std::string DiodeDecoder::StreamRecord::Encode() const {
+  std::string out = "diode-stream-record-1";
+  for (std::uint64_t v :
+       {stream_id, highest_seq, announced, final_through, final_missing, carried_missing}) {
+    out += " " + std::to_string(v);
+  }
+  out += " ";
+  for (const auto& [first, last] : completed) {
+    out += std::to_string(first) + "-" + std::to_string(last) + ",";
+  }
+  return out;
+}
+
+std::optional<DiodeDecoder::StreamRecord> DiodeDecoder::StreamRecord::Decode(
+    std::string_view text) {
+  constexpr std::string_view kTag = "diode-stream-record-1 ";
+  if (text.substr(0, kTag.size()) != kTag) return std::nullopt;
+  text.remove_prefix(kTag.size());
+  // Reads a decimal u64 ending at `end` (a space, '-' or ','), consuming it.
+  auto number = [&text](char end, std::uint64_t* out) {
+    std::uint64_t v = 0;
+    std::size_t i = 0;
+    for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+      const std::uint64_t digit = static_cast<std::uint64_t>(text[i] - '0');
+      if (v > (~std::uint64_t{0} - digit) / 10) return false;
+      v = v * 10 + digit;
+    }
+    if (i == 0 || i >= text.size() || text[i] != end) return false;
+    text.remove_prefix(i + 1);
+    *out = v;
+    return true;
+  };
+  StreamRecord r;
+  for (std::uint64_t* field : {&r.stream_id, &r.highest_seq, &r.announced, &r.final_through,
+                               &r.final_missing, &r.carried_missing}) {
+    if (!number(' ', field)) return std::nullopt;
+  }
+  std::uint64_t above = r.final_through;  // ranges must be sorted, disjoint, non-adjacent
+  bool first_range = true;
+  while (!text.empty()) {
+    std::uint64_t a = 0, b = 0;
+    if (!number('-', &a) || !number(',', &b) || a > b || a <= above ||
+        (!first_range && a == above + 1)) {
+      return std::nullopt;
+    }
+    r.completed.emplace_back(a, b);
+    above = b;
+    first_range = false;
+  }
+  return r;
 }
 
 std::size_t DiodeDecoder::pending_bytes() const { return impl_->pending_bytes; }
 std::uint64_t DiodeDecoder::recovered_shards() const { return impl_->recovered_shards; }
 std::uint64_t DiodeDecoder::streams_dropped() const { return impl_->streams_dropped; }
+std::uint64_t DiodeDecoder::rejected(DiodeReject reason) const {
+  return impl_->rejected[static_cast<std::size_t>(reason)];
+}
+std::uint64_t DiodeDecoder::reopened() const { return impl_->reopened; }
 
 }  // namespace relay::transports
