@@ -86,6 +86,13 @@ int CmdCheckConfig(const po::variables_map& vm) {
     std::printf("%s\n", cfg.message().c_str());
     return 1;
   }
+  std::vector<std::string> notes;
+  Status secrets = CheckSecretFiles(*cfg, &notes);
+  for (const std::string& note : notes) std::printf("note: %s\n", note.c_str());
+  if (!secrets) {
+    std::printf("%s\n", secrets.message().c_str());
+    return 1;
+  }
   std::printf("%s: ok (site '%s', %zu peer(s), %zu channel(s))\n", cfg->path.c_str(),
               cfg->site_name.c_str(), cfg->peers.size(), cfg->channels.size());
   return 0;

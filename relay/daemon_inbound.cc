@@ -23,8 +23,10 @@ using daemon_detail::kNextOut;
 using daemon_detail::NowMs;
 using daemon_detail::RangesKey;
 
-crypto::OpenResult Daemon::Impl::OpenFrameAny(std::string_view bytes) const {
-  auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
+crypto::OpenResult Daemon::Impl::OpenFrameAny(std::string_view bytes,
+                                              std::optional<std::size_t>* expired) const {
+  const auto now = std::chrono::system_clock::now();
+  auto lookup = [&](const crypto::PublicKey& pk) { return LookupPeer(pk, now, expired); };
   crypto::OpenResult r = crypto::OpenFrame(*key, lookup, bytes);
   if (!r.ok() && previous_key && r.rejection.reason == crypto::RejectReason::kWrongRecipient) {
     crypto::OpenResult old = crypto::OpenFrame(*previous_key, lookup, bytes);
@@ -50,6 +52,9 @@ void Daemon::Impl::OnRejectedControl(const std::string& reason, const std::strin
       ++metrics.frames_rejected[i];
       break;
     }
+  }
+  for (std::size_t i = 0; i < static_cast<std::size_t>(InboundDrop::kCount); ++i) {
+    if (reason == InboundDropName(static_cast<InboundDrop>(i))) ++metrics.inbound_dropped[i];
   }
   if (warn_limiter.Allow()) log::Warning(message);
 }
@@ -164,8 +169,14 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   ChunkWriter chunks;
   Status spool_status;
   for (ReceivedFrame& rf : work) {
-    crypto::OpenResult opened = OpenFrameAny(rf.bytes);
+    std::optional<std::size_t> expired;
+    crypto::OpenResult opened = OpenFrameAny(rf.bytes, &expired);
     if (!opened.ok()) {
+      if (expired) {
+        std::string message = RejectPreviousKeyExpired(*expired, "a frame");
+        if (bundle && bundle->all_or_nothing) return Status::Error(message);
+        continue;
+      }
       Reject(opened.rejection.reason, opened.rejection.message);
       if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);
       continue;

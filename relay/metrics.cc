@@ -35,6 +35,8 @@ const char* InboundDropName(InboundDrop d) {
       return "unroutable";
     case InboundDrop::kLoop:
       return "loop";
+    case InboundDrop::kPreviousKeyExpired:
+      return "previous_key_expired";
     case InboundDrop::kCount:
       break;
   }

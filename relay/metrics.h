@@ -33,6 +33,9 @@ enum class InboundDrop : std::size_t {
   kGap = 0,     // frame starts after a sequence not yet received (resent later)
   kUnroutable,  // event for a channel not bridged with that peer
   kLoop,        // event whose hop list already holds this site
+  // Signed with a peer's previous key after [peer] previous_public_key_until (a frame, control
+  // message, bundle or ack file).
+  kPreviousKeyExpired,
   kCount
 };
 
