@@ -158,6 +158,13 @@ int CmdStatus(const po::variables_map& vm) {
                   static_cast<long long>(num(p, "acked_through")), ago.c_str());
     }
   }
+  simdjson::dom::array warnings;
+  if (!doc["warnings"].get(warnings)) {
+    for (simdjson::dom::element w : warnings) {
+      std::string_view text;
+      if (!w.get(text)) std::printf("warning: %.*s\n", static_cast<int>(text.size()), text.data());
+    }
+  }
   return 0;
 }
 
