@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "chat/mattermost_client.h"
 #include "relay/json.h"
 #include "relay/log.h"
 
@@ -480,6 +481,13 @@ Status CheckSecretFiles(const config::Config& config, std::vector<std::string>* 
           !s) {
         problems.push_back(s.message());
       }
+    }
+  }
+  if (!config.mattermost_token_file.empty() &&
+      readable_here("[mattermost] token_file", config.mattermost_token_file)) {
+    if (auto token = chat::LoadMattermostToken(config.mattermost_token_file); !token) {
+      problems.push_back(config.path + ": " +
+                         token.status().Wrap("[mattermost] token_file").message());
     }
   }
   if (problems.empty()) return Status::Ok();

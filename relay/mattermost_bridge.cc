@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -1032,18 +1031,9 @@ Status MattermostBridge::Start() {
   m.options.client_key = m.config.mattermost_client_key;
   m.options.timeout = m.config.mattermost_timeout;
   if (m.capture_enabled) {
-    std::ifstream in(m.config.mattermost_token_file);
-    if (!in) {
-      return Status::Error("cannot read the Mattermost token file '" +
-                           m.config.mattermost_token_file + "'");
-    }
-    std::getline(in, m.options.token);
-    while (!m.options.token.empty() &&
-           std::isspace(static_cast<unsigned char>(m.options.token.back())))
-      m.options.token.pop_back();
-    if (m.options.token.empty())
-      return Status::Error("the Mattermost token file '" + m.config.mattermost_token_file +
-                           "' is empty");
+    auto token = chat::LoadMattermostToken(m.config.mattermost_token_file);
+    if (!token) return token.status().Wrap("[mattermost] token_file");
+    m.options.token = std::move(token).value();
     m.capture_thread = std::thread([&m] {
       pthread_setname_np(pthread_self(), "relay-mm-capt");
       m.CaptureLoop();

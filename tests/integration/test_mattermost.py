@@ -35,7 +35,8 @@ class ChatSite:
         self.channel_id = self.emu.channel("war-room")["id"]
         self.site = test.site(name)
         self.token_file = os.path.join(self.site.dir, "mm.token")
-        with open(self.token_file, "w") as f:
+        # 0600, like a key file: the relay refuses a token file others can read.
+        with open(os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(BOT_TOKEN + "\n")
 
     def configure(self, peer, dial):
