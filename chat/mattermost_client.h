@@ -22,6 +22,11 @@
 
 namespace relay::chat {
 
+// Initialises libcurl once, with an allocator that wipes what curl frees (its request buffers
+// hold the Authorization header). MattermostClient and PostWebhook call it; anything else in the
+// process that uses libcurl must call it before its first curl call.
+void InitCurl();
+
 // Reads the [mattermost] token_file: a regular file of at most 4 KiB, not readable or writable
 // by group or others (the error names the mode and "chmod 600 FILE"), holding the token alone.
 // Errors name the file, never its content.
