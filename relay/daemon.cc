@@ -8,6 +8,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <systemd/sd-daemon.h>
 
 #include <unistd.h>
@@ -394,6 +395,14 @@ void Daemon::Stop() { impl_->Stop(); }
 std::uint16_t Daemon::ingest_port() const { return impl_->http ? impl_->http->port() : 0; }
 
 int RunDaemon(const std::string& config_path) {
+  // Before any secret is read: no core dumps of this process, and /proc/<pid>/{mem,environ,fd,
+  // maps,...} and ptrace only for root (CAP_SYS_PTRACE), not for other processes of the same user.
+  // (The unit also sets LimitCORE=0.)
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    log::Error(std::string("cannot make the process non-dumpable (prctl PR_SET_DUMPABLE): ") +
+               std::strerror(errno));
+    return 1;
+  }
   auto cfg = config::LoadConfig(config_path);
   if (!cfg) {
     log::Error("invalid configuration:\n" + cfg.message());
