@@ -1088,9 +1088,14 @@ Result<std::chrono::system_clock::time_point> ParseTime(const std::string& text)
     if (negative) offset = -offset;
   }
   if (!rest.empty()) return fail("unexpected " + Quote(rest) + " at the end");
-  // The local time minus its offset is UTC.
-  return system_clock::time_point(sys_days(date).time_since_epoch() + hours(h) + minutes(mi) +
-                                  seconds(sec) + fraction - offset);
+  // The local time minus its offset is UTC. system_clock counts nanoseconds in 64 bits (years
+  // 1678 to 2261): keep well inside, where FormatTime writes the same time back.
+  const sys_time<milliseconds> time =
+      sys_days(date) + hours(h) + minutes(mi) + seconds(sec) + fraction - offset;
+  if (time < sys_days(year{1900} / January / 1) || time >= sys_days(year{2200} / January / 1)) {
+    return fail("the time in UTC must be in the years 1900 to 2199");
+  }
+  return time_point_cast<system_clock::duration>(time);
 }
 
 std::string FormatTime(std::chrono::system_clock::time_point time) {

@@ -130,7 +130,8 @@ Status CheckOwnKeys(const Config& config, const crypto::PublicIdentity& own,
 
 // An RFC 3339 time, e.g. "2026-12-31T00:00:00Z", "2026-12-31T01:30:00+01:30" or with fractions
 // of a second ("...00.250Z", kept to the millisecond). The offset (Z or +hh:mm / -hh:mm) is
-// required; a leap second (:60) is refused.
+// required; a leap second (:60) is refused, and so is a time outside the years 1900 to 2199 in UTC
+// (system_clock's nanoseconds cover 1678 to 2261).
 Result<std::chrono::system_clock::time_point> ParseTime(const std::string& text);
 // The time in UTC, "2026-12-31T00:00:00Z" (with milliseconds when there are any).
 std::string FormatTime(std::chrono::system_clock::time_point time);

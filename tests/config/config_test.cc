@@ -716,6 +716,8 @@ TEST_CASE("ParseTime and FormatTime: RFC 3339") {
   CHECK(at("2028-02-29T12:00:00Z") == 1835438400000);  // a leap year
   CHECK(at("1969-12-31T23:59:59Z") == -1000);
   CHECK(at(" 2026-12-31T00:00:00Z ") == 1798675200000);
+  CHECK(FormatTime(*ParseTime("1900-01-01T00:00:00Z")) == "1900-01-01T00:00:00Z");
+  CHECK(FormatTime(*ParseTime("2199-12-31T23:59:59.999Z")) == "2199-12-31T23:59:59.999Z");
 
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"", "the date must be YYYY-MM-DD"},
@@ -735,6 +737,9 @@ TEST_CASE("ParseTime and FormatTime: RFC 3339") {
       {"2026-12-31T00:00:00Z tomorrow", "unexpected ' tomorrow' at the end"},
       {"26-12-31T00:00:00Z", "the date must be YYYY-MM-DD"},
       {"next week", "the date must be YYYY-MM-DD"},
+      {"1900-01-01T00:00:00+00:01", "the time in UTC must be in the years 1900 to 2199"},
+      {"2199-12-31T23:59:59-00:01", "the time in UTC must be in the years 1900 to 2199"},
+      {"9999-12-31T23:59:59Z", "the time in UTC must be in the years 1900 to 2199"},
   };
   for (const auto& [text, why] : bad) {
     const auto parsed = ParseTime(text);
