@@ -21,6 +21,7 @@
 #include "chat/mattermost_client.h"
 
 #include <curl/curl.h>
+#include <malloc.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -37,6 +38,7 @@
 #include <boost/beast/websocket/ssl.hpp>
 #include <cctype>
 #include <charconv>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -430,10 +432,43 @@ MmError HttpStatusError(const std::string& what, long status, const std::string&
 // ---------------------------------------------------------------------------------------------
 // libcurl glue
 
-void GlobalCurlInit() {
-  static std::once_flag once;
-  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+// libcurl's memory, wiped when freed: its request buffers hold the Authorization header, and
+// left as they are they would keep copies of the token in freed heap memory (measured: 3 to 9 in
+// a daemon that had bridged for a few seconds). Requests to the chat server are few, so the cost
+// of zeroing what curl frees does not matter.
+void WipingFree(void* p) {
+  if (p == nullptr) return;
+  crypto::Wipe(p, ::malloc_usable_size(p));
+  std::free(p);
 }
+void* WipingMalloc(size_t size) { return std::malloc(size); }
+void* WipingCalloc(size_t n, size_t size) { return std::calloc(n, size); }
+char* WipingStrdup(const char* s) { return ::strdup(s); }
+// realloc would free the old block unwiped when it moves it: move by hand instead.
+void* WipingRealloc(void* p, size_t size) {
+  if (p == nullptr) return std::malloc(size);
+  const size_t old = ::malloc_usable_size(p);
+  if (size <= old) return p;  // a smaller request fits where it is
+  void* q = std::malloc(size);
+  if (q == nullptr) return nullptr;
+  std::memcpy(q, p, old);
+  WipingFree(p);
+  return q;
+}
+
+}  // namespace
+
+void InitCurl() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    curl_global_init_mem(CURL_GLOBAL_DEFAULT, WipingMalloc, WipingFree, WipingRealloc, WipingStrdup,
+                         WipingCalloc);
+  });
+}
+
+namespace {
+
+void GlobalCurlInit() { InitCurl(); }
 
 // curl_easy_setopt is variadic: pass exactly long, pointers or curl_off_t (see its manual), so
 // every call goes through one of these typed helpers.
@@ -454,8 +489,14 @@ CURLcode SetCallback(CURL* h, CURLoption option, CurlWriteFn fn) {
   return curl_easy_setopt(h, option, fn);
 }
 
+// Header lists may hold the Authorization header: their copies are wiped before they are freed.
 struct CurlSlistDeleter {
-  void operator()(curl_slist* l) const { curl_slist_free_all(l); }
+  void operator()(curl_slist* l) const {
+    for (curl_slist* node = l; node != nullptr; node = node->next) {
+      if (node->data != nullptr) crypto::Wipe(node->data, std::strlen(node->data));
+    }
+    curl_slist_free_all(l);
+  }
 };
 using CurlSlist = std::unique_ptr<curl_slist, CurlSlistDeleter>;
 
@@ -681,7 +722,16 @@ struct MattermostClient::Impl {
         headers.reset(l);
       }
     };
-    add_header("Authorization: Bearer " + options.token);
+    {
+      // Built in place and wiped once curl has its copy (the list, wiped when freed).
+      static constexpr std::string_view kPrefix = "Authorization: Bearer ";
+      const std::string_view token = options.token ? options.token->view() : std::string_view();
+      std::string header;
+      header.reserve(kPrefix.size() + token.size());
+      header.append(kPrefix).append(token);
+      add_header(header);
+      crypto::Wipe(&header);
+    }
     add_header("Accept: application/json");
     add_header("Expect:");  // no 100-continue round trip for uploads
     if (req.json_body) add_header("Content-Type: application/json");
@@ -1324,15 +1374,23 @@ struct MattermostWebSocket::Impl {
     // 4. WebSocket upgrade, authenticated by header.
     auto response = std::make_shared<websocket::response_type>();
     op = std::make_shared<OpState>();
-    const std::string authorization = "Bearer " + options.token;
+    // The decorator builds the header value from the shared token when the request is made and
+    // wipes its own copy (Beast's request, freed after the handshake, keeps the last one).
+    const std::shared_ptr<const crypto::Secret> token = options.token;
     c->Visit([&](auto& ws) {
       websocket::stream_base::timeout timeouts{};
       timeouts.handshake_timeout = options.timeout;
       timeouts.idle_timeout = websocket::stream_base::none();
       timeouts.keep_alive_pings = false;
       ws.set_option(timeouts);
-      ws.set_option(websocket::stream_base::decorator([authorization](websocket::request_type& r) {
-        r.set(http::field::authorization, authorization);
+      ws.set_option(websocket::stream_base::decorator([token](websocket::request_type& r) {
+        static constexpr std::string_view kPrefix = "Bearer ";
+        const std::string_view secret = token ? token->view() : std::string_view();
+        std::string value;
+        value.reserve(kPrefix.size() + secret.size());
+        value.append(kPrefix).append(secret);
+        r.set(http::field::authorization, value);
+        crypto::Wipe(&value);
         r.set(http::field::user_agent, kUserAgent);
       }));
       // From now on only the WebSocket's own (handshake/close) timeouts apply.
@@ -1481,6 +1539,12 @@ void MattermostWebSocket::Close() { impl_->Close(); }
 void MattermostWebSocket::Interrupt() {
   impl_->interrupted.store(true);
   impl_->ioc.stop();
+}
+
+Result<std::shared_ptr<const crypto::Secret>> LoadMattermostToken(const std::string& path) {
+  auto token = crypto::ReadTokenFile(path, "Mattermost token file");
+  if (!token) return token.status();
+  return std::make_shared<const crypto::Secret>(std::move(token).value());
 }
 
 }  // namespace relay::chat

@@ -17,12 +17,27 @@
 #include <string_view>
 #include <vector>
 
+#include "crypto/secret.h"
+#include "relay/status.h"
+
 namespace relay::chat {
 
+// Initialises libcurl once, with an allocator that wipes what curl frees (its request buffers
+// hold the Authorization header). MattermostClient and PostWebhook call it; anything else in the
+// process that uses libcurl must call it before its first curl call.
+void InitCurl();
+
+// Reads the [mattermost] token_file: a regular file of at most 4 KiB, not readable or writable
+// by group or others (the error names the mode and "chmod 600 FILE"), holding the token alone.
+// Errors name the file, never its content.
+Result<std::shared_ptr<const crypto::Secret>> LoadMattermostToken(const std::string& path);
+
 struct MattermostOptions {
-  std::string url;      // "https://chat.example" or "http://127.0.0.1:8065" (no trailing slash)
-  std::string token;    // bot or personal access token
-  std::string ca_file;  // optional CA bundle for TLS
+  std::string url;  // "https://chat.example" or "http://127.0.0.1:8065" (no trailing slash)
+  // The bot's (or a personal) access token, from LoadMattermostToken: one locked, wiped copy
+  // shared by every client and WebSocket made from these options.
+  std::shared_ptr<const crypto::Secret> token;
+  std::string ca_file;                  // optional CA bundle for TLS
   std::string client_cert, client_key;  // optional, for mutual TLS
   std::chrono::milliseconds timeout{10000};
 };

@@ -32,6 +32,7 @@ void Set(CURL* c, CURLoption o, T v) {
 MmResult<bool> PostWebhook(const std::string& url, const std::string& json_body,
                            const MattermostOptions& options) {
   MmResult<bool> result;
+  InitCurl();
   std::unique_ptr<CURL, void (*)(CURL*)> curl(curl_easy_init(), curl_easy_cleanup);
   if (!curl) {
     result.error.message = "webhook: curl_easy_init failed";

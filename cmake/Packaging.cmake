@@ -15,6 +15,12 @@ install(FILES ${PROJECT_SOURCE_DIR}/deploy/relay@.service DESTINATION lib/system
 # Example site configurations.
 file(GLOB relay_example_configs CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/deploy/examples/*.conf)
 install(FILES ${relay_example_configs} DESTINATION ${CMAKE_INSTALL_DOCDIR}/examples)
+# Example drop-ins for the unit (removable media for bundle folders), copied by the admin into
+# /etc/systemd/system/relay@.service.d/ (docs/deployment.md).
+file(GLOB relay_example_dropins CONFIGURE_DEPENDS
+     ${PROJECT_SOURCE_DIR}/deploy/relay@.service.d/*.conf.example)
+install(FILES ${relay_example_dropins}
+        DESTINATION ${CMAKE_INSTALL_DOCDIR}/examples/relay@.service.d)
 
 # Documentation: README.md and docs/*.md.
 file(GLOB relay_docs CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/docs/*.md)

@@ -259,6 +259,48 @@ SectionKind KindOf(std::string_view name) {
   return SectionKind::kUnknown;
 }
 
+// One place a public identity is named: "[peer.aws] public_key", "[site] key_file", ...
+struct KeyUse {
+  std::string where;
+  std::string value;  // quoted in messages: the key as written, or the key file's path
+  const crypto::PublicIdentity* identity;
+};
+
+// What two identities share: "public key" (both keys), "signing key", "box key", or "" (none).
+std::string_view SharedKey(const crypto::PublicIdentity& a, const crypto::PublicIdentity& b) {
+  const bool sign = a.sign_pk == b.sign_pk;
+  const bool box = a.box_pk == b.box_pk;
+  if (sign && box) return "public key";
+  if (sign) return "signing key";
+  if (box) return "box key";
+  return "";
+}
+
+struct RepeatedKey {
+  std::size_t earlier, later;  // indexes into the uses
+  std::string_view what;       // SharedKey
+};
+
+// Every use whose key appeared earlier in `uses`, with the first earlier use it repeats.
+std::vector<RepeatedKey> FindRepeatedKeys(const std::vector<KeyUse>& uses) {
+  std::vector<RepeatedKey> repeats;
+  for (std::size_t j = 0; j < uses.size(); ++j) {
+    for (std::size_t i = 0; i < j; ++i) {
+      const std::string_view what = SharedKey(*uses[i].identity, *uses[j].identity);
+      if (what.empty()) continue;
+      repeats.push_back({i, j, what});
+      break;  // one report per use
+    }
+  }
+  return repeats;
+}
+
+// "<later where> = '<value>': same signing key as <earlier where>"
+std::string RepeatedKeyMessage(const std::vector<KeyUse>& uses, const RepeatedKey& r) {
+  return uses[r.later].where + " = " + Quote(uses[r.later].value) + ": same " +
+         std::string(r.what) + " as " + uses[r.earlier].where;
+}
+
 // Loads one file: a line scan for syntax and comments, Boost.Program_options for the key/value
 // pairs, then validation of every section. Problems are collected, never thrown.
 class Loader {
@@ -307,6 +349,7 @@ class Loader {
   std::vector<std::string> ReadPeerList(const Section& section, const Entry& entry,
                                         std::string_view self = {});
   void ValidateMattermost(const Section* section);
+  void CheckPeerKeys();
 
   std::string display_name_;
   Config* config_;
@@ -315,6 +358,7 @@ class Loader {
   std::set<std::string> declared_peers_;  // every [peer.X], valid or not (avoids cascades)
   std::map<std::string, std::string> jsonl_paths_;  // resolved path -> channel
   std::vector<std::string> mattermost_channels_;    // channels with sink = mattermost
+  std::set<std::string> parsed_keys_;               // peers whose public_key parsed
 };
 
 // Handles what Boost does not, line by line, and returns text for Boost with every bad line
@@ -727,15 +771,36 @@ void Loader::ValidatePeer(const Section& section) {
             {"public_key", "zmq_connect", "files_dir", "diode_send", "window", "max_frame_events",
              "max_frame_bytes", "diode_rate", "diode_data_shards", "diode_parity_shards",
              "diode_interleave", "diode_retention", "files_auto", "max_queue", "files_interval",
-             "previous_public_key", "via", "max_inbound", "max_spool"});
+             "previous_public_key", "previous_public_key_until", "via", "max_inbound",
+             "max_spool"});
   if (const Entry* via = Optional(section, "via"))
     peer.via = ReadPeerList(section, *via, peer.name);
-  if (const Entry* prev = Optional(section, "previous_public_key")) {
+  // A rotation must end: the previous key (possibly the reason for the rotation, if it leaked)
+  // is accepted only until a stated time, never open-ended.
+  const Entry* prev = Optional(section, "previous_public_key");
+  const Entry* until = Optional(section, "previous_public_key_until");
+  if (prev != nullptr) {
     auto identity = crypto::PublicIdentity::Parse(prev->value);
     if (identity) {
       peer.previous_public_key = *identity;
     } else {
       ValueProblem(section, *prev, "bad public key: " + identity.message());
+    }
+    if (until == nullptr && FindEntry(section, "previous_public_key_until") == nullptr) {
+      Problem("[" + section.name +
+              "] previous_public_key needs previous_public_key_until = <RFC 3339 time>, the "
+              "moment the previous key stops being accepted (e.g. "
+              "previous_public_key_until = 2026-12-31T00:00:00Z): a key rotation must end");
+    }
+  }
+  if (until != nullptr) {
+    auto time = ParseTime(until->value);
+    if (!time) {
+      ValueProblem(section, *until, time.message());
+    } else if (prev == nullptr) {
+      ValueProblem(section, *until, "only used with previous_public_key");
+    } else {
+      peer.previous_public_key_until = *time;
     }
   }
   if (const Entry* key = Required(section, "public_key")) {
@@ -744,11 +809,7 @@ void Loader::ValidatePeer(const Section& section) {
       ValueProblem(section, *key, "bad public key: " + identity.message());
     } else {
       peer.public_key = *identity;
-      for (const PeerConfig& other : config_->peers) {
-        if (other.public_key == peer.public_key) {
-          ValueProblem(section, *key, "same public key as [peer." + other.name + "]");
-        }
-      }
+      parsed_keys_.insert(peer.name);
     }
   }
   if (const Entry* connect = Optional(section, "zmq_connect")) {
@@ -807,7 +868,7 @@ void Loader::ValidateOrigin(const Section& section) {
             "] already: its key is the peer's public_key (use [peer." + origin.name +
             "] via = ... for the peers that may forward its events)");
   }
-  CheckKeys(section, {"public_key", "previous_public_key", "via"});
+  CheckKeys(section, {"public_key", "previous_public_key", "previous_public_key_until", "via"});
   if (const Entry* key = Required(section, "public_key")) {
     auto identity = crypto::PublicIdentity::Parse(key->value);
     if (identity) {
@@ -816,12 +877,27 @@ void Loader::ValidateOrigin(const Section& section) {
       ValueProblem(section, *key, "bad public key: " + identity.message());
     }
   }
+  const Entry* until = Optional(section, "previous_public_key_until");
   if (const Entry* prev = Optional(section, "previous_public_key")) {
     auto identity = crypto::PublicIdentity::Parse(prev->value);
     if (identity) {
       origin.previous_public_key = *identity;
     } else {
       ValueProblem(section, *prev, "bad public key: " + identity.message());
+    }
+    if (until == nullptr && FindEntry(section, "previous_public_key_until") == nullptr)
+      Problem("[" + section.name +
+              "] previous_public_key needs previous_public_key_until = <RFC 3339 time>: a key "
+              "rotation must end");
+  }
+  if (until != nullptr) {
+    auto time = ParseTime(until->value);
+    if (!time) {
+      ValueProblem(section, *until, time.message());
+    } else if (!origin.previous_public_key) {
+      ValueProblem(section, *until, "only used with previous_public_key");
+    } else {
+      origin.previous_public_key_until = *time;
     }
   }
   if (const Entry* via = Required(section, "via", "the peers that may forward its events"))
@@ -949,6 +1025,31 @@ void Loader::ValidateMattermost(const Section* section) {
     config_->mattermost_icon_url = icon->value;
 }
 
+// A signing or box key belongs to one site: two peers cannot share one, a peer's current key
+// cannot be another's previous one, and a peer's previous key cannot be its current one. (This
+// site's own keys are checked by CheckOwnKeys, which needs the key file.)
+void Loader::CheckPeerKeys() {
+  std::vector<KeyUse> uses;
+  for (const PeerConfig& peer : config_->peers) {
+    if (parsed_keys_.count(peer.name)) {
+      uses.push_back(
+          {"[peer." + peer.name + "] public_key", peer.public_key.ToString(), &peer.public_key});
+    }
+    if (peer.previous_public_key) {
+      uses.push_back({"[peer." + peer.name + "] previous_public_key",
+                      peer.previous_public_key->ToString(), &*peer.previous_public_key});
+    }
+  }
+  for (const RepeatedKey& r : FindRepeatedKeys(uses)) {
+    const std::string& earlier = uses[r.earlier].where;
+    const std::string& later = uses[r.later].where;
+    const bool same_peer = earlier.substr(0, earlier.find(']')) == later.substr(0, later.find(']'));
+    Problem(RepeatedKeyMessage(uses, r) +
+            (same_peer ? " (previous_public_key is the key being replaced, not the new one)"
+                       : " (each site has its own keys: paste each peer's `relay pubkey` output)"));
+  }
+}
+
 void Loader::Load(const std::string& text) {
   ParseWithBoost(Prescan(text));
 
@@ -973,6 +1074,7 @@ void Loader::Load(const std::string& text) {
   for (const Section& section : sections_) {
     if (KindOf(section.name) == SectionKind::kPeer) ValidatePeer(section);
   }
+  CheckPeerKeys();
   for (const Section& section : sections_) {
     if (KindOf(section.name) == SectionKind::kOrigin) ValidateOrigin(section);
   }
@@ -983,6 +1085,53 @@ void Loader::Load(const std::string& text) {
 }
 
 }  // namespace
+
+const crypto::PublicIdentity* PeerConfig::PreviousKeyAt(
+    std::chrono::system_clock::time_point now) const {
+  if (!previous_public_key || !crypto::PreviousKeyAccepted(previous_public_key_until, now)) {
+    return nullptr;
+  }
+  return &*previous_public_key;
+}
+
+bool PeerConfig::PreviousKeyExpiredAt(std::chrono::system_clock::time_point now) const {
+  return previous_public_key && !crypto::PreviousKeyAccepted(previous_public_key_until, now);
+}
+
+Status CheckOwnKeys(const Config& config, const crypto::PublicIdentity& own,
+                    const crypto::PublicIdentity* own_previous) {
+  // This site's keys first, so that every repeat is reported at the peer that repeats them.
+  std::vector<KeyUse> uses = {{"[site] key_file", config.key_file, &own}};
+  if (own_previous != nullptr) {
+    uses.push_back({"[site] previous_key_file", config.previous_key_file, own_previous});
+  }
+  const std::size_t own_count = uses.size();
+  for (const PeerConfig& peer : config.peers) {
+    uses.push_back(
+        {"[peer." + peer.name + "] public_key", peer.public_key.ToString(), &peer.public_key});
+    if (peer.previous_public_key) {
+      uses.push_back({"[peer." + peer.name + "] previous_public_key",
+                      peer.previous_public_key->ToString(), &*peer.previous_public_key});
+    }
+  }
+  std::string message;
+  for (const RepeatedKey& r : FindRepeatedKeys(uses)) {
+    // Repeats among the peers alone are LoadConfig's to report. This site's keys come first, so
+    // a peer key equal to one of them is reported against it.
+    if (r.earlier >= own_count) continue;
+    if (!message.empty()) message += '\n';
+    message += config.path + ": " + RepeatedKeyMessage(uses, r);
+    if (r.later < own_count) {
+      message += " (previous_key_file is the key being replaced: the old key file)";
+    } else {
+      message += " ('" + uses[r.earlier].value +
+                 "' is this site's own key; a peer's key is the output of `relay pubkey` on "
+                 "that site)";
+    }
+  }
+  if (message.empty()) return Status::Ok();
+  return Status::Error(message);
+}
 
 const PeerConfig* Config::FindPeer(const std::string& name) const {
   for (const PeerConfig& peer : peers) {
@@ -1049,6 +1198,96 @@ Result<std::uint64_t> ParseSize(const std::string& text) {
 
 Result<Endpoint> ParseEndpoint(const std::string& text) {
   return ParseHostPort(text, /*allow_wildcard=*/false);
+}
+
+Result<std::chrono::system_clock::time_point> ParseTime(const std::string& text) {
+  using namespace std::chrono;
+  const auto fail = [&](const std::string& why) {
+    return Status::Error("bad time " + Quote(text) + ": " + why +
+                         " (expected an RFC 3339 time such as 2026-12-31T00:00:00Z)");
+  };
+  std::string_view rest = Trim(text);
+  // Reads exactly `n` digits.
+  const auto digits = [&](std::size_t n, int* out) {
+    if (rest.size() < n || !AllOf(rest.substr(0, n), IsDigit)) return false;
+    *out = 0;
+    for (std::size_t i = 0; i < n; ++i) *out = *out * 10 + (rest[i] - '0');
+    rest.remove_prefix(n);
+    return true;
+  };
+  const auto literal = [&](std::string_view chars) {
+    if (rest.empty() || chars.find(rest.front()) == std::string_view::npos) return false;
+    rest.remove_prefix(1);
+    return true;
+  };
+  int y = 0, mo = 0, d = 0, h = 0, mi = 0, sec = 0;
+  if (!digits(4, &y) || !literal("-") || !digits(2, &mo) || !literal("-") || !digits(2, &d)) {
+    return fail("the date must be YYYY-MM-DD");
+  }
+  if (!literal("Tt")) return fail("expected 'T' between the date and the time");
+  if (!digits(2, &h) || !literal(":") || !digits(2, &mi) || !literal(":") || !digits(2, &sec)) {
+    return fail("the time of day must be hh:mm:ss");
+  }
+  const year_month_day date{year{y}, month{static_cast<unsigned>(mo)},
+                            day{static_cast<unsigned>(d)}};
+  if (!date.ok()) return fail("there is no such date");
+  if (h > 23 || mi > 59) return fail("there is no such time of day");
+  if (sec > 59) return fail("seconds must be 00 to 59 (leap seconds are not accepted)");
+  milliseconds fraction{0};
+  if (literal(".")) {
+    std::size_t n = 0;
+    int ms = 0;
+    while (n < rest.size() && IsDigit(rest[n])) {
+      if (n < 3) ms = ms * 10 + (rest[n] - '0');
+      ++n;
+    }
+    if (n == 0) return fail("expected digits after '.'");
+    for (std::size_t i = n; i < 3; ++i) ms *= 10;
+    fraction = milliseconds(ms);
+    rest.remove_prefix(n);
+  }
+  minutes offset{0};
+  if (!literal("Zz")) {
+    if (rest.empty() || (rest.front() != '+' && rest.front() != '-')) {
+      return fail("missing the offset from UTC (Z, +hh:mm or -hh:mm)");
+    }
+    const bool negative = rest.front() == '-';
+    rest.remove_prefix(1);
+    int oh = 0, om = 0;
+    if (!digits(2, &oh) || !literal(":") || !digits(2, &om) || oh > 23 || om > 59) {
+      return fail("the offset must be Z, +hh:mm or -hh:mm");
+    }
+    offset = minutes(oh * 60 + om);
+    if (negative) offset = -offset;
+  }
+  if (!rest.empty()) return fail("unexpected " + Quote(rest) + " at the end");
+  // The local time minus its offset is UTC. system_clock counts nanoseconds in 64 bits (years
+  // 1678 to 2261): keep well inside, where FormatTime writes the same time back.
+  const sys_time<milliseconds> time =
+      sys_days(date) + hours(h) + minutes(mi) + seconds(sec) + fraction - offset;
+  if (time < sys_days(year{1900} / January / 1) || time >= sys_days(year{2200} / January / 1)) {
+    return fail("the time in UTC must be in the years 1900 to 2199");
+  }
+  return time_point_cast<system_clock::duration>(time);
+}
+
+std::string FormatTime(std::chrono::system_clock::time_point time) {
+  using namespace std::chrono;
+  const auto ms = time_point_cast<milliseconds>(time);
+  const sys_days day_start = floor<days>(ms);
+  const year_month_day date(day_start);
+  const hh_mm_ss<milliseconds> clock(ms - day_start);
+  char text[40];
+  std::snprintf(text, sizeof text, "%04d-%02u-%02uT%02d:%02d:%02d", static_cast<int>(date.year()),
+                static_cast<unsigned>(date.month()), static_cast<unsigned>(date.day()),
+                static_cast<int>(clock.hours().count()), static_cast<int>(clock.minutes().count()),
+                static_cast<int>(clock.seconds().count()));
+  std::string out = text;
+  if (clock.subseconds().count() != 0) {
+    std::snprintf(text, sizeof text, ".%03d", static_cast<int>(clock.subseconds().count()));
+    out += text;
+  }
+  return out + "Z";
 }
 
 }  // namespace relay::config

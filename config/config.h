@@ -24,8 +24,11 @@ struct Endpoint {  // host:port for TCP listeners
 struct PeerConfig {
   std::string name;                   // from [peer.NAME]
   crypto::PublicIdentity public_key;  // public_key =
-  // Key rotation: the peer's previous identity, still accepted while it rotates its key.
+  // Key rotation: the peer's previous identity, still accepted while it rotates its key, until
+  // previous_public_key_until (required with it). Use PreviousKeyAt, not these fields, to decide
+  // whether a message signed with the previous key is accepted.
   std::optional<crypto::PublicIdentity> previous_public_key;
+  std::chrono::system_clock::time_point previous_public_key_until{};
   std::string zmq_connect;  // optional, "tcp://host:port"
   std::string files_dir;    // optional (sneakernet, issue 4)
   bool files_auto = false;  // the daemon exports to and imports from files_dir by itself
@@ -50,6 +53,12 @@ struct PeerConfig {
   // Peers that may forward this peer's own events to this site (it always may send them
   // itself), e.g. the third side of a triangle.
   std::vector<std::string> via;
+
+  // The previous identity if it may still be used at `now` (crypto::PreviousKeyAccepted), else
+  // null: null also when there is none.
+  const crypto::PublicIdentity* PreviousKeyAt(std::chrono::system_clock::time_point now) const;
+  // True when there is a previous identity and `now` is past its previous_public_key_until.
+  bool PreviousKeyExpiredAt(std::chrono::system_clock::time_point now) const;
 };
 
 // [origin.NAME]: a site reached only through others, whose events this site accepts when they
@@ -57,7 +66,9 @@ struct PeerConfig {
 struct OriginConfig {
   std::string name;
   crypto::PublicIdentity public_key;  // only sign_pk is used: it verifies the origin signatures
+  // During the origin's key rotation, until previous_public_key_until (required with it).
   std::optional<crypto::PublicIdentity> previous_public_key;
+  std::chrono::system_clock::time_point previous_public_key_until{};
   std::vector<std::string> via;  // peer names
 };
 
@@ -136,6 +147,24 @@ struct Config {
 // Parses and validates `path`. On failure the Status message holds every problem, one per
 // line, e.g. "europe.conf: [peer.aws] public_key = 'xyz': bad public key: ...".
 Result<Config> LoadConfig(const std::string& path);
+
+// Checks this site's own public identity (`own`, from [site] key_file) and, during a rotation,
+// its previous one (`own_previous`, from [site] previous_key_file, or null) against every peer's
+// public_key and previous_public_key: no signing or box key may appear twice. LoadConfig cannot do
+// this (the public identity is in the key file); the daemon does it when it loads the key, and
+// `relay check-config` when it can read the key file. Every problem is one line naming both
+// sections, e.g. "europe.conf: [peer.aws] public_key = '...': its signing key is this site's own
+// key ([site] key_file '/etc/relay/europe.key')".
+Status CheckOwnKeys(const Config& config, const crypto::PublicIdentity& own,
+                    const crypto::PublicIdentity* own_previous);
+
+// An RFC 3339 time, e.g. "2026-12-31T00:00:00Z", "2026-12-31T01:30:00+01:30" or with fractions
+// of a second ("...00.250Z", kept to the millisecond). The offset (Z or +hh:mm / -hh:mm) is
+// required; a leap second (:60) is refused, and so is a time outside the years 1900 to 2199 in UTC
+// (system_clock's nanoseconds cover 1678 to 2261).
+Result<std::chrono::system_clock::time_point> ParseTime(const std::string& text);
+// The time in UTC, "2026-12-31T00:00:00Z" (with milliseconds when there are any).
+std::string FormatTime(std::chrono::system_clock::time_point time);
 
 // Helpers shared with the CLI: "1500ms", "2s", "5m", "1h", "7d" and "64KiB", "16MiB", "1GiB".
 Result<std::chrono::milliseconds> ParseDuration(const std::string& text);

@@ -338,4 +338,9 @@ bool VerifySignature(const PublicKey& sign_pk, std::string_view message, const S
          0;
 }
 
+bool PreviousKeyAccepted(std::chrono::system_clock::time_point until,
+                         std::chrono::system_clock::time_point now) {
+  return now < until;
+}
+
 }  // namespace relay::crypto

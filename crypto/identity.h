@@ -7,6 +7,7 @@
 // move-only. All functions are thread-safe; a SiteKey may be shared read-only between threads.
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -63,5 +64,13 @@ class SiteKey {
 };
 
 bool VerifySignature(const PublicKey& sign_pk, std::string_view message, const Signature& sig);
+
+// Key rotation: a peer's previous identity ([peer.NAME] previous_public_key) is accepted before
+// `until` ([peer.NAME] previous_public_key_until) and refused from that moment on. This is the
+// one rule for every place that accepts a previous key -- frames, control messages, bundles and
+// ack files, origin signatures -- so that they all stop at the same moment; callers pass the
+// wall-clock time at which they verify.
+bool PreviousKeyAccepted(std::chrono::system_clock::time_point until,
+                         std::chrono::system_clock::time_point now);
 
 }  // namespace relay::crypto

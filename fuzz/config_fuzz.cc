@@ -38,6 +38,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     (void)relay::config::ParseDuration(text);
     (void)relay::config::ParseSize(text);
     (void)relay::config::ParseEndpoint(text);
+    // A time that parses formats back to one that parses to the same moment.
+    if (auto time = relay::config::ParseTime(text); time.ok()) {
+      auto again = relay::config::ParseTime(relay::config::FormatTime(*time));
+      if (!again.ok() || *again != *time) std::abort();
+    }
   }
   return 0;
 }

@@ -214,6 +214,7 @@ int main(int argc, char** argv) {
         "peer_timeout = 5s\n\n[diode]\nlisten = udp://0.0.0.0:9000\n\n"
         "[peer.aws]\npublic_key = " +
             pk + "\nprevious_public_key = " + site.identity().ToString() +
+            "\nprevious_public_key_until = 2026-12-31T00:00:00Z"
             "\nzmq_connect = tcp://aws-relay.internal:7400\nfiles_dir = /media/usb/relay\n"
             "files_auto = true\nfiles_interval = 1m\ndiode_send = udp://10.9.0.2:9000\n"
             "diode_rate = 8MiB\ndiode_data_shards = 16\ndiode_parity_shards = 8\n"

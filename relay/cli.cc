@@ -117,6 +117,13 @@ int CmdCheckConfig(const po::variables_map& vm) {
       return 1;
     }
   }
+  std::vector<std::string> notes;
+  Status secrets = CheckSecretFiles(*cfg, &notes);
+  for (const std::string& note : notes) std::printf("note: %s\n", note.c_str());
+  if (!secrets) {
+    std::printf("%s\n", secrets.message().c_str());
+    return 1;
+  }
   std::printf("%s: ok (site '%s', %zu peer(s), %zu channel(s))\n", cfg->path.c_str(),
               cfg->site_name.c_str(), cfg->peers.size(), cfg->channels.size());
   return 0;
@@ -194,6 +201,22 @@ int CmdStatus(const po::variables_map& vm) {
         line += (line.empty() ? "" : ", ") + std::string(reason) + " " + std::to_string(n);
     }
     if (!line.empty()) std::printf("API requests refused: %s\n", line.c_str());
+  }
+  if (!doc["refused"].get(refused)) {
+    std::string line;
+    for (auto [reason, count] : refused) {
+      std::int64_t n = 0;
+      if (!count.get(n) && n > 0)
+        line += (line.empty() ? "" : ", ") + std::string(reason) + " " + std::to_string(n);
+    }
+    if (!line.empty()) std::printf("frames and events refused: %s\n", line.c_str());
+  }
+  simdjson::dom::array warnings;
+  if (!doc["warnings"].get(warnings)) {
+    for (simdjson::dom::element w : warnings) {
+      std::string_view text;
+      if (!w.get(text)) std::printf("warning: %.*s\n", static_cast<int>(text.size()), text.data());
+    }
   }
   return 0;
 }

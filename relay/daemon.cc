@@ -8,12 +8,18 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <systemd/sd-daemon.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
+#include "chat/mattermost_client.h"
 #include "relay/json.h"
 #include "relay/log.h"
 
@@ -49,13 +55,79 @@ std::optional<std::size_t> Daemon::Impl::PeerBySignKey(const crypto::PublicKey& 
   return std::nullopt;
 }
 
-std::optional<crypto::PublicIdentity> Daemon::Impl::LookupPeer(const crypto::PublicKey& pk) const {
-  for (const PeerRuntime& p : peers) {
+std::optional<crypto::PublicIdentity> Daemon::Impl::LookupPeer(
+    const crypto::PublicKey& pk, std::chrono::system_clock::time_point now,
+    std::optional<std::size_t>* expired) const {
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    const PeerRuntime& p = peers[i];
     if (p.identity.sign_pk == pk) return p.identity;
     const auto& prev = p.config->previous_public_key;
-    if (prev && prev->sign_pk == pk) return prev;
+    if (prev && prev->sign_pk == pk) {
+      if (const crypto::PublicIdentity* still = p.config->PreviousKeyAt(now)) return *still;
+      if (expired != nullptr) *expired = i;
+      return std::nullopt;
+    }
   }
   return std::nullopt;
+}
+
+std::string Daemon::Impl::RejectPreviousKeyExpired(std::size_t p, const std::string& what) {
+  const config::PeerConfig& pc = *peers[p].config;
+  std::string message = what + " from peer '" + peers[p].name +
+                        "' refused: signed with its previous key " +
+                        pc.previous_public_key->Fingerprint() + ", accepted only until " +
+                        config::FormatTime(pc.previous_public_key_until) + " ([peer." + pc.name +
+                        "] previous_public_key_until)";
+  ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kPreviousKeyExpired)];
+  if (warn_limiter.Allow()) log::Warning(message);
+  return message;
+}
+
+namespace {
+
+// "3 days", "5 hours", "12 minutes", "40 seconds": roughly how long until something happens.
+std::string RoughDuration(std::chrono::system_clock::duration d) {
+  using namespace std::chrono;
+  const auto plural = [](long long n, const char* unit) {
+    return std::to_string(n) + " " + unit + (n == 1 ? "" : "s");
+  };
+  if (d >= hours(48)) return plural(duration_cast<hours>(d).count() / 24, "day");
+  if (d >= hours(2)) return plural(duration_cast<hours>(d).count(), "hour");
+  if (d >= minutes(2)) return plural(duration_cast<minutes>(d).count(), "minute");
+  return plural(std::max<long long>(0, duration_cast<seconds>(d).count()), "second");
+}
+
+}  // namespace
+
+std::string Daemon::Impl::PreviousKeyNotice(std::size_t p,
+                                            std::chrono::system_clock::time_point now) const {
+  const config::PeerConfig& pc = *peers[p].config;
+  if (!pc.previous_public_key) return "";
+  const std::string what =
+      "[peer." + pc.name + "] previous_public_key (" + pc.previous_public_key->Fingerprint() + ")";
+  const std::string until = config::FormatTime(pc.previous_public_key_until);
+  if (pc.PreviousKeyExpiredAt(now)) {
+    return what + " expired at " + until + ": whatever it signs is refused; remove " +
+           "previous_public_key and previous_public_key_until";
+  }
+  return what + " is still accepted until " + until + " (in " +
+         RoughDuration(pc.previous_public_key_until - now) + "): finish the key rotation at '" +
+         pc.name + "', then remove previous_public_key and previous_public_key_until";
+}
+
+void Daemon::Impl::NoticePreviousKeys(std::chrono::system_clock::time_point now) {
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    PeerRuntime& p = peers[i];
+    if (!p.config->previous_public_key) continue;
+    if (p.config->PreviousKeyExpiredAt(now)) {
+      if (!p.previous_key_expiry_logged) log::Warning(PreviousKeyNotice(i, now));
+      p.previous_key_expiry_logged = true;
+    } else if (p.previous_key_noticed == Clock::time_point{} ||
+               Clock::now() - p.previous_key_noticed >= std::chrono::hours(24)) {
+      log::Warning(PreviousKeyNotice(i, now));
+      p.previous_key_noticed = Clock::now();
+    }
+  }
 }
 
 Status Daemon::Impl::Open() {
@@ -115,10 +187,10 @@ Status Daemon::Impl::Open() {
     accepted.push_back(store->GetCounter(AcceptedKey(p.name), 0));
     file_ranges.push_back(DecodeRanges(store->GetDedup(RangesKey(p.name), NowMs()).value_or("")));
   }
-  for (const PeerRuntime& p : peers) {
-    if (key->identity() == p.identity)
-      return Status::Error("[peer." + p.name + "] public_key is this site's own public key (" +
-                           config.key_file + "): paste the peer's `relay pubkey` output");
+  if (Status s = config::CheckOwnKeys(config, key->identity(),
+                                      previous_key ? &previous_key->identity() : nullptr);
+      !s) {
+    return s;
   }
   // Whose events may come from whom (origin signatures, crypto/origin.h).
   auto peer_indexes = [this](const std::vector<std::string>& names) {
@@ -130,8 +202,10 @@ Status Daemon::Impl::Open() {
   for (std::size_t i = 0; i < peers.size(); ++i) {
     OriginRule& r = origins[peers[i].name];
     r.key = peers[i].identity.sign_pk;
-    if (peers[i].config->previous_public_key)
+    if (peers[i].config->previous_public_key) {
       r.previous = peers[i].config->previous_public_key->sign_pk;
+      r.previous_until = peers[i].config->previous_public_key_until;
+    }
     r.peer = i;
     r.senders = peer_indexes(peers[i].config->via);
     r.senders.push_back(i);
@@ -139,7 +213,10 @@ Status Daemon::Impl::Open() {
   for (const config::OriginConfig& o : config.origins) {
     OriginRule& r = origins[o.name];
     r.key = o.public_key.sign_pk;
-    if (o.previous_public_key) r.previous = o.previous_public_key->sign_pk;
+    if (o.previous_public_key) {
+      r.previous = o.previous_public_key->sign_pk;
+      r.previous_until = o.previous_public_key_until;
+    }
     r.senders = peer_indexes(o.via);
   }
   for (const auto& c : config.channels) {
@@ -226,8 +303,8 @@ Status Daemon::Impl::Start() {
 
   std::vector<transports::LinkPeer> link_peers;
   for (const auto& p : peers)
-    link_peers.push_back(
-        {p.name, p.identity, p.config->zmq_connect, p.config->previous_public_key});
+    link_peers.push_back({p.name, p.identity, p.config->zmq_connect, p.config->previous_public_key,
+                          p.config->previous_public_key_until});
   transports::ZmqLinkOptions lo;
   lo.listen = config.zmq_listen;
   lo.heartbeat_interval = config.heartbeat_interval;
@@ -265,6 +342,7 @@ Status Daemon::Impl::Start() {
             (config.zmq_listen.empty() ? "" : ", zmq on " + config.zmq_listen) + ", " +
             std::to_string(peers.size()) + " peer(s), " + std::to_string(channels.size()) +
             " channel(s), identity " + key->identity().Fingerprint());
+  NoticePreviousKeys(std::chrono::system_clock::now());
   return Status::Ok();
 }
 
@@ -313,6 +391,7 @@ std::string Daemon::Impl::StatusLine() const {
 }
 
 std::string Daemon::Impl::StatusJson() {
+  const auto now = std::chrono::system_clock::now();
   // Every refusal by reason (the same counts as relay_frames_rejected_total), then per peer.
   std::string refused;
   auto add = [&refused](const char* reason, std::uint64_t n) {
@@ -350,7 +429,23 @@ std::string Daemon::Impl::StatusJson() {
            ",\"last_contact_ms\":" + std::to_string(link->LastContactMs(i)) +
            ",\"frames_sent\":" + std::to_string(m.frames_sent.load()) +
            ",\"frames_received\":" + std::to_string(m.frames_received.load()) +
-           ",\"acks_refused\":{" + acks + "}}";
+           ",\"acks_refused\":{" + acks + "}";
+    if (const auto& prev = peers[i].config->previous_public_key) {
+      out += ",\"previous_key\":{\"fingerprint\":" + JsonString(prev->Fingerprint()) +
+             ",\"until\":" +
+             JsonString(config::FormatTime(peers[i].config->previous_public_key_until)) +
+             ",\"accepted\":" + (peers[i].config->PreviousKeyAt(now) ? "true" : "false") + "}";
+    }
+    out += "}";
+  }
+  // Things the operator should act on, one sentence each (shown by `relay status`).
+  out += "],\"warnings\":[";
+  bool first = true;
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    const std::string notice = PreviousKeyNotice(i, now);
+    if (notice.empty()) continue;
+    out += (first ? "" : ",") + JsonString(notice);
+    first = false;
   }
   out += "]}";
   return out;
@@ -393,6 +488,14 @@ void Daemon::Stop() { impl_->Stop(); }
 std::uint16_t Daemon::ingest_port() const { return impl_->http ? impl_->http->port() : 0; }
 
 int RunDaemon(const std::string& config_path) {
+  // Before any secret is read: no core dumps of this process, and /proc/<pid>/{mem,environ,fd,
+  // maps,...} and ptrace only for root (CAP_SYS_PTRACE), not for other processes of the same user.
+  // (The unit also sets LimitCORE=0.)
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    log::Error(std::string("cannot make the process non-dumpable (prctl PR_SET_DUMPABLE): ") +
+               std::strerror(errno));
+    return 1;
+  }
   auto cfg = config::LoadConfig(config_path);
   if (!cfg) {
     log::Error("invalid configuration:\n" + cfg.message());
@@ -446,5 +549,53 @@ int RunDaemon(const std::string& config_path) {
 }
 
 std::string Daemon::StatusLine() const { return impl_->StatusLine(); }
+
+Status CheckSecretFiles(const config::Config& config, std::vector<std::string>* notes) {
+  if (Status s = crypto::Init(); !s) return s;
+  std::vector<std::string> problems;
+  // Files the daemon's user can read but this one cannot are not this check's to judge.
+  const auto readable_here = [&](const std::string& what, const std::string& path) {
+    if (::access(path.c_str(), R_OK) == 0 || (errno != EACCES && errno != EPERM)) return true;
+    notes->push_back(what + " '" + path + "' not checked: not readable by this user (" +
+                     std::strerror(EACCES) + ")");
+    return false;
+  };
+  if (readable_here("[site] key_file", config.key_file)) {
+    auto own = crypto::SiteKey::LoadFile(config.key_file);
+    std::optional<crypto::SiteKey> old;
+    bool old_ok = true;
+    if (!config.previous_key_file.empty() &&
+        readable_here("[site] previous_key_file", config.previous_key_file)) {
+      auto loaded = crypto::SiteKey::LoadFile(config.previous_key_file);
+      if (loaded) {
+        old.emplace(std::move(loaded).value());
+      } else {
+        old_ok = false;
+        problems.push_back(config.path + ": " +
+                           loaded.status().Wrap("[site] previous_key_file").message());
+      }
+    }
+    if (!own) {
+      problems.push_back(config.path + ": " + own.status().Wrap("[site] key_file").message());
+    } else if (old_ok) {
+      if (Status s =
+              config::CheckOwnKeys(config, own->identity(), old ? &old->identity() : nullptr);
+          !s) {
+        problems.push_back(s.message());
+      }
+    }
+  }
+  if (!config.mattermost_token_file.empty() &&
+      readable_here("[mattermost] token_file", config.mattermost_token_file)) {
+    if (auto token = chat::LoadMattermostToken(config.mattermost_token_file); !token) {
+      problems.push_back(config.path + ": " +
+                         token.status().Wrap("[mattermost] token_file").message());
+    }
+  }
+  if (problems.empty()) return Status::Ok();
+  std::string message;
+  for (const std::string& p : problems) message += (message.empty() ? "" : "\n") + p;
+  return Status::Error(message);
+}
 
 }  // namespace relay

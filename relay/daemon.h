@@ -89,4 +89,11 @@ class Daemon {
 // `relay run`: runs the daemon for `config_path` until SIGTERM or SIGINT. Returns the exit code.
 int RunDaemon(const std::string& config_path);
 
+// The checks of `relay check-config` that need the site's secret files, which LoadConfig does not
+// open: this site's own keys against the peers' (config::CheckOwnKeys, from [site] key_file and
+// previous_key_file) and the Mattermost token file. A file this process may not read
+// (check-config run as another user than the daemon's) is skipped with a note in *notes; any
+// other problem -- a missing file, a loose mode, a repeated key -- is in the error, one per line.
+Status CheckSecretFiles(const config::Config& config, std::vector<std::string>* notes);
+
 }  // namespace relay

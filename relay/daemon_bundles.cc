@@ -443,7 +443,9 @@ ImportResult Daemon::Impl::ImportOne(const std::string& path) {
     return r;
   }
   crypto::BundleSource& source = **file;
-  auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
+  std::optional<std::size_t> expired;
+  const auto wall = std::chrono::system_clock::now();
+  auto lookup = [&](const crypto::PublicKey& pk) { return LookupPeer(pk, wall, &expired); };
   std::int64_t now = NowMs();
   crypto::BundleResult opened = crypto::OpenBundleFrom(*key, lookup, source, now);
   if (!opened.ok() && previous_key &&
@@ -453,6 +455,10 @@ ImportResult Daemon::Impl::ImportOne(const std::string& path) {
       opened = std::move(old);
   }
   if (!opened.ok()) {
+    if (expired && opened.rejection.reason == crypto::RejectReason::kUnknownSender) {
+      r.message = RejectPreviousKeyExpired(*expired, "bundle");
+      return r;
+    }
     if (opened.expired) {
       ++metrics.bundles_expired;
     } else {

@@ -131,13 +131,17 @@ struct PeerRuntime {
   // knows; an acknowledgement beyond it is refused. Guarded by ship_mu.
   std::uint64_t sent_through = 0;
   std::uint64_t sent_recorded = 0;  // the value last written to SentKey (maintenance thread)
+  // Previous-key notices (Impl::NoticePreviousKey), maintenance thread and start-up only.
+  Clock::time_point previous_key_noticed{};
+  bool previous_key_expiry_logged = false;
 };
 
 // How this site checks the origin of a received event (crypto/origin.h): the key that signs the
 // origin's attestations and the peers that may send its events.
 struct OriginRule {
   crypto::PublicKey key{};
-  std::optional<crypto::PublicKey> previous;  // during the origin's key rotation
+  std::optional<crypto::PublicKey> previous;  // during the origin's key rotation, until:
+  std::chrono::system_clock::time_point previous_until{};
   std::vector<std::size_t> senders;           // peer indexes: itself when a peer, and its `via`
   std::optional<std::size_t> peer;            // the origin's own peer index, when it is a peer
 };
@@ -359,11 +363,29 @@ struct Daemon::Impl : transports::LinkHandler {
   explicit Impl(config::Config c) : config(std::move(c)) {}
 
   // ---- peer lookup, start-up, stop, status (daemon.cc) ------------------------------------------
-  // A peer by its signing key: its current key, or during a rotation its previous one.
+  // The peer a verified message came from, by its signing key: its current key, or during a
+  // rotation its previous one (whether that is still accepted is LookupPeer's to decide, before
+  // verification).
   std::optional<std::size_t> PeerBySignKey(const crypto::PublicKey& pk) const;
 
-  // The identity to verify a message signed by `pk` with (current or previous key).
-  std::optional<crypto::PublicIdentity> LookupPeer(const crypto::PublicKey& pk) const;
+  // The identity to verify a message signed by `pk` with: a peer's current key, or its previous
+  // key while config::PeerConfig::PreviousKeyAt(now) allows it. For a previous key past its
+  // previous_public_key_until nothing is returned (the message is refused), and when `expired`
+  // is given that peer's index is stored in it, so that the refusal can be counted and logged
+  // as previous_key_expired rather than as an unknown sender (RejectPreviousKeyExpired).
+  std::optional<crypto::PublicIdentity> LookupPeer(
+      const crypto::PublicKey& pk,
+      std::chrono::system_clock::time_point now = std::chrono::system_clock::now(),
+      std::optional<std::size_t>* expired = nullptr) const;
+  // Counts (relay_frames_rejected_total{reason="previous_key_expired"}) and logs, rate-limited,
+  // `what` ("a frame", "bundle '...'") refused because it was signed with peer `p`'s previous
+  // key after previous_public_key_until. Returns the message logged.
+  std::string RejectPreviousKeyExpired(std::size_t p, const std::string& what);
+  // Logs, for each peer with a previous key: a warning at start and then once a day while the
+  // key is still accepted (with the time left), and once that it has expired and is refused.
+  void NoticePreviousKeys(std::chrono::system_clock::time_point now);
+  // The notice for peer `p`'s previous key at `now` (empty when it has none).
+  std::string PreviousKeyNotice(std::size_t p, std::chrono::system_clock::time_point now) const;
 
   Status Open();
   // A store of wire version 1 is taken only when nothing is queued or undelivered in it (its
@@ -491,7 +513,9 @@ struct Daemon::Impl : transports::LinkHandler {
 
   // ---- inbound; link callbacks: frames, rejections (daemon_inbound.cc) --------------------------
   // Opens a frame addressed to this site, or during a rotation to its previous key.
-  crypto::OpenResult OpenFrameAny(std::string_view bytes) const;
+  // `expired`: see LookupPeer.
+  crypto::OpenResult OpenFrameAny(std::string_view bytes,
+                                  std::optional<std::size_t>* expired = nullptr) const;
 
   // Link callbacks (link thread).
   void OnFrame(std::size_t peer, std::string bytes) override;

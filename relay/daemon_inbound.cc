@@ -31,8 +31,10 @@ using daemon_detail::NowMs;
 using daemon_detail::RangesKey;
 using daemon_detail::ReactionKey;
 
-crypto::OpenResult Daemon::Impl::OpenFrameAny(std::string_view bytes) const {
-  auto lookup = [this](const crypto::PublicKey& pk) { return LookupPeer(pk); };
+crypto::OpenResult Daemon::Impl::OpenFrameAny(std::string_view bytes,
+                                              std::optional<std::size_t>* expired) const {
+  const auto now = std::chrono::system_clock::now();
+  auto lookup = [&](const crypto::PublicKey& pk) { return LookupPeer(pk, now, expired); };
   crypto::OpenResult r = crypto::OpenFrame(*key, lookup, bytes);
   if (!r.ok() && previous_key && r.rejection.reason == crypto::RejectReason::kWrongRecipient) {
     crypto::OpenResult old = crypto::OpenFrame(*previous_key, lookup, bytes);
@@ -58,6 +60,9 @@ void Daemon::Impl::OnRejectedControl(const std::string& reason, const std::strin
       ++metrics.frames_rejected[i];
       break;
     }
+  }
+  for (std::size_t i = 0; i < static_cast<std::size_t>(InboundDrop::kCount); ++i) {
+    if (reason == InboundDropName(static_cast<InboundDrop>(i))) ++metrics.inbound_dropped[i];
   }
   if (warn_limiter.Allow()) log::Warning(message);
 }
@@ -254,6 +259,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   std::vector<std::uint64_t> round_held(peers.size(), 0), stored_bytes(peers.size(), 0);
   std::map<std::string, std::uint64_t> round_spool;
   std::string disk_low_why = InboundDiskLow();
+  const auto wall_now = std::chrono::system_clock::now();
   const bool no_space = !disk_low_why.empty();
   std::uint64_t dedup = 0, chunks_written = 0;
   // Chunks of large attachments go to their spool file, not into the inbound store: written
@@ -262,8 +268,14 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   ChunkWriter chunks;
   Status spool_status;
   for (ReceivedFrame& rf : work) {
-    crypto::OpenResult opened = OpenFrameAny(rf.bytes);
+    std::optional<std::size_t> expired;
+    crypto::OpenResult opened = OpenFrameAny(rf.bytes, &expired);
     if (!opened.ok()) {
+      if (expired) {
+        std::string message = RejectPreviousKeyExpired(*expired, "a frame");
+        if (bundle && bundle->all_or_nothing) return Status::Error(message);
+        continue;
+      }
       Reject(opened.rejection.reason, opened.rejection.message);
       if (bundle && bundle->not_stored) bundle->not_stored(rf);
       if (bundle && bundle->all_or_nothing) return Status::Error(opened.rejection.message);
@@ -398,8 +410,11 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       }
       auto rule = origins.find(std::string(a->origin_site));
       if (rule == origins.end()) continue;  // its events are refused as of an unknown origin
-      if (!crypto::VerifyAttestation(*a, rule->second.key) &&
-          !(rule->second.previous && crypto::VerifyAttestation(*a, *rule->second.previous))) {
+      const OriginRule& r = rule->second;
+      // During the origin's rotation its previous key signs too, until its end time.
+      if (!crypto::VerifyAttestation(*a, r.key) &&
+          !(r.previous && crypto::PreviousKeyAccepted(r.previous_until, wall_now) &&
+            crypto::VerifyAttestation(*a, *r.previous))) {
         if (warn_limiter.Allow())
           log::Warning("frame from peer '" + pname + "': an origin attestation for '" +
                        std::string(a->origin_site) +

@@ -44,6 +44,7 @@ void Daemon::Impl::MaintenanceLoop() {
     CollectSpools();
     MeasureSpool();
     AutoFiles();
+    NoticePreviousKeys(std::chrono::system_clock::now());
     // Expired dedup entries go with RocksDB's compactions; force one every few hours so
     // an idle site does not keep them for ever.
     if (Clock::now() - last_dedup_compaction > std::chrono::hours(6)) {

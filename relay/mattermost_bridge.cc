@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -22,6 +21,7 @@
 #include <filesystem>
 
 #include "chat/mattermost_client.h"
+#include "chat/mattermost_props.h"
 #include "chat/webhook.h"
 #include "queue/store.h"
 #include "relay/blob_spool.h"
@@ -59,11 +59,6 @@ std::string IntentKey(const std::string& event_id) { return "i:" + event_id; }
 std::string ReactorsKey(const std::string& post_id, const std::string& emoji) {
   return "r:" + post_id + ":" + emoji;
 }
-
-// Props the relay sets on the posts it creates; never copied from a captured post.
-const std::set<std::string> kRelayProps = {
-    "relay_event_id",    "relay_origin",        "from_webhook", "override_username",
-    "override_icon_url", "override_icon_emoji", "from_bot"};
 
 // What capture remembers of a post between versions.
 struct PostState {
@@ -386,7 +381,7 @@ struct MattermostBridge::Impl {
     bool relay_made = props.contains("relay_event_id") || (!bot.empty() && post.user_id == bot);
     // The post itself first: a reaction change of a new post must follow the post's creation
     // in the submission, or the committer cannot map it (the post is not bridged yet).
-    if (!relay_made) CapturePostChange(client, round, channel, post, props, deleted);
+    if (!relay_made) CapturePostChange(client, round, channel, post, deleted);
 
     if (reactions_known && post.delete_at == 0) {
       std::set<std::string>& seen = LoadReactions(round, post.id);
@@ -415,7 +410,7 @@ struct MattermostBridge::Impl {
 
   // The create, edit or delete this version of a (human's) post stands for, if any.
   void CapturePostChange(chat::MattermostClient& client, Round& round, const std::string& channel,
-                         const MmPost& post, const Json& props, bool deleted) {
+                         const MmPost& post, bool deleted) {
     PostState st = LoadState(round, post.id);
     if (st.known && st.update_at >= post.update_at && !(deleted && st.delete_at == 0)) return;
     PostState next;
@@ -423,9 +418,8 @@ struct MattermostBridge::Impl {
     next.update_at = std::max(st.update_at, post.update_at);
     next.edit_at = post.edit_at;
     next.delete_at = post.delete_at;
-    Json carried = Json::object();
-    for (auto it = props.begin(); it != props.end(); ++it)
-      if (!kRelayProps.count(it.key())) carried[it.key()] = it.value();
+    // Only props safe to show at the peers leave this site (the receivers check again).
+    const std::string carried = chat::CarriedProps(post.props_json);
     if (!st.known) {
       if (post.delete_at == 0) {
         CapturedChange c;
@@ -441,7 +435,7 @@ struct MattermostBridge::Impl {
           return;  // no state recorded: captured again by the next catch-up
         }
         if (!note.empty()) c.text += (c.text.empty() ? "" : "\n") + note;
-        if (!carried.empty()) c.props.emplace_back("mm_props", carried.dump());
+        if (carried != "{}") c.props.emplace_back("mm_props", carried);
         round.sub.changes.push_back(std::move(c));
       }
     } else if (post.delete_at > 0 && st.delete_at == 0) {
@@ -458,7 +452,7 @@ struct MattermostBridge::Impl {
       c.author = Username(client, post.user_id);
       c.text = post.message;
       c.post_id = post.id;
-      if (!carried.empty()) c.props.emplace_back("mm_props", carried.dump());
+      if (carried != "{}") c.props.emplace_back("mm_props", carried);
       round.sub.changes.push_back(std::move(c));
     } else if (post.delete_at > 0) {
       next.delete_at = st.delete_at;
@@ -665,14 +659,13 @@ struct MattermostBridge::Impl {
   }
 
   // ---- replay ----------------------------------------------------------------------------------
+  // The props of the post made for `e`: what the origin's post carried, through the allow-list
+  // (chat::CarriedProps: checked here again, whatever the sending site did), then this site's
+  // own markers and display name, which nothing carried can override.
   std::string PropsFor(const Event& e) {
     Json props = Json::object();
     for (const auto& [k, v] : e.props) {
-      if (k == "mm_props") {
-        Json carried = ParseProps(v);
-        for (auto it = carried.begin(); it != carried.end(); ++it)
-          if (!kRelayProps.count(it.key())) props[it.key()] = it.value();
-      }
+      if (k == "mm_props") props = ParseProps(chat::CarriedProps(v));
     }
     std::string origin = e.origin_site;
     props["relay_event_id"] = e.ref.empty() || e.kind == EventKind::kPost ? e.id : e.ref;
@@ -683,7 +676,8 @@ struct MattermostBridge::Impl {
     if (!config.mattermost_icon_url.empty())
       props["override_icon_url"] =
           Replace(Replace(config.mattermost_icon_url, "{author}", e.author), "{site}", origin);
-    return props.dump();
+    // The author and origin come from the remote event: never throw on bad UTF-8 in them.
+    return props.dump(-1, ' ', false, Json::error_handler_t::replace);
   }
 
   // Result of applying one event: done (also for events skipped for good), or retry later.
@@ -1038,18 +1032,9 @@ Status MattermostBridge::Start() {
   m.options.client_key = m.config.mattermost_client_key;
   m.options.timeout = m.config.mattermost_timeout;
   if (m.capture_enabled) {
-    std::ifstream in(m.config.mattermost_token_file);
-    if (!in) {
-      return Status::Error("cannot read the Mattermost token file '" +
-                           m.config.mattermost_token_file + "'");
-    }
-    std::getline(in, m.options.token);
-    while (!m.options.token.empty() &&
-           std::isspace(static_cast<unsigned char>(m.options.token.back())))
-      m.options.token.pop_back();
-    if (m.options.token.empty())
-      return Status::Error("the Mattermost token file '" + m.config.mattermost_token_file +
-                           "' is empty");
+    auto token = chat::LoadMattermostToken(m.config.mattermost_token_file);
+    if (!token) return token.status().Wrap("[mattermost] token_file");
+    m.options.token = std::move(token).value();
     m.capture_thread = std::thread([&m] {
       pthread_setname_np(pthread_self(), "relay-mm-capt");
       m.CaptureLoop();

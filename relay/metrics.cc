@@ -47,6 +47,8 @@ const char* InboundDropName(InboundDrop d) {
       return "stale";
     case InboundDrop::kNotOwner:
       return "not_owner";
+    case InboundDrop::kPreviousKeyExpired:
+      return "previous_key_expired";
     case InboundDrop::kCount:
       break;
   }

@@ -66,6 +66,9 @@ enum class InboundDrop : std::size_t {
   kBadHops,             // the hop list does not start at the origin or end at the sender
   kStale,               // forwarded event older than the dedup memory (a replay could pass)
   kNotOwner,            // edit, delete or reaction removal of another site's post or reaction
+  // Signed with a peer's previous key after [peer] previous_public_key_until (a frame, control
+  // message, bundle or ack file).
+  kPreviousKeyExpired,
   kCount
 };
 

@@ -87,10 +87,16 @@ struct ZmqLink::Impl {
     }
   }
 
-  std::optional<crypto::PublicIdentity> Lookup(const crypto::PublicKey& pk) const {
+  // `expired` gets the peer's name when pk is its previous key past its previous_until.
+  std::optional<crypto::PublicIdentity> Lookup(const crypto::PublicKey& pk,
+                                               std::string* expired = nullptr) const {
     for (const auto& p : peers) {
       if (p->config.identity.sign_pk == pk) return p->config.identity;
-      if (p->config.previous && p->config.previous->sign_pk == pk) return p->config.previous;
+      if (p->config.previous && p->config.previous->sign_pk == pk) {
+        if (crypto::PreviousKeyAccepted(p->config.previous_until, std::chrono::system_clock::now()))
+          return p->config.previous;
+        if (expired) *expired = p->config.name;
+      }
     }
     return std::nullopt;
   }
@@ -104,8 +110,8 @@ struct ZmqLink::Impl {
   }
 
   // Opens a control message addressed to this site's key, or during a rotation its previous one.
-  crypto::ControlResult Open(std::string_view bytes) const {
-    auto lookup = [this](const crypto::PublicKey& pk) { return Lookup(pk); };
+  crypto::ControlResult Open(std::string_view bytes, std::string* expired) const {
+    auto lookup = [this, expired](const crypto::PublicKey& pk) { return Lookup(pk, expired); };
     crypto::ControlResult r = crypto::OpenControl(key, lookup, bytes);
     if (!r.ok() && previous_key && r.rejection.reason == crypto::RejectReason::kWrongRecipient) {
       crypto::ControlResult old = crypto::OpenControl(*previous_key, lookup, bytes);
@@ -184,8 +190,16 @@ struct ZmqLink::Impl {
   }
 
   void HandleControl(const std::optional<std::string>& router_id, std::string_view bytes) {
-    auto r = Open(bytes);
+    std::string expired;
+    auto r = Open(bytes, &expired);
     if (!r.ok()) {
+      if (!expired.empty()) {
+        handler->OnRejectedControl("previous_key_expired", "control message from peer '" + expired +
+                                                               "' refused: signed with its "
+                                                               "previous key after its "
+                                                               "previous_public_key_until");
+        return;
+      }
       handler->OnRejectedControl(crypto::RejectReasonName(r.rejection.reason), r.rejection.message);
       return;
     }

@@ -29,8 +29,9 @@ namespace relay::transports {
 struct LinkPeer {
   std::string name;
   crypto::PublicIdentity identity;
-  std::string connect;                             // "tcp://host:port" to dial, or empty
-  std::optional<crypto::PublicIdentity> previous;  // still accepted during a key rotation
+  std::string connect;                                     // "tcp://host:port" to dial, or empty
+  std::optional<crypto::PublicIdentity> previous;          // still accepted during a key rotation,
+  std::chrono::system_clock::time_point previous_until{};  // before this (PreviousKeyAccepted)
 };
 
 class LinkHandler {

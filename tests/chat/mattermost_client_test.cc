@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -36,6 +37,10 @@ using relay::chat::ParseMmReaction;
 using relay::chat::ParseMmWsEvent;
 
 namespace {
+
+std::shared_ptr<const relay::crypto::Secret> Token(const std::string& text) {
+  return std::make_shared<const relay::crypto::Secret>(relay::crypto::Secret::FromString(text));
+}
 
 // A post as the server serialises it (model.Post with metadata).
 const char* const kFullPost = R"({
@@ -282,12 +287,65 @@ TEST_CASE("ParseMmWsEvent rejects garbage and wrong types") {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The token file
+
+TEST_CASE("the token file is checked like a key file and its content never quoted") {
+  relay::testing::TempDir dir;
+  const std::string token = "abcdefghijklmnopqrstuvwxyz";
+  const auto write = [&](const std::string& name, const std::string& text, mode_t mode) {
+    const std::string path = dir.Write(name, text);
+    REQUIRE(::chmod(path.c_str(), mode) == 0);
+    return path;
+  };
+  SECTION("a 0600 file: the first line, without surrounding whitespace") {
+    const auto loaded =
+        relay::chat::LoadMattermostToken(write("t", "  " + token + " \r\n\n", 0600));
+    REQUIRE(loaded.ok());
+    CHECK((*loaded)->view() == token);
+    CHECK(relay::chat::LoadMattermostToken(write("u", token, 0400)).ok());
+  }
+  SECTION("refused, naming the file and the problem, never the token") {
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {write("loose", token + "\n", 0644),
+         "has mode 0644: it must not be readable or writable by group or others (chmod 600 '"},
+        {write("group", token + "\n", 0640), "has mode 0640"},
+        {write("other-write", token + "\n", 0602), "has mode 0602"},
+        {write("empty", " \n\n", 0600), "is empty"},
+        {write("two-lines", token + "\nsecond\n", 0600), "has more than one line"},
+        {write("space", "abc def\n", 0600),
+         "has a character at offset 3 that cannot be in a token"},
+        {write("control", token + "\x01\n", 0600), "that cannot be in a token"},
+        {write("large", std::string(5000, 'a'), 0600),
+         "is 5000 bytes; a token file holds one line of at most 4096 bytes"},
+        {dir.path().string(), "is not a regular file"},
+        {(dir.path() / "missing").string(), "cannot open the Mattermost token file '"},
+    };
+    for (const auto& [path, why] : cases) {
+      const auto loaded = relay::chat::LoadMattermostToken(path);
+      INFO(path);
+      REQUIRE_FALSE(loaded.ok());
+      INFO(loaded.message());
+      CHECK(loaded.message().find("Mattermost token file '" + path + "'") != std::string::npos);
+      CHECK(loaded.message().find(why) != std::string::npos);
+      CHECK(loaded.message().find(token) == std::string::npos);
+    }
+  }
+  SECTION("a FIFO is refused without waiting for a writer") {
+    const std::string fifo = (dir.path() / "fifo").string();
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const auto loaded = relay::chat::LoadMattermostToken(fifo);
+    REQUIRE_FALSE(loaded.ok());
+    CHECK(loaded.message().find("is not a regular file") != std::string::npos);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Transport failures that need no server
 
 TEST_CASE("REST: connection refused is retryable with no HTTP status") {
   MattermostOptions o;
   o.url = "http://127.0.0.1:" + std::to_string(relay::testing::FreePort());
-  o.token = "secret-token-value";
+  o.token = Token("secret-token-value");
   o.timeout = std::chrono::milliseconds(2000);
   MattermostClient client(o);
   auto r = client.GetMe();
@@ -312,7 +370,7 @@ TEST_CASE("REST and WebSocket: a server that never answers times out, retryable"
   REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
   MattermostOptions o;
   o.url = "http://127.0.0.1:" + std::to_string(ntohs(a.sin_port));
-  o.token = "t";
+  o.token = Token("t");
   o.timeout = std::chrono::milliseconds(300);
 
   MattermostClient client(o);
@@ -343,7 +401,7 @@ TEST_CASE("REST and WebSocket: a server that never answers times out, retryable"
 TEST_CASE("a bad URL is not retryable") {
   MattermostOptions o;
   o.url = "ftp://example.invalid";
-  o.token = "t";
+  o.token = Token("t");
   MattermostWebSocket ws(o);
   auto c = ws.Connect("", 0);
   REQUIRE_FALSE(c.ok());
@@ -487,7 +545,7 @@ class Emulator {
   MattermostOptions Options(const std::string& token = kBotToken) const {
     MattermostOptions o;
     o.url = url_;
-    o.token = token;
+    o.token = Token(token);
     o.timeout = milliseconds(5000);
     return o;
   }

@@ -38,6 +38,13 @@ const std::string& KeyOf(const std::string& peer) {
   return kOther;
 }
 
+// A public identity with the signing key of `sign_from` and the box key of `box_from`.
+std::string MixedKey(const std::string& sign_from, const std::string& box_from) {
+  crypto::PublicIdentity mixed = *crypto::PublicIdentity::Parse(sign_from);
+  mixed.box_pk = crypto::PublicIdentity::Parse(box_from)->box_pk;
+  return mixed.ToString();
+}
+
 std::vector<std::string> Lines(const std::string& text) {
   std::vector<std::string> lines;
   std::size_t start = 0;
@@ -421,7 +428,50 @@ TEST_CASE("each kind of mistake is reported naming the key and quoting the value
        {"missing required key 'public_key' in [peer.mars]"}},
       {"shared public key",
        Valid("[peer.mars]\npublic_key = " + KeyOf("aws") + "\n"),
-       {"[peer.mars] public_key = '" + KeyOf("aws") + "': same public key as [peer.aws]"}},
+       {"[peer.mars] public_key = '" + KeyOf("aws") +
+        "': same public key as [peer.aws] public_key (each site has its own keys"}},
+      {"a peer's current key is another's previous key",
+       Valid("[peer.mars]\npublic_key = " + KeyOf("mars") + "\nprevious_public_key = " +
+             KeyOf("aws") + "\nprevious_public_key_until = 2030-01-01T00:00:00Z\n"),
+       {"[peer.mars] previous_public_key = '" + KeyOf("aws") +
+        "': same public key as [peer.aws] public_key"}},
+      {"two peers' previous keys are the same",
+       Peer("aws") + "previous_public_key = " + KeyOf("enclave") +
+           "\nprevious_public_key_until = 2030-01-01T00:00:00Z\n" + Peer("mars") +
+           "previous_public_key = " + KeyOf("enclave") +
+           "\nprevious_public_key_until = 2030-01-01T00:00:00Z\n",
+       {"missing section [site]", "missing section [ingest]",
+        "[peer.mars] previous_public_key = '" + KeyOf("enclave") +
+            "': same public key as [peer.aws] previous_public_key"}},
+      {"a peer's previous key is its current key",
+       Valid("previous_public_key = " + KeyOf("aws") +
+             "\nprevious_public_key_until = 2030-01-01T00:00:00Z\n"),
+       {"[peer.aws] previous_public_key = '" + KeyOf("aws") +
+        "': same public key as [peer.aws] public_key (previous_public_key is the key being "
+        "replaced, not the new one)"}},
+      {"the same signing key with another box key",
+       Valid("[peer.mars]\npublic_key = " + MixedKey(KeyOf("aws"), KeyOf("mars")) + "\n"),
+       {"[peer.mars] public_key = '" + MixedKey(KeyOf("aws"), KeyOf("mars")) +
+        "': same signing key as [peer.aws] public_key"}},
+      {"the same box key with another signing key",
+       Valid("[peer.mars]\npublic_key = " + MixedKey(KeyOf("mars"), KeyOf("aws")) + "\n"),
+       {"[peer.mars] public_key = '" + MixedKey(KeyOf("mars"), KeyOf("aws")) +
+        "': same box key as [peer.aws] public_key"}},
+      {"previous key without an end",
+       Valid("previous_public_key = " + KeyOf("mars") + "\n"),
+       {"[peer.aws] previous_public_key needs previous_public_key_until = <RFC 3339 time>, the "
+        "moment the previous key stops being accepted (e.g. previous_public_key_until = "
+        "2026-12-31T00:00:00Z): a key rotation must end"}},
+      {"an end without a previous key",
+       Valid("previous_public_key_until = 2030-01-01T00:00:00Z\n"),
+       {"[peer.aws] previous_public_key_until = '2030-01-01T00:00:00Z': only used with "
+        "previous_public_key"}},
+      {"a bad end of the rotation",
+       Valid("previous_public_key = " + KeyOf("mars") +
+             "\nprevious_public_key_until = 2030-01-01\n"),
+       {"[peer.aws] previous_public_key_until = '2030-01-01': bad time '2030-01-01': expected 'T' "
+        "between the date and the time (expected an RFC 3339 time such as "
+        "2026-12-31T00:00:00Z)"}},
       {"wildcard zmq_connect",
        Valid("zmq_connect = tcp://*:7400\n"),
        {"[peer.aws] zmq_connect = 'tcp://*:7400': expected tcp://host:port: bad endpoint '*:7400': "
@@ -637,6 +687,148 @@ TEST_CASE("ParseSize") {
   CHECK(ParseSize("16777216TiB").message() == "bad size '16777216TiB': too large");
   CHECK(ParseSize("18446744073709551616").message() ==
         "bad size '18446744073709551616': number '18446744073709551616' is too large");
+}
+
+TEST_CASE("a rotation's previous key is accepted until previous_public_key_until") {
+  TempDir dir;
+  const auto config = LoadConfig(
+      dir.Write("europe.conf", Valid("previous_public_key = " + KeyOf("mars") +
+                                     "\nprevious_public_key_until = 2026-12-31T00:00:00Z\n")));
+  REQUIRE(config.ok());
+  const PeerConfig& aws = config->peers.at(0);
+  REQUIRE(aws.previous_public_key);
+  CHECK(aws.previous_public_key->ToString() == KeyOf("mars"));
+  const auto until = *ParseTime("2026-12-31T00:00:00Z");
+  CHECK(aws.previous_public_key_until == until);
+  using std::chrono::milliseconds;
+  CHECK(aws.PreviousKeyAt(until - milliseconds(1)) == &*aws.previous_public_key);
+  CHECK_FALSE(aws.PreviousKeyExpiredAt(until - milliseconds(1)));
+  // Refused from that moment on, not after it.
+  CHECK(aws.PreviousKeyAt(until) == nullptr);
+  CHECK(aws.PreviousKeyExpiredAt(until));
+  CHECK(aws.PreviousKeyAt(until + std::chrono::hours(24 * 365)) == nullptr);
+  CHECK(crypto::PreviousKeyAccepted(until, until - milliseconds(1)));
+  CHECK_FALSE(crypto::PreviousKeyAccepted(until, until));
+  // A peer without a previous key has none at any time.
+  const auto plain = LoadConfig(dir.Write("plain.conf", Valid()));
+  REQUIRE(plain.ok());
+  CHECK(plain->peers.at(0).PreviousKeyAt(until) == nullptr);
+  CHECK_FALSE(plain->peers.at(0).PreviousKeyExpiredAt(until));
+}
+
+TEST_CASE("CheckOwnKeys: a peer cannot have this site's own or previous key") {
+  REQUIRE(crypto::Init().ok());
+  TempDir dir;
+  const crypto::SiteKey own = crypto::SiteKey::Generate();
+  const crypto::SiteKey old = crypto::SiteKey::Generate();
+  const std::string own_key = own.identity().ToString();
+  const std::string old_key = old.identity().ToString();
+  const std::string site = kSite + "previous_key_file = old.key\n" + kIngest;
+  const auto config = LoadConfig(
+      dir.Write("europe.conf", site + Peer("aws") + "[peer.mars]\npublic_key = " + own_key +
+                                   "\n[peer.venus]\npublic_key = " + KeyOf("venus") +
+                                   "\nprevious_public_key = " + old_key +
+                                   "\nprevious_public_key_until = 2030-01-01T00:00:00Z\n"));
+  REQUIRE(config.ok());  // LoadConfig cannot know the site's own keys
+  const std::string key_file = (dir.path() / "europe.key").string();
+  const std::string old_file = (dir.path() / "old.key").string();
+  const std::string advice =
+      "' is this site's own key; a peer's key is the output of `relay pubkey` on that site)";
+
+  const Status status = CheckOwnKeys(*config, own.identity(), &old.identity());
+  REQUIRE_FALSE(status.ok());
+  const std::vector<std::string> lines = Lines(status.message());
+  INFO(status.message());
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0] == config->path + ": [peer.mars] public_key = '" + own_key +
+                        "': same public key as [site] key_file ('" + key_file + advice);
+  CHECK(lines[1] == config->path + ": [peer.venus] previous_public_key = '" + old_key +
+                        "': same public key as [site] previous_key_file ('" + old_file + advice);
+
+  // Without the previous key file, only the current key counts.
+  const Status current_only = CheckOwnKeys(*config, old.identity(), nullptr);
+  REQUIRE_FALSE(current_only.ok());
+  CHECK(Lines(current_only.message()).size() == 1);
+  CHECK(current_only.message().find("[peer.venus] previous_public_key") != std::string::npos);
+
+  // The previous key file holding the current key is a mistake too.
+  const Status same = CheckOwnKeys(*config, old.identity(), &old.identity());
+  CHECK(same.message().find("[site] previous_key_file = '" + old_file +
+                            "': same public key as [site] key_file (previous_key_file is the key "
+                            "being replaced: the old key file)") != std::string::npos);
+
+  // Sharing only the box key counts.
+  const std::string mixed = MixedKey(KeyOf("venus"), own_key);
+  const auto box_only = LoadConfig(
+      dir.Write("box.conf", site + Peer("aws") + "[peer.venus]\npublic_key = " + mixed + "\n"));
+  REQUIRE(box_only.ok());
+  const Status box = CheckOwnKeys(*box_only, own.identity(), nullptr);
+  CHECK(box.message() == box_only->path + ": [peer.venus] public_key = '" + mixed +
+                             "': same box key as [site] key_file ('" + key_file + advice);
+
+  // Keys nobody else has pass.
+  const auto clean = LoadConfig(dir.Write("clean.conf", Valid()));
+  REQUIRE(clean.ok());
+  CHECK(CheckOwnKeys(*clean, own.identity(), &old.identity()).ok());
+}
+
+TEST_CASE("ParseTime and FormatTime: RFC 3339") {
+  using namespace std::chrono;
+  const auto at = [](const std::string& text) {
+    const auto parsed = ParseTime(text);
+    INFO(text << ": " << parsed.message());
+    REQUIRE(parsed.ok());
+    return duration_cast<milliseconds>(parsed->time_since_epoch()).count();
+  };
+  CHECK(at("1970-01-01T00:00:00Z") == 0);
+  CHECK(at("2026-12-31T00:00:00Z") == 1798675200000);
+  CHECK(at("2026-12-31t00:00:00z") == 1798675200000);
+  CHECK(at("2026-12-31T01:30:00+01:30") == 1798675200000);
+  CHECK(at("2026-12-30T23:00:00-01:00") == 1798675200000);
+  CHECK(at("2026-12-31T00:00:00-00:00") == 1798675200000);
+  CHECK(at("2026-12-31T00:00:00.25Z") == 1798675200250);
+  CHECK(at("2026-12-31T00:00:00.123456789Z") == 1798675200123);
+  CHECK(at("2028-02-29T12:00:00Z") == 1835438400000);  // a leap year
+  CHECK(at("1969-12-31T23:59:59Z") == -1000);
+  CHECK(at(" 2026-12-31T00:00:00Z ") == 1798675200000);
+  CHECK(FormatTime(*ParseTime("1900-01-01T00:00:00Z")) == "1900-01-01T00:00:00Z");
+  CHECK(FormatTime(*ParseTime("2199-12-31T23:59:59.999Z")) == "2199-12-31T23:59:59.999Z");
+
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"", "the date must be YYYY-MM-DD"},
+      {"2026-12-31", "expected 'T' between the date and the time"},
+      {"2026-12-31 00:00:00Z", "expected 'T' between the date and the time"},
+      {"2026-12-31T00:00:00", "missing the offset from UTC (Z, +hh:mm or -hh:mm)"},
+      {"2026-12-31T00:00Z", "the time of day must be hh:mm:ss"},
+      {"2026-13-01T00:00:00Z", "there is no such date"},
+      {"2027-02-29T00:00:00Z", "there is no such date"},
+      {"2026-04-31T00:00:00Z", "there is no such date"},
+      {"2026-12-31T24:00:00Z", "there is no such time of day"},
+      {"2026-12-31T23:60:00Z", "there is no such time of day"},
+      {"2016-12-31T23:59:60Z", "seconds must be 00 to 59 (leap seconds are not accepted)"},
+      {"2026-12-31T00:00:00.Z", "expected digits after '.'"},
+      {"2026-12-31T00:00:00+0100", "the offset must be Z, +hh:mm or -hh:mm"},
+      {"2026-12-31T00:00:00+24:00", "the offset must be Z, +hh:mm or -hh:mm"},
+      {"2026-12-31T00:00:00Z tomorrow", "unexpected ' tomorrow' at the end"},
+      {"26-12-31T00:00:00Z", "the date must be YYYY-MM-DD"},
+      {"next week", "the date must be YYYY-MM-DD"},
+      {"1900-01-01T00:00:00+00:01", "the time in UTC must be in the years 1900 to 2199"},
+      {"2199-12-31T23:59:59-00:01", "the time in UTC must be in the years 1900 to 2199"},
+      {"9999-12-31T23:59:59Z", "the time in UTC must be in the years 1900 to 2199"},
+  };
+  for (const auto& [text, why] : bad) {
+    const auto parsed = ParseTime(text);
+    INFO(text);
+    REQUIRE_FALSE(parsed.ok());
+    CHECK(parsed.message() == "bad time '" + text + "': " + why +
+                                  " (expected an RFC 3339 time such as 2026-12-31T00:00:00Z)");
+  }
+
+  CHECK(FormatTime(*ParseTime("2026-12-31T01:30:00+01:30")) == "2026-12-31T00:00:00Z");
+  CHECK(FormatTime(*ParseTime("2026-12-31T00:00:00.25Z")) == "2026-12-31T00:00:00.250Z");
+  CHECK(FormatTime(system_clock::time_point{}) == "1970-01-01T00:00:00Z");
+  CHECK(FormatTime(*ParseTime("1969-12-31T23:59:59Z")) == "1969-12-31T23:59:59Z");
+  CHECK(FormatTime(*ParseTime("2028-02-29T12:00:00Z")) == "2028-02-29T12:00:00Z");
 }
 
 TEST_CASE("ParseEndpoint") {

@@ -35,7 +35,8 @@ class ChatSite:
         self.channel_id = self.emu.channel("war-room")["id"]
         self.site = test.site(name)
         self.token_file = os.path.join(self.site.dir, "mm.token")
-        with open(self.token_file, "w") as f:
+        # 0600, like a key file: the relay refuses a token file others can read.
+        with open(os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(BOT_TOKEN + "\n")
 
     def configure(self, peer, dial):
@@ -46,17 +47,21 @@ class ChatSite:
         self.site.write_config({peer.site.name: {"site": peer.site, "dial": dial}}, {}, extra=extra)
 
     # Acting as the human user on this server.
-    def say(self, message, root_id="", file_ids=None):
+    def say(self, message, root_id="", file_ids=None, props=None):
         body = {"as": self.human, "channel_id": self.channel_id, "message": message}
         if root_id:
             body["root_id"] = root_id
         if file_ids:
             body["file_ids"] = file_ids
+        if props is not None:
+            body["props"] = props
         return control(self.emu, "POST", "posts", body)
 
-    def edit(self, post_id, message):
-        return control(self.emu, "PUT", f"posts/{post_id}/patch", {"as": self.human,
-                                                                    "message": message})
+    def edit(self, post_id, message, props=None):
+        body = {"as": self.human, "message": message}
+        if props is not None:
+            body["props"] = props
+        return control(self.emu, "PUT", f"posts/{post_id}/patch", body)
 
     def delete(self, post_id):
         return control(self.emu, "DELETE", f"posts/{post_id}", {"as": self.human})
@@ -93,7 +98,9 @@ class ChatSite:
         return [p for p in self.relayed().values() if p.get("message") == message]
 
 
-class MattermostBridgeTest(RelayTestCase):
+class ChatPairCase(RelayTestCase):
+    """Two chat sites bridged by two relays, and what the tests do with them (no tests here)."""
+
     def chat_pair(self):
         eu = ChatSite(self, "europe", "alice")
         aws = ChatSite(self, "aws", "bob")
@@ -165,6 +172,9 @@ class MattermostBridgeTest(RelayTestCase):
                       {(p.get("props") or {}).get("relay_event_id") for p in dst.live()},
                       30, f"the delete from {tag}")
 
+
+
+class MattermostBridgeTest(ChatPairCase):
     def test_full_fidelity_both_ways(self):
         eu, aws = self.chat_pair()
         self.exercise(eu, aws)
@@ -258,6 +268,182 @@ class MattermostBridgeTest(RelayTestCase):
         for i in range(5):
             self.wait_post(aws, f"storm {i}", timeout=60)
         self.assertGreater(aws.site.metric("relay_mattermost_retries_total"), 0)
+
+
+# Props an integration or a hostile site could put on a post: buttons that make the receiving
+# server call back (actions, mm_blocks_actions), image URLs it would fetch, a forged author and
+# badges, references to its own posts and users, a plugin's state.
+HOSTILE_PROPS = {
+    "attachments": [{
+        "fallback": "approve change 12?",
+        "text": "change 12 needs an approval",
+        "color": "warning",
+        "title": "Change 12",
+        "title_link": "https://evil.example/change/12",
+        "image_url": "http://169.254.169.254/latest/meta-data/",
+        "thumb_url": "http://intranet.local/thumb.png",
+        "author_name": "ops",
+        "author_icon": "http://intranet.local/icon.png",
+        "fields": [{"title": "risk", "value": "low", "short": True}],
+        "actions": [{"id": "approve", "name": "Approve", "type": "button",
+                     "integration": {"url": "https://evil.example/approve",
+                                     "context": {"change": 12}}}],
+    }],
+    "mm_blocks_actions": [{"id": "x", "url": "https://evil.example/block"}],
+    "from_webhook": "true",
+    "override_username": "System Administrator",
+    "override_icon_url": "https://evil.example/admin.png",
+    "webhook_display_name": "Security Team",
+    "from_bot": "true",
+    "previewed_post": "p1aaaaaaaaaaaaaaaaaaaaaaaa",
+    "add_channel_member": {"user_ids": ["u1aaaaaaaaaaaaaaaaaaaaaaaa"]},
+    "relay_origin": "forged",
+    "some_plugin_state": {"callback": "https://evil.example/plugin"},
+    "disable_group_highlight": True,
+}
+# What of it may be shown at the other site.
+SAFE_ATTACHMENTS = [{
+    "fallback": "approve change 12?",
+    "text": "change 12 needs an approval",
+    "color": "warning",
+    "title": "Change 12",
+    "author_name": "ops",
+    "fields": [{"title": "risk", "value": "low", "short": True}],
+}]
+
+
+class MattermostTrustTest(ChatPairCase):
+    def check_carried(self, post, author, origin):
+        props = post["props"]
+        self.assertEqual(props.get("attachments"), SAFE_ATTACHMENTS, props)
+        self.assertIs(props.get("disable_group_highlight"), True, props)
+        # The receiving site's own markers and display name, not the forged ones.
+        self.assertEqual(props.get("override_username"), f"{author} ({origin})", props)
+        self.assertEqual(props.get("relay_origin"), origin, props)
+        self.assertEqual(props.get("from_webhook"), "true", props)
+        allowed = {"attachments", "disable_group_highlight", "mentionHighlightDisabled",
+                   "relay_event_id", "relay_origin", "from_webhook", "override_username",
+                   "from_bot"}
+        self.assertEqual(set(props) - allowed, set(), props)
+        self.assertNotIn("evil.example", json.dumps(props))
+        self.assertNotIn("intranet.local", json.dumps(props))
+        self.assertNotIn("169.254.169.254", json.dumps(props))
+
+    def test_carried_props_pass_an_allow_list_both_ways(self):
+        """Attack: a user or integration at one site posts with props that would make the other
+        site's server show buttons calling back to an outside URL, fetch internal image URLs, or
+        show a forged author; the safe outcome, in both directions and for edits too, is the
+        post with its text and its attachments' text only, under the relay's own display name."""
+        eu, aws = self.chat_pair()
+        for src, dst in ((eu, aws), (aws, eu)):
+            tag = src.site.name
+            root = src.say(f"props from {tag}", props=HOSTILE_PROPS)
+            post = self.wait_post(dst, f"props from {tag}")
+            self.check_carried(post, src.human, tag)
+            eid = post["props"]["relay_event_id"]
+            # An edit replaces props in full: the same list applies.
+            edited = dict(HOSTILE_PROPS, mentionHighlightDisabled=True)
+            src.edit(root["id"], f"props from {tag} (edited)", props=edited)
+            self.wait_for(lambda: dst.relayed().get(eid, {}).get("message")
+                          == f"props from {tag} (edited)", 30, f"the edit from {tag}")
+            again = dst.relayed()[eid]
+            self.check_carried(again, src.human, tag)
+            self.assertIs(again["props"].get("mentionHighlightDisabled"), True)
+        for s in (eu, aws):
+            self.assertEqual(s.site.metric("relay_mattermost_replay_failures_total"), 0)
+
+    def test_props_forged_by_the_sending_site_are_filtered_where_they_land(self):
+        """Attack: a peer site (or anyone who can post to its ingest API) sends events whose
+        carried Mattermost props were never checked by its capture -- buttons calling back,
+        internal image URLs, a forged author; the safe outcome is that the receiving relay
+        applies the allow-list itself and the post shows only text."""
+        eu, aws = self.chat_pair()
+        status, body = eu.site.post({"channel": "war-room", "author": "mallory",
+                                     "text": "forged props",
+                                     "props": {"mm_props": json.dumps(HOSTILE_PROPS)}})
+        self.assertEqual(status, 202, body)
+        post = self.wait_post(aws, "forged props")
+        self.check_carried(post, "mallory", "europe")
+
+    def test_a_token_file_others_can_read_is_refused_by_name(self):
+        """Attack: a local user reads a Mattermost token file left readable (0644) and acts as the
+        relay's bot; the safe outcome is that relay refuses to use such a file -- the daemon does
+        not start and check-config fails, both naming the file, its mode and the chmod fix,
+        without printing the token."""
+        eu = ChatSite(self, "europe", "alice")
+        aws = ChatSite(self, "aws", "bob")
+        eu.configure(aws, dial=True)
+        os.chmod(eu.token_file, 0o644)
+        expected = (f"[mattermost] token_file: the Mattermost token file '{eu.token_file}' has "
+                    f"mode 0644: it must not be readable or writable by group or others "
+                    f"(chmod 600 '{eu.token_file}')")
+        r = eu.site.cli("check-config", "--config", eu.site.conf)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn(expected, r.stdout)
+        self.assertNotIn(BOT_TOKEN, r.stdout + r.stderr)
+        eu.site.start(wait=False)
+        self.assertEqual(eu.site.proc.wait(timeout=30), 1)
+        self.assertIn(expected, eu.site.log_text())
+        self.assertNotIn(BOT_TOKEN, eu.site.log_text())
+        # Fixed as the message says, the site starts and bridges.
+        os.chmod(eu.token_file, 0o600)
+        aws.configure(eu, dial=False)
+        eu.site.start()
+        aws.site.start()
+        eu.say("after the chmod")
+        self.wait_post(aws, "after the chmod")
+
+    def test_the_token_is_not_in_logs_status_metrics_or_the_environment(self):
+        """Attack: anyone who can read the journal, `relay status`, /metrics or the process's
+        command line and environment looks for the bot's token; the safe outcome is that it is
+        in none of them."""
+        eu, aws = self.chat_pair()
+        self.exercise(eu, aws)
+        for s in (eu, aws):
+            texts = [s.site.log_text(), s.site.cli("status", "--config", s.site.conf).stdout,
+                     s.site.cli("status", "--config", s.site.conf, "--json").stdout,
+                     s.site.get("/metrics")[1], s.site.get("/v1/status")[1]]
+            for text in texts:
+                self.assertNotIn(BOT_TOKEN, text)
+            pid = s.site.proc.pid
+            for name in ("cmdline", "environ"):
+                with open(f"/proc/{pid}/{name}", "rb") as f:
+                    self.assertNotIn(BOT_TOKEN.encode(), f.read())
+
+    def test_the_token_is_kept_in_few_copies_in_memory(self):
+        """Attack: root, or a debugger, reads a bridging daemon's memory for the token; the safe
+        outcome is that it finds the one locked copy (crypto::Secret) and at most a few leftovers
+        of the last WebSocket handshake, not a copy per request made (16 to 19 before curl's
+        buffers were wiped)."""
+        eu, aws = self.chat_pair()
+        self.exercise(eu, aws)
+        self.exercise(aws, eu)
+        for s in (eu, aws):
+            try:
+                n = copies_in_memory(s.site.proc.pid, BOT_TOKEN.encode())
+            except PermissionError as e:
+                self.skipTest(f"cannot read the daemon's memory here: {e}")
+            print(f"[{s.site.name}: {n} copies of the token in memory]", end=" ", flush=True)
+            self.assertGreaterEqual(n, 1, "the scan found not even the token in use")
+            self.assertLessEqual(n, 4, f"{n} copies of the token in {s.site.name}'s memory")
+
+
+def copies_in_memory(pid, needle):
+    """How often `needle` occurs in the readable memory of process `pid` (needs ptrace access:
+    root, since the daemon is not dumpable)."""
+    n = 0
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(lo)
+                n += mem.read(hi - lo).count(needle)
+            except OSError:
+                continue  # a region that cannot be read (guard pages)
+    return n
 
 
 class WebhookSinkTest(RelayTestCase):

@@ -332,7 +332,9 @@ class AckTest(TrustTestCase):
         old_pub = self.eu.cli("pubkey", old).stdout.strip()
         self.eu.stop()
         self.eu.write_config({"aws": {"site": self.aws, "dial": True,
-                                      "keys": {"previous_public_key": old_pub}}},
+                                      "keys": {"previous_public_key": old_pub,
+                                               "previous_public_key_until":
+                                                   "2099-01-01T00:00:00Z"}}},
                              {CHANNEL: ["aws"]}, zmq=FAST_LINK, zmq_listen=False)
         self.eu.start()
         # Sent as a bundle, so the acknowledgement would be within what was sent.

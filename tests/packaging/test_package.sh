@@ -43,6 +43,9 @@ expect_file /usr/share/man/man8/relay.8.gz
 expect_file /usr/share/doc/relay/README.md
 for f in "$src"/docs/*.md; do expect_file "/usr/share/doc/relay/$(basename "$f")"; done
 for f in "$src"/deploy/examples/*.conf; do expect_file "/usr/share/doc/relay/examples/$(basename "$f")"; done
+for f in "$src"/deploy/relay@.service.d/*.conf.example; do
+  expect_file "/usr/share/doc/relay/examples/relay@.service.d/$(basename "$f")"
+done
 if grep -q '^/usr/local/' "$tmp/contents"; then fail "files under /usr/local in the package"; fi
 if grep -q '^/usr/lib/systemd/' "$tmp/contents"; then fail "unit under /usr/lib/systemd (expected /lib/systemd)"; fi
 owners=$(dpkg-deb -c "$deb" | awk '{print $2}' | sort -u | tr '\n' ' ')
