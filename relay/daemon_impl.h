@@ -378,6 +378,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // Link callbacks (link thread).
   void OnFrame(std::size_t peer, std::string bytes) override;
   void OnRejectedControl(const std::string& reason, const std::string& message) override;
+  void OnLinkRefused(transports::LinkRefusal reason, const std::string& message) override;
 
   // Inbound.
   void Reject(crypto::RejectReason reason, const std::string& message);

@@ -54,6 +54,11 @@ void Daemon::Impl::OnRejectedControl(const std::string& reason, const std::strin
   if (warn_limiter.Allow()) log::Warning(message);
 }
 
+void Daemon::Impl::OnLinkRefused(transports::LinkRefusal reason, const std::string& message) {
+  ++metrics.link_refused[static_cast<std::size_t>(reason)];
+  if (warn_limiter.Allow()) log::Warning(message);
+}
+
 void Daemon::Impl::Reject(crypto::RejectReason reason, const std::string& message) {
   ++metrics.frames_rejected[static_cast<std::size_t>(reason)];
   if (warn_limiter.Allow()) log::Warning(message);

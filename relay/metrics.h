@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "crypto/frame.h"
+#include "transports/zmq_link.h"
 
 namespace relay {
 
@@ -82,6 +83,8 @@ struct Metrics {
       frames_rejected{};
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(InboundDrop::kCount)>
       inbound_dropped{};
+  std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(transports::LinkRefusal::kCount)>
+      link_refused{};
   std::vector<std::unique_ptr<PeerMetrics>> peers;
 
   std::string RenderPrometheus(const std::string& site) const;
