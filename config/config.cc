@@ -767,12 +767,26 @@ void Loader::ValidatePeer(const Section& section) {
   } else if (peer.name == config_->site_name) {
     Problem("[" + section.name + "]: a peer cannot have the site's own name " + Quote(peer.name));
   }
-  CheckKeys(section,
-            {"public_key", "zmq_connect", "files_dir", "diode_send", "window", "max_frame_events",
-             "max_frame_bytes", "diode_rate", "diode_data_shards", "diode_parity_shards",
-             "diode_interleave", "diode_retention", "files_auto", "max_queue", "files_interval",
-             "previous_public_key", "previous_public_key_until", "via", "max_inbound",
-             "max_spool"});
+  CheckKeys(section, {"public_key",
+                      "zmq_connect",
+                      "files_dir",
+                      "diode_send",
+                      "window",
+                      "max_frame_events",
+                      "max_frame_bytes",
+                      "diode_rate",
+                      "diode_data_shards",
+                      "diode_parity_shards",
+                      "diode_interleave",
+                      "diode_retention",
+                      "files_auto",
+                      "max_queue",
+                      "files_interval",
+                      "previous_public_key",
+                      "previous_public_key_until",
+                      "via",
+                      "max_inbound",
+                      "max_spool"});
   if (const Entry* via = Optional(section, "via"))
     peer.via = ReadPeerList(section, *via, peer.name);
   // A rotation must end: the previous key (possibly the reason for the rotation, if it leaked)

@@ -333,6 +333,11 @@ bool SiteKey::SharedSecret(const PublicKey& their_box_pk, std::array<std::uint8_
   return crypto_scalarmult(out->data(), secrets_->box_sk, their_box_pk.data()) == 0;
 }
 
+void SiteKey::LendBoxSecret(const std::function<void(const std::uint8_t* secret)>& use) const {
+  assert(secrets_ && "use of a moved-from SiteKey");
+  use(secrets_->box_sk);
+}
+
 bool VerifySignature(const PublicKey& sign_pk, std::string_view message, const Signature& sig) {
   return crypto_sign_verify_detached(sig.data(), Bytes(message), message.size(), sign_pk.data()) ==
          0;

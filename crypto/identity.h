@@ -9,6 +9,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -56,6 +57,11 @@ class SiteKey {
   // X25519 scalar multiplication with the site's box secret key (for frame decryption).
   // False if the result is all zero (a low-order point).
   bool SharedSecret(const PublicKey& their_box_pk, std::array<std::uint8_t, 32>* out) const;
+  // Lends the 32-byte X25519 secret key to `use` for the duration of the call, for a library
+  // that must be handed it as bytes (ZeroMQ's CURVE, transports/zmq_link.cc). The pointer is
+  // into the key's own protected memory: no copy is made here; `use` must not keep it, and a
+  // copy it makes is its own to wipe.
+  void LendBoxSecret(const std::function<void(const std::uint8_t* secret)>& use) const;
 
  private:
   struct Secrets;

@@ -142,8 +142,8 @@ struct OriginRule {
   crypto::PublicKey key{};
   std::optional<crypto::PublicKey> previous;  // during the origin's key rotation, until:
   std::chrono::system_clock::time_point previous_until{};
-  std::vector<std::size_t> senders;           // peer indexes: itself when a peer, and its `via`
-  std::optional<std::size_t> peer;            // the origin's own peer index, when it is a peer
+  std::vector<std::size_t> senders;  // peer indexes: itself when a peer, and its `via`
+  std::optional<std::size_t> peer;   // the origin's own peer index, when it is a peer
 };
 
 // An entry being added to the outbound log by one commit. Entries with the same `group` are
@@ -520,6 +520,7 @@ struct Daemon::Impl : transports::LinkHandler {
   // Link callbacks (link thread).
   void OnFrame(std::size_t peer, std::string bytes) override;
   void OnRejectedControl(const std::string& reason, const std::string& message) override;
+  void OnLinkRefused(transports::LinkRefusal reason, const std::string& message) override;
 
   // Inbound.
   void Reject(crypto::RejectReason reason, const std::string& message);

@@ -67,6 +67,11 @@ void Daemon::Impl::OnRejectedControl(const std::string& reason, const std::strin
   if (warn_limiter.Allow()) log::Warning(message);
 }
 
+void Daemon::Impl::OnLinkRefused(transports::LinkRefusal reason, const std::string& message) {
+  ++metrics.link_refused[static_cast<std::size_t>(reason)];
+  if (warn_limiter.Allow()) log::Warning(message);
+}
+
 void Daemon::Impl::Reject(crypto::RejectReason reason, const std::string& message) {
   ++metrics.frames_rejected[static_cast<std::size_t>(reason)];
   if (warn_limiter.Allow()) log::Warning(message);
@@ -292,6 +297,15 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     auto stored_before = [&](std::uint64_t seq) {
       return bundle ? AlreadyAccepted(p, seq) : seq <= acc;
     };
+    if (!bundle && rf.link_peer != p) {
+      // The link checked the sender already (its connection proved the peer's key); this is
+      // the same rule once more, where the frame is opened.
+      Reject(crypto::RejectReason::kUnknownSender,
+             "frame signed by peer '" + pname + "' arrived on the link of peer '" +
+                 (rf.link_peer < peers.size() ? peers[rf.link_peer].name : std::string("?")) +
+                 "': refused");
+      continue;
+    }
     if (bundle && rf.link_peer != kAnyPeer && rf.link_peer != p) {
       return Status::Error("a frame inside the bundle is from peer '" + pname +
                            "', not from the bundle's sender");

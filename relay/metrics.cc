@@ -222,6 +222,16 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
            i64(api_refused[i]));
   }
 
+  Family(&out, "relay_link_refused_total", "counter",
+         "ZeroMQ link connections and messages refused (or, dial_failed, not completed), by "
+         "reason.");
+  for (std::size_t i = 0; i < link_refused.size(); ++i) {
+    Sample(&out, "relay_link_refused_total",
+           std::string("reason=\"") +
+               transports::LinkRefusalName(static_cast<transports::LinkRefusal>(i)) + "\"",
+           i64(link_refused[i]));
+  }
+
   struct PeerFamily {
     const char* name;
     const char* type;

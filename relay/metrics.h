@@ -12,6 +12,7 @@
 #include "crypto/frame.h"
 #include "relay/http_server.h"
 #include "transports/diode.h"
+#include "transports/zmq_link.h"
 
 namespace relay {
 
@@ -133,6 +134,8 @@ struct Metrics {
       http_refused{};
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(ApiRefusal::kCount)>
       api_refused{};
+  std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(transports::LinkRefusal::kCount)>
+      link_refused{};
   std::vector<std::unique_ptr<PeerMetrics>> peers;
 
   std::string RenderPrometheus(const std::string& site) const;

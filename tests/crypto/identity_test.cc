@@ -171,6 +171,19 @@ TEST_CASE("shared secret agrees and rejects low-order points", "[crypto][identit
   CHECK_FALSE(a.SharedSecret(one, &out));
 }
 
+TEST_CASE("the lent box secret is the key of box_pk and is not copied", "[crypto][identity]") {
+  REQUIRE(Init().ok());
+  const SiteKey a = SiteKey::Generate();
+  const std::uint8_t* first = nullptr;
+  PublicKey derived{};
+  a.LendBoxSecret([&](const std::uint8_t* secret) {
+    first = secret;
+    REQUIRE(crypto_scalarmult_base(derived.data(), secret) == 0);
+  });
+  CHECK(derived == a.identity().box_pk);
+  a.LendBoxSecret([&](const std::uint8_t* secret) { CHECK(secret == first); });
+}
+
 TEST_CASE("site key moves keep the identity", "[crypto][identity]") {
   REQUIRE(Init().ok());
   SiteKey a = SiteKey::Generate();

@@ -15,6 +15,8 @@ Typical use:
             self.wait_for(lambda: len(aws.sink_lines("war-room")) == 1, 30, "delivery")
 """
 import atexit
+import base64
+import ctypes
 import http.client
 import json
 import os
@@ -569,25 +571,294 @@ def post_all(site, msgs, batch=100, timeout=30):
     return ids
 
 
+# ---- CurveZMQ over libsodium: a man in the middle that holds both sites' keys ----------------
+class CurveError(Exception):
+    """A CURVE handshake or message that did not verify, or an ERROR command from the peer."""
+
+
+class Sodium:
+    """The few libsodium functions CurveZMQ needs, through ctypes (the tests use the standard
+    library only; libsodium.so.23 is relay's own dependency)."""
+
+    _lib = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def lib(cls):
+        with cls._lock:
+            if cls._lib is None:
+                lib = ctypes.CDLL("libsodium.so.23")
+                if lib.sodium_init() < 0:
+                    raise RuntimeError("sodium_init failed")
+                u64 = ctypes.c_ulonglong
+                p = ctypes.c_char_p
+                for name, args in (("crypto_box_keypair", [p, p]),
+                                   ("crypto_scalarmult_base", [p, p]),
+                                   ("crypto_box_easy", [p, p, u64, p, p, p]),
+                                   ("crypto_box_open_easy", [p, p, u64, p, p, p]),
+                                   ("crypto_box_beforenm", [p, p, p]),
+                                   ("crypto_box_easy_afternm", [p, p, u64, p, p]),
+                                   ("crypto_box_open_easy_afternm", [p, p, u64, p, p]),
+                                   ("crypto_secretbox_easy", [p, p, u64, p, p]),
+                                   ("crypto_secretbox_open_easy", [p, p, u64, p, p])):
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = ctypes.c_int
+                lib.randombytes_buf.argtypes = [p, ctypes.c_size_t]
+                lib.randombytes_buf.restype = None
+                cls._lib = lib
+            return cls._lib
+
+    @classmethod
+    def random(cls, n):
+        out = ctypes.create_string_buffer(n)
+        cls.lib().randombytes_buf(out, n)
+        return out.raw
+
+    @classmethod
+    def keypair(cls):
+        pk, sk = ctypes.create_string_buffer(32), ctypes.create_string_buffer(32)
+        cls.lib().crypto_box_keypair(pk, sk)
+        return pk.raw, sk.raw
+
+    @classmethod
+    def public_key(cls, sk):
+        pk = ctypes.create_string_buffer(32)
+        if cls.lib().crypto_scalarmult_base(pk, sk) != 0:
+            raise ValueError("unusable X25519 secret key")
+        return pk.raw
+
+    @classmethod
+    def box(cls, m, n, pk, sk):
+        c = ctypes.create_string_buffer(len(m) + 16)
+        cls.lib().crypto_box_easy(c, m, len(m), n, pk, sk)
+        return c.raw
+
+    @classmethod
+    def box_open(cls, c, n, pk, sk):
+        if len(c) < 16:
+            return None
+        m = ctypes.create_string_buffer(max(1, len(c) - 16))
+        if cls.lib().crypto_box_open_easy(m, c, len(c), n, pk, sk) != 0:
+            return None
+        return m.raw[:len(c) - 16]
+
+    @classmethod
+    def beforenm(cls, pk, sk):
+        k = ctypes.create_string_buffer(32)
+        cls.lib().crypto_box_beforenm(k, pk, sk)
+        return k.raw
+
+    @classmethod
+    def box_afternm(cls, m, n, k):
+        c = ctypes.create_string_buffer(len(m) + 16)
+        cls.lib().crypto_box_easy_afternm(c, m, len(m), n, k)
+        return c.raw
+
+    @classmethod
+    def box_open_afternm(cls, c, n, k):
+        if len(c) < 16:
+            return None
+        m = ctypes.create_string_buffer(max(1, len(c) - 16))
+        if cls.lib().crypto_box_open_easy_afternm(m, c, len(c), n, k) != 0:
+            return None
+        return m.raw[:len(c) - 16]
+
+    @classmethod
+    def secretbox(cls, m, n, k):
+        c = ctypes.create_string_buffer(len(m) + 16)
+        cls.lib().crypto_secretbox_easy(c, m, len(m), n, k)
+        return c.raw
+
+
+def box_keypair(key_file):
+    """(box_pk, box_sk) of a relay key file: the X25519 secret is bytes 32..64 of line 2
+    (docs/wire-format.md, "Key file")."""
+    with open(key_file) as f:
+        line = f.read().split("\n")[1]
+    enc = line.split(" ", 1)[1].strip()
+    raw = base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4))
+    sk = raw[32:64]
+    return Sodium.public_key(sk), sk
+
+
+def _zmtp_frame(flags, body):
+    if len(body) > 255:
+        return bytes([flags | 0x02]) + struct.pack(">Q", len(body)) + body
+    return bytes([flags & ~0x02]) + bytes([len(body)]) + body
+
+
+def _properties(**props):
+    out = b""
+    for name, value in props.items():
+        name = name.replace("_", "-").encode()
+        out += bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+    return out
+
+
+class CurveConnection:
+    """One end of a ZMTP 3.0 connection secured with CURVE (RFC 25/26, as libzmq 4.3 speaks it):
+    after server_handshake() or client_handshake(), recv() and send() carry the (ZMTP flags,
+    body) of plaintext messages. Not thread-safe: one reader, and one writer at a time."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.key = None
+        self.send_nonce = 0
+        self.send_prefix = self.recv_prefix = b""
+        self.peer_key = None  # the other side's long-term key, learned by server_handshake
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            data = self.sock.recv(max(65536, n - len(self.buf)))
+            if not data:
+                raise EOFError("connection closed")
+            self.buf.extend(data)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def _read_frame(self):
+        flags = self._need(1)[0]
+        size = struct.unpack(">Q", self._need(8))[0] if flags & 0x02 else self._need(1)[0]
+        return flags, self._need(size)
+
+    def _command(self, expect):
+        flags, body = self._read_frame()
+        if not flags & 0x04:
+            raise CurveError(f"expected the {expect} command, got a message")
+        if body.startswith(b"\x05ERROR"):
+            raise CurveError(f"ERROR from the peer: {body[7:7 + body[6]].decode(errors='replace')}")
+        name = bytes([len(expect)]) + expect.encode()
+        if not body.startswith(name):
+            raise CurveError(f"expected {expect}, got {body[:12]!r}")
+        return body
+
+    def _greeting(self, as_server):
+        self.sock.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00")
+                          + bytes([1 if as_server else 0]) + b"\x00" * 31)
+        peer = self._need(64)
+        if peer[0] != 0xff or peer[9] != 0x7f or peer[10] < 3:
+            raise CurveError(f"not a ZMTP 3 greeting: {peer[:12]!r}")
+        if peer[12:32].rstrip(b"\x00") != b"CURVE":
+            raise CurveError(f"the peer offers mechanism {peer[12:32].rstrip(bytes(1))!r}")
+
+    def _nonce8(self):
+        self.send_nonce += 1
+        return struct.pack(">Q", self.send_nonce)
+
+    def server_handshake(self, server_pk, server_sk):
+        """Acts as the CURVE server with the long-term key pair (server_pk, server_sk); returns
+        the client's long-term public key (which a ZAP handler would check)."""
+        self._greeting(True)
+        hello = self._command("HELLO")
+        if len(hello) != 200:
+            raise CurveError(f"HELLO of {len(hello)} bytes")
+        client_eph = hello[80:112]
+        if Sodium.box_open(hello[120:200], b"CurveZMQHELLO---" + hello[112:120], client_eph,
+                           server_sk) is None:
+            raise CurveError("HELLO does not open: the client uses another server key")
+        eph_pk, eph_sk = Sodium.keypair()
+        cookie_key, cookie_nonce = Sodium.random(32), Sodium.random(16)
+        cookie = cookie_nonce + Sodium.secretbox(client_eph + eph_sk, b"COOKIE--" + cookie_nonce,
+                                                 cookie_key)
+        wn = Sodium.random(16)
+        self.sock.sendall(_zmtp_frame(0x04, b"\x07WELCOME" + wn + Sodium.box(
+            eph_pk + cookie, b"WELCOME-" + wn, client_eph, server_sk)))
+        init = self._command("INITIATE")
+        if init[9:105] != cookie:
+            raise CurveError("INITIATE carries another cookie")
+        plain = Sodium.box_open(init[113:], b"CurveZMQINITIATE" + init[105:113], client_eph, eph_sk)
+        if plain is None or len(plain) < 128:
+            raise CurveError("INITIATE does not open")
+        client_pk = plain[:32]
+        vouch = Sodium.box_open(plain[48:128], b"VOUCH---" + plain[32:48], client_pk, eph_sk)
+        if vouch != client_eph + server_pk:
+            raise CurveError("INITIATE's vouch does not prove the client's key")
+        self.key = Sodium.beforenm(client_eph, eph_sk)
+        self.send_prefix, self.recv_prefix = b"CurveZMQMESSAGES", b"CurveZMQMESSAGEC"
+        n = self._nonce8()
+        self.sock.sendall(_zmtp_frame(0x04, b"\x05READY" + n + Sodium.box_afternm(
+            _properties(Socket_Type=b"ROUTER"), b"CurveZMQREADY---" + n, self.key)))
+        self.peer_key = client_pk
+        return client_pk
+
+    def client_handshake(self, server_pk, client_pk, client_sk, socket_type=b"DEALER"):
+        """Acts as a CURVE client with the long-term key pair (client_pk, client_sk) towards a
+        server whose key is server_pk. CurveError when the server refuses (ERROR) or lies."""
+        self._greeting(False)
+        eph_pk, eph_sk = Sodium.keypair()
+        n = self._nonce8()
+        self.sock.sendall(_zmtp_frame(0x04, b"\x05HELLO\x01\x00" + b"\x00" * 72 + eph_pk + n
+                                      + Sodium.box(b"\x00" * 64, b"CurveZMQHELLO---" + n,
+                                                   server_pk, eph_sk)))
+        welcome = self._command("WELCOME")
+        plain = Sodium.box_open(welcome[24:], b"WELCOME-" + welcome[8:24], server_pk, eph_sk)
+        if len(welcome) != 168 or plain is None:
+            raise CurveError("WELCOME does not open: the server does not hold server_pk's key")
+        server_eph, cookie = plain[:32], plain[32:128]
+        vn = Sodium.random(16)
+        vouch = Sodium.box(eph_pk + server_pk, b"VOUCH---" + vn, server_eph, client_sk)
+        n = self._nonce8()
+        meta = _properties(Socket_Type=socket_type, Identity=b"")
+        self.sock.sendall(_zmtp_frame(0x04, b"\x08INITIATE" + cookie + n + Sodium.box(
+            client_pk + vn + vouch + meta, b"CurveZMQINITIATE" + n, server_eph, eph_sk)))
+        ready = self._command("READY")
+        self.key = Sodium.beforenm(server_eph, eph_sk)
+        if Sodium.box_open_afternm(ready[14:], b"CurveZMQREADY---" + ready[6:14], self.key) is None:
+            raise CurveError("READY does not open")
+        self.send_prefix, self.recv_prefix = b"CurveZMQMESSAGEC", b"CurveZMQMESSAGES"
+
+    def recv(self):
+        """(flags, body) of the next message: ZMTP flags 0x01 more, 0x04 command."""
+        _, body = self._read_frame()
+        if body.startswith(b"\x05ERROR"):
+            raise CurveError(f"ERROR from the peer: {body[7:7 + body[6]].decode(errors='replace')}")
+        if not body.startswith(b"\x07MESSAGE") or len(body) < 33:
+            raise CurveError(f"expected a MESSAGE, got {body[:12]!r}")
+        plain = Sodium.box_open_afternm(body[16:], self.recv_prefix + body[8:16], self.key)
+        if plain is None:
+            raise CurveError("a MESSAGE box does not open")
+        inner = plain[0]
+        return (0x01 if inner & 0x01 else 0) | (0x04 if inner & 0x02 else 0), plain[1:]
+
+    def send(self, flags, body):
+        inner = (0x01 if flags & 0x01 else 0) | (0x02 if flags & 0x04 else 0)
+        n = self._nonce8()
+        self.sock.sendall(_zmtp_frame(0, b"\x07MESSAGE" + n + Sodium.box_afternm(
+            bytes([inner]) + body, self.send_prefix + n, self.key)))
+
+    def send_framed(self, framed):
+        """Sends a message given as a plaintext ZMTP frame (what ZmtpProxy.encode returns)."""
+        flags = framed[0]
+        self.send(flags, framed[9:] if flags & 0x02 else framed[2:])
+
+
 class ZmtpProxy:
-    """A TCP proxy for one ZeroMQ link (dialer -> proxy -> listener) that understands ZMTP 3
-    framing in the dialer-to-listener direction, so a test can tamper with, truncate, record
-    and replay relay frames (messages starting with b"RLYF") on a live connection.
+    """A man in the middle of one ZeroMQ link (dialer -> proxy -> listener) that terminates the
+    link's CURVE security on both sides: it holds the listener's key file (to be the listener
+    towards the dialer) and the dialer's (to authenticate as the dialer towards the listener),
+    as someone who stole both keys could. So a test can tamper with, truncate, record and replay
+    relay frames (messages starting with b"RLYF") on a live connection and check the frame-level
+    defences behind CURVE.
 
     mode: "pass" (forward unchanged), "flip" (flip the last byte of every frame: the
     signature), "truncate" (drop the last 100 bytes of every frame), "drop" (swallow frames).
     Every frame seen is recorded in .frames; inject(body) sends a message to the listener on
-    the current connection(s)."""
+    the current connection(s). encode(flags, body) is the hook every message to the listener
+    passes through (forwarded or injected); it returns the message as a plaintext ZMTP frame.
+    .errors lists handshakes that failed (e.g. the listener refused the dialer's key)."""
 
-    GREETING = 64
-
-    def __init__(self, target_port):
+    def __init__(self, target_port, listener_key, dialer_key):
         self.target_port = target_port
+        self.listener_pk, self._listener_sk = box_keypair(listener_key)
+        self.dialer_pk, self._dialer_sk = box_keypair(dialer_key)
         self.port = free_port()
         self.mode = "pass"
         self.frames = []
+        self.errors = []
         self.lock = threading.Lock()
-        self._upstreams = []      # sockets towards the listener, for inject()
+        self._upstreams = []      # CurveConnections towards the listener, for inject()
         self._socks = []
         self._stop = False
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -626,43 +897,60 @@ class ZmtpProxy:
                 continue
             except OSError:
                 return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                server.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            with self.lock:
-                self._socks += [client, server]
-                self._upstreams.append(server)
-            for target in (lambda: self._pump_raw(server, client),
-                           lambda: self._pump_zmtp(client, server)):
-                t = threading.Thread(target=target, daemon=True)
-                t.start()
-                self._threads.append(t)
+            t = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            t.start()
+            self._threads.append(t)
 
-    def _pump_raw(self, src, dst):
+    @staticmethod
+    def _shut(*socks):
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _serve(self, client):
         try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
         except OSError:
+            client.close()
+            return
+        with self.lock:
+            self._socks += [client, server]
+        up, down = CurveConnection(server), CurveConnection(client)
+        try:
+            client.settimeout(10)
+            up.client_handshake(self.listener_pk, self.dialer_pk, self._dialer_sk)
+            down.server_handshake(self.listener_pk, self._listener_sk)
+            client.settimeout(None)
+            server.settimeout(None)
+        except (OSError, EOFError, CurveError) as e:
+            with self.lock:
+                self.errors.append(f"{type(e).__name__}: {e}")
+            self._shut(client, server)
+            return
+        with self.lock:
+            self._upstreams.append(up)
+        t = threading.Thread(target=self._pump_up, args=(down, up), daemon=True)
+        t.start()
+        self._threads.append(t)
+        try:  # listener -> dialer, unchanged
+            while True:
+                flags, body = up.recv()
+                down.send(flags, body)
+        except (OSError, EOFError, CurveError):
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._shut(client, server)
 
     @staticmethod
     def encode(flags, body):
-        if len(body) > 255:
-            return bytes([flags | 0x02]) + struct.pack(">Q", len(body)) + body
-        return bytes([flags & ~0x02]) + bytes([len(body)]) + body
+        return _zmtp_frame(flags, body)
+
+    def live(self):
+        """The number of live connections (handshakes done at both ends)."""
+        with self.lock:
+            return len(self._upstreams)
 
     def inject(self, body):
         """Sends one single-part message to the listener on every live connection."""
@@ -670,37 +958,15 @@ class ZmtpProxy:
             ups = list(self._upstreams)
             for up in ups:
                 try:
-                    up.sendall(self.encode(0, body))
+                    up.send_framed(self.encode(0, body))
                 except OSError:
                     pass
         return len(ups)
 
-    def _pump_zmtp(self, src, dst):
-        buf = bytearray()
-
-        def need(n):
-            while len(buf) < n:
-                data = src.recv(65536)
-                if not data:
-                    raise EOFError
-                buf.extend(data)
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-
+    def _pump_up(self, down, up):
         try:
-            # The greeting is forwarded as it arrives: each side waits for part of the other's.
-            seen = 0
-            while seen < self.GREETING:
-                data = src.recv(self.GREETING - seen)
-                if not data:
-                    raise EOFError
-                seen += len(data)
-                dst.sendall(data)
             while True:
-                flags = need(1)[0]
-                size = struct.unpack(">Q", need(8))[0] if flags & 0x02 else need(1)[0]
-                body = need(size)
+                flags, body = down.recv()
                 if not flags & 0x04 and body[:4] == b"RLYF":
                     with self.lock:
                         self.frames.append(body)
@@ -711,21 +977,101 @@ class ZmtpProxy:
                         elif mode == "truncate":
                             body = body[:-100]
                         if mode != "drop":
-                            dst.sendall(self.encode(flags, body))
+                            up.send_framed(self.encode(flags, body))
                     continue
                 with self.lock:
-                    dst.sendall(self.encode(flags, body))
-        except (OSError, EOFError):
+                    up.send_framed(self.encode(flags, body))
+        except (OSError, EOFError, CurveError):
             pass
         finally:
             with self.lock:
-                if dst in self._upstreams:
-                    self._upstreams.remove(dst)
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if up in self._upstreams:
+                    self._upstreams.remove(up)
+            self._shut(down.sock, up.sock)
+
+
+class TcpProxy:
+    """A byte-level TCP proxy for one ZeroMQ link (dialer -> proxy -> listener), below CURVE:
+    it records what each dialer connection sent (.sent[i], bytes in order) and can alter it:
+    `tamper(index, offset, chunk)` returns the chunk to forward for bytes [offset, offset +
+    len(chunk)) of connection `index` (None: forward as is)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.port = free_port()
+        self.tamper = None
+        self.sent = []
+        self.lock = threading.Lock()
+        self._socks = []
+        self._stop = False
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        self._listener.settimeout(0.2)
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self):
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def close(self):
+        self._stop = True
+        with self.lock:
+            socks = list(self._socks)
+        for s in socks + [self._listener]:
+            ZmtpProxy._shut(s)
+            try:
+                s.close()
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self._socks += [client, server]
+                index = len(self.sent)
+                self.sent.append(bytearray())
+            for target in (lambda: self._pump(server, client, None),
+                           lambda: self._pump(client, server, index)):
+                t = threading.Thread(target=target, daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src, dst, index):
+        offset = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if index is not None:
+                    with self.lock:
+                        self.sent[index].extend(data)
+                        tamper = self.tamper
+                    if tamper is not None:
+                        data = tamper(index, offset, data)
+                    offset += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            ZmtpProxy._shut(src, dst)
 
 
 class RelayTestCase(unittest.TestCase):
@@ -800,9 +1146,16 @@ class RelayTestCase(unittest.TestCase):
         self.sites.append(s)
         return s
 
-    def proxy(self, target):
-        """A ZmtpProxy in front of the target site's ZeroMQ listener."""
-        p = ZmtpProxy(target.zmq_port)
+    def proxy(self, target, dialer):
+        """A ZmtpProxy in front of the target site's ZeroMQ listener, for `dialer` to dial
+        (it holds both sites' keys)."""
+        p = ZmtpProxy(target.zmq_port, target.key, dialer.key)
+        self.proxies.append(p)
+        return p
+
+    def tcp_proxy(self, target):
+        """A byte-level TcpProxy in front of the target site's ZeroMQ listener."""
+        p = TcpProxy(target.zmq_port)
         self.proxies.append(p)
         return p
 

@@ -397,9 +397,9 @@ class IngestCatalogue(Catalogue):
 class RecordingProxy(ZmtpProxy):
     """A ZmtpProxy that also records the control messages (RLYC) the dialer sends."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, listener_key, dialer_key):
         self.controls = []
-        super().__init__(target_port)
+        super().__init__(target_port, listener_key, dialer_key)
 
     def encode(self, flags, body):  # called for every message forwarded or injected
         if not flags & 0x04 and body[:4] == b"RLYC" and len(self.controls) < 1000:
@@ -409,25 +409,31 @@ class RecordingProxy(ZmtpProxy):
 
 class LinkCatalogue(Catalogue):
     """europe dials aws through a proxy that drops europe's own frames: only what the test
-    injects reaches aws. Sealed frames come out of bundle files europe (and a rogue) export."""
+    injects reaches aws. The proxy terminates the link's CURVE security with both sites' keys
+    (a thief of both keys, or a man in the middle where CURVE is not there), so these cases test
+    the frame-level defences behind it. Sealed frames come out of bundle files europe, the
+    enclave (another peer of aws) and a rogue export."""
 
     def setUp(self):
         super().setUp()
         eu, aws = self.site("europe"), self.site("aws")
         enclave, rogue = self.site("enclave"), self.site("rogue")
         self.eu, self.aws = eu, aws
-        self.px = RecordingProxy(aws.zmq_port)
+        self.px = RecordingProxy(aws.zmq_port, aws.key, eu.key)
         self.proxies.append(self.px)
         self.px.mode = "drop"
         eu.write_config({"aws": {"site": aws, "connect": self.px.url,
                                  "keys": {"max_frame_events": "2"}},
                          "enclave": {"site": enclave}},
                         {CHANNEL: ["aws", "enclave"]}, zmq=FAST_LINK)
-        aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]}, zmq=FAST_LINK)
+        aws.write_config({"europe": {"site": eu}, "enclave": {"site": enclave}},
+                         {CHANNEL: ["europe"]}, zmq=FAST_LINK)
         rogue.write_config({"aws": {"site": aws}}, {CHANNEL: ["aws"]}, zmq_listen=False)
+        enclave.write_config({"aws": {"site": aws}}, {CHANNEL: ["aws"]}, zmq_listen=False)
         aws.start()
         eu.start()
         rogue.start()
+        enclave.start()
         self.wait_for(lambda: eu.metric("relay_link_up", peer="aws") == 1, 30,
                       "europe's link to aws to come up")
         post_all(eu, messages(6, prefix="m"), batch=1)
@@ -438,7 +444,10 @@ class LinkCatalogue(Catalogue):
         self.assertEqual(len(self.frames), 3, "6 events, 2 per frame")
         self.foreign = bundle_frames(self.export(eu, "enclave", disk)[0])[0]
         self.unknown = bundle_frames(self.export(rogue, "aws", disk)[0])[0]
+        post_all(enclave, messages(2, prefix="enclave"))
+        self.other_peer = bundle_frames(self.export(enclave, "aws", disk)[0])[0]
         rogue.kill9()
+        enclave.kill9()
         self.eu_pk = self.frames[0][F_SENDER:F_SENDER + 32]
         self.aws_pk = self.frames[0][F_RECIPIENT:F_RECIPIENT + 32]
 
@@ -448,6 +457,11 @@ class LinkCatalogue(Catalogue):
         return r.stdout.split()
 
     def inject(self, data):
+        # On a loaded machine the proxy (Python) can stall for longer than peer_timeout, and the
+        # link then comes back on a new connection: wait for one.
+        self.wait_for(lambda: self.px.live() > 0
+                      and self.eu.metric("relay_link_up", peer="aws") == 1, 30,
+                      "a live connection through the proxy to inject into")
         self.assertGreater(self.px.inject(data), 0, "no live connection to inject into")
 
     def feed(self, before, data, reason, what, says=None):
@@ -462,6 +476,20 @@ class LinkCatalogue(Catalogue):
         if says:  # the log names the problem
             self.assertTrue(wait_for(lambda: says in self.aws.log_text()[mark:], 5),
                             f"{what}: the log does not say {says!r}")
+        CASES["link"] += 1
+
+    def feed_refused(self, before, data, reason, what):
+        """Injects one message the link itself must refuse: relay_link_refused_total{reason}
+        moves by one, no frame rejection counter moves, nothing else changes."""
+        _, rej = state(self.aws)
+        was = self.aws.metric("relay_link_refused_total", 0, reason=reason)
+        self.inject(data)
+        self.wait_for(lambda: self.aws.metric("relay_link_refused_total", 0, reason=reason)
+                      > was, 10, f"{what}: aws to refuse it as {reason}")
+        self.assertEqual(self.aws.metric("relay_link_refused_total", 0, reason=reason), was + 1,
+                         what)
+        self.assertEqual(rejections(self.aws.metrics()), rej, what)
+        self.assert_unchanged(self.aws, before, what)
         CASES["link"] += 1
 
     def frame_cases(self, f):
@@ -520,6 +548,10 @@ class LinkCatalogue(Catalogue):
         return out
 
     def test_bad_frames_and_control_messages_are_rejected_by_reason(self):
+        """Attack: a man in the middle holding both keys (or europe itself) injects every kind of
+        bad frame and control message on europe's connection; safe outcome: each is refused by
+        its distinct reason and nothing changes; frames signed by another configured peer are
+        refused by the link (sender_mismatch) before they are opened."""
         eu, aws, px = self.eu, self.aws, self.px
         f1, f2, f3 = self.frames
         before = self.settle(aws)
@@ -541,6 +573,9 @@ class LinkCatalogue(Catalogue):
         with self.subTest("declares 4 GiB of ciphertext"):
             huge = f1[:F_CTLEN] + b"\xff\xff\xff\xf0" + f1[F_HEADER:]
             self.feed(before, huge, "truncated", "frame declaring 4 GiB")
+        with self.subTest("signed by another configured peer (the enclave), on europe's link"):
+            self.feed_refused(before, self.other_peer, "sender_mismatch",
+                              "the enclave's valid frame on europe's connection")
 
         # Control messages europe sent (hello, pings), each field flipped.
         ctl = next((c for c in px.controls if c[C_TYPE] in (1, 4) and len(c) == C_HEADER + SIG),
@@ -607,7 +642,9 @@ class LinkCatalogue(Catalogue):
         self.assertTrue(aws.running() and eu.running())
 
     def test_a_later_frame_first_on_a_new_link_is_a_gap(self):
-        """An on-path attacker holds back the first frame of a new link and delivers the second.
+        """Attack: a man in the middle holding both keys holds back the first frame of a new
+        link and delivers the second; safe outcome: a gap, nothing delivered or acknowledged out
+        of order, everything arrives once when the first frame comes.
         docs/wire-format.md: a frame must continue the accepted range; docs/security.md: a
         path attacker cannot "make a frame skip a sequence (gap, never acknowledged)"."""
         eu, aws, px = self.eu, self.aws, self.px

@@ -72,9 +72,9 @@ class ChunkGate(ZmtpProxy):
     """A proxy that lets the first `allow` relay frames through and drops the rest while
     closed (None: everything passes)."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, listener_key, dialer_key):
         self.allow = None
-        super().__init__(target_port)
+        super().__init__(target_port, listener_key, dialer_key)
 
     @property
     def mode(self):
@@ -93,7 +93,7 @@ class AttachmentTest(RelayTestCase):
         aws = BigChatSite(self, "aws", "bob")
         gate = None
         if via_gate:
-            gate = ChunkGate(aws.site.zmq_port)
+            gate = ChunkGate(aws.site.zmq_port, aws.site.key, eu.site.key)
             self.proxies.append(gate)
         eu.configure(aws, dial=True, peer_keys=eu_peer_keys, via=gate.url if gate else None)
         aws.configure(eu, dial=False)

@@ -60,6 +60,7 @@ struct FakePeer : relay::transports::LinkHandler {
     cv.notify_all();
   }
   void OnRejectedControl(const std::string&, const std::string&) override {}
+  void OnLinkRefused(relay::transports::LinkRefusal, const std::string&) override {}
 };
 
 relay::Event MakeEvent(std::uint64_t seq, const std::string& channel = "war-room") {

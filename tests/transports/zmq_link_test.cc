@@ -3,10 +3,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <poll.h>
+
 #include <catch2/catch.hpp>
 #include <condition_variable>
+#include <map>
 #include <mutex>
+#include <thread>
 #include <vector>
+#include <zmq.hpp>
 
 #include "crypto/frame.h"
 #include "transports/zmq_link.h"
@@ -19,7 +24,11 @@ using relay::testing::TempDir;
 namespace {
 
 using namespace std::chrono_literals;
+using relay::crypto::ControlType;
+using relay::crypto::PublicIdentity;
+using relay::crypto::SiteKey;
 using relay::transports::LinkPeer;
+using relay::transports::LinkRefusal;
 using relay::transports::ZmqLink;
 using relay::transports::ZmqLinkOptions;
 
@@ -29,14 +38,18 @@ struct Recorder : relay::transports::LinkHandler {
   int ups = 0, downs = 0;
   bool up = false;
   std::uint64_t epoch = 0;
+  std::vector<std::size_t> up_peers;  // the peer of each OnLinkUp
   std::vector<std::string> frames;
   std::vector<std::uint64_t> acks;
   std::vector<std::string> rejected;
-  void OnLinkUp(std::size_t, std::uint64_t e) override {
+  std::map<LinkRefusal, int> refused;
+  std::vector<std::string> refusal_messages;
+  void OnLinkUp(std::size_t peer, std::uint64_t e) override {
     std::lock_guard<std::mutex> l(mu);
     ++ups;
     up = true;
     epoch = e;
+    up_peers.push_back(peer);
     cv.notify_all();
   }
   void OnLinkDown(std::size_t) override {
@@ -60,6 +73,16 @@ struct Recorder : relay::transports::LinkHandler {
     rejected.push_back(reason);
     cv.notify_all();
   }
+  void OnLinkRefused(LinkRefusal reason, const std::string& message) override {
+    std::lock_guard<std::mutex> l(mu);
+    ++refused[reason];
+    refusal_messages.push_back(message);
+    cv.notify_all();
+  }
+  int Refused(LinkRefusal reason) {
+    std::lock_guard<std::mutex> l(mu);
+    return refused[reason];
+  }
   template <typename P>
   bool Wait(P pred, std::chrono::milliseconds limit = 10s) {
     std::unique_lock<std::mutex> l(mu);
@@ -73,6 +96,52 @@ ZmqLinkOptions Fast(const std::string& listen = "") {
   o.heartbeat_interval = 100ms;
   o.peer_timeout = 600ms;
   return o;
+}
+
+std::string Endpoint() { return "tcp://127.0.0.1:" + std::to_string(FreePort()); }
+
+std::string Hello(const SiteKey& from, const PublicIdentity& to,
+                  ControlType type = ControlType::kHello, std::string_view body = {}) {
+  return relay::crypto::SealControl(from, to, type, 1764129324000, body);
+}
+
+// A bare ZeroMQ CURVE client that authenticates with `as`'s box key and sends whatever a test
+// wants: an attacker who holds that key, or a stranger.
+struct RawClient {
+  zmq::context_t ctx{1};
+  zmq::socket_t s{ctx, zmq::socket_type::dealer};
+  RawClient(const SiteKey& as, const PublicIdentity& server, const std::string& endpoint) {
+    s.set(zmq::sockopt::linger, 0);
+    REQUIRE(zmq_setsockopt(s.handle(), ZMQ_CURVE_SERVERKEY, server.box_pk.data(), 32) == 0);
+    REQUIRE(zmq_setsockopt(s.handle(), ZMQ_CURVE_PUBLICKEY, as.identity().box_pk.data(), 32) == 0);
+    as.LendBoxSecret([&](const std::uint8_t* secret) {
+      REQUIRE(zmq_setsockopt(s.handle(), ZMQ_CURVE_SECRETKEY, secret, 32) == 0);
+    });
+    s.connect(endpoint);
+  }
+  void Send(const std::string& bytes) { s.send(zmq::buffer(bytes), zmq::send_flags::none); }
+  // Every message that arrives within `limit`.
+  std::vector<std::string> Received(std::chrono::milliseconds limit) {
+    std::vector<std::string> out;
+    auto end = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < end) {
+      zmq::pollitem_t item{s.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, 20ms);
+      zmq::message_t m;
+      while (s.recv(m, zmq::recv_flags::dontwait)) out.push_back(m.to_string());
+    }
+    return out;
+  }
+};
+
+// The control message types among received messages (frames count as 0), without pings.
+std::vector<int> Types(const std::vector<std::string>& messages) {
+  std::vector<int> out;
+  for (const auto& m : messages) {
+    int type = m.size() > 5 && m.rfind("RLYC", 0) == 0 ? m[5] : 0;
+    if (type != static_cast<int>(ControlType::kPing)) out.push_back(type);
+  }
+  return out;
 }
 
 }  // namespace
@@ -142,17 +211,282 @@ TEST_CASE("a dialer with a key the listener does not know never comes up") {
   REQUIRE(relay::crypto::Init().ok());
   auto a = relay::crypto::SiteKey::Generate(), b = relay::crypto::SiteKey::Generate();
   auto rogue = relay::crypto::SiteKey::Generate();
-  std::string ep = "tcp://127.0.0.1:" + std::to_string(FreePort());
+  std::string ep = Endpoint();
   Recorder rb, rr;
   ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
   ZmqLink dialer(rogue, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &rr);
   REQUIRE(listener.Start().ok());
   REQUIRE(dialer.Start().ok());
-  REQUIRE(rb.Wait([&] { return !rb.rejected.empty(); }));
-  CHECK(rb.rejected[0] == "unknown_sender");
+  // Refused by ZAP before any relay message is read: nothing to reject, nothing answered.
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kUnknownKey] > 0; }));
+  REQUIRE(rr.Wait([&] { return rr.refused[LinkRefusal::kDialFailed] > 0; }));
   std::this_thread::sleep_for(300ms);
   CHECK_FALSE(rr.up);
   CHECK_FALSE(rb.up);
+  CHECK(rb.rejected.empty());
+  {
+    std::lock_guard<std::mutex> l(rr.mu);
+    CHECK_THAT(rr.refusal_messages[0], Catch::Contains("refused this site's CURVE key"));
+  }
+  // libzmq does not retry after a ZAP refusal; the link makes a new socket now and then.
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kUnknownKey] >= 2; }, 5s));
+}
+
+TEST_CASE("a stranger's key gets no answer, no link and no frames") {
+  // Attack: a party without a configured peer's key connects and sends a peer's hello, pings
+  // and frames; safe outcome: ZAP refuses the connection, nothing reaches the handler, nothing
+  // is sent back.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate(), stranger = SiteKey::Generate();
+  std::string ep = Endpoint();
+  Recorder rb;
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
+  REQUIRE(listener.Start().ok());
+  RawClient raw(stranger, b.identity(), ep);
+  raw.Send(Hello(a, b.identity()));  // a's own, valid hello
+  raw.Send(Hello(stranger, b.identity()));
+  raw.Send(Hello(a, b.identity(), ControlType::kPing));
+  raw.Send(relay::crypto::SealFrame(a, b.identity(), 1, 1, 0, ""));
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kUnknownKey] > 0; }));
+  CHECK(raw.Received(800ms).empty());
+  std::lock_guard<std::mutex> l(rb.mu);
+  CHECK(rb.ups == 0);
+  CHECK(rb.frames.empty());
+  CHECK(rb.rejected.empty());
+  CHECK(rb.refused[LinkRefusal::kUnregistered] == 0);
+  CHECK_THAT(rb.refusal_messages[0], Catch::Contains("is not the box key of a configured peer"));
+}
+
+TEST_CASE("a connection authenticated as one peer cannot speak for another") {
+  // Attack: configured peer c, authenticated as itself, sends messages signed by peer a (a
+  // replayed hello, ping, ack and frame); safe outcome: each is refused as sender_mismatch, no
+  // route or link for a, nothing answered; a's own hello on its own connection still works.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate(), c = SiteKey::Generate();
+  std::string ep = Endpoint();
+  Recorder rb;
+  ZmqLink listener(b,
+                   {{"a", a.identity(), "", std::nullopt}, {"c", c.identity(), "", std::nullopt}},
+                   Fast(ep), &rb);
+  REQUIRE(listener.Start().ok());
+  RawClient as_c(c, b.identity(), ep);
+  as_c.Send(Hello(a, b.identity()));
+  as_c.Send(Hello(a, b.identity(), ControlType::kPing));
+  as_c.Send(Hello(a, b.identity(), ControlType::kAck, std::string(7, '\0') + '\x05'));
+  as_c.Send(relay::crypto::SealFrame(a, b.identity(), 1, 1, 0, ""));
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kSenderMismatch] == 4; }));
+  CHECK(as_c.Received(500ms).empty());
+  {
+    std::lock_guard<std::mutex> l(rb.mu);
+    CHECK(rb.ups == 0);
+    CHECK(rb.frames.empty());
+    CHECK(rb.acks.empty());
+    CHECK_THAT(rb.refusal_messages[0],
+               Catch::Contains("hello signed as peer 'a' arrived on a connection from") &&
+                   Catch::Contains("authenticated as peer 'c'"));
+  }
+  CHECK(listener.LastContactMs(0) == 0);
+  // The same bytes are fine from a: c's connection gained nothing, a's works.
+  RawClient as_a(a, b.identity(), ep);
+  as_a.Send(Hello(a, b.identity()));
+  REQUIRE(rb.Wait([&] { return rb.ups == 1; }));
+  CHECK(rb.up_peers == std::vector<std::size_t>{0});
+  CHECK(Types(as_a.Received(300ms)) == std::vector<int>{2});  // hello_ack
+  listener.SendFrame(0, rb.epoch, relay::crypto::SealFrame(b, a.identity(), 1, 1, 0, ""));
+  CHECK(Types(as_a.Received(300ms)) == std::vector<int>{0});  // the frame
+  CHECK(as_c.Received(200ms).empty());
+}
+
+TEST_CASE("a hello replayed from another connection takes nothing over") {
+  // Attack: while a is linked to b, its hello is replayed from other connections (a stranger's,
+  // and configured peer c's); safe outcome: a keeps its route and epoch, b's frames for a go
+  // to a only, the replayers get nothing.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate(), c = SiteKey::Generate();
+  auto stranger = SiteKey::Generate();
+  std::string ep = Endpoint();
+  Recorder ra, rb;
+  ZmqLink listener(b,
+                   {{"a", a.identity(), "", std::nullopt}, {"c", c.identity(), "", std::nullopt}},
+                   Fast(ep), &rb);
+  ZmqLink dialer(a, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &ra);
+  REQUIRE(listener.Start().ok());
+  REQUIRE(dialer.Start().ok());
+  REQUIRE(ra.Wait([&] { return ra.up; }));
+  REQUIRE(rb.Wait([&] { return rb.up; }));
+  const std::uint64_t epoch = rb.epoch;
+  const std::string hello = Hello(a, b.identity());
+  RawClient from_stranger(stranger, b.identity(), ep);
+  RawClient from_c(c, b.identity(), ep);
+  for (int i = 0; i < 10; ++i) {
+    from_stranger.Send(hello);
+    from_c.Send(hello);
+  }
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kSenderMismatch] == 10; }));
+  for (std::uint64_t seq = 1; seq <= 5; ++seq)
+    listener.SendFrame(0, epoch, relay::crypto::SealFrame(b, a.identity(), seq, seq, 0, ""));
+  REQUIRE(ra.Wait([&] { return ra.frames.size() == 5; }));
+  CHECK(from_stranger.Received(300ms).empty());
+  CHECK(from_c.Received(300ms).empty());
+  std::lock_guard<std::mutex> l(rb.mu);
+  CHECK(rb.ups == 1);
+  CHECK(rb.epoch == epoch);
+  CHECK(rb.refused[LinkRefusal::kUnknownKey] >= 1);
+}
+
+TEST_CASE("messages from a connection without hello draw at most one rehello per interval") {
+  // Attack: a holder of a's key floods pings and frames on a connection that never says hello;
+  // safe outcome: each is refused (unregistered), at most one signed rehello per second goes back.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate();
+  std::string ep = Endpoint();
+  Recorder rb;
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, Fast(ep), &rb);
+  REQUIRE(listener.Start().ok());
+  RawClient raw(a, b.identity(), ep);
+  for (int i = 0; i < 20; ++i) raw.Send(Hello(a, b.identity(), ControlType::kPing));
+  for (int i = 0; i < 5; ++i) raw.Send(relay::crypto::SealFrame(a, b.identity(), 1, 1, 0, ""));
+  REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kUnregistered] == 25; }));
+  CHECK(Types(raw.Received(400ms)) == std::vector<int>{5});
+  std::this_thread::sleep_for(700ms);  // the interval (1 s) has passed
+  raw.Send(Hello(a, b.identity(), ControlType::kPing));
+  CHECK(Types(raw.Received(400ms)) == std::vector<int>{5});
+  std::lock_guard<std::mutex> l(rb.mu);
+  CHECK(rb.ups == 0);
+  CHECK(rb.frames.empty());
+  CHECK(listener.LastContactMs(0) == 0);
+}
+
+TEST_CASE("pending connections are bounded per address and in time") {
+  // Attack: silent TCP connections to the listener; safe outcome: beyond the bound the oldest
+  // are closed at once, the rest after handshake_timeout, and a real peer still links up.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate();
+  const std::uint16_t port = FreePort();
+  std::string ep = "tcp://127.0.0.1:" + std::to_string(port);
+  Recorder ra, rb;
+  ZmqLinkOptions o = Fast(ep);
+  o.max_pending_per_address = 4;
+  o.handshake_timeout = 1500ms;
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, o, &rb);
+  REQUIRE(listener.Start().ok());
+  std::vector<int> socks;
+  for (int i = 0; i < 20; ++i) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0);
+    socks.push_back(fd);
+  }
+  // Closed by the listener: reading gives EOF (after the 64-byte-or-less greeting it sent).
+  auto closed = [&](int fd) {
+    char buf[256];
+    while (true) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (poll(&pfd, 1, 0) <= 0) return false;
+      ssize_t n = read(fd, buf, sizeof buf);
+      if (n <= 0) return true;
+    }
+  };
+  auto count_closed = [&] {
+    int n = 0;
+    for (int fd : socks) n += closed(fd) ? 1 : 0;
+    return n;
+  };
+  int early = 0;
+  for (int i = 0; i < 50 && early < 16; ++i) {
+    std::this_thread::sleep_for(20ms);
+    early = count_closed();
+  }
+  CHECK(early == 16);
+  CHECK(rb.Refused(LinkRefusal::kConnectionLimit) == 16);
+  // The newest 4 are still open; the peer's own connection is newer still, pushes out the
+  // oldest of them and gets through.
+  ZmqLink dialer(a, {{"b", b.identity(), ep, std::nullopt}}, Fast(), &ra);
+  REQUIRE(dialer.Start().ok());
+  REQUIRE(rb.Wait([&] { return rb.up; }));
+  CHECK(rb.Refused(LinkRefusal::kConnectionLimit) == 17);
+  // The other 3 are closed when handshake_timeout has passed.
+  bool timed_out = rb.Wait([&] { return rb.refused[LinkRefusal::kHandshakeFailed] == 3; }, 5s);
+  if (!timed_out) {
+    std::lock_guard<std::mutex> l(rb.mu);
+    for (auto& m : rb.refusal_messages) UNSCOPED_INFO(m);
+  }
+  REQUIRE(timed_out);
+  std::this_thread::sleep_for(100ms);
+  CHECK(count_closed() == 20);
+  for (int fd : socks) close(fd);
+  CHECK(rb.up);
+}
+
+TEST_CASE("connections authenticated as one peer are bounded") {
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate();
+  std::string ep = Endpoint();
+  Recorder rb;
+  ZmqLinkOptions o = Fast(ep);
+  o.max_connections_per_peer = 2;
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}}, o, &rb);
+  REQUIRE(listener.Start().ok());
+  std::vector<std::unique_ptr<RawClient>> clients;
+  for (int i = 0; i < 5; ++i) {
+    clients.push_back(std::make_unique<RawClient>(a, b.identity(), ep));
+    clients.back()->Send(Hello(a, b.identity(), ControlType::kPing));
+    REQUIRE(rb.Wait([&] { return rb.refused[LinkRefusal::kUnregistered] == i + 1; }));
+  }
+  CHECK(rb.Refused(LinkRefusal::kConnectionLimit) == 3);
+}
+
+// A rotation's end a day away: the previous keys are still accepted.
+std::chrono::system_clock::time_point RotationEnd() {
+  return std::chrono::system_clock::now() + std::chrono::hours(24);
+}
+
+TEST_CASE("during a key rotation both keys of a peer connect") {
+  REQUIRE(relay::crypto::Init().ok());
+  auto a_old = SiteKey::Generate(), a_new = SiteKey::Generate();
+  auto b_old = SiteKey::Generate(), b_new = SiteKey::Generate();
+  SECTION("the listener rotated: it presents its previous key, dialers find it") {
+    std::string ep = Endpoint();
+    Recorder rb, r_knows_old, r_knows_both;
+    ZmqLink listener(b_new, {{"a", a_old.identity(), "", std::nullopt}}, Fast(ep), &rb, &b_old);
+    REQUIRE(listener.Start().ok());
+    // A dialer that knows only the previous key, and one that tries the new key first.
+    ZmqLink old_config(a_old, {{"b", b_old.identity(), ep, std::nullopt}}, Fast(), &r_knows_old);
+    REQUIRE(old_config.Start().ok());
+    REQUIRE(rb.Wait([&] { return rb.up; }));
+    // The hello_ack is signed with b's new key, which this dialer does not know yet.
+    REQUIRE(r_knows_old.Wait([&] { return !r_knows_old.rejected.empty(); }));
+    CHECK(r_knows_old.rejected[0] == "unknown_sender");
+    old_config.Stop();
+    ZmqLink new_config(a_old, {{"b", b_new.identity(), ep, b_old.identity(), RotationEnd()}},
+                       Fast(), &r_knows_both);
+    REQUIRE(new_config.Start().ok());
+    REQUIRE(r_knows_both.Wait([&] { return r_knows_both.up; }));
+    CHECK(r_knows_both.Refused(LinkRefusal::kDialFailed) >= 1);  // the new key, tried first
+    std::lock_guard<std::mutex> l(r_knows_both.mu);
+    CHECK(r_knows_both.rejected.empty());
+  }
+  SECTION("the dialer rotated: the listener admits the previous and the new box key") {
+    std::string ep = Endpoint();
+    Recorder rb, ra;
+    ZmqLink listener(b_old, {{"a", a_new.identity(), "", a_old.identity(), RotationEnd()}},
+                     Fast(ep), &rb);
+    REQUIRE(listener.Start().ok());
+    {
+      ZmqLink not_yet(a_old, {{"b", b_old.identity(), ep, std::nullopt}}, Fast(), &ra);
+      REQUIRE(not_yet.Start().ok());
+      REQUIRE(rb.Wait([&] { return rb.ups == 1; }));
+    }
+    Recorder ra2;
+    ZmqLink rotated(a_new, {{"b", b_old.identity(), ep, std::nullopt}}, Fast(), &ra2, &a_old);
+    REQUIRE(rotated.Start().ok());
+    REQUIRE(ra2.Wait([&] { return ra2.up; }));
+    REQUIRE(rb.Wait([&] { return rb.ups == 2; }));
+    CHECK(rb.Refused(LinkRefusal::kUnknownKey) == 0);
+  }
 }
 
 TEST_CASE("listening on an address in use fails with a clear error") {
