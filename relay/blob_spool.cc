@@ -148,6 +148,7 @@ ChunkWriter::~ChunkWriter() { Close(); }
 void ChunkWriter::Close() {
   for (auto& [path, fd] : files_) ::close(fd);
   files_.clear();
+  opened_.clear();
   new_dirs_.clear();
 }
 
@@ -162,12 +163,26 @@ Status ChunkWriter::Write(const std::string& path, std::uint64_t offset, std::st
       new_dirs_[fs::path(dir).parent_path().string()] = true;
       new_dirs_[fs::path(dir).parent_path().parent_path().string()] = true;
     }
+    if (files_.size() >= kMaxOpenFiles) {
+      // The oldest is done with for now: made durable here rather than at Sync.
+      const std::string oldest = opened_.front();
+      opened_.pop_front();
+      const int old_fd = files_.at(oldest);
+      files_.erase(oldest);
+      if (::fdatasync(old_fd) != 0) {
+        Status failed = Status::Error(Errno("cannot sync spool file", oldest));
+        ::close(old_fd);
+        return failed;
+      }
+      ::close(old_fd);
+    }
     struct stat st {};
     bool existed = ::stat(path.c_str(), &st) == 0;
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) return Status::Error(Errno("cannot open spool file", path));
     if (!existed) new_dirs_[dir] = true;
     it = files_.emplace(path, fd).first;
+    opened_.push_back(path);
   }
   std::size_t done = 0;
   while (done < data.size()) {

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <string>
@@ -63,8 +64,12 @@ class ChunkWriter {
   ChunkWriter(const ChunkWriter&) = delete;
   ChunkWriter& operator=(const ChunkWriter&) = delete;
 
-  // Creates the file (and its directories) when needed. Error names the file.
+  // Creates the file (and its directories) when needed. Error names the file. At most
+  // kMaxOpenFiles stay open: opening another syncs and closes the oldest (a peer's frames can
+  // name any number of blobs; descriptors are bounded, what was written is durable all the same).
   [[nodiscard]] Status Write(const std::string& path, std::uint64_t offset, std::string_view data);
+  static constexpr std::size_t kMaxOpenFiles = 32;
+  std::size_t open_files() const { return files_.size(); }
   // fsync of every file written since the last Sync (and of directories entries were created
   // in); closes them. Must succeed before the chunks are recorded as received.
   [[nodiscard]] Status Sync();
@@ -73,6 +78,7 @@ class ChunkWriter {
 
  private:
   std::map<std::string, int> files_;
+  std::deque<std::string> opened_;  // files_ in the order they were opened
   std::map<std::string, bool> new_dirs_;
 };
 

@@ -180,3 +180,22 @@ TEST_CASE("orphaned spool files are collected after the TTL, fresh ones kept") {
   CHECK(std::filesystem::exists(new_file));
   CHECK(relay::CollectSpool(dir.File("absent"), std::chrono::hours(1)) == 0);
 }
+
+TEST_CASE("the chunk writer keeps a bounded number of files open") {
+  TempDir dir;
+  relay::ChunkWriter w;
+  const std::size_t blobs = relay::ChunkWriter::kMaxOpenFiles + 8;
+  for (std::size_t i = 0; i < blobs; ++i) {
+    REQUIRE(w.Write(dir.path().string() + "/in/aws/blob-" + std::to_string(i), 0,
+                    "chunk " + std::to_string(i))
+                .ok());
+    CHECK(w.open_files() <= relay::ChunkWriter::kMaxOpenFiles);
+  }
+  CHECK(w.open_files() == relay::ChunkWriter::kMaxOpenFiles);
+  REQUIRE(w.Sync().ok());
+  CHECK(w.open_files() == 0);
+  // Every chunk is there, those of the files closed early included.
+  for (std::size_t i = 0; i < blobs; ++i)
+    CHECK(ReadAll(dir.path().string() + "/in/aws/blob-" + std::to_string(i)) ==
+          "chunk " + std::to_string(i));
+}

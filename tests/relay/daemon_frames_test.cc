@@ -326,12 +326,12 @@ TEST_CASE("a store of wire version 1 with events still queued is refused at star
   const std::string base = dir.path().string();
   REQUIRE(relay::crypto::SiteKey::CreateFile(base + "/aws.key").ok());
   relay::crypto::SiteKey eu = relay::crypto::SiteKey::Generate();
-  std::ofstream(base + "/aws.conf") << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
-                                    << "[ingest]\nlisten = 127.0.0.1:" << FreePort()
-                                    << "\nallow_anonymous = true\n"
-                                    << "[peer.europe]\npublic_key = " << eu.identity().ToString()
-                                    << "\n[channel.war-room]\npeers = europe\nsink = jsonl\n"
-                                    << "jsonl_path = war-room.jsonl\n";
+  std::ofstream(base + "/aws.conf")
+      << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
+      << "[ingest]\nlisten = 127.0.0.1:" << FreePort() << "\nallow_anonymous = true\n"
+      << "[peer.europe]\npublic_key = " << eu.identity().ToString()
+      << "\n[channel.war-room]\npeers = europe\nsink = jsonl\n"
+      << "jsonl_path = war-room.jsonl\n";
   auto start = [&] {
     auto cfg = relay::config::LoadConfig(base + "/aws.conf");
     REQUIRE(cfg.ok());
@@ -372,4 +372,82 @@ TEST_CASE("a store of wire version 1 with events still queued is refused at star
   auto store = relay::queue::Store::Open(base + "/data");
   REQUIRE(store.ok());
   CHECK((*store)->GetCounter("format", 0) == 2);
+}
+
+namespace {
+// One sample of /metrics, e.g. `relay_inbound_held_bytes{peer="europe"}`; -1 when absent.
+long Metric(std::uint16_t port, const std::string& series) {
+  relay::HttpClient c("127.0.0.1", port);
+  auto r = c.Request("GET", "/metrics");
+  REQUIRE(r.ok());
+  auto pos = r->body.find("\n" + series + " ");
+  if (pos == std::string::npos) return -1;
+  return std::atol(r->body.c_str() + pos + series.size() + 2);
+}
+}  // namespace
+
+TEST_CASE("a peer's undelivered events are bounded by max_inbound; its frames wait, unacked") {
+  REQUIRE(relay::crypto::Init().ok());
+  TempDir dir;
+  const std::string base = dir.path().string();
+  REQUIRE(relay::crypto::SiteKey::CreateFile(base + "/aws.key").ok());
+  REQUIRE(relay::crypto::SiteKey::CreateFile(base + "/europe.key").ok());
+  auto aws = relay::crypto::SiteKey::LoadFile(base + "/aws.key");
+  auto eu = relay::crypto::SiteKey::LoadFile(base + "/europe.key");
+  REQUIRE(aws.ok());
+  REQUIRE(eu.ok());
+  std::uint16_t ingest = FreePort(), zmq = FreePort(), nobody = FreePort();
+  // The channel's sink is a webhook nobody answers: delivery never completes, so every event
+  // taken stays in the inbound store and counts against the peer's bound.
+  std::ofstream(base + "/aws.conf")
+      << "[site]\nname = aws\nkey_file = aws.key\ndata_dir = data\n"
+      << "[ingest]\nlisten = 127.0.0.1:" << ingest << "\nallow_anonymous = true\n"
+      << "[zmq]\nlisten = tcp://127.0.0.1:" << zmq << "\n"
+      << "[peer.europe]\npublic_key = " << eu->identity().ToString() << "\nmax_inbound = 1MiB\n"
+      << "[channel.war-room]\npeers = europe\nsink = webhook\n"
+      << "webhook_url = http://127.0.0.1:" << nobody << "/hooks/x\n";
+  auto cfg = relay::config::LoadConfig(base + "/aws.conf");
+  REQUIRE(cfg.ok());
+  relay::Daemon daemon(std::move(cfg).value());
+  REQUIRE(daemon.Start().ok());
+  FakePeer peer;
+  relay::transports::ZmqLinkOptions lo;
+  lo.heartbeat_interval = 200ms;
+  relay::transports::ZmqLink link(
+      *eu, {{"aws", aws->identity(), "tcp://127.0.0.1:" + std::to_string(zmq), std::nullopt}}, lo,
+      &peer);
+  REQUIRE(link.Start().ok());
+  {
+    std::unique_lock<std::mutex> l(peer.mu);
+    REQUIRE(peer.cv.wait_for(l, 10s, [&] { return peer.up; }));
+  }
+  auto send = [&](std::uint64_t seq) {
+    relay::Event e = MakeEvent(seq);
+    e.text = std::string(600 * 1024, 'x');  // two of them are more than max_inbound
+    std::uint64_t epoch;
+    {
+      std::lock_guard<std::mutex> l(peer.mu);
+      epoch = peer.epoch;
+    }
+    link.SendFrame(
+        0, epoch,
+        relay::crypto::SealFrame(*eu, aws->identity(), seq, seq, 1, Payload({{seq, e}}, &*eu)));
+  };
+  auto acked = [&] {
+    std::lock_guard<std::mutex> l(peer.mu);
+    return peer.acked;
+  };
+  send(1);
+  REQUIRE(WaitFor([&] { return acked() == 1; }));
+  CHECK(Metric(ingest, "relay_inbound_held_bytes{peer=\"europe\"}") > 600 * 1024);
+  send(2);
+  REQUIRE(WaitFor([&] {
+    return Metric(ingest, "relay_inbound_deferred_total{peer=\"europe\",reason=\"max_inbound\"}") ==
+           1;
+  }));
+  std::this_thread::sleep_for(500ms);
+  CHECK(acked() == 1);  // not taken, not acknowledged: the sender keeps it and sends it again
+  CHECK(Metric(ingest, "relay_inbound_held_bytes{peer=\"europe\"}") < 1024 * 1024);
+  link.Stop();
+  daemon.Stop();
 }
