@@ -465,6 +465,18 @@ Result<std::optional<std::string>> Store::GetAttestation(std::uint64_t key) cons
   return std::optional<std::string>(std::move(v));
 }
 
+Status Store::ScanAttestations(
+    const std::function<bool(std::uint64_t key, std::string_view attestation)>& visit) const {
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kAttest]));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    if (it->key().size() != 8) return Status::Error("corrupt attestation key");
+    if (!visit(GetBigEndian64(it->key().data()), ToView(it->value()))) return Status::Ok();
+  }
+  if (!it->status().ok()) return Status::Error("reading attestations: " + it->status().ToString());
+  return Status::Ok();
+}
+
 std::optional<std::uint64_t> Store::FirstOutboundSeq() const {
   std::unique_ptr<rocksdb::Iterator> it(
       impl_->db->NewIterator(rocksdb::ReadOptions(), impl_->cf[kOutbound]));

@@ -121,6 +121,9 @@ class Store {
   // The attestation stored under `key`; nullopt when there is none, an error when it cannot be
   // read.
   Result<std::optional<std::string>> GetAttestation(std::uint64_t key) const;
+  // Visits every stored attestation in key order until `visit` returns false.
+  Status ScanAttestations(
+      const std::function<bool(std::uint64_t key, std::string_view attestation)>& visit) const;
   // The lowest outbound seq still stored, or nullopt when the log is empty.
   std::optional<std::uint64_t> FirstOutboundSeq() const;
 

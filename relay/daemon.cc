@@ -20,6 +20,7 @@
 #include <filesystem>
 
 #include "chat/mattermost_client.h"
+#include "crypto/origin.h"
 #include "relay/json.h"
 #include "relay/log.h"
 
@@ -35,6 +36,7 @@ using daemon_detail::AcceptedKey;
 using daemon_detail::AckedKey;
 using daemon_detail::DiodePosKey;
 using daemon_detail::ExportedKey;
+using daemon_detail::kAttestSigner;
 using daemon_detail::kDelivered;
 using daemon_detail::kNextIn;
 using daemon_detail::kNextOrigin;
@@ -232,6 +234,7 @@ Status Daemon::Impl::Open() {
     }
   }
   if (Status s = CheckStoreFormat(); !s) return s;
+  if (Status s = ResignOwnAttestations(); !s) return s;
   if (store->GetCounter(kNextOut, kUnset) == kUnset) {
     // A new store starts its sequences at the current time in microseconds, not at 1: if a
     // site loses its data folder but keeps its key, its new events must not reuse event ids
@@ -289,6 +292,40 @@ Status Daemon::Impl::CheckStoreFormat() {
   queue::WriteBatch b;
   b.PutCounter(kStoreFormat, kStoreFormatVersion);
   return store->Commit(b, true);
+}
+
+Status Daemon::Impl::ResignOwnAttestations() {
+  std::uint64_t signer = 0;
+  for (std::size_t i = 0; i < 8; ++i) signer = (signer << 8) | key->identity().sign_pk[i];
+  if (store->GetCounter(kAttestSigner, 0) == signer) return Status::Ok();
+  queue::WriteBatch b;
+  std::uint64_t resigned = 0;
+  std::vector<crypto::Digest> digests;
+  Status committed;
+  Status s = store->ScanAttestations([&](std::uint64_t k, std::string_view bytes) {
+    auto a = crypto::ParseAttestation(bytes);
+    if (!a || a->origin_site != config.site_name) return true;
+    digests.clear();
+    for (std::size_t i = 0; i < a->count(); ++i) digests.push_back(a->digest(i));
+    b.PutAttestation(
+        k, crypto::SealAttestation(*key, config.site_name, digests.data(), digests.size()));
+    ++resigned;
+    if (b.Count() >= 1000) {
+      committed = store->Commit(b, false);
+      b.Clear();
+      if (!committed) return false;
+    }
+    return true;
+  });
+  if (s) s = committed;
+  if (!s) return s.Wrap("signing queued events again with the current key");
+  b.PutCounter(kAttestSigner, signer);
+  if (Status c = store->Commit(b, true); !c) return c;
+  if (resigned > 0)
+    log::Info("this site's key changed: " + std::to_string(resigned) +
+              " origin signature(s) of its queued events signed again with the current key " +
+              key->identity().Fingerprint());
+  return Status::Ok();
 }
 
 Status Daemon::Impl::Start() {

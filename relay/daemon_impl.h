@@ -71,6 +71,8 @@ constexpr char kNextOut[] = "next/out";        // next outbound log sequence
 constexpr char kNextIn[] = "next/in";          // next inbound store sequence
 constexpr char kDelivered[] = "delivered";     // inbound sequence delivered to sinks through
 constexpr char kStoreFormat[] = "format";      // the store's layout version (kStoreFormatVersion)
+// The first 8 bytes of the signing key that signed this site's own queued attestations.
+constexpr char kAttestSigner[] = "attest/signer";
 // 2: wire version 2 -- outbound entries carry an attestation key, events the v2 envelope.
 constexpr std::uint64_t kStoreFormatVersion = 2;
 inline std::string AckedKey(const std::string& peer) { return "acked/" + peer; }
@@ -391,6 +393,11 @@ struct Daemon::Impl : transports::LinkHandler {
   // A store of wire version 1 is taken only when nothing is queued or undelivered in it (its
   // events have no origin signatures); then it is marked as version 2.
   Status CheckStoreFormat();
+  // After this site's key changed (a rotation), its own queued events are signed again with
+  // the current key: their receivers refuse the previous key once its rotation ends, and the
+  // events are this site's own. Once per key change (kAttestSigner); attestations of other
+  // origins, queued here for forwarding, stay as their origin signed them.
+  Status ResignOwnAttestations();
   Status Start();
   // A thread running one of the loops below under `name` (at most 15 characters): top -H and
   // gdb show which loop is which.

@@ -421,7 +421,8 @@ class DiodeTest(RelayTestCase):
         old_eu_key, old_eu_pub = eu.key, eu.pub
         eu_key2, eu_pub2 = new_key(eu, "europe-2.key")
         eu.pub = eu_pub2
-        enc_conf(europe_keys={"previous_public_key": old_eu_pub})
+        enc_conf(europe_keys={"previous_public_key": old_eu_pub,
+                                "previous_public_key_until": "2099-01-01T00:00:00Z"})
         enc.restart()
         post_all(eu, messages(50, prefix="r1"))  # still sealed with europe's old key
         self.wait_sink(enc, 100, timeout=30)
@@ -437,7 +438,8 @@ class DiodeTest(RelayTestCase):
         enc_key2, enc_pub2 = new_key(enc, "enclave-2.key")
         enc.key = enc_key2
         enc_conf(site_keys={"previous_key_file": old_enc_key},
-                 europe_keys={"previous_public_key": old_eu_pub})
+                 europe_keys={"previous_public_key": old_eu_pub,
+                                "previous_public_key_until": "2099-01-01T00:00:00Z"})
         enc.restart()
         post_all(eu, messages(50, prefix="r3"))  # europe still has the enclave's old key
         self.wait_sink(enc, 200, timeout=30)

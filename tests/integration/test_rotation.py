@@ -118,7 +118,8 @@ class KeyRotationTest(RelayTestCase):
 
         eu.start()
         aws.start()
-        # Before previous_public_key_until: bundles and an ack file signed with the old key work.
+        # Before previous_public_key_until: bundles signed with the old key work; an ack file
+        # signed with it is refused all the same, since a previous key moves no cursor (issue 10).
         post_all(eu, messages(20, prefix="eu"))
         self.assertEqual(imp(aws, *export(eu, "aws", os.path.join(disk, "1"))).returncode, 0)
         self.wait_for(lambda: aws.sink_count() == 20, 30, "europe's bundle at aws")
@@ -127,9 +128,12 @@ class KeyRotationTest(RelayTestCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.wait_for(lambda: eu.sink_count() == 10, 30, "aws's bundle at europe")
         r = imp(eu, *export(aws, "europe", os.path.join(disk, "3"), "--ack"))
-        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.wait_for(lambda: eu.metric("relay_queue_depth", peer="aws") == 0, 10,
-                      "europe's queue freed by aws's ack file")
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("signed with its previous key, which may not move its cursor", r.stdout)
+        self.assertEqual(eu.metric("relay_acks_refused_total", peer="aws", reason="previous_key"),
+                         1)
+        self.wait_for(lambda: eu.metric("relay_queue_depth", peer="aws") == 20, 10,
+                      "europe's queue kept in spite of the ack file signed with the previous key")
 
         # The rotation has ended (a config written with a time in the past).
         self.assertEqual(eu.stop(), 0)
@@ -157,7 +161,7 @@ class KeyRotationTest(RelayTestCase):
         self.assertEqual(eu.metric("relay_frames_rejected_total", reason="unknown_sender"), 0)
         time.sleep(1)
         self.assertEqual(eu.sink_count(), 10, "nothing signed with the expired key is delivered")
-        self.assertEqual(eu.metric("relay_queue_depth", peer="aws"), 5,
+        self.assertEqual(eu.metric("relay_queue_depth", peer="aws"), 25,
                          "an ack file signed with the expired key frees nothing")
         st = self.status(eu)
         self.assertFalse(st["peers"][0]["previous_key"]["accepted"])

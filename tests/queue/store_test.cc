@@ -83,6 +83,14 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
   REQUIRE((*store)->Commit(del, false).ok());
   CHECK_FALSE((*store)->GetAttestation(5)->has_value());
   CHECK(**(*store)->GetAttestation(9) == "att-9");
+  std::vector<std::uint64_t> keys;
+  REQUIRE((*store)
+              ->ScanAttestations([&](std::uint64_t k, std::string_view) {
+                keys.push_back(k);
+                return true;
+              })
+              .ok());
+  CHECK(keys == std::vector<std::uint64_t>{9});
   // The committer builds a value first and fills in its attestation key later.
   std::string value = relay::queue::EncodeOutboundValue({"aws"}, 0, "event");
   relay::queue::SetOutboundAttestation(&value, 42);
