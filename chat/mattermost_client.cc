@@ -1376,7 +1376,9 @@ struct MattermostWebSocket::Impl {
     op = std::make_shared<OpState>();
     // The decorator builds the header value from the shared token when the request is made and
     // wipes its own copy (Beast's request, freed after the handshake, keeps the last one).
-    const std::shared_ptr<const crypto::Secret> token = options.token;
+    // `token` must not be const: Beast moves the decorator without destroying the moved-from
+    // one, and a const capture would be copied by that move (one reference leaked per move).
+    std::shared_ptr<const crypto::Secret> token = options.token;
     c->Visit([&](auto& ws) {
       websocket::stream_base::timeout timeouts{};
       timeouts.handshake_timeout = options.timeout;
