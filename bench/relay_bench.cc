@@ -720,7 +720,8 @@ Result<double> MeasureCommits(queue::Store& store, std::uint64_t* seq, int entri
   double elapsed = 0;
   do {
     queue::WriteBatch batch;
-    for (int i = 0; i < entries; ++i) batch.AppendOutbound((*seq)++, peers, 0, value);
+    for (int i = 0; i < entries; ++i)
+      batch.AppendOutbound((*seq)++, peers, 0, std::string_view(), value);
     if (Status s = store.Commit(batch, /*sync=*/true); !s) return s;
     ++commits;
     elapsed = SecondsSince(t0);

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "crypto/bundle.h"  // detail::Envelope and the checks shared with bundles
+#include "relay/event.h"
 
 namespace relay::crypto {
 namespace {
@@ -29,7 +30,8 @@ constexpr std::size_t kFrameCiphertextLenOffset = 148;
 constexpr std::size_t kFrameHeaderSize = 152;
 constexpr std::size_t kTagSize = crypto_aead_xchacha20poly1305_ietf_ABYTES;
 constexpr std::size_t kSignatureSize = crypto_sign_BYTES;
-constexpr std::string_view kFrameKdfContext = "relay-frame-v1";
+constexpr std::string_view kFrameKdfContext = "relay-frame-v2";
+constexpr std::string_view kFrameBodyContext = "relay-frame-body-v2";
 
 // Control message layout (docs/wire-format.md, "Control messages").
 constexpr std::string_view kControlMagic = "RLYC";
@@ -224,13 +226,19 @@ constexpr Envelope kControlEnvelope{.noun = "control message",
 
 // key = BLAKE2b-256("relay-frame-v1" || shared || eph_pk || recipient box_pk || sender box_pk ||
 //                   sender sign_pk || recipient sign_pk)
-void DeriveFrameKey(const std::array<std::uint8_t, 32>& shared, const PublicKey& eph_pk,
+// `shared` is X25519(ephemeral, recipient box key); `statics` is X25519(sender box key,
+// recipient box key), so that only the sender (or the recipient) can seal a frame that
+// decrypts: the payload is parsed only once decryption has authenticated its sender, and its
+// signature (over the payload's digest) is checked after that.
+void DeriveFrameKey(const std::array<std::uint8_t, 32>& shared,
+                    const std::array<std::uint8_t, 32>& statics, const PublicKey& eph_pk,
                     const PublicIdentity& sender, const PublicIdentity& recipient,
                     unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES]) {
   crypto_generichash_state state;
   crypto_generichash_init(&state, nullptr, 0, crypto_aead_xchacha20poly1305_ietf_KEYBYTES);
   crypto_generichash_update(&state, Bytes(kFrameKdfContext), kFrameKdfContext.size());
   crypto_generichash_update(&state, shared.data(), shared.size());
+  crypto_generichash_update(&state, statics.data(), statics.size());
   crypto_generichash_update(&state, eph_pk.data(), eph_pk.size());
   crypto_generichash_update(&state, recipient.box_pk.data(), recipient.box_pk.size());
   crypto_generichash_update(&state, sender.box_pk.data(), sender.box_pk.size());
@@ -255,9 +263,97 @@ bool LooksLikeFrame(std::string_view bytes) {
   return bytes.size() >= kFrameMagic.size() && bytes.substr(0, kFrameMagic.size()) == kFrameMagic;
 }
 
+FrameBodyDigest::FrameBodyDigest() {
+  static_assert(sizeof(crypto_generichash_state) <= sizeof(events_));
+  crypto_generichash_init(reinterpret_cast<crypto_generichash_state*>(events_.data()), nullptr, 0,
+                          crypto_generichash_BYTES);
+  crypto_generichash_init(reinterpret_cast<crypto_generichash_state*>(attestations_.data()),
+                          nullptr, 0, crypto_generichash_BYTES);
+}
+
+void FrameBodyDigest::AddEvent(std::uint64_t seq, const Digest& core_digest,
+                               std::string_view hops) {
+  unsigned char head[8 + 32 + 4];
+  PutBigEndian(seq, 8, head);
+  std::memcpy(head + 8, core_digest.data(), 32);
+  PutBigEndian(hops.size(), 4, head + 40);
+  auto* st = reinterpret_cast<crypto_generichash_state*>(events_.data());
+  crypto_generichash_update(st, head, sizeof head);
+  crypto_generichash_update(st, Bytes(hops), hops.size());
+  ++event_count_;
+}
+
+void FrameBodyDigest::AddAttestation(std::string_view attestation) {
+  unsigned char len[4];
+  PutBigEndian(attestation.size(), 4, len);
+  auto* st = reinterpret_cast<crypto_generichash_state*>(attestations_.data());
+  crypto_generichash_update(st, len, sizeof len);
+  crypto_generichash_update(st, Bytes(attestation), attestation.size());
+  ++attestation_count_;
+}
+
+Digest FrameBodyDigest::Final() {
+  unsigned char parts[32 + 32 + 8];
+  crypto_generichash_final(reinterpret_cast<crypto_generichash_state*>(events_.data()), parts, 32);
+  crypto_generichash_final(reinterpret_cast<crypto_generichash_state*>(attestations_.data()),
+                           parts + 32, 32);
+  PutBigEndian(event_count_, 4, parts + 64);
+  PutBigEndian(attestation_count_, 4, parts + 68);
+  crypto_generichash_state st;
+  crypto_generichash_init(&st, nullptr, 0, 32);
+  crypto_generichash_update(&st, Bytes(kFrameBodyContext), kFrameBodyContext.size());
+  crypto_generichash_update(&st, parts, sizeof parts);
+  Digest d;
+  crypto_generichash_final(&st, d.data(), d.size());
+  return d;
+}
+
+namespace {
+
+// The body digest of a plaintext, or nullopt when it is no frame payload.
+std::optional<Digest> PayloadDigest(std::string_view plaintext, std::vector<OpenedEvent>* events,
+                                    std::vector<std::string_view>* attestations, std::string* bad) {
+  auto payload = DecodeFramePayload(plaintext);
+  if (!payload) {
+    *bad = payload.message();
+    return std::nullopt;
+  }
+  FrameBodyDigest body;
+  for (const FramedEvent& fe : payload->events) {
+    auto env = ParseEventEnvelope(fe.encoded);
+    if (!env) {
+      *bad = env.message();
+      return std::nullopt;
+    }
+    OpenedEvent e{fe.seq, fe.encoded, env->core, EventDigest(env->core)};
+    body.AddEvent(e.seq, e.digest, env->hops);
+    if (events) events->push_back(e);
+  }
+  for (std::string_view a : payload->attestations) body.AddAttestation(a);
+  if (attestations) *attestations = std::move(payload->attestations);
+  return body.Final();
+}
+
+}  // namespace
+
 std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                       std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
                       std::string_view plaintext, std::uint8_t flags) {
+  std::string bad;
+  std::optional<Digest> d = PayloadDigest(plaintext, nullptr, nullptr, &bad);
+  if (!d) {
+    // No payload: signed over the plaintext's hash; the receiver says it is malformed.
+    d.emplace();
+    crypto_generichash(d->data(), d->size(), Bytes(plaintext), plaintext.size(), nullptr, 0);
+  }
+  return SealFrameWithDigest(sender, recipient, first_seq, last_seq, event_count, plaintext, *d,
+                             flags);
+}
+
+std::string SealFrameWithDigest(const SiteKey& sender, const PublicIdentity& recipient,
+                                std::uint64_t first_seq, std::uint64_t last_seq,
+                                std::uint32_t event_count, std::string_view plaintext,
+                                const Digest& body_digest, std::uint8_t flags) {
   if (first_seq > last_seq || last_seq > kMaxSequence || (flags & ~kFrameKnownFlags) != 0 ||
       plaintext.size() > std::numeric_limits<std::uint32_t>::max() - kTagSize) {
     std::fprintf(stderr, "relay: SealFrame called with an invalid sequence range or size\n");
@@ -275,11 +371,18 @@ std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
     std::abort();
   }
   sodium_memzero(eph_sk, sizeof eph_sk);
+  std::array<std::uint8_t, 32> statics{};
+  if (!sender.SharedSecret(recipient.box_pk, &statics)) {
+    std::fprintf(stderr, "relay: SealFrame: recipient %s has a low-order X25519 key\n",
+                 recipient.Fingerprint().c_str());
+    std::abort();
+  }
   PublicKey eph{};
   std::memcpy(eph.data(), eph_pk, sizeof eph_pk);
   unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
-  DeriveFrameKey(shared, eph, sender.identity(), recipient, key);
+  DeriveFrameKey(shared, statics, eph, sender.identity(), recipient, key);
   sodium_memzero(shared.data(), shared.size());
+  sodium_memzero(statics.data(), statics.size());
 
   const std::size_t ciphertext_len = plaintext.size() + kTagSize;
   std::string out(kFrameHeaderSize + ciphertext_len, '\0');
@@ -302,7 +405,10 @@ std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                                              plaintext.size(), h, kFrameHeaderSize, nullptr,
                                              h + kFrameNonceOffset, key);
   sodium_memzero(key, sizeof key);
-  AppendSignature(sender, kFrameHeaderSize, &out);
+  std::string input(out, 0, kFrameHeaderSize);
+  input.append(reinterpret_cast<const char*>(body_digest.data()), body_digest.size());
+  const Signature sig = sender.Sign(input);
+  out.append(reinterpret_cast<const char*>(sig.data()), sig.size());
   return out;
 }
 
@@ -351,11 +457,23 @@ OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_v
                    std::to_string(kTagSize) + "-byte authentication tag");
     return result;
   }
-  PublicIdentity peer;
-  if (auto r = CheckParties(env, self, peers, bytes, &peer)) {
-    result.rejection = std::move(*r);
+  // Recipient and sender first (nothing is decrypted for a stranger); the signature covers the
+  // payload's digest, so it is checked once the payload is decrypted and laid out.
+  const PublicKey recipient = GetKey(bytes, kFrameRecipientOffset);
+  if (!KeysEqual(recipient, self.identity().sign_pk)) {
+    result.rejection = Reject(env, RejectReason::kWrongRecipient,
+                              "addressed to site " + Fingerprint(recipient) +
+                                  ", but this site is " + self.identity().Fingerprint());
     return result;
   }
+  const PublicKey sender = GetKey(bytes, kFrameSenderOffset);
+  std::optional<PublicIdentity> found = peers ? peers(sender) : std::nullopt;
+  if (!found || !KeysEqual(found->sign_pk, sender)) {
+    result.rejection = Reject(env, RejectReason::kUnknownSender,
+                              "sender " + Fingerprint(sender) + " is not a configured peer");
+    return result;
+  }
+  const PublicIdentity& peer = *found;
 
   const PublicKey eph = GetKey(bytes, kFrameEphemeralOffset);
   std::array<std::uint8_t, 32> shared{};
@@ -365,23 +483,50 @@ OpenResult OpenFrame(const SiteKey& self, const PeerLookup& peers, std::string_v
                "ephemeral key from peer " + peer.Fingerprint() + " is a low-order point");
     return result;
   }
+  std::array<std::uint8_t, 32> statics{};
+  if (!self.SharedSecret(peer.box_pk, &statics)) {
+    sodium_memzero(shared.data(), shared.size());
+    result.rejection = Reject(env, RejectReason::kDecryptFailed,
+                              "box key of peer " + peer.Fingerprint() + " is a low-order point");
+    return result;
+  }
   unsigned char key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
-  DeriveFrameKey(shared, eph, peer, self.identity(), key);
+  DeriveFrameKey(shared, statics, eph, peer, self.identity(), key);
   sodium_memzero(shared.data(), shared.size());
+  sodium_memzero(statics.data(), statics.size());
 
-  std::string plaintext(ciphertext_len - kTagSize, '\0');
+  OpenedFrame frame;
+  frame.header = header;
+  frame.plaintext.reserve(32);  // on the heap: the views below survive moving the frame
+  frame.plaintext.resize(ciphertext_len - kTagSize);
   unsigned long long plaintext_len = 0;
   const int rc = crypto_aead_xchacha20poly1305_ietf_decrypt(
-      MutableBytes(&plaintext), &plaintext_len, nullptr, Bytes(bytes) + kFrameHeaderSize,
+      MutableBytes(&frame.plaintext), &plaintext_len, nullptr, Bytes(bytes) + kFrameHeaderSize,
       ciphertext_len, Bytes(bytes), kFrameHeaderSize, Bytes(bytes) + kFrameNonceOffset, key);
   sodium_memzero(key, sizeof key);
   if (rc != 0) {
     result.rejection = Reject(env, RejectReason::kDecryptFailed,
-                              "signature from peer " + peer.Fingerprint() +
-                                  " is valid but decryption failed (keys do not match)");
+                              "frame from peer " + peer.Fingerprint() +
+                                  " does not decrypt (altered, or not sealed for this site)");
     return result;
   }
-  result.frame = OpenedFrame{header, std::move(plaintext)};
+  std::string bad;
+  std::optional<Digest> body =
+      PayloadDigest(frame.plaintext, &frame.events, &frame.attestations, &bad);
+  if (!body) {
+    result.rejection = Reject(env, RejectReason::kMalformed, "malformed payload: " + bad);
+    return result;
+  }
+  std::string input(bytes.substr(0, kFrameHeaderSize));
+  input.append(reinterpret_cast<const char*>(body->data()), body->size());
+  Signature sig;
+  std::memcpy(sig.data(), bytes.data() + bytes.size() - kSignatureSize, kSignatureSize);
+  if (!VerifySignature(sender, input, sig)) {
+    result.rejection =
+        Reject(env, RejectReason::kBadSignature, "bad signature from peer " + Fingerprint(sender));
+    return result;
+  }
+  result.frame = std::move(frame);
   return result;
 }
 

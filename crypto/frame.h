@@ -18,8 +18,10 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "crypto/identity.h"
+#include "crypto/origin.h"
 #include "relay/status.h"
 
 namespace relay::crypto {
@@ -71,21 +73,57 @@ struct FrameHeader {
   std::uint32_t event_count = 0;
 };
 
+// What a frame's signature covers besides its header (docs/wire-format.md, "Frame"): a digest
+// of its payload built from the digests of its events' cores (crypto/origin.h), their link
+// sequences and hops, and its attestations -- not of its bytes, so that neither side hashes a
+// payload twice: the sender keeps each event's digest with the event, the receiver needs it
+// anyway to check the origin's signature.
+class FrameBodyDigest {
+ public:
+  FrameBodyDigest();
+  void AddEvent(std::uint64_t seq, const Digest& core_digest, std::string_view hops);
+  void AddAttestation(std::string_view attestation);
+  Digest Final();
+
+ private:
+  alignas(64) std::array<unsigned char, 384> events_;  // crypto_generichash_state, opaque here
+  alignas(64) std::array<unsigned char, 384> attestations_;
+  std::uint32_t event_count_ = 0, attestation_count_ = 0;
+};
+
+// An event of an opened frame: its link sequence, its bytes, the core inside them and the
+// core's digest (views into OpenedFrame::plaintext).
+struct OpenedEvent {
+  std::uint64_t seq = 0;
+  std::string_view encoded;
+  std::string_view core;
+  Digest digest{};
+};
+
 struct OpenedFrame {
   FrameHeader header;
   std::string plaintext;
+  std::vector<OpenedEvent> events;
+  std::vector<std::string_view> attestations;
 };
 
 // Looks up a peer by its sign_pk; nullopt when the key is not a configured peer.
 using PeerLookup = std::function<std::optional<PublicIdentity>(const PublicKey& sign_pk)>;
 
-// Seals `plaintext` for `recipient`. header.sender/recipient are filled from the keys.
+// Seals `plaintext` for `recipient`, signing `body_digest` (FrameBodyDigest of the payload).
+std::string SealFrameWithDigest(const SiteKey& sender, const PublicIdentity& recipient,
+                                std::uint64_t first_seq, std::uint64_t last_seq,
+                                std::uint32_t event_count, std::string_view plaintext,
+                                const Digest& body_digest, std::uint8_t flags = 0);
+// The same, computing the body digest from the plaintext (a frame payload); a plaintext that is
+// no payload is signed all the same (its receiver refuses it as malformed). For tests and tools.
 std::string SealFrame(const SiteKey& sender, const PublicIdentity& recipient,
                       std::uint64_t first_seq, std::uint64_t last_seq, std::uint32_t event_count,
                       std::string_view plaintext, std::uint8_t flags = 0);
 
 // Verifies and decrypts a frame addressed to `self`. On failure returns a Rejection.
-// Order of checks: length/magic/version, recipient, sender lookup, signature, decryption.
+// Order of checks: length/magic/version, header fields, recipient, sender lookup, decryption,
+// the payload's layout, signature (over the header and the payload's digest).
 struct OpenResult {
   std::optional<OpenedFrame> frame;
   Rejection rejection{RejectReason::kMalformed, ""};

@@ -9,6 +9,7 @@
 #include <rocksdb/utilities/options_util.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -109,9 +110,9 @@ WriteBatch::WriteBatch() : impl_(std::make_unique<Impl>()) {}
 WriteBatch::~WriteBatch() = default;
 
 std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
-                                std::string_view encoded_event) {
+                                std::string_view digest, std::string_view encoded_event) {
   std::string value;
-  std::size_t size = 1 + 8 + encoded_event.size();
+  std::size_t size = 1 + 8 + kOutboundDigestBytes + encoded_event.size();
   for (const auto& p : peers) size += 1 + p.size();
   value.reserve(size);
   value.push_back(static_cast<char>(peers.size()));
@@ -121,6 +122,8 @@ std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint
     value.append(p);
   }
   value.append(Key64(attestation));
+  value.append(digest.substr(0, kOutboundDigestBytes));
+  value.append(kOutboundDigestBytes - std::min(digest.size(), kOutboundDigestBytes), '\0');
   value.append(encoded_event);
   return value;
 }
@@ -135,7 +138,7 @@ std::size_t AttestationOffset(std::string_view v) {
     if (pos >= v.size()) return std::string_view::npos;
     pos += 1 + static_cast<unsigned char>(v[pos]);
   }
-  return pos + 8 <= v.size() ? pos : std::string_view::npos;
+  return pos + 8 + kOutboundDigestBytes <= v.size() ? pos : std::string_view::npos;
 }
 }  // namespace
 
@@ -146,7 +149,8 @@ void SetOutboundAttestation(std::string* value, std::uint64_t attestation) {
 
 std::string_view OutboundValueEvent(std::string_view value) {
   const std::size_t pos = AttestationOffset(value);
-  return pos == std::string_view::npos ? std::string_view() : value.substr(pos + 8);
+  return pos == std::string_view::npos ? std::string_view()
+                                       : value.substr(pos + 8 + kOutboundDigestBytes);
 }
 
 void WriteBatch::PutOutbound(std::uint64_t seq, std::string value) {
@@ -155,8 +159,9 @@ void WriteBatch::PutOutbound(std::uint64_t seq, std::string value) {
 }
 
 void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
-                                std::uint64_t attestation, std::string_view encoded_event) {
-  PutOutbound(seq, EncodeOutboundValue(peers, attestation, encoded_event));
+                                std::uint64_t attestation, std::string_view digest,
+                                std::string_view encoded_event) {
+  PutOutbound(seq, EncodeOutboundValue(peers, attestation, digest, encoded_event));
 }
 
 void WriteBatch::PutAttestation(std::uint64_t key, std::string_view attestation) {
@@ -435,7 +440,8 @@ Status Store::ScanOutbound(std::uint64_t from,
     e.seq = GetBigEndian64(k.data());
     e.peers = v.substr(0, pos);
     e.attestation = GetBigEndian64(v.data() + pos);
-    e.event = v.substr(pos + 8);
+    e.digest = v.substr(pos + 8, kOutboundDigestBytes);
+    e.event = v.substr(pos + 8 + kOutboundDigestBytes);
     if (!visit(e)) return Status::Ok();
   }
   if (!it->status().ok()) return Status::Error("reading outbound log: " + it->status().ToString());

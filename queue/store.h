@@ -2,7 +2,8 @@
 // The durable store of one site (RocksDB underneath), see docs/storage.md.
 //
 // Column families:
-//   outbound  be64(seq) -> OutboundValue   the append-only outbound log; an event routed to N
+//   outbound  be64(seq) -> OutboundValue   the append-only outbound log (EncodeOutboundValue); an
+//   event routed to N
 //                                           peers is stored once with the list of its peers
 //   inbound   be64(seq) -> encoded event    events accepted from peers, awaiting delivery
 //   dedup     key -> be64(expire_ms) value  event ids ("e:<id>") and client keys ("c:<key>");
@@ -40,7 +41,8 @@ class WriteBatch {
   // Appends an event to the outbound log for `peers` (names of configured peers), covered by
   // the attestation stored under key `attestation` (PutAttestation).
   void AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
-                      std::uint64_t attestation, std::string_view encoded_event);
+                      std::uint64_t attestation, std::string_view digest,
+                      std::string_view encoded_event);
   // The same with a value built by EncodeOutboundValue.
   void PutOutbound(std::uint64_t seq, std::string value);
   void PutAttestation(std::uint64_t key, std::string_view attestation);
@@ -64,10 +66,13 @@ class WriteBatch {
 };
 
 // The stored value of an outbound log entry: the packed peer list, the key of the attestation
-// that covers the event, the encoded event. SetOutboundAttestation fills in the key later (the
-// committer knows it only once the whole group is built); OutboundValueEvent finds the event.
+// that covers the event, the digest of the event's core (crypto::EventDigest, 32 bytes: frames
+// are signed over it, so it is computed once per site), the encoded event.
+// SetOutboundAttestation fills in the key later (the committer knows it only once the whole
+// group is built); OutboundValueEvent finds the event.
+inline constexpr std::size_t kOutboundDigestBytes = 32;
 std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
-                                std::string_view encoded_event);
+                                std::string_view digest, std::string_view encoded_event);
 void SetOutboundAttestation(std::string* value, std::uint64_t attestation);
 std::string_view OutboundValueEvent(std::string_view value);
 
@@ -76,6 +81,7 @@ struct OutboundEntry {
   std::uint64_t seq = 0;
   std::string_view peers;         // packed peer list; use HasPeer()
   std::uint64_t attestation = 0;  // key of its attestation (Store::GetAttestation)
+  std::string_view digest;        // of the event's core, kOutboundDigestBytes
   std::string_view event;         // encoded event
   bool HasPeer(std::string_view peer) const;
   std::vector<std::string> Peers() const;

@@ -154,7 +154,8 @@ struct OriginRule {
 struct PendingOut {
   std::uint64_t seq = 0;
   std::uintptr_t group = 0;
-  std::string value;  // queue::EncodeOutboundValue, attestation key filled in at the end
+  crypto::Digest digest{};  // of the event's core (crypto::EventDigest)
+  std::string value;        // queue::EncodeOutboundValue, attestation key filled in at the end
 };
 
 struct ChannelRuntime {
@@ -454,6 +455,10 @@ struct Daemon::Impl : transports::LinkHandler {
   std::uint64_t AddCaptures(std::vector<PendingCapture>& captures, queue::WriteBatch& batch,
                             std::vector<PendingOut>* own, std::int64_t now);
 
+  // The outbound entry of an event this site encoded itself, with its core's digest.
+  static PendingOut OwnEntry(std::uint64_t seq, std::uintptr_t group,
+                             const std::vector<std::string>& peers, std::string_view encoded);
+
   // Adds `out` to the batch, each group of entries (PendingOut::group, at most
   // crypto::kMaxAttestedEvents at a time) with the attestation `attest` gives for it, stored
   // under the highest seq of the group (so that the log's GC deletes it with the last entry
@@ -567,6 +572,7 @@ struct Daemon::Impl : transports::LinkHandler {
     std::vector<std::string> peers;       // names, as the log stores them
     std::vector<std::size_t> peer_index;  // the same peers, for the queue accounting
     std::string encoded;
+    crypto::Digest digest{};      // of its core, as verified
     std::size_t attestation = 0;  // index into the round's attestations
   };
 

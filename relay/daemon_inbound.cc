@@ -328,34 +328,30 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
                      " is accepted: dropped, it is sent again in order");
       continue;
     }
-    auto payload = DecodeFramePayload(opened.frame->plaintext);
+    // Opening laid the payload out (every event's core and its digest, the attestations).
+    const std::vector<crypto::OpenedEvent>& framed = opened.frame->events;
+    const std::vector<std::string_view>& frame_attestations = opened.frame->attestations;
     std::string bad;
     std::vector<Event> events;
-    std::vector<std::string_view> cores;  // each event's signed core, inside the plaintext
-    if (!payload) {
-      bad = payload.message();
-    } else if (payload->events.size() != h.event_count) {
+    if (framed.size() != h.event_count) {
       bad = "header says " + std::to_string(h.event_count) + " events, payload has " +
-            std::to_string(payload->events.size());
+            std::to_string(framed.size());
     } else {
-      for (const FramedEvent& fe : payload->events) {
+      for (const crypto::OpenedEvent& fe : framed) {
         if (fe.seq < h.first_seq || fe.seq > h.last_seq) {
           bad = "event sequence " + std::to_string(fe.seq) + " outside the frame's range";
           break;
         }
         if (stored_before(fe.seq)) {
           events.emplace_back();  // placeholder, already accepted earlier
-          cores.emplace_back();
           continue;
         }
-        std::string_view core;
-        auto ev = DecodeEvent(fe.encoded, &core);
+        auto ev = DecodeEvent(fe.encoded);
         if (!ev) {
           bad = ev.message();
           break;
         }
         events.push_back(std::move(ev).value());
-        cores.push_back(core);
       }
     }
     if (!bad.empty()) {
@@ -410,12 +406,12 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     // signature verifies with their origin's key. A bad one is not fatal to the frame: the
     // events it would cover are refused one by one below, the rest is taken.
     attested.clear();
-    std::vector<std::string_view> att_origin(payload->attestations.size());
+    std::vector<std::string_view> att_origin(frame_attestations.size());
     constexpr std::size_t kNoSlot = ~std::size_t{0};
     constexpr std::size_t kSignatureBytes = 64;  // an attestation ends with its signature
-    std::vector<std::size_t> att_round(payload->attestations.size(), kNoSlot);
-    for (std::size_t i = 0; i < payload->attestations.size(); ++i) {
-      auto a = crypto::ParseAttestation(payload->attestations[i]);
+    std::vector<std::size_t> att_round(frame_attestations.size(), kNoSlot);
+    for (std::size_t i = 0; i < frame_attestations.size(); ++i) {
+      auto a = crypto::ParseAttestation(frame_attestations[i]);
       if (!a) {
         if (warn_limiter.Allow())
           log::Warning("frame from peer '" + pname + "': " + a.message() +
@@ -441,10 +437,10 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     // One batched lookup of the frame's event ids in the dedup index.
     std::vector<std::string> dkeys(events.size());
     for (std::size_t k = 0; k < events.size(); ++k)
-      if (!stored_before(payload->events[k].seq)) dkeys[k] = "e:" + events[k].id;
+      if (!stored_before(framed[k].seq)) dkeys[k] = "e:" + events[k].id;
     std::vector<bool> known = store->HasDedup(dkeys, now);
     for (std::size_t k = 0; k < events.size(); ++k) {
-      const FramedEvent& fe = payload->events[k];
+      const crypto::OpenedEvent& fe = framed[k];
       if (stored_before(fe.seq)) {
         if (bundle) ++dedup;  // received before, by the link or another bundle
         continue;
@@ -464,7 +460,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kLoop)];
         continue;
       }
-      auto by = attested.find(crypto::EventDigest(cores[k]));
+      auto by = attested.find(fe.digest);
       const bool signed_by_origin =
           by != attested.end() && att_origin[by->second] == ev.origin_site;
       std::string why;
@@ -523,11 +519,12 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       }
       if (!f.peers.empty()) {
         ev.hops.push_back(config.site_name);
-        EncodeEventEnvelope(ev.kind, cores[k], ev.hops, &f.encoded);
+        EncodeEventEnvelope(ev.kind, fe.core, ev.hops, &f.encoded);
+        f.digest = fe.digest;
         std::size_t& slot = att_round[by->second];
         if (slot == kNoSlot) {
           // Keyed by its signature: the same attestation may come in two frames of the round.
-          const std::string_view att = payload->attestations[by->second];
+          const std::string_view att = frame_attestations[by->second];
           auto [it, added] = round_attestation_index.emplace(
               std::string(att.substr(att.size() - kSignatureBytes)), round_attestations.size());
           if (added) round_attestations.emplace_back(att);
@@ -565,7 +562,11 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
       out.reserve(forwards.size());
       for (const Forward& f : forwards) {
         out.push_back(
-            {next_out++, f.attestation, queue::EncodeOutboundValue(f.peers, 0, f.encoded)});
+            {next_out++, f.attestation, f.digest,
+             queue::EncodeOutboundValue(
+                 f.peers, 0,
+                 std::string_view(reinterpret_cast<const char*>(f.digest.data()), f.digest.size()),
+                 f.encoded)});
         NoteQueued(f.peer_index);
       }
       PutOutboundGroups(out, batch, [&](const std::vector<PendingOut*>& part) {

@@ -268,8 +268,8 @@ std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
       encoded.clear();
       EncodeEvent(e, &encoded);
       if (!ch->second.peer_names.empty()) {
-        own->push_back({next_out++, reinterpret_cast<std::uintptr_t>(&ch->second),
-                        queue::EncodeOutboundValue(ch->second.peer_names, 0, encoded)});
+        own->push_back(OwnEntry(next_out++, reinterpret_cast<std::uintptr_t>(&ch->second),
+                                ch->second.peer_names, encoded));
         NoteQueued(ch->second.peers);
       }
       if (c.kind == EventKind::kPost) {
@@ -309,15 +309,26 @@ void Daemon::Impl::PutOutboundGroups(
   for (PendingOut& e : out) batch.PutOutbound(e.seq, std::move(e.value));
 }
 
+Daemon::Impl::PendingOut Daemon::Impl::OwnEntry(std::uint64_t seq, std::uintptr_t group,
+                                                const std::vector<std::string>& peers,
+                                                std::string_view encoded) {
+  PendingOut e;
+  e.seq = seq;
+  e.group = group;
+  // This site encoded the event itself: the envelope parses.
+  auto env = ParseEventEnvelope(encoded);
+  e.digest = crypto::EventDigest(env ? env->core : std::string_view());
+  e.value = queue::EncodeOutboundValue(
+      peers, 0, std::string_view(reinterpret_cast<const char*>(e.digest.data()), e.digest.size()),
+      encoded);
+  return e;
+}
+
 void Daemon::Impl::PutOwnEvents(std::vector<PendingOut>& own, queue::WriteBatch& batch) {
   std::vector<crypto::Digest> digests;
   PutOutboundGroups(own, batch, [&](const std::vector<PendingOut*>& part) {
     digests.clear();
-    for (const PendingOut* e : part) {
-      // The committer encoded these events itself: the envelope parses.
-      auto env = ParseEventEnvelope(queue::OutboundValueEvent(e->value));
-      digests.push_back(crypto::EventDigest(env ? env->core : std::string_view()));
-    }
+    for (const PendingOut* e : part) digests.push_back(e->digest);
     return crypto::SealAttestation(*key, config.site_name, digests.data(), digests.size());
   });
 }
@@ -443,8 +454,8 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
       encoded.clear();
       EncodeEvent(e, &encoded);
       if (!ch.peer_names.empty()) {
-        own.push_back({next_out++, reinterpret_cast<std::uintptr_t>(&ch),
-                       queue::EncodeOutboundValue(ch.peer_names, 0, encoded)});
+        own.push_back(
+            OwnEntry(next_out++, reinterpret_cast<std::uintptr_t>(&ch), ch.peer_names, encoded));
         NoteQueued(ch.peers);
       }
       if (!client_key.empty()) {
@@ -548,7 +559,7 @@ Result<std::uint64_t> Daemon::Impl::RebaseLog(std::uint64_t floor) {
       }
       b.PutAttestation(*att_key, **att);
     }
-    b.AppendOutbound(*new_pos(e.seq), e.Peers(), *att_key, e.event);
+    b.AppendOutbound(*new_pos(e.seq), e.Peers(), *att_key, e.digest, e.event);
     return true;
   });
   if (!s) return s;

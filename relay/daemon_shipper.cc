@@ -4,6 +4,7 @@
 #include "relay/daemon_impl.h"
 
 #include <algorithm>
+#include <cstring>
 #include <unordered_set>
 
 #include "relay/log.h"
@@ -159,6 +160,7 @@ Result<Daemon::Impl::BuiltFrame> Daemon::Impl::BuildFrame(std::size_t peer, std:
   // The attestations the frame carries, each once (a group's entries are mostly adjacent).
   std::uint64_t last_attestation = 0;
   std::unordered_set<std::uint64_t> carried;
+  crypto::FrameBodyDigest body;
   Status error;
   Status s = store->ScanOutbound(from, [&](const queue::OutboundEntry& e) {
     if (e.seq > head) return false;
@@ -188,13 +190,24 @@ Result<Daemon::Impl::BuiltFrame> Daemon::Impl::BuildFrame(std::size_t peer, std:
       full = true;
       return false;
     }
+    // The frame is signed over the events' digests (kept with them) and hops, not its bytes.
+    auto env = ParseEventEnvelope(e.event);
+    if (!env || e.digest.size() != sizeof(crypto::Digest)) {
+      error = Status::Error("log entry " + std::to_string(e.seq) + " holds no valid event" +
+                            (env ? std::string() : ": " + env.message()));
+      return false;
+    }
     last_scanned = e.seq;
     if (attestation) {
       payload.AddAttestation(*attestation);
+      body.AddAttestation(*attestation);
       carried.insert(e.attestation);
     }
     last_attestation = e.attestation;
     payload.Add(e.seq, e.event);
+    crypto::Digest digest;
+    std::memcpy(digest.data(), e.digest.data(), digest.size());
+    body.AddEvent(e.seq, digest, env->hops);
     chunk = IsChunkEncoding(e.event);
     if (chunk || payload.count() >= max_events) {
       full = true;
@@ -211,8 +224,8 @@ Result<Daemon::Impl::BuiltFrame> Daemon::Impl::BuildFrame(std::size_t peer, std:
   if (!full) last_scanned = std::max(last_scanned, head);
   f.last_seq = last_scanned;
   if (f.count > 0)
-    f.bytes =
-        crypto::SealFrame(*key, p.identity, first, last_scanned, f.count, payload.Finish(), flags);
+    f.bytes = crypto::SealFrameWithDigest(*key, p.identity, first, last_scanned, f.count,
+                                          payload.Finish(), body.Final(), flags);
   return f;
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/crypto/frame_testing.h"
 #include "tests/test_util.h"
 
 namespace relay::crypto {
@@ -47,8 +48,9 @@ struct Sites {
       return std::nullopt;
     };
   }
-  std::string Frame(std::string_view plaintext, std::uint64_t seq = 1) const {
-    return SealFrame(a, b.identity(), seq, seq, 1, plaintext);
+  // A frame of one event whose text is as long as `text`.
+  std::string Frame(std::string_view text, std::uint64_t seq = 1) const {
+    return SealFrame(a, b.identity(), seq, seq, 1, testing::Payload(text.size(), 1, seq));
   }
   BundleResult Open(std::string_view bytes, std::int64_t now = kNow) const {
     return OpenBundle(b, b_peers(), bytes, now);

@@ -7,8 +7,14 @@
 #include <string>
 #include <vector>
 
+#include "tests/crypto/frame_testing.h"
+
 namespace relay::crypto {
 namespace {
+
+using testing::FrameSignedInput;
+using testing::Payload;
+using testing::ResignFrame;
 
 constexpr std::size_t kHeader = 152;
 constexpr std::size_t kControlHeader = 84;
@@ -32,10 +38,10 @@ struct Sites {
   }
 };
 
-// What a signature covers (docs/wire-format.md): header || BLAKE2b-256(body), computed here
-// independently of the implementation. The header size tells frames (152) from control (84).
+// What a control message's signature covers (docs/wire-format.md): header || BLAKE2b-256(body),
+// computed here independently of the implementation. Frames: tests/crypto/frame_testing.h.
 std::string SignedInput(std::string_view message) {
-  const std::size_t header = message.substr(0, 4) == "RLYF" ? 152 : 84;
+  constexpr std::size_t header = 84;
   std::string_view signed_part = message.substr(0, message.size() - 64);
   std::string input(signed_part.substr(0, header));
   unsigned char digest[32];
@@ -46,7 +52,7 @@ std::string SignedInput(std::string_view message) {
   return input;
 }
 
-// Re-signs a message with `key` so that only the deliberate change is wrong.
+// Re-signs a control message with `key` so that only the deliberate change is wrong.
 void Resign(const SiteKey& key, std::string* bytes) {
   const Signature sig = key.Sign(SignedInput(*bytes));
   bytes->replace(bytes->size() - 64, 64, reinterpret_cast<const char*>(sig.data()), 64);
@@ -64,12 +70,6 @@ RejectReason FrameReason(const Sites& s, std::string_view bytes) {
   return r.rejection.reason;
 }
 
-std::string Random(std::size_t n) {
-  std::string s(n, '\0');
-  randombytes_buf(s.data(), s.size());
-  return s;
-}
-
 TEST_CASE("reject reason names", "[crypto][frame]") {
   CHECK(std::string(RejectReasonName(RejectReason::kTruncated)) == "truncated");
   CHECK(std::string(RejectReasonName(RejectReason::kBadMagic)) == "bad_magic");
@@ -85,10 +85,14 @@ TEST_CASE("reject reason names", "[crypto][frame]") {
 TEST_CASE("frame seal/open round trip", "[crypto][frame]") {
   Sites s;
   REQUIRE(s.initialised);
-  for (std::size_t size : {std::size_t{0}, std::size_t{1}, std::size_t{5}, std::size_t{1} << 20}) {
-    const std::string payload = Random(size);
+  for (auto [events, text] : {std::pair<std::size_t, std::size_t>{0, 0},
+                              {1, 0},
+                              {1, 5},
+                              {3, 100},
+                              {4, std::size_t{1} << 18}}) {
+    const std::string payload = Payload(text, events, 5);
     const std::string frame = SealFrame(s.a, s.b.identity(), 5, 7, 3, payload);
-    CHECK(frame.size() == kHeader + size + 16 + 64);
+    CHECK(frame.size() == kHeader + payload.size() + 16 + 64);
     CHECK(LooksLikeFrame(frame));
     OpenResult r = OpenFrame(s.b, s.b_peers(), frame);
     REQUIRE(r.ok());
@@ -99,13 +103,34 @@ TEST_CASE("frame seal/open round trip", "[crypto][frame]") {
     CHECK(r.frame->header.first_seq == 5);
     CHECK(r.frame->header.last_seq == 7);
     CHECK(r.frame->header.event_count == 3);
+    // The opened events, their cores and the cores' digests, in order.
+    REQUIRE(r.frame->events.size() == events);
+    for (std::size_t i = 0; i < events; ++i) {
+      const OpenedEvent& e = r.frame->events[i];
+      CHECK(e.seq == 5 + i);
+      std::string_view core;
+      auto decoded = DecodeEvent(e.encoded, &core);
+      REQUIRE(decoded.ok());
+      CHECK(decoded->origin_seq == 5 + i);
+      CHECK(e.core == core);
+      CHECK(e.digest == EventDigest(core));
+    }
+    CHECK(r.frame->attestations.empty());
   }
+  // The views survive moving the opened frame.
+  const std::string payload = Payload(40, 2);
+  OpenResult r = OpenFrame(s.b, s.b_peers(), SealFrame(s.a, s.b.identity(), 1, 2, 2, payload));
+  REQUIRE(r.ok());
+  OpenedFrame moved = std::move(*r.frame);
+  REQUIRE(moved.events.size() == 2);
+  CHECK(DecodeEvent(moved.events[1].encoded).ok());
 }
 
 TEST_CASE("frame header bytes follow the documented layout", "[crypto][frame]") {
   Sites s;
+  const std::string payload = Payload(5);
   const std::string f =
-      SealFrame(s.a, s.b.identity(), 0x0102030405060708, 0x1112131415161718, 0x21222324, "hello");
+      SealFrame(s.a, s.b.identity(), 0x0102030405060708, 0x1112131415161718, 0x21222324, payload);
   const auto* u = reinterpret_cast<const unsigned char*>(f.data());
   CHECK(f.substr(0, 4) == "RLYF");
   CHECK(u[4] == 2);
@@ -120,17 +145,53 @@ TEST_CASE("frame header bytes follow the documented layout", "[crypto][frame]") 
   CHECK(u[144] == 0x21);
   CHECK(u[147] == 0x24);
   CHECK((u[148] | u[149] | u[150]) == 0);
-  CHECK(u[151] == 5 + 16);
+  CHECK(u[151] == payload.size() + 16);
+  // The signature covers the header and the payload's digest (docs/wire-format.md).
   Signature sig;
   std::copy(u + f.size() - 64, u + f.size(), sig.begin());
-  CHECK(VerifySignature(s.a.identity().sign_pk, SignedInput(f), sig));
+  CHECK(VerifySignature(s.a.identity().sign_pk, FrameSignedInput(f, payload), sig));
+  CHECK_FALSE(VerifySignature(s.a.identity().sign_pk, FrameSignedInput(f, Payload(6)), sig));
 
   // Fresh ephemeral key and nonce every time.
   const std::string g =
-      SealFrame(s.a, s.b.identity(), 0x0102030405060708, 0x1112131415161718, 0x21222324, "hello");
+      SealFrame(s.a, s.b.identity(), 0x0102030405060708, 0x1112131415161718, 0x21222324, payload);
   CHECK(f.substr(72, 32) != g.substr(72, 32));
   CHECK(f.substr(104, 24) != g.substr(104, 24));
   CHECK(f.substr(kHeader) != g.substr(kHeader));
+}
+
+TEST_CASE("frame body digest binds every event, sequence, hop and attestation", "[crypto][frame]") {
+  Sites s;
+  auto digest = [](std::initializer_list<std::tuple<std::uint64_t, std::string, std::string>> ev,
+                   std::initializer_list<std::string> atts) {
+    FrameBodyDigest d;
+    for (const auto& [seq, core, hops] : ev) d.AddEvent(seq, EventDigest(core), hops);
+    for (const std::string& a : atts) d.AddAttestation(a);
+    return d.Final();
+  };
+  const Digest base = digest({{1, "core1", "h1"}, {2, "core2", "h2"}}, {"att"});
+  CHECK(base == digest({{1, "core1", "h1"}, {2, "core2", "h2"}}, {"att"}));
+  const Digest changed[] = {
+      digest({{1, "core1", "h1"}, {3, "core2", "h2"}}, {"att"}),      // a sequence
+      digest({{1, "core1", "h1"}, {2, "core3", "h2"}}, {"att"}),      // a core
+      digest({{1, "core1", "h1"}, {2, "core2", "h3"}}, {"att"}),      // hops
+      digest({{1, "core1", "h1h"}, {2, "core2", "2"}}, {"att"}),      // hops moved between events
+      digest({{2, "core2", "h2"}, {1, "core1", "h1"}}, {"att"}),      // order
+      digest({{1, "core1", "h1"}}, {"att"}),                          // an event dropped
+      digest({{1, "core1", "h1"}, {2, "core2", "h2"}}, {"atu"}),      // an attestation
+      digest({{1, "core1", "h1"}, {2, "core2", "h2"}}, {"at", "t"}),  // split
+      digest({{1, "core1", "h1"}, {2, "core2", "h2"}}, {}),           // dropped
+  };
+  for (const Digest& d : changed) CHECK(d != base);
+
+  // A frame signed over another payload's digest is refused as a bad signature.
+  const std::string payload = Payload(10, 2);
+  FrameBodyDigest other;
+  other.AddEvent(1, EventDigest("x"), "");
+  const std::string f = SealFrameWithDigest(s.a, s.b.identity(), 1, 2, 2, payload, other.Final());
+  OpenResult r = OpenFrame(s.b, s.b_peers(), f);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.rejection.reason == RejectReason::kBadSignature);
 }
 
 TEST_CASE("looks like frame", "[crypto][frame]") {
@@ -143,8 +204,10 @@ TEST_CASE("looks like frame", "[crypto][frame]") {
 
 TEST_CASE("frame rejections", "[crypto][frame]") {
   Sites s;
-  const std::string frame = SealFrame(s.a, s.b.identity(), 5, 7, 3, "hello");
+  const std::string payload = Payload(5, 3, 5);
+  const std::string frame = SealFrame(s.a, s.b.identity(), 5, 7, 3, payload);
   REQUIRE(OpenFrame(s.b, s.b_peers(), frame).ok());
+  const std::size_t ct_len = payload.size() + 16;
 
   SECTION("truncated") {
     for (std::size_t len : {std::size_t{0}, std::size_t{3}, std::size_t{4}, std::size_t{10},
@@ -163,7 +226,7 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     CHECK(FrameReason(s, SealControl(s.a, s.b.identity(), ControlType::kPing, 0, "")) ==
           RejectReason::kBadMagic);
   }
-  SECTION("unsupported version, checked before the signature") {
+  SECTION("unsupported version, checked before anything else") {
     std::string bad = frame;
     bad[4] = 1;  // wire version 1, before origin signatures: refused naming both versions
     OpenResult r = OpenFrame(s.b, s.b_peers(), bad);
@@ -184,7 +247,7 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     }
   }
   SECTION("wrong recipient") {
-    const std::string for_c = SealFrame(s.a, s.c.identity(), 5, 7, 3, "hello");
+    const std::string for_c = SealFrame(s.a, s.c.identity(), 5, 7, 3, payload);
     OpenResult r = OpenFrame(s.b, s.b_peers(), for_c);
     REQUIRE_FALSE(r.ok());
     CHECK(r.rejection.reason == RejectReason::kWrongRecipient);
@@ -202,16 +265,25 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
       CHECK(r.rejection.message ==
             "frame rejected: bad signature from peer " + s.a.identity().Fingerprint());
     }
-    // Signed by another key claiming to be a.
+    // Signed by another key over the right input.
     std::string forged = frame;
-    Resign(s.c, &forged);
+    ResignFrame(s.c, payload, &forged);
     CHECK(FrameReason(s, forged) == RejectReason::kBadSignature);
+    // Re-signed by a itself: accepted (the helper computes the documented input).
+    std::string resigned = frame;
+    ResignFrame(s.a, payload, &resigned);
+    CHECK(OpenFrame(s.b, s.b_peers(), resigned).ok());
   }
-  SECTION("flipped ciphertext bit fails the signature") {
-    for (std::size_t pos : {kHeader, kHeader + 4, kHeader + 5 + 15}) {
+  SECTION("flipped ciphertext bit fails decryption") {
+    for (std::size_t pos : {kHeader, kHeader + 4, kHeader + ct_len - 1}) {
       std::string bad = frame;
       bad[pos] = static_cast<char>(bad[pos] ^ 0x80);
-      CHECK(FrameReason(s, bad) == RejectReason::kBadSignature);
+      OpenResult r = OpenFrame(s.b, s.b_peers(), bad);
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.rejection.reason == RejectReason::kDecryptFailed);
+      CHECK(r.rejection.message == "frame rejected: frame from peer " +
+                                       s.a.identity().Fingerprint() +
+                                       " does not decrypt (altered, or not sealed for this site)");
     }
   }
   SECTION("flipped bit in each header field") {
@@ -223,17 +295,19 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     const Field fields[] = {
         {"magic", 0, RejectReason::kBadMagic},
         {"version", 4, RejectReason::kUnsupportedVersion},
-        {"flags", 5, RejectReason::kBadSignature},  // bit 0 is kFrameResume: a known flag
+        {"flags", 5, RejectReason::kDecryptFailed},  // bit 0 is kFrameResume: a known flag
         {"reserved", 7, RejectReason::kMalformed},
         {"sender", 8, RejectReason::kUnknownSender},
         {"recipient", 40, RejectReason::kWrongRecipient},
-        {"ephemeral key", 72, RejectReason::kBadSignature},
-        {"nonce", 104, RejectReason::kBadSignature},
-        {"first_seq", 135, RejectReason::kBadSignature},    // 5 -> 4, still <= last_seq
-        {"last_seq", 143, RejectReason::kBadSignature},     // 7 -> 6
-        {"event_count", 147, RejectReason::kBadSignature},  // 3 -> 2
-        {"ciphertext_len", 151, RejectReason::kMalformed},  // 21 -> 20: one trailing byte
-        {"ciphertext_len", 150, RejectReason::kTruncated},  // 21 -> 277
+        {"ephemeral key", 72, RejectReason::kDecryptFailed},
+        {"nonce", 104, RejectReason::kDecryptFailed},
+        {"first_seq", 135, RejectReason::kDecryptFailed},    // 5 -> 4, still <= last_seq
+        {"last_seq", 143, RejectReason::kDecryptFailed},     // 7 -> 6
+        {"event_count", 147, RejectReason::kDecryptFailed},  // 3 -> 2
+        // A smaller declared length leaves trailing bytes, a larger one is truncated.
+        {"ciphertext_len", 151, (ct_len & 1) ? RejectReason::kMalformed : RejectReason::kTruncated},
+        {"ciphertext_len", 150,
+         (ct_len & 0x100) ? RejectReason::kMalformed : RejectReason::kTruncated},
     };
     for (const Field& f : fields) {
       std::string bad = frame;
@@ -260,16 +334,16 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
   SECTION("well-signed but structurally invalid header") {
     std::string inverted = frame;
     PutU64(&inverted, 128, 8);  // first_seq 8 > last_seq 7
-    Resign(s.a, &inverted);
+    ResignFrame(s.a, payload, &inverted);
     CHECK(FrameReason(s, inverted) == RejectReason::kMalformed);
 
     std::string flags = frame;
     flags[5] = 2;  // not a known flag
-    Resign(s.a, &flags);
+    ResignFrame(s.a, payload, &flags);
     CHECK(FrameReason(s, flags) == RejectReason::kMalformed);
 
     // The flags are covered by the AEAD and the signature: a resume frame is sealed as one.
-    const std::string resume = SealFrame(s.a, s.b.identity(), 5, 7, 3, "hello", kFrameResume);
+    const std::string resume = SealFrame(s.a, s.b.identity(), 5, 7, 3, payload, kFrameResume);
     CHECK(static_cast<std::uint8_t>(resume[5]) == kFrameResume);
     OpenResult r = OpenFrame(s.b, s.b_peers(), resume);
     REQUIRE(r.ok());
@@ -277,30 +351,24 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
 
     // ciphertext_len 10 < tag size, with a matching total length.
     std::string short_ct = frame.substr(0, kHeader) + std::string(10, 'c') + std::string(64, 's');
+    short_ct[148] = short_ct[149] = short_ct[150] = 0;
     short_ct[151] = 10;
-    Resign(s.a, &short_ct);
     CHECK(FrameReason(s, short_ct) == RejectReason::kMalformed);
   }
-  SECTION("decrypt failed: signature valid but the sealed data is not") {
-    std::string bad = frame;
-    bad[kHeader] = static_cast<char>(bad[kHeader] ^ 1);
-    Resign(s.a, &bad);
-    OpenResult r = OpenFrame(s.b, s.b_peers(), bad);
-    REQUIRE_FALSE(r.ok());
-    CHECK(r.rejection.reason == RejectReason::kDecryptFailed);
-    CHECK_THAT(r.rejection.message, Catch::Contains(s.a.identity().Fingerprint()));
-
-    // Changed header fields are bound as associated data.
+  SECTION("decrypt failed: the sealed data or its header was changed") {
+    // Changed header fields are bound as associated data, even when re-signed.
     std::string count = frame;
     count[147] = static_cast<char>(count[147] ^ 1);
-    Resign(s.a, &count);
+    ResignFrame(s.a, payload, &count);
     CHECK(FrameReason(s, count) == RejectReason::kDecryptFailed);
 
     // A low-order ephemeral key.
     std::string low = frame;
     low.replace(72, 32, std::string(32, '\0'));
-    Resign(s.a, &low);
-    CHECK(FrameReason(s, low) == RejectReason::kDecryptFailed);
+    OpenResult r = OpenFrame(s.b, s.b_peers(), low);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.rejection.reason == RejectReason::kDecryptFailed);
+    CHECK_THAT(r.rejection.message, Catch::Contains("low-order"));
 
     // The key is bound to the sender's box key: a peer table with the wrong box key fails.
     PublicIdentity wrong_box = s.a.identity();
@@ -308,8 +376,30 @@ TEST_CASE("frame rejections", "[crypto][frame]") {
     CHECK(OpenFrame(s.b, Sites::Lookup({wrong_box}), frame).rejection.reason ==
           RejectReason::kDecryptFailed);
   }
+  SECTION("only the sender's box key seals a frame that decrypts") {
+    // c knows a's and b's public keys and writes a's signing key as the sender: without a's box
+    // secret the frame does not decrypt, so its payload is never parsed.
+    std::string claims_a = SealFrame(s.c, s.b.identity(), 5, 7, 3, payload);
+    claims_a.replace(8, 32, reinterpret_cast<const char*>(s.a.identity().sign_pk.data()), 32);
+    ResignFrame(s.c, payload, &claims_a);
+    CHECK(FrameReason(s, claims_a) == RejectReason::kDecryptFailed);
+    // Even with a peer table entry that pairs a's signing key with c's box key: the key
+    // derivation binds the sender's signing key as well.
+    PublicIdentity mixed = s.a.identity();
+    mixed.box_pk = s.c.identity().box_pk;
+    CHECK(OpenFrame(s.b, Sites::Lookup({mixed}), claims_a).rejection.reason ==
+          RejectReason::kDecryptFailed);
+  }
+  SECTION("a payload that is not a frame payload is malformed, after decryption") {
+    for (const std::string& junk : {std::string(), std::string("hello"), std::string(40, '\xc1')}) {
+      OpenResult r = OpenFrame(s.b, s.b_peers(), SealFrame(s.a, s.b.identity(), 1, 1, 1, junk));
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.rejection.reason == RejectReason::kMalformed);
+      CHECK_THAT(r.rejection.message, Catch::StartsWith("frame rejected: malformed payload: "));
+    }
+  }
   SECTION("recipient is checked before the sender") {
-    const std::string for_c = SealFrame(s.a, s.c.identity(), 5, 7, 3, "hello");
+    const std::string for_c = SealFrame(s.a, s.c.identity(), 5, 7, 3, payload);
     CHECK(OpenFrame(s.b, Sites::Lookup({}), for_c).rejection.reason ==
           RejectReason::kWrongRecipient);
   }
@@ -384,7 +474,7 @@ TEST_CASE("control message rejections", "[crypto][control]") {
     std::string version = msg;
     version[4] = 9;
     CHECK(reason(version) == RejectReason::kUnsupportedVersion);
-    CHECK(reason(SealFrame(s.a, s.b.identity(), 1, 1, 1, "x")) == RejectReason::kBadMagic);
+    CHECK(reason(SealFrame(s.a, s.b.identity(), 1, 1, 1, Payload(1))) == RejectReason::kBadMagic);
     std::string reserved = msg;
     reserved[6] = 1;
     Resign(s.a, &reserved);

@@ -500,15 +500,15 @@ class LinkCatalogue(Catalogue):
                ("magic byte 3", flip(f, F_MAGIC + 3, 7), "bad_magic"),
                ("version", flip(f, F_VERSION), "unsupported_version"),
                ("version bit 7", flip(f, F_VERSION, 7), "unsupported_version"),
-               ("flags bit 0 (resume, a known flag)", flip(f, F_FLAGS), "bad_signature"),
+               ("flags bit 0 (resume, a known flag)", flip(f, F_FLAGS), "decrypt_failed"),
                ("flags bit 1", flip(f, F_FLAGS, 1), "malformed"),
                ("flags bit 7", flip(f, F_FLAGS, 7), "malformed"),
                ("reserved byte 0", flip(f, F_RESERVED, 3), "malformed"),
                ("reserved byte 1", flip(f, F_RESERVED + 1), "malformed")]
         for name, off, reason in (("sender", F_SENDER, "unknown_sender"),
                                   ("recipient", F_RECIPIENT, "wrong_recipient"),
-                                  ("ephemeral key", F_EPHEMERAL, "bad_signature"),
-                                  ("nonce", F_NONCE, "bad_signature")):
+                                  ("ephemeral key", F_EPHEMERAL, "decrypt_failed"),
+                                  ("nonce", F_NONCE, "decrypt_failed")):
             out.append((f"{name} first byte", flip(f, off), reason))
             out.append((f"{name} last byte", flip(f, off + 31 if name != "nonce" else off + 23, 5),
                         reason))
@@ -516,12 +516,13 @@ class LinkCatalogue(Catalogue):
             byte, b = 7 - bit // 8, bit % 8
             nf = first ^ (1 << bit)
             out.append((f"first_seq bit {bit}", flip(f, F_FIRST + byte, b),
-                        "malformed" if nf > last else "bad_signature"))
+                        "malformed" if nf > last else "decrypt_failed"))
             nl = last ^ (1 << bit)  # beyond 2^62 (MAX_SEQ) or below first_seq: malformed
             out.append((f"last_seq bit {bit}", flip(f, F_LAST + byte, b),
-                        "malformed" if first > nl or nl > MAX_SEQ else "bad_signature"))
-        out.append(("event_count bit 0", flip(f, F_COUNT + 3), "bad_signature"))
-        out.append(("event_count bit 31", flip(f, F_COUNT, 7), "bad_signature"))
+                        "malformed" if first > nl or nl > MAX_SEQ else "decrypt_failed"))
+        # The header is the AEAD's associated data: a changed field fails decryption.
+        out.append(("event_count bit 0", flip(f, F_COUNT + 3), "decrypt_failed"))
+        out.append(("event_count bit 31", flip(f, F_COUNT, 7), "decrypt_failed"))
         low = ctlen & -ctlen  # lowest set bit: clearing it declares fewer bytes than present
         lb = low.bit_length() - 1
         out.append(("ciphertext_len smaller", flip(f, F_CTLEN + 3 - lb // 8, lb % 8),
@@ -531,7 +532,7 @@ class LinkCatalogue(Catalogue):
         out.append(("ciphertext_len larger", flip(f, F_CTLEN + 3 - zero // 8, zero % 8),
                     "truncated"))
         for off in (F_HEADER, F_HEADER + ctlen // 2, F_HEADER + ctlen - 16, F_HEADER + ctlen - 1):
-            out.append((f"ciphertext byte {off - F_HEADER}", flip(f, off, 2), "bad_signature"))
+            out.append((f"ciphertext byte {off - F_HEADER}", flip(f, off, 2), "decrypt_failed"))
         for off in (len(f) - SIG, len(f) - SIG + 31, len(f) - 1):
             out.append((f"signature byte {off - len(f) + SIG}", flip(f, off, 6), "bad_signature"))
         # Truncation at every length class, and one byte more.
@@ -569,7 +570,8 @@ class LinkCatalogue(Catalogue):
                            f"{fingerprint(self.foreign[F_RECIPIENT:F_RECIPIENT + 32])}")
         with self.subTest("unknown sender with the sender field of a peer"):
             spoof = self.unknown[:F_SENDER] + self.eu_pk + self.unknown[F_SENDER + 32:]
-            self.feed(before, spoof, "bad_signature", "rogue frame claiming europe's key")
+            # Sealed without europe's box secret: it does not decrypt, its payload is not parsed.
+            self.feed(before, spoof, "decrypt_failed", "rogue frame claiming europe's key")
         with self.subTest("declares 4 GiB of ciphertext"):
             huge = f1[:F_CTLEN] + b"\xff\xff\xff\xf0" + f1[F_HEADER:]
             self.feed(before, huge, "truncated", "frame declaring 4 GiB")

@@ -15,6 +15,16 @@ from relay_harness import CHANNEL, RelayTestCase, forge, messages, post_all
 
 FAST_LINK = {"heartbeat_interval": "200ms", "peer_timeout": "2s"}
 U64_MAX = 2**64 - 1
+ATTACKS = {"fed": 0, "refused": 0}  # forged inputs fed to live daemons, and those seen refused
+
+
+def tearDownModule():
+    print(f"\ntrust attacks: {ATTACKS['refused']} refused of {ATTACKS['fed']}", flush=True)
+
+
+def counted(fed, refused):
+    ATTACKS["fed"] += fed
+    ATTACKS["refused"] += min(fed, int(refused))
 
 
 def refused(site, reason):
@@ -90,6 +100,8 @@ class OriginTest(TrustTestCase):
                 got = self.texts(eu)
                 self.assertEqual([t for t in got if t.startswith("forged")], [],
                                  "a forged message was delivered as aws's")
+                counted(20, refused(eu, "origin_not_allowed") +
+                        refused(eu, "bad_origin_signature") - before)
                 self.assertEqual(aws.sink_count(), 0, "a forged event was forwarded to aws")
                 for s in (eu, aws, gamma):
                     s.stop()
@@ -117,6 +129,7 @@ class OriginTest(TrustTestCase):
         r = self.imp(eu, bundle)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertEqual(refused(eu, "bad_origin_signature"), 20)
+        counted(20, refused(eu, "bad_origin_signature"))
         ids = post_all(aws, messages(20, author="bob", prefix="real"))
         self.assertEqual(ids[0], f"aws:{seq + 1}", "aws's next ids are the ones forged")
         self.wait_for(lambda: len(self.texts(eu)) == 21, 30, "aws's 20 real messages at europe")
@@ -140,6 +153,7 @@ class OriginTest(TrustTestCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.wait_for(lambda: self.texts(eu) == ["genuine"], 30, "the genuine event only")
         self.assertEqual(refused(eu, "unknown_origin"), 1)
+        counted(1, refused(eu, "unknown_origin"))
 
 
 class TransitTest(TrustTestCase):
@@ -173,6 +187,7 @@ class TransitTest(TrustTestCase):
         self.wait_for(lambda: self.texts(enc) == ["unaltered"], 30, "the unaltered event only")
         self.assertEqual(refused(enc, "bad_origin_signature"), 1)
         self.assertNotIn("10000", json.dumps(enc.sink_lines()))
+        counted(1, refused(enc, "bad_origin_signature"))
 
     def test_signed_events_cross_a_transit_site_unchanged(self):
         """Real daemons: europe's messages reach enclave through aws, each verified against
@@ -213,6 +228,7 @@ class TransitTest(TrustTestCase):
         self.assertEqual(self.imp(enc, direct).returncode, 0)
         self.wait_for(lambda: self.texts(enc) == ["aws last week"], 30, "the direct one only")
         self.assertEqual(refused(enc, "stale"), 1)
+        counted(1, refused(enc, "stale"))
 
 
 class OwnerTest(TrustTestCase):
@@ -245,6 +261,7 @@ class OwnerTest(TrustTestCase):
                                  "ref": plan, "text": "changed by aws"})
             self.assertEqual(st, 403, body)
             self.assertIn("only the site where a message was posted", body["error"])
+            counted(1, st == 403)
         self.assertEqual(aws.metric("relay_events_ingested_total"), before)
         # Signed events of aws that change europe's message, sent as bundles to both receivers.
         forged = [
@@ -271,6 +288,7 @@ class OwnerTest(TrustTestCase):
         time.sleep(0.5)
         self.assertEqual(eu.sink_lines(), eu_lines, "a forged change was delivered at europe")
         self.assertEqual(enc.sink_lines(), enc_lines, "a forged change was delivered at enclave")
+        counted(6, refused(eu, "not_owner") + refused(enc, "not_owner"))
         # The owner's own edit goes through.
         st, _ = eu.post({"channel": CHANNEL, "author": "alice", "kind": "edit", "ref": plan,
                          "text": "the plan, v2"})
@@ -310,6 +328,7 @@ class AckTest(TrustTestCase):
         self.assertIn("beyond anything it ever held", r.stdout)
         self.assertIn("relay rebase", r.stdout)
         self.assertEqual(self.eu.metric("relay_acks_refused_total", peer="aws", reason="beyond_log"), 1)
+        counted(1, self.eu.metric("relay_acks_refused_total", peer="aws", reason="beyond_log"))
         self.assertEqual(self.status(self.eu)["peers"][0]["acked_through"], 0)
         self.deliver_everything()
 
@@ -321,6 +340,7 @@ class AckTest(TrustTestCase):
         self.assertEqual(r.returncode, 1, r.stdout)
         self.assertIn("beyond what was sent", r.stdout)
         self.assertEqual(self.eu.metric("relay_acks_refused_total", peer="aws", reason="beyond_sent"), 1)
+        counted(1, self.eu.metric("relay_acks_refused_total", peer="aws", reason="beyond_sent"))
         self.deliver_everything()
 
     def test_an_ack_with_the_previous_key_moves_no_cursor(self):
@@ -348,5 +368,6 @@ class AckTest(TrustTestCase):
         self.assertIn("previous key", r.stdout)
         self.assertEqual(self.eu.metric("relay_acks_refused_total", peer="aws",
                                         reason="previous_key"), 1)
+        counted(1, self.eu.metric("relay_acks_refused_total", peer="aws", reason="previous_key"))
         self.assertEqual(self.eu.metric("relay_queue_depth", peer="aws"), 50)
         self.deliver_everything()

@@ -21,9 +21,10 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
   WriteBatch b;
-  b.AppendOutbound(1, {"aws", "enclave"}, 2, "e1");
-  b.AppendOutbound(2, {"aws"}, 2, "e2");
-  b.AppendOutbound(3, {"enclave"}, 3, "e3");
+  const std::string d(32, 'd');  // a core's digest
+  b.AppendOutbound(1, {"aws", "enclave"}, 2, d, "e1");
+  b.AppendOutbound(2, {"aws"}, 2, d, "e2");
+  b.AppendOutbound(3, {"enclave"}, 3, d, "e3");
   REQUIRE((*store)->Commit(b, true).ok());
   std::vector<std::string> for_aws;
   REQUIRE((*store)
@@ -55,7 +56,7 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
   CHECK_FALSE(relay::queue::OutboundEntry{1,
                                           "\x01\x03"
                                           "aws",
-                                          0, ""}
+                                          0, "", ""}
                   .HasPeer("aw"));
 
   WriteBatch del;
@@ -92,7 +93,7 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
               .ok());
   CHECK(keys == std::vector<std::uint64_t>{9});
   // The committer builds a value first and fills in its attestation key later.
-  std::string value = relay::queue::EncodeOutboundValue({"aws"}, 0, "event");
+  std::string value = relay::queue::EncodeOutboundValue({"aws"}, 0, std::string(32, 'd'), "event");
   relay::queue::SetOutboundAttestation(&value, 42);
   CHECK(relay::queue::OutboundValueEvent(value) == "event");
   WriteBatch put;
@@ -107,6 +108,15 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
                              })
               .ok());
   CHECK(seen == 42);
+  std::string digest;
+  REQUIRE((*store)
+              ->ScanOutbound(7,
+                             [&](const relay::queue::OutboundEntry& e) {
+                               digest = std::string(e.digest);
+                               return false;
+                             })
+              .ok());
+  CHECK(digest == std::string(32, 'd'));
 }
 
 TEST_CASE("counters and entries survive reopening") {
