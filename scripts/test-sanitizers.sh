@@ -15,7 +15,7 @@ export RELAY_KEEP_LOGS=$logs
 # Tests read this to shorten loops and relax timing-only expectations (never to skip checks).
 export RELAY_SANITIZED=1
 status=0
-(cd "$BUILD_DIR" && ctest --output-on-failure --timeout 1500 -E "bench_smoke|packaging" "$@") || status=$?
+(cd "$BUILD_DIR" && ctest -j"${JOBS:-2}" --output-on-failure --timeout 1500 -E "bench_smoke|packaging" "$@") || status=$?
 if grep -l "AddressSanitizer\|LeakSanitizer\|runtime error" "$logs"/*/*/relay.log 2>/dev/null; then
   echo "sanitizer reports in the daemons' logs above" >&2
   status=1

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
 status=0
-(cd "${BUILD_DIR:-build}" && ctest --output-on-failure --timeout 1500 "$@") || status=$?
+(cd "${BUILD_DIR:-build}" && ctest -j"${JOBS:-2}" --output-on-failure --timeout 1500 "$@") || status=$?
 if [ "${RELAY_SANITIZERS:-1}" != 0 ]; then
   echo "==== the suite again under AddressSanitizer + UndefinedBehaviorSanitizer ===="
   bash scripts/test-sanitizers.sh "$@" || status=1

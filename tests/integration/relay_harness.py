@@ -123,17 +123,48 @@ def relay_bin(wait=180):
         return snap
 
 
+# Test modules run in parallel (ctest -j): a port handed out here is also claimed in a folder
+# shared by every test process (a file per port, created exclusively), so two processes never
+# pick the same port between their bind test and the daemon's bind. The claims of a process are
+# removed when it exits; those of a killed one only keep their ports out of use.
+_CLAIMS = os.path.join(tempfile.gettempdir(), f"relay-it-ports-{os.getuid()}")
+
+
+def _release_claims():
+    for port in _used_ports:
+        try:
+            os.unlink(os.path.join(_CLAIMS, str(port)))
+        except OSError:
+            pass
+
+
+atexit.register(_release_claims)
+
+
+def _claim(port):
+    """Whether this process now holds the shared claim on `port`."""
+    try:
+        os.makedirs(_CLAIMS, mode=0o700, exist_ok=True)
+        os.close(os.open(os.path.join(_CLAIMS, str(port)), os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                         0o600))
+        return True
+    except FileExistsError:
+        return False
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that is free now and was not handed out before in this process."""
+    """A TCP port on 127.0.0.1 that is free now and was not handed out before in this or any
+    other test process still running."""
     with _port_lock:
         for _ in range(500):
             port = _rng.randint(_PORT_LO, _PORT_HI)
-            if port in _used_ports:
+            if port in _used_ports or not _claim(port):
                 continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
+                os.unlink(os.path.join(_CLAIMS, str(port)))
                 continue
             finally:
                 s.close()
