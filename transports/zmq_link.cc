@@ -141,6 +141,7 @@ struct Connection {
   socklen_t remote_len = 0;
   std::string address;              // remote IP address
   std::optional<std::size_t> peer;  // set by its first message: it passed CURVE and ZAP
+  bool closed = false;              // libzmq had closed it before its ACCEPTED event was read
 };
 
 std::string AddressOf(const sockaddr_storage& sa) {
@@ -609,7 +610,7 @@ struct ZmqLink::Impl {
     Clock::time_point since = Clock::time_point::max();
     *count = 0;
     for (const auto& [fd, c] : connections) {
-      if (c.peer || (!address.empty() && c.address != address)) continue;
+      if (c.peer || c.closed || (!address.empty() && c.address != address)) continue;
       ++*count;
       if (c.since < since) {
         since = c.since;
@@ -622,7 +623,15 @@ struct ZmqLink::Impl {
   void Accepted(int fd) {
     Connection c;
     c.since = Clock::now();
-    if (!ReadAddresses(fd, &c)) return;  // already closed again
+    if (!ReadAddresses(fd, &c)) {
+      // libzmq already closed it (junk is refused within microseconds, and this thread can
+      // be slower): its DISCONNECTED follows and counts it. Never closed by a bound below,
+      // since its descriptor may already belong to another file.
+      c.address = "an address not read (it was closed at once)";
+      c.closed = true;
+      connections[fd] = std::move(c);
+      return;
+    }
     const std::string address = c.address;
     connections[fd] = std::move(c);  // replaces an entry whose fd was closed and reused
     std::size_t count = 0;
@@ -647,11 +656,11 @@ struct ZmqLink::Impl {
   // A message arrived on fd: its connection passed CURVE and ZAP as `peer`.
   void Authenticated(int fd, std::size_t peer) {
     auto it = connections.find(fd);
-    if (it == connections.end()) {
+    if (it == connections.end() || it->second.closed) {  // a closed entry: fd reused since
       Connection c;
       c.since = Clock::now();
       if (!ReadAddresses(fd, &c)) return;
-      it = connections.emplace(fd, std::move(c)).first;
+      it = connections.insert_or_assign(fd, std::move(c)).first;
     }
     if (it->second.peer == peer) return;
     it->second.peer = peer;

@@ -421,6 +421,73 @@ TEST_CASE("pending connections are bounded per address and in time") {
   CHECK(rb.up);
 }
 
+// A connection to the listener on loopback that sends `bytes`; -1 if it cannot connect.
+int SendRaw(std::uint16_t port, std::string_view bytes) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
+      send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(bytes.size())) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Whether the other end closed fd within `limit` (reads until EOF or an error).
+bool ClosedByPeer(int fd, std::chrono::milliseconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  char buf[256];
+  while (std::chrono::steady_clock::now() < end) {
+    pollfd pfd{fd, POLLIN, 0};
+    if (poll(&pfd, 1, 20) <= 0) continue;
+    if (read(fd, buf, sizeof buf) <= 0) return true;
+  }
+  return false;
+}
+
+TEST_CASE("junk connections closed before the link thread sees them are still counted") {
+  // Attack: junk on the ZeroMQ port while the link thread is busy (a loaded or slow daemon):
+  // libzmq closes each connection before the thread reads its ACCEPTED event. Safe outcome:
+  // each is closed and still counted as handshake_failed (the counters are what an operator
+  // sees of such an attack). It was counted only when the thread was fast enough.
+  REQUIRE(relay::crypto::Init().ok());
+  auto a = SiteKey::Generate(), b = SiteKey::Generate();
+  const std::uint16_t port = FreePort();
+  Recorder rb;
+  ZmqLink listener(b, {{"a", a.identity(), "", std::nullopt}},
+                   Fast("tcp://127.0.0.1:" + std::to_string(port)), &rb);
+  REQUIRE(listener.Start().ok());
+  // A plaintext (NULL mechanism) ZMTP 3 greeting: refused by a CURVE server at once.
+  std::string greeting("\xff\0\0\0\0\0\0\0\0\x7f\x03\x00NULL", 16);
+  greeting.append(16, '\0');
+  greeting.append(32, '\0');
+  std::vector<int> socks;
+  {
+    // The link thread blocks in OnLinkRefused of the first connection while this holds mu.
+    std::unique_lock<std::mutex> hold(rb.mu);
+    socks.push_back(SendRaw(port, greeting));
+    REQUIRE(socks.back() >= 0);
+    REQUIRE(ClosedByPeer(socks.back(), 5s));
+    std::this_thread::sleep_for(200ms);  // the thread reaches the refusal and waits for mu
+    for (int i = 0; i < 3; ++i) {
+      socks.push_back(SendRaw(port, greeting));
+      REQUIRE(socks.back() >= 0);
+      REQUIRE(ClosedByPeer(socks.back(), 5s));  // by libzmq's I/O thread, not the link thread
+    }
+  }
+  bool counted = rb.Wait([&] { return rb.refused[LinkRefusal::kHandshakeFailed] == 4; }, 5s);
+  {
+    std::lock_guard<std::mutex> l(rb.mu);
+    for (auto& m : rb.refusal_messages) UNSCOPED_INFO(m);
+    CHECK(rb.refused[LinkRefusal::kConnectionLimit] == 0);
+  }
+  CHECK(counted);
+  for (int fd : socks) close(fd);
+}
+
 TEST_CASE("connections authenticated as one peer are bounded") {
   REQUIRE(relay::crypto::Init().ok());
   auto a = SiteKey::Generate(), b = SiteKey::Generate();
