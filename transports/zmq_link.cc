@@ -623,17 +623,15 @@ struct ZmqLink::Impl {
   void Accepted(int fd) {
     Connection c;
     c.since = Clock::now();
-    if (!ReadAddresses(fd, &c)) {
-      // libzmq already closed it (junk is refused within microseconds, and this thread can
-      // be slower): its DISCONNECTED follows and counts it. Never closed by a bound below,
-      // since its descriptor may already belong to another file.
-      c.address = "an address not read (it was closed at once)";
-      c.closed = true;
-      connections[fd] = std::move(c);
-      return;
-    }
+    // Not readable: libzmq already closed it (junk is refused within microseconds, and this
+    // thread can be slower); its DISCONNECTED follows and counts it. Such an entry is never
+    // closed by a bound below, since its descriptor may already belong to another file.
+    c.closed = !ReadAddresses(fd, &c);
+    if (c.closed) c.address = "an address not read (it was closed at once)";
     const std::string address = c.address;
+    const bool closed = c.closed;
     connections[fd] = std::move(c);  // replaces an entry whose fd was closed and reused
+    if (closed) return;
     std::size_t count = 0;
     for (auto oldest = OldestPending(address, &count);
          oldest && count > options.max_pending_per_address;

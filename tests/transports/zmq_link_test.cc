@@ -357,6 +357,33 @@ TEST_CASE("messages from a connection without hello draw at most one rehello per
   CHECK(listener.LastContactMs(0) == 0);
 }
 
+// A connection to the listener on loopback that sends `bytes`; -1 if it cannot connect.
+int SendRaw(std::uint16_t port, std::string_view bytes) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(port);
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
+      send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(bytes.size())) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Whether the other end closed fd within `limit` (reads until EOF or an error).
+bool ClosedByPeer(int fd, std::chrono::milliseconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  char buf[256];
+  while (std::chrono::steady_clock::now() < end) {
+    pollfd pfd{fd, POLLIN, 0};
+    if (poll(&pfd, 1, 20) <= 0) continue;
+    if (read(fd, buf, sizeof buf) <= 0) return true;
+  }
+  return false;
+}
+
 TEST_CASE("pending connections are bounded per address and in time") {
   // Attack: silent TCP connections to the listener; safe outcome: beyond the bound the oldest
   // are closed at once, the rest after handshake_timeout, and a real peer still links up.
@@ -372,13 +399,8 @@ TEST_CASE("pending connections are bounded per address and in time") {
   REQUIRE(listener.Start().ok());
   std::vector<int> socks;
   for (int i = 0; i < 20; ++i) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(port);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0);
-    socks.push_back(fd);
+    socks.push_back(SendRaw(port, ""));  // silent
+    REQUIRE(socks.back() >= 0);
   }
   // Closed by the listener: reading gives EOF (after the 64-byte-or-less greeting it sent).
   auto closed = [&](int fd) {
@@ -419,33 +441,6 @@ TEST_CASE("pending connections are bounded per address and in time") {
   CHECK(count_closed() == 20);
   for (int fd : socks) close(fd);
   CHECK(rb.up);
-}
-
-// A connection to the listener on loopback that sends `bytes`; -1 if it cannot connect.
-int SendRaw(std::uint16_t port, std::string_view bytes) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(port);
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 ||
-      send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(bytes.size())) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// Whether the other end closed fd within `limit` (reads until EOF or an error).
-bool ClosedByPeer(int fd, std::chrono::milliseconds limit) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  char buf[256];
-  while (std::chrono::steady_clock::now() < end) {
-    pollfd pfd{fd, POLLIN, 0};
-    if (poll(&pfd, 1, 20) <= 0) continue;
-    if (read(fd, buf, sizeof buf) <= 0) return true;
-  }
-  return false;
 }
 
 TEST_CASE("junk connections closed before the link thread sees them are still counted") {
