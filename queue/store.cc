@@ -109,21 +109,30 @@ struct WriteBatch::Impl {
 WriteBatch::WriteBatch() : impl_(std::make_unique<Impl>()) {}
 WriteBatch::~WriteBatch() = default;
 
+std::size_t AppendOutboundHead(const std::vector<std::string>& peers, std::uint64_t attestation,
+                               std::size_t event_size_hint, std::string* value) {
+  std::size_t size = value->size() + 1 + 8 + kOutboundDigestBytes + event_size_hint;
+  for (const auto& p : peers) size += 1 + p.size();
+  value->reserve(size);
+  value->push_back(static_cast<char>(peers.size()));
+  for (const auto& p : peers) {
+    // Peer names are validated to at most 32 characters by the config.
+    value->push_back(static_cast<char>(p.size()));
+    value->append(p);
+  }
+  value->append(Key64(attestation));
+  const std::size_t digest_at = value->size();
+  value->append(kOutboundDigestBytes, '\0');
+  return digest_at;
+}
+
 std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
                                 std::string_view digest, std::string_view encoded_event) {
   std::string value;
-  std::size_t size = 1 + 8 + kOutboundDigestBytes + encoded_event.size();
-  for (const auto& p : peers) size += 1 + p.size();
-  value.reserve(size);
-  value.push_back(static_cast<char>(peers.size()));
-  for (const auto& p : peers) {
-    // Peer names are validated to at most 32 characters by the config.
-    value.push_back(static_cast<char>(p.size()));
-    value.append(p);
-  }
-  value.append(Key64(attestation));
-  value.append(digest.substr(0, kOutboundDigestBytes));
-  value.append(kOutboundDigestBytes - std::min(digest.size(), kOutboundDigestBytes), '\0');
+  const std::size_t digest_at =
+      AppendOutboundHead(peers, attestation, encoded_event.size(), &value);
+  value.replace(digest_at, std::min(digest.size(), kOutboundDigestBytes), digest.data(),
+                std::min(digest.size(), kOutboundDigestBytes));
   value.append(encoded_event);
   return value;
 }

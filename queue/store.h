@@ -73,6 +73,10 @@ class WriteBatch {
 inline constexpr std::size_t kOutboundDigestBytes = 32;
 std::string EncodeOutboundValue(const std::vector<std::string>& peers, std::uint64_t attestation,
                                 std::string_view digest, std::string_view encoded_event);
+// The value's head (peers, attestation key, a zero digest) appended to *value, for a caller that
+// encodes the event straight behind it; returns the digest's offset in *value.
+std::size_t AppendOutboundHead(const std::vector<std::string>& peers, std::uint64_t attestation,
+                               std::size_t event_size_hint, std::string* value);
 void SetOutboundAttestation(std::string* value, std::uint64_t attestation);
 std::string_view OutboundValueEvent(std::string_view value);
 

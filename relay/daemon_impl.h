@@ -455,9 +455,9 @@ struct Daemon::Impl : transports::LinkHandler {
   std::uint64_t AddCaptures(std::vector<PendingCapture>& captures, queue::WriteBatch& batch,
                             std::vector<PendingOut>* own, std::int64_t now);
 
-  // The outbound entry of an event this site encoded itself, with its core's digest.
+  // The outbound entry of an event this site originates: encoded, with its core's digest.
   static PendingOut OwnEntry(std::uint64_t seq, std::uintptr_t group,
-                             const std::vector<std::string>& peers, std::string_view encoded);
+                             const std::vector<std::string>& peers, const Event& event);
 
   // Adds `out` to the batch, each group of entries (PendingOut::group, at most
   // crypto::kMaxAttestedEvents at a time) with the attestation `attest` gives for it, stored

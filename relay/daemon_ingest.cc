@@ -7,6 +7,7 @@
 #include <sys/statvfs.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "crypto/origin.h"
 #include "relay/json.h"
@@ -238,7 +239,6 @@ std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
     return store->GetDedup(MattermostBridge::PostToEventKey(post_id), now);
   };
   std::uint64_t added = 0;
-  std::string encoded;
   for (PendingCapture& pc : captures) {
     for (CapturedChange& c : pc.submission->changes) {
       Event e;
@@ -265,11 +265,9 @@ std::uint64_t Daemon::Impl::AddCaptures(std::vector<PendingCapture>& captures,
       e.props = std::move(c.props);
       e.files = std::move(c.files);
       e.chunk = std::move(c.chunk);
-      encoded.clear();
-      EncodeEvent(e, &encoded);
       if (!ch->second.peer_names.empty()) {
         own->push_back(OwnEntry(next_out++, reinterpret_cast<std::uintptr_t>(&ch->second),
-                                ch->second.peer_names, encoded));
+                                ch->second.peer_names, e));
         NoteQueued(ch->second.peers);
       }
       if (c.kind == EventKind::kPost) {
@@ -311,16 +309,15 @@ void Daemon::Impl::PutOutboundGroups(
 
 Daemon::Impl::PendingOut Daemon::Impl::OwnEntry(std::uint64_t seq, std::uintptr_t group,
                                                 const std::vector<std::string>& peers,
-                                                std::string_view encoded) {
+                                                const Event& event) {
   PendingOut e;
   e.seq = seq;
   e.group = group;
-  // This site encoded the event itself: the envelope parses.
-  auto env = ParseEventEnvelope(encoded);
-  e.digest = crypto::EventDigest(env ? env->core : std::string_view());
-  e.value = queue::EncodeOutboundValue(
-      peers, 0, std::string_view(reinterpret_cast<const char*>(e.digest.data()), e.digest.size()),
-      encoded);
+  // The event is encoded straight behind the value's head, and its core hashed where it lies.
+  const std::size_t digest_at = queue::AppendOutboundHead(
+      peers, 0, 320 + event.text.size() + event.chunk.data.size(), &e.value);
+  e.digest = crypto::EventDigest(EncodeEvent(event, &e.value));
+  std::memcpy(e.value.data() + digest_at, e.digest.data(), e.digest.size());
   return e;
 }
 
@@ -398,7 +395,6 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
   queue::WriteBatch batch;
   std::vector<std::vector<std::pair<std::string, bool>>> answers(work.size());
   std::uint64_t new_events = 0, duplicates = 0;
-  std::string encoded;
   std::lock_guard<std::mutex> lock(out_mu);
   std::uint64_t origin_before = next_origin, out_before = next_out;
   const std::vector<std::uint64_t> queued_before = queue_added;
@@ -420,7 +416,7 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
       work[r].respond(Unavailable(full));
       continue;
     }
-    for (const IngestMessage& m : work[r].request.messages) {
+    for (IngestMessage& m : work[r].request.messages) {  // moved from: answered by id
       std::string client_key;
       if (!m.client_id.empty()) {
         client_key = "c:" + m.client_id;
@@ -445,17 +441,15 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
       e.kind = m.kind;
       e.channel = m.channel;
       e.author = m.author;
-      e.text = m.text;
+      e.text = std::move(m.text);
       e.thread = m.thread;
       e.ref = m.ref;
       e.created_at_ms = now;
       e.hops = {config.site_name};
-      e.props = m.props;
-      encoded.clear();
-      EncodeEvent(e, &encoded);
+      e.props = std::move(m.props);
       if (!ch.peer_names.empty()) {
         own.push_back(
-            OwnEntry(next_out++, reinterpret_cast<std::uintptr_t>(&ch), ch.peer_names, encoded));
+            OwnEntry(next_out++, reinterpret_cast<std::uintptr_t>(&ch), ch.peer_names, e));
         NoteQueued(ch.peers);
       }
       if (!client_key.empty()) {

@@ -257,19 +257,28 @@ void PackCore(const Event& e, msgpack::sbuffer* buf) {
   }
 }
 
-// Appends the envelope [version, kind, core, hops] to *out.
+// Appends the envelope [version, kind, core, hops] to *out; returns where the core lies in it.
 template <typename Hops>
-void AppendEnvelope(EventKind kind, std::string_view core, const Hops& hops, std::string* out) {
-  msgpack::sbuffer buf(core.size() + 64);
-  msgpack::packer<msgpack::sbuffer> pk(buf);
+std::string_view AppendEnvelope(EventKind kind, std::string_view core, const Hops& hops,
+                                std::string* out) {
+  // The small parts are packed apart; the core is copied once, straight into *out.
+  msgpack::sbuffer head(16);
+  msgpack::packer<msgpack::sbuffer> pk(head);
   pk.pack_array(kEnvelopeFields);  // fixarray: 0x94
   pk.pack_uint8(kEventFormatVersion);
   pk.pack_uint8(static_cast<std::uint8_t>(kind));
   pk.pack_bin(static_cast<std::uint32_t>(core.size()));
-  pk.pack_bin_body(core.data(), static_cast<std::uint32_t>(core.size()));
-  pk.pack_array(static_cast<std::uint32_t>(hops.size()));
-  for (const auto& h : hops) pk.pack(std::string_view(h));
-  out->append(buf.data(), buf.size());
+  const std::size_t hop_bytes_hint = 8 + 34 * hops.size();
+  out->reserve(out->size() + head.size() + core.size() + hop_bytes_hint);
+  out->append(head.data(), head.size());
+  const std::size_t core_at = out->size();
+  out->append(core);
+  msgpack::sbuffer tail(hop_bytes_hint);
+  msgpack::packer<msgpack::sbuffer> tk(tail);
+  tk.pack_array(static_cast<std::uint32_t>(hops.size()));
+  for (const auto& h : hops) tk.pack(std::string_view(h));
+  out->append(tail.data(), tail.size());
+  return std::string_view(*out).substr(core_at, core.size());
 }
 
 }  // namespace
@@ -279,11 +288,11 @@ std::string_view OriginOfEventId(std::string_view id) {
   return colon == std::string_view::npos ? std::string_view() : id.substr(0, colon);
 }
 
-void EncodeEvent(const Event& e, std::string* out) {
+std::string_view EncodeEvent(const Event& e, std::string* out) {
   const bool chunk = e.kind == EventKind::kFileChunk;
   msgpack::sbuffer core(256 + e.text.size() + (chunk ? e.chunk.data.size() : 0));
   PackCore(e, &core);
-  AppendEnvelope(e.kind, std::string_view(core.data(), core.size()), e.hops, out);
+  return AppendEnvelope(e.kind, std::string_view(core.data(), core.size()), e.hops, out);
 }
 
 Result<EventEnvelope> ParseEventEnvelope(std::string_view bytes) {

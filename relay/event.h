@@ -108,9 +108,10 @@ std::string MakeEventId(std::string_view origin_site, std::uint64_t origin_seq);
 // The origin site named by an event id ("europe" for "europe:42"); empty when it has no ':'.
 std::string_view OriginOfEventId(std::string_view id);
 
-// msgpack encoding of one event (appended to *out) and strict decoding. With `core` set, the
-// decoder also returns where the core lies in `bytes` (for its digest, crypto::EventDigest).
-void EncodeEvent(const Event& event, std::string* out);
+// msgpack encoding of one event (appended to *out) and strict decoding. The encoder returns
+// where the core lies in *out (valid until *out changes) and, with `core` set, the decoder where
+// it lies in `bytes`: the core is what the origin signs (its digest, crypto::EventDigest).
+std::string_view EncodeEvent(const Event& event, std::string* out);
 Result<Event> DecodeEvent(std::string_view bytes, std::string_view* core = nullptr);
 
 // The outer layer of an encoded event, read without decoding the core (cheap: the shipper and
