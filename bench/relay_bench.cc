@@ -60,12 +60,12 @@
 #include <thread>
 #include <vector>
 
+#include "base/status.h"
 #include "config/config.h"
 #include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "queue/store.h"
 #include "relay/http_server.h"
-#include "relay/status.h"
 
 #ifndef RELAY_DEFAULT_BIN
 #define RELAY_DEFAULT_BIN "relay"

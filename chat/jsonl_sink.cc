@@ -8,7 +8,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "relay/json.h"
+#include "base/json.h"
 
 namespace relay::chat {
 namespace {

@@ -12,8 +12,8 @@
 #include <string_view>
 #include <vector>
 
-#include "relay/event.h"
-#include "relay/status.h"
+#include "base/status.h"
+#include "event/event.h"
 
 namespace relay::chat {
 

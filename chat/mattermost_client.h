@@ -17,8 +17,8 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "crypto/secret.h"
-#include "relay/status.h"
 
 namespace relay::chat {
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <string_view>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay::crypto {
 

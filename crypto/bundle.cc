@@ -9,7 +9,7 @@
 #include <cstring>
 #include <limits>
 
-#include "relay/json.h"  // FormatTimestampMs
+#include "base/json.h"  // FormatTimestampMs
 
 namespace relay::crypto {
 namespace {

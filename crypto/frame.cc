@@ -9,7 +9,7 @@
 #include <limits>
 
 #include "crypto/bundle.h"  // detail::Envelope and the checks shared with bundles
-#include "relay/event.h"
+#include "event/event.h"
 
 namespace relay::crypto {
 namespace {

@@ -20,9 +20,9 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "crypto/identity.h"
 #include "crypto/origin.h"
-#include "relay/status.h"
 
 namespace relay::crypto {
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <string_view>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay::crypto {
 

@@ -2,7 +2,7 @@
 // Origin signatures: how a site signs the events it originates, so that every site they reach
 // -- directly or through transit sites -- can tell which site really made them.
 //
-// The origin hashes each event's core (every field but the hop list, relay/event.h) and signs
+// The origin hashes each event's core (every field but the hop list, event/event.h) and signs
 // the digests of a batch of its events (the events of one channel in one group commit) in one
 // attestation:
 //
@@ -24,8 +24,8 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "crypto/identity.h"
-#include "relay/status.h"
 
 namespace relay::crypto {
 

@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "relay/event.h"
+#include "event/event.h"
 
 namespace {
 void CheckRoundTrip(std::string_view bytes) {

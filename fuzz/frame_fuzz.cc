@@ -6,8 +6,8 @@
 
 #include "crypto/frame.h"
 #include "crypto/origin.h"
+#include "event/event.h"
 #include "fuzz_keys.h"
-#include "relay/event.h"
 
 namespace {
 relay::crypto::SiteKey* g_self = nullptr;

@@ -14,8 +14,8 @@
 #include "crypto/bundle.h"
 #include "crypto/frame.h"
 #include "crypto/origin.h"
+#include "event/event.h"
 #include "fuzz_keys.h"
-#include "relay/event.h"
 #include "transports/diode.h"
 #include "transports/diode_auth.h"
 
@@ -199,11 +199,13 @@ int main(int argc, char** argv) {
 
   // config: the INI file, with the fixed peer's public identity.
   const std::string pk = peer.identity().ToString();
-  Write("config", "minimal.conf",
-        "[site]\nname = europe\nkey_file = europe.key\ndata_dir = data\n\n"
-        "[ingest]\nlisten = 127.0.0.1:8081\ntoken_file = ingest.token\n\n[peer.aws]\npublic_key = " +
-            pk + "\n\n"
-        "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
+  Write(
+      "config", "minimal.conf",
+      "[site]\nname = europe\nkey_file = europe.key\ndata_dir = data\n\n"
+      "[ingest]\nlisten = 127.0.0.1:8081\ntoken_file = ingest.token\n\n[peer.aws]\npublic_key = " +
+          pk +
+          "\n\n"
+          "[channel.war-room]\npeers = aws\nsink = jsonl\njsonl_path = war-room.jsonl\n");
   Write("config", "full.conf",
         "# every section\n[site]\nname = europe\nkey_file = /etc/relay/europe.key\n"
         "previous_key_file = old.key\ndata_dir = /var/lib/relay/europe\ndedup_ttl = 7d\n"

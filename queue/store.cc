@@ -19,7 +19,7 @@
 #include <functional>
 #include <mutex>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay::queue {
 namespace {

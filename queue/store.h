@@ -27,7 +27,7 @@
 #include <string_view>
 #include <vector>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay::queue {
 

@@ -17,8 +17,8 @@
 #include <string>
 #include <string_view>
 
-#include "relay/event.h"
-#include "relay/status.h"
+#include "base/status.h"
+#include "event/event.h"
 
 namespace relay {
 

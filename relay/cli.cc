@@ -15,14 +15,14 @@
 #include <thread>
 #include <vector>
 
+#include "base/json.h"
+#include "base/log.h"
 #include "config/config.h"
 #include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "relay/daemon.h"
 #include "relay/demo.h"
 #include "relay/http_server.h"
-#include "relay/json.h"
-#include "relay/log.h"
 
 namespace po = boost::program_options;
 

@@ -19,10 +19,10 @@
 #include <cstring>
 #include <filesystem>
 
+#include "base/json.h"
+#include "base/log.h"
 #include "chat/mattermost_client.h"
 #include "crypto/origin.h"
-#include "relay/json.h"
-#include "relay/log.h"
 
 namespace relay {
 namespace {

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "config/config.h"
-#include "relay/status.h"
 
 namespace relay {
 

@@ -17,9 +17,9 @@
 
 #include <simdjson.h>
 
+#include "base/json.h"
+#include "base/log.h"
 #include "crypto/bundle.h"
-#include "relay/json.h"
-#include "relay/log.h"
 
 namespace relay {
 

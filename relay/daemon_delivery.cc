@@ -6,7 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay {
 namespace {

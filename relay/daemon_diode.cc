@@ -15,7 +15,7 @@
 #include <limits>
 #include <map>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay {
 namespace {

@@ -34,21 +34,21 @@
 #include <utility>
 #include <vector>
 
+#include "base/status.h"
 #include "chat/jsonl_sink.h"
 #include "config/config.h"
 #include "crypto/api_token.h"
 #include "crypto/bundle.h"
 #include "crypto/frame.h"
 #include "crypto/identity.h"
+#include "event/event.h"
 #include "queue/store.h"
 #include "relay/blob_spool.h"
 #include "relay/daemon.h"
-#include "relay/event.h"
 #include "relay/http_server.h"
 #include "relay/ingest.h"
 #include "relay/mattermost_bridge.h"
 #include "relay/metrics.h"
-#include "relay/status.h"
 #include "relay/worker_pool.h"
 #include "transports/diode.h"
 #include "transports/diode_auth.h"

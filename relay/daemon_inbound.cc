@@ -7,9 +7,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "base/json.h"
+#include "base/log.h"
 #include "crypto/origin.h"
-#include "relay/json.h"
-#include "relay/log.h"
 
 namespace relay {
 namespace {

@@ -9,9 +9,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/json.h"
+#include "base/log.h"
 #include "crypto/origin.h"
-#include "relay/json.h"
-#include "relay/log.h"
 
 namespace relay {
 

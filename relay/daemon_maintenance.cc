@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <filesystem>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay {
 namespace {

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <unordered_set>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay {
 namespace {

@@ -18,10 +18,10 @@
 #include <thread>
 #include <vector>
 
+#include "base/json.h"
 #include "crypto/api_token.h"
 #include "crypto/identity.h"
 #include "relay/http_server.h"
-#include "relay/json.h"
 
 extern char** environ;
 

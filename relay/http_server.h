@@ -24,7 +24,7 @@
 #include <utility>
 #include <vector>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay {
 

@@ -2,7 +2,7 @@
 
 #include <simdjson.h>
 
-#include "relay/log.h"
+#include "base/log.h"
 
 namespace relay {
 namespace {

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "config/config.h"
-#include "relay/event.h"
+#include "event/event.h"
 
 namespace relay {
 

@@ -20,12 +20,12 @@
 #include <cstring>
 #include <filesystem>
 
+#include "base/log.h"
 #include "chat/mattermost_client.h"
 #include "chat/mattermost_props.h"
 #include "chat/webhook.h"
 #include "queue/store.h"
 #include "relay/blob_spool.h"
-#include "relay/log.h"
 #include "relay/metrics.h"
 
 namespace relay {

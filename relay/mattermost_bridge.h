@@ -23,9 +23,9 @@
 #include <utility>
 #include <vector>
 
+#include "base/status.h"
 #include "config/config.h"
-#include "relay/event.h"
-#include "relay/status.h"
+#include "event/event.h"
 
 namespace relay {
 

@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay::transports {
 

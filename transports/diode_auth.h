@@ -10,8 +10,8 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "crypto/identity.h"
-#include "relay/status.h"
 #include "transports/diode.h"
 
 namespace relay::transports {

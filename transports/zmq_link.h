@@ -33,8 +33,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "crypto/identity.h"
-#include "relay/status.h"
 
 namespace relay::transports {
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "crypto/frame.h"
-#include "relay/event.h"
+#include "event/event.h"
 
 namespace relay::testing {
 

@@ -18,9 +18,9 @@
 #include "config/config.h"
 #include "crypto/frame.h"
 #include "crypto/origin.h"
+#include "event/event.h"
 #include "queue/store.h"
 #include "relay/daemon.h"
-#include "relay/event.h"
 #include "relay/http_server.h"
 #include "transports/zmq_link.h"
 

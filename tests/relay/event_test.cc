@@ -1,6 +1,6 @@
 #include <catch2/catch.hpp>
 
-#include "relay/event.h"
+#include "event/event.h"
 
 using relay::Event;
 

@@ -1,6 +1,6 @@
 #include <catch2/catch.hpp>
 
-#include "relay/json.h"
+#include "base/json.h"
 
 TEST_CASE("JSON strings are escaped and always valid UTF-8") {
   CHECK(relay::JsonString("plain") == "\"plain\"");

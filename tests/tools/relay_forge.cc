@@ -37,7 +37,7 @@
 #include "crypto/frame.h"
 #include "crypto/identity.h"
 #include "crypto/origin.h"
-#include "relay/event.h"
+#include "event/event.h"
 
 namespace {
 

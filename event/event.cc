@@ -1,4 +1,4 @@
-#include "relay/event.h"
+#include "event/event.h"
 
 #include <msgpack.hpp>
 

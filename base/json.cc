@@ -1,4 +1,4 @@
-#include "relay/json.h"
+#include "base/json.h"
 
 #include <array>
 #include <climits>

@@ -1,4 +1,4 @@
-#include "relay/log.h"
+#include "base/log.h"
 
 #include <atomic>
 #include <chrono>
@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "relay/json.h"
+#include "base/json.h"
 
 namespace relay::log {
 namespace {

@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "relay/status.h"
+#include "base/status.h"
 
 namespace relay {
 
