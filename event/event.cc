@@ -257,27 +257,28 @@ void PackCore(const Event& e, msgpack::sbuffer* buf) {
   }
 }
 
-// Appends the envelope [version, kind, core, hops] to *out; returns where the core lies in it.
+// A msgpack output stream that appends to a std::string.
+struct StringSink {
+  std::string* out;
+  void write(const char* data, std::size_t size) { out->append(data, size); }
+};
+
+// Appends the envelope [version, kind, core, hops] to *out, packed straight into it; returns
+// where the core lies in *out.
 template <typename Hops>
 std::string_view AppendEnvelope(EventKind kind, std::string_view core, const Hops& hops,
                                 std::string* out) {
-  // The small parts are packed apart; the core is copied once, straight into *out.
-  msgpack::sbuffer head(16);
-  msgpack::packer<msgpack::sbuffer> pk(head);
+  out->reserve(out->size() + 16 + core.size() + 8 + 34 * hops.size());
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
   pk.pack_array(kEnvelopeFields);  // fixarray: 0x94
   pk.pack_uint8(kEventFormatVersion);
   pk.pack_uint8(static_cast<std::uint8_t>(kind));
   pk.pack_bin(static_cast<std::uint32_t>(core.size()));
-  const std::size_t hop_bytes_hint = 8 + 34 * hops.size();
-  out->reserve(out->size() + head.size() + core.size() + hop_bytes_hint);
-  out->append(head.data(), head.size());
   const std::size_t core_at = out->size();
-  out->append(core);
-  msgpack::sbuffer tail(hop_bytes_hint);
-  msgpack::packer<msgpack::sbuffer> tk(tail);
-  tk.pack_array(static_cast<std::uint32_t>(hops.size()));
-  for (const auto& h : hops) tk.pack(std::string_view(h));
-  out->append(tail.data(), tail.size());
+  pk.pack_bin_body(core.data(), static_cast<std::uint32_t>(core.size()));
+  pk.pack_array(static_cast<std::uint32_t>(hops.size()));
+  for (const auto& h : hops) pk.pack(std::string_view(h));
   return std::string_view(*out).substr(core_at, core.size());
 }
 

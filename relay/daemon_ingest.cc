@@ -314,8 +314,8 @@ Daemon::Impl::PendingOut Daemon::Impl::OwnEntry(std::uint64_t seq, std::uintptr_
   e.seq = seq;
   e.group = group;
   // The event is encoded straight behind the value's head, and its core hashed where it lies.
-  const std::size_t digest_at = queue::AppendOutboundHead(
-      peers, 0, 320 + event.text.size() + event.chunk.data.size(), &e.value);
+  // (EncodeEvent reserves what the event needs.)
+  const std::size_t digest_at = queue::AppendOutboundHead(peers, 0, 0, &e.value);
   e.digest = crypto::EventDigest(EncodeEvent(event, &e.value));
   std::memcpy(e.value.data() + digest_at, e.digest.data(), e.digest.size());
   return e;
