@@ -304,14 +304,46 @@ class TamperedLinkTest(RelayTestCase):
         self.assertTrue(aws.healthy())
 
 
-def flip_after(start):
-    """A TcpProxy tamper function: flips the last byte of every chunk a dialer sends that ends
-    past byte `start` of its connection (past the CURVE handshake)."""
-    def tamper(index, offset, data):
-        if offset + len(data) <= start:
-            return data
-        return data[:-1] + bytes([data[-1] ^ 0x40])
-    return tamper
+class FlipEveryMessage:
+    """A TcpProxy tamper function that follows the ZMTP framing of each dialer connection from
+    its first byte and, while `active`, flips the last byte of every CURVE MESSAGE command (every
+    encrypted message after the handshake: data, pings, everything). Flipping per ZMTP frame, not
+    per TCP chunk, matters: one chunk often carries several messages, and CURVE authenticates each
+    one, so a flip at the chunk's end would let the chunk's first messages through intact. The
+    frame is matched by its name only: libzmq 4.3 sets the command flag on encrypted commands
+    (pings) but not on encrypted data messages."""
+
+    GREETING = 64
+
+    def __init__(self):
+        self.active = False
+        self.flipped = 0
+        self._streams = {}  # connection index -> [bytes seen, offset of the next frame]
+
+    def __call__(self, index, offset, data):
+        stream, _ = self._streams.setdefault(index, [bytearray(), self.GREETING])
+        stream.extend(data)
+        out = bytearray(data)
+        while True:
+            start = self._streams[index][1]
+            if start + 2 > len(stream):
+                break
+            flags = stream[start]
+            if flags & 0x02:
+                if start + 9 > len(stream):
+                    break
+                size, header = struct.unpack(">Q", stream[start + 1:start + 9])[0], 9
+            else:
+                size, header = stream[start + 1], 2
+            end = start + header + size
+            if end > len(stream):
+                break
+            body = stream[start + header:end]
+            if self.active and body.startswith(b"\x07MESSAGE") and end > offset:
+                out[end - 1 - offset] ^= 0x40
+                self.flipped += 1
+            self._streams[index][1] = end
+        return bytes(out)
 
 
 def fd_count(pid):
@@ -347,9 +379,10 @@ class TransportAttackTest(RelayTestCase):
         arrives once."""
         eu, aws = self.eu, self.aws
         px = self.tcp_proxy(aws)
+        px.tamper = flipper = FlipEveryMessage()  # parses every connection from its first byte
         self.through(px.url)
         self.wait_up()
-        px.tamper = flip_after(600)
+        flipper.active = True
         msgs = messages(30, prefix="w")
         post_all(eu, msgs, batch=10)
         self.wait_for(lambda: refused(aws, "handshake_failed") >= 3, 30,
@@ -359,7 +392,8 @@ class TransportAttackTest(RelayTestCase):
                          "altered bytes reached relay's parser")
         self.assertIn("failed the CURVE handshake", aws.log_text())
         self.assertGreaterEqual(len(px.sent), 3, "europe did not reconnect after the drops")
-        px.tamper = None
+        self.assertGreater(flipper.flipped, 0)
+        flipper.active = False
         self.wait_sink(aws, len(msgs), 60)
         time.sleep(0.5)
         self.assert_exactly_once(aws.sink_lines(), [m["text"] for m in msgs], "aws sink")
