@@ -300,6 +300,11 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
 
   rocksdb::ColumnFamilyOptions lookup_options;
   lookup_options.write_buffer_size = 32u << 20;
+  // Most dedup look-ups are for ids never seen (every new event): a Bloom filter over the
+  // memtable's whole keys answers them without walking its skip list (about 15 % of the
+  // inbound thread's time before). 0.1 of the memtable: 3.2 MiB per lookup family.
+  lookup_options.memtable_prefix_bloom_size_ratio = 0.1;
+  lookup_options.memtable_whole_key_filtering = true;
   static DedupExpiryFilter expiry_filter;
   rocksdb::BlockBasedTableOptions table;
   table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
