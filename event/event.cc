@@ -49,12 +49,15 @@ msgpack::unpack_limit CountLimit(std::string_view bytes) {
   return msgpack::unpack_limit(n, n);
 }
 
+// The object's strings and bins point into `bytes` (not copied into its zone): every caller
+// copies what it keeps before `bytes` goes.
 msgpack::object_handle Unpack(std::string_view bytes, Status* status) {
   msgpack::object_handle handle;
   try {
     std::size_t offset = 0;
+    auto always_ref = [](msgpack::type::object_type, std::size_t, void*) { return true; };
     handle =
-        msgpack::unpack(bytes.data(), bytes.size(), offset, nullptr, nullptr, CountLimit(bytes));
+        msgpack::unpack(bytes.data(), bytes.size(), offset, always_ref, nullptr, CountLimit(bytes));
     if (offset != bytes.size()) *status = Status::Error("trailing bytes after the msgpack value");
   } catch (const std::exception& e) {
     *status = Status::Error(std::string("malformed msgpack: ") + e.what());
@@ -69,17 +72,50 @@ constexpr std::uint32_t kChunkCoreFields = 13;
 // The envelope: [version, kind, core (bin), hops].
 constexpr std::uint32_t kEnvelopeFields = 4;
 
-Status ReadHops(const msgpack::object& hops, std::vector<std::string>* out) {
-  if (hops.type != msgpack::type::ARRAY) return Status::Error("field 'hops' is not an array");
-  if (hops.via.array.size > kMaxHops)
-    return Status::Error("field 'hops' has " + std::to_string(hops.via.array.size) +
-                         " entries, more than the limit " + std::to_string(kMaxHops));
-  for (std::uint32_t i = 0; i < hops.via.array.size; ++i) {
-    std::string hop;
-    if (Status s = WantStr(hops.via.array.ptr[i], "hops[]", &hop); !s) return s;
-    out->push_back(std::move(hop));
+// Walks the hop list (a msgpack array of strings at the start of `h`) by hand, calling
+// `hop(view)` for each entry, and returns the offset just past the array. Read by hand rather
+// than unpacked: the inbound path reads the hops of every event it receives. Errors name what
+// is wrong, like the strict accessors.
+template <typename OnHop>
+Result<std::size_t> WalkHops(std::string_view h, OnHop&& hop) {
+  const auto u8 = [&](std::size_t i) { return static_cast<unsigned char>(h[i]); };
+  auto be = [&](std::size_t at, std::size_t width, std::size_t* out) {
+    if (at + width > h.size()) return false;
+    *out = 0;
+    for (std::size_t i = 0; i < width; ++i) *out = (*out << 8) | u8(at + i);
+    return true;
+  };
+  const auto cut = [] { return Status::Error("field 'hops' is cut off"); };
+  if (h.empty()) return cut();
+  std::size_t n = 0, pos = 1;
+  if (u8(0) >= 0x90 && u8(0) <= 0x9f) {
+    n = u8(0) & 0x0f;
+  } else if (u8(0) == 0xdc || u8(0) == 0xdd) {
+    pos = u8(0) == 0xdc ? 3 : 5;
+    if (!be(1, pos - 1, &n)) return cut();
+  } else {
+    return Status::Error("field 'hops' is not an array");
   }
-  return Status::Ok();
+  if (n > kMaxHops)
+    return Status::Error("field 'hops' has " + std::to_string(n) +
+                         " entries, more than the limit " + std::to_string(kMaxHops));
+  for (std::size_t i = 0; i < n; ++i) {
+    if (pos >= h.size()) return cut();
+    std::size_t len = 0, head = 1;
+    const unsigned t = u8(pos);
+    if (t >= 0xa0 && t <= 0xbf) {
+      len = t & 0x1f;
+    } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
+      head = t == 0xd9 ? 2 : t == 0xda ? 3 : 5;
+      if (!be(pos + 1, head - 1, &len)) return cut();
+    } else {
+      return Status::Error("field 'hops[]' is not a string");
+    }
+    if (len > h.size() - pos - head) return cut();
+    hop(h.substr(pos + head, len));
+    pos += head + len;
+  }
+  return pos;
 }
 
 // Decodes the core (a msgpack array, see kCoreFields) of an event whose envelope says `kind`.
@@ -341,45 +377,9 @@ Result<EventEnvelope> ParseEventEnvelope(std::string_view bytes) {
 }
 
 Result<std::string_view> LastHop(const EventEnvelope& envelope) {
-  const std::string_view h = envelope.hops;
-  auto fail = [] { return Status::Error("event: field 'hops' is not an array of strings"); };
-  const auto u8 = [&](std::size_t i) { return static_cast<unsigned char>(h[i]); };
-  auto be = [&](std::size_t at, std::size_t width, std::size_t* out) {
-    if (at + width > h.size()) return false;
-    *out = 0;
-    for (std::size_t i = 0; i < width; ++i) *out = (*out << 8) | u8(at + i);
-    return true;
-  };
-  if (h.empty()) return fail();
-  std::size_t n = 0, pos = 1;
-  if (u8(0) >= 0x90 && u8(0) <= 0x9f) {
-    n = u8(0) & 0x0f;
-  } else if (u8(0) == 0xdc) {
-    if (!be(1, 2, &n)) return fail();
-    pos = 3;
-  } else if (u8(0) == 0xdd) {
-    if (!be(1, 4, &n)) return fail();
-    pos = 5;
-  } else {
-    return fail();
-  }
   std::string_view last;
-  for (std::size_t i = 0; i < n; ++i) {
-    if (pos >= h.size()) return fail();
-    std::size_t len = 0, head = 1;
-    const unsigned t = u8(pos);
-    if (t >= 0xa0 && t <= 0xbf) {
-      len = t & 0x1f;
-    } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
-      head = t == 0xd9 ? 2 : t == 0xda ? 3 : 5;
-      if (!be(pos + 1, head - 1, &len)) return fail();
-    } else {
-      return fail();
-    }
-    if (pos + head + len > h.size()) return fail();
-    last = h.substr(pos + head, len);
-    pos += head + len;
-  }
+  if (!WalkHops(envelope.hops, [&](std::string_view hop) { last = hop; }))
+    return Status::Error("event: field 'hops' is not an array of strings");
   return last;
 }
 
@@ -391,14 +391,17 @@ void EncodeEventEnvelope(EventKind kind, std::string_view core,
 Result<Event> DecodeEvent(std::string_view bytes, std::string_view* core_out) {
   auto env = ParseEventEnvelope(bytes);
   if (!env) return env.status();
+  std::vector<std::string> hops;
+  auto hops_end = WalkHops(env->hops, [&](std::string_view hop) { hops.emplace_back(hop); });
+  if (!hops_end) return hops_end.status().Wrap("event");
+  if (*hops_end != env->hops.size())
+    return Status::Error("event hops: trailing bytes after the msgpack value");
   Status status;
-  msgpack::object_handle hops = Unpack(env->hops, &status);
-  if (!status) return status.Wrap("event hops");
   msgpack::object_handle core = Unpack(env->core, &status);
   if (!status) return status.Wrap("event core");
   auto r = DecodeCoreObject(core.get(), static_cast<std::uint64_t>(env->kind));
   if (!r) return r.status().Wrap("event");
-  if (Status s = ReadHops(hops.get(), &r->hops); !s) return s.Wrap("event");
+  r->hops = std::move(hops);
   if (core_out != nullptr) *core_out = env->core;
   return r;
 }

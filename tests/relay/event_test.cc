@@ -230,6 +230,57 @@ TEST_CASE("event decoding is strict") {
   SECTION("not msgpack") { CHECK_FALSE(relay::DecodeEvent("\xc1").ok()); }
 }
 
+TEST_CASE("the hop list is read strictly, by hand") {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  std::string bytes;
+  relay::EncodeEvent(e, &bytes);
+  const auto env = relay::ParseEventEnvelope(bytes);
+  REQUIRE(env.ok());
+  const std::string head(bytes.data(), bytes.size() - env->hops.size());
+  auto with_hops = [&](std::string hops) { return relay::DecodeEvent(head + hops); };
+  SECTION("every string width, in order") {
+    const std::string long_name(40, 'x');
+    std::string hops = "\x93";                       // fixarray of 3
+    hops += "\xa6" + std::string("europe");          // fixstr
+    hops += "\xd9\x28" + long_name;                  // str8
+    hops += std::string("\xda\x00\x03", 3) + "aws";  // str16
+    auto r = with_hops(hops);
+    REQUIRE(r.ok());
+    CHECK(r->hops == std::vector<std::string>{"europe", long_name, "aws"});
+    auto last = relay::LastHop(*relay::ParseEventEnvelope(head + hops));
+    REQUIRE(last.ok());
+    CHECK(*last == "aws");
+  }
+  SECTION("errors name what is wrong") {
+    CHECK_THAT(with_hops("\xa1"
+                         "a")
+                   .message(),
+               Catch::Contains("'hops' is not an array"));
+    CHECK_THAT(with_hops("\x91\x01").message(), Catch::Contains("'hops[]' is not a string"));
+    CHECK_THAT(with_hops("\x92\xa1"
+                         "a")
+                   .message(),
+               Catch::Contains("'hops' is cut off"));
+    CHECK_THAT(with_hops("\x91\xa5"
+                         "ab")
+                   .message(),
+               Catch::Contains("'hops' is cut off"));
+    CHECK_THAT(with_hops("\x91\xa1"
+                         "a"
+                         "z")
+                   .message(),
+               Catch::Contains("trailing bytes"));
+    CHECK_THAT(with_hops(std::string("\xdc\x00\x11", 3) + std::string(17, '\xa0')).message(),
+               Catch::Contains("17 entries, more than the limit 16"));
+    CHECK_THAT(with_hops(std::string("\xdd\xff\xff\xff\xff", 5)).message(),
+               Catch::Contains("more than the limit"));
+    CHECK_FALSE(relay::LastHop(*relay::ParseEventEnvelope(head + "\x91\x01")).ok());
+  }
+}
+
 TEST_CASE("frame payload keeps sequences and requires them increasing") {
   std::string a = "event-a", b = "event-b";
   auto payload = relay::EncodeFramePayload({{5, a}, {9, b}}, {"att-1", "att-2"});
