@@ -112,4 +112,42 @@ bool VerifyAttestation(const Attestation& attestation, const PublicKey& sign_pk)
                          attestation.signature);
 }
 
+void AttestationIndex::Clear() {
+  entries_.clear();
+  index_.clear();
+  indexed_ = false;
+}
+
+void AttestationIndex::Add(const Attestation& attestation, std::size_t slot) {
+  entries_.push_back({attestation, slot, 0});
+  indexed_ = false;
+}
+
+std::optional<std::size_t> AttestationIndex::Find(const Digest& digest,
+                                                  std::string_view origin_site) {
+  constexpr std::size_t kGuesses = 8;  // beyond that many attestations, only the index
+  if (entries_.size() <= kGuesses) {
+    for (Entry& e : entries_) {
+      if (e.next < e.attestation.count() && e.attestation.origin_site == origin_site &&
+          std::memcmp(e.attestation.digests.data() + 32 * e.next, digest.data(), 32) == 0) {
+        ++e.next;
+        return e.slot;
+      }
+    }
+  }
+  if (!indexed_) {
+    index_.clear();
+    for (std::size_t i = 0; i < entries_.size(); ++i)
+      for (std::size_t k = 0; k < entries_[i].attestation.count(); ++k)
+        index_.emplace(entries_[i].attestation.digest(k), std::make_pair(i, k));
+    indexed_ = true;
+  }
+  auto it = index_.find(digest);
+  if (it == index_.end()) return std::nullopt;
+  Entry& e = entries_[it->second.first];
+  if (e.attestation.origin_site != origin_site) return std::nullopt;
+  e.next = it->second.second + 1;
+  return e.slot;
+}
+
 }  // namespace relay::crypto

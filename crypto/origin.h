@@ -20,8 +20,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "base/status.h"
@@ -70,5 +73,30 @@ Result<Attestation> ParseAttestation(std::string_view bytes);
 
 // Whether the attestation's signature verifies with `sign_pk`.
 bool VerifyAttestation(const Attestation& attestation, const PublicKey& sign_pk);
+
+// Which of a frame's verified attestations lists an event's digest, for the event's origin.
+// Events come in the order their origin listed them, so the digest after each attestation's
+// last match is tried first; a hash index over every listed digest is built only when those
+// guesses miss. Holds views into the attestations' bytes. Not thread-safe.
+class AttestationIndex {
+ public:
+  // Forgets every attestation (keeps the memory for the next frame).
+  void Clear();
+  // Adds an attestation whose signature verified, under the caller's `slot`.
+  void Add(const Attestation& attestation, std::size_t slot);
+  // The slot of an added attestation of `origin_site` that lists `digest`, if any.
+  std::optional<std::size_t> Find(const Digest& digest, std::string_view origin_site);
+
+ private:
+  struct Entry {
+    Attestation attestation;
+    std::size_t slot = 0;
+    std::size_t next = 0;  // the position tried first
+  };
+  std::vector<Entry> entries_;
+  // digest -> (entry, position), the first listing of each digest; built on the first miss.
+  std::unordered_map<Digest, std::pair<std::size_t, std::size_t>, DigestHash> index_;
+  bool indexed_ = false;
+};
 
 }  // namespace relay::crypto

@@ -258,7 +258,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   std::vector<std::string> round_attestations;
   std::unordered_map<std::string, std::size_t> round_attestation_index;
   std::unordered_set<std::string> round_reactions;
-  std::unordered_map<crypto::Digest, std::size_t, crypto::DigestHash> attested;
+  crypto::AttestationIndex attested;
   std::vector<std::uint64_t> frames_ok(peers.size(), 0), events_ok(peers.size(), 0);
   // Taken in this round, counted against the peer's bounds; the bytes actually stored.
   std::vector<std::uint64_t> round_held(peers.size(), 0), stored_bytes(peers.size(), 0);
@@ -402,11 +402,10 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
     round_held[p] += frame_bytes;
     for (const Event& ev : events)
       if (ev.kind == EventKind::kFileChunk) round_spool[ev.origin_site] += ev.chunk.data.size();
-    // The origin signatures that came with the frame: digest -> attestation, for those whose
-    // signature verifies with their origin's key. A bad one is not fatal to the frame: the
+    // The origin signatures that came with the frame whose signature verifies with their
+    // origin's key, indexed by the digests they list. A bad one is not fatal to the frame: the
     // events it would cover are refused one by one below, the rest is taken.
-    attested.clear();
-    std::vector<std::string_view> att_origin(frame_attestations.size());
+    attested.Clear();
     constexpr std::size_t kNoSlot = ~std::size_t{0};
     constexpr std::size_t kSignatureBytes = 64;  // an attestation ends with its signature
     std::vector<std::size_t> att_round(frame_attestations.size(), kNoSlot);
@@ -431,8 +430,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
                        "' does not verify with that site's key; the events it covers are refused");
         continue;
       }
-      att_origin[i] = a->origin_site;
-      for (std::size_t k = 0; k < a->count(); ++k) attested.emplace(a->digest(k), i);
+      attested.Add(*a, i);
     }
     // One batched lookup of the frame's event ids in the dedup index.
     std::vector<std::string> dkeys(events.size());
@@ -460,11 +458,9 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         ++metrics.inbound_dropped[static_cast<std::size_t>(InboundDrop::kLoop)];
         continue;
       }
-      auto by = attested.find(fe.digest);
-      const bool signed_by_origin =
-          by != attested.end() && att_origin[by->second] == ev.origin_site;
+      const std::optional<std::size_t> by = attested.Find(fe.digest, ev.origin_site);
       std::string why;
-      if (auto refused = CheckOrigin(ev, p, signed_by_origin, now, &why)) {
+      if (auto refused = CheckOrigin(ev, p, by.has_value(), now, &why)) {
         ++metrics.inbound_dropped[static_cast<std::size_t>(*refused)];
         if (warn_limiter.Allow())
           log::Warning("event " + ev.id + " from peer '" + pname + "' refused (" +
@@ -494,7 +490,8 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
           batch.DeleteDedup(rkey);
         }
       }
-      round_ids.insert(dkey);
+      batch.PutDedup(dkey, expire, "");
+      round_ids.insert(std::move(dkey));
       if (ev.kind == EventKind::kFileChunk) {
         if (spool_status) {
           spool_status =
@@ -506,7 +503,6 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         batch.PutInbound(next_in++, fe.encoded);
         stored_bytes[p] += fe.encoded.size();
       }
-      batch.PutDedup(dkey, expire, "");
       ++events_ok[p];
       // Forward to the channel's other peers that the event has not passed through, with the
       // origin's core and attestation unchanged.
@@ -521,10 +517,10 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
         ev.hops.push_back(config.site_name);
         EncodeEventEnvelope(ev.kind, fe.core, ev.hops, &f.encoded);
         f.digest = fe.digest;
-        std::size_t& slot = att_round[by->second];
+        std::size_t& slot = att_round[*by];
         if (slot == kNoSlot) {
           // Keyed by its signature: the same attestation may come in two frames of the round.
-          const std::string_view att = frame_attestations[by->second];
+          const std::string_view att = frame_attestations[*by];
           auto [it, added] = round_attestation_index.emplace(
               std::string(att.substr(att.size() - kSignatureBytes)), round_attestations.size());
           if (added) round_attestations.emplace_back(att);
