@@ -1,4 +1,5 @@
-// Fuzzes DecodeEvent and DecodeFramePayload. A decoded event must survive a re-encode unchanged.
+// Fuzzes DecodeEvent and DecodeFramePayload. A decoded event must survive a re-encode unchanged,
+// and LastHop must name its last hop.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -12,6 +13,12 @@ namespace {
 void CheckRoundTrip(std::string_view bytes) {
   auto event = relay::DecodeEvent(bytes);
   if (!event.ok()) return;
+  // The inbound path reads the last hop without decoding: it must agree with the decoder.
+  auto last = relay::LastHop(*relay::ParseEventEnvelope(bytes));
+  if (!last.ok() || *last != (event->hops.empty() ? std::string() : event->hops.back())) {
+    std::fprintf(stderr, "LastHop disagrees with DecodeEvent\n");
+    std::abort();
+  }
   std::string again;
   relay::EncodeEvent(*event, &again);
   auto back = relay::DecodeEvent(again);
