@@ -4,6 +4,17 @@
 
 using relay::Event;
 
+namespace {
+// The smallest valid event: a post, europe's first.
+Event EuropeOne() {
+  Event e;
+  e.origin_site = "europe";
+  e.origin_seq = 1;
+  e.id = "europe:1";
+  return e;
+}
+}  // namespace
+
 TEST_CASE("event round-trips through msgpack") {
   Event e;
   e.origin_site = "europe";
@@ -75,10 +86,7 @@ TEST_CASE("blob attachments and chunk events round-trip") {
 }
 
 TEST_CASE("the envelope keeps the core apart from the hops (wire version 2)") {
-  Event e;
-  e.origin_site = "europe";
-  e.origin_seq = 1;
-  e.id = "europe:1";
+  Event e = EuropeOne();
   e.hops = {"europe"};
   e.files = {relay::Attachment::Inline("a", "b", "c")};
   std::string bytes;
@@ -115,20 +123,14 @@ TEST_CASE("an event of wire version 1 is refused naming both versions") {
   CHECK_THAT(r.message(), Catch::Contains("version 1 is not supported") &&
                               Catch::Contains("supports version 2"));
   std::string bytes;
-  Event e;
-  e.origin_site = "europe";
-  e.origin_seq = 1;
-  e.id = "europe:1";
+  Event e = EuropeOne();
   relay::EncodeEvent(e, &bytes);
   bytes[1] = 3;
   CHECK_THAT(relay::DecodeEvent(bytes).message(), Catch::Contains("version 3 is not supported"));
 }
 
 TEST_CASE("the envelope's kind must be the core's") {
-  Event e;
-  e.origin_site = "europe";
-  e.origin_seq = 1;
-  e.id = "europe:1";
+  Event e = EuropeOne();
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
   bytes[2] = 3;  // says delete; the signed core says post
@@ -202,10 +204,7 @@ TEST_CASE("chunk and blob fields are checked") {
 }
 
 TEST_CASE("event decoding is strict") {
-  Event e;
-  e.origin_site = "europe";
-  e.origin_seq = 1;
-  e.id = "europe:1";
+  Event e = EuropeOne();
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
   SECTION("trailing bytes") {
@@ -231,10 +230,7 @@ TEST_CASE("event decoding is strict") {
 }
 
 TEST_CASE("the hop list is read strictly, by hand") {
-  Event e;
-  e.origin_site = "europe";
-  e.origin_seq = 1;
-  e.id = "europe:1";
+  Event e = EuropeOne();
   std::string bytes;
   relay::EncodeEvent(e, &bytes);
   const auto env = relay::ParseEventEnvelope(bytes);
