@@ -6,7 +6,7 @@
 # ctest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh
+RELAY_WERROR=ON bash scripts/build.sh  # warnings are errors here, and only here
 status=0
 (cd "${BUILD_DIR:-build}" && ctest -j"${JOBS:-2}" --output-on-failure --timeout 1500 "$@") || status=$?
 if [ "${RELAY_SANITIZERS:-1}" != 0 ]; then
