@@ -72,6 +72,15 @@ constexpr std::uint32_t kChunkCoreFields = 13;
 // The envelope: [version, kind, core (bin), hops].
 constexpr std::uint32_t kEnvelopeFields = 4;
 
+// Reads the big-endian integer of `width` bytes at `at` (a msgpack length); false if cut off.
+bool ReadBigEndian(std::string_view bytes, std::size_t at, std::size_t width, std::size_t* out) {
+  if (at > bytes.size() || width > bytes.size() - at) return false;
+  *out = 0;
+  for (std::size_t i = 0; i < width; ++i)
+    *out = (*out << 8) | static_cast<unsigned char>(bytes[at + i]);
+  return true;
+}
+
 // Walks the hop list (a msgpack array of strings at the start of `h`) by hand, calling
 // `hop(view)` for each entry, and returns the offset just past the array. Read by hand rather
 // than unpacked: the inbound path reads the hops of every event it receives. Errors name what
@@ -79,12 +88,6 @@ constexpr std::uint32_t kEnvelopeFields = 4;
 template <typename OnHop>
 Result<std::size_t> WalkHops(std::string_view h, OnHop&& hop) {
   const auto u8 = [&](std::size_t i) { return static_cast<unsigned char>(h[i]); };
-  auto be = [&](std::size_t at, std::size_t width, std::size_t* out) {
-    if (at + width > h.size()) return false;
-    *out = 0;
-    for (std::size_t i = 0; i < width; ++i) *out = (*out << 8) | u8(at + i);
-    return true;
-  };
   const auto cut = [] { return Status::Error("field 'hops' is cut off"); };
   if (h.empty()) return cut();
   std::size_t n = 0, pos = 1;
@@ -92,7 +95,7 @@ Result<std::size_t> WalkHops(std::string_view h, OnHop&& hop) {
     n = u8(0) & 0x0f;
   } else if (u8(0) == 0xdc || u8(0) == 0xdd) {
     pos = u8(0) == 0xdc ? 3 : 5;
-    if (!be(1, pos - 1, &n)) return cut();
+    if (!ReadBigEndian(h, 1, pos - 1, &n)) return cut();
   } else {
     return Status::Error("field 'hops' is not an array");
   }
@@ -107,7 +110,7 @@ Result<std::size_t> WalkHops(std::string_view h, OnHop&& hop) {
       len = t & 0x1f;
     } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
       head = t == 0xd9 ? 2 : t == 0xda ? 3 : 5;
-      if (!be(pos + 1, head - 1, &len)) return cut();
+      if (!ReadBigEndian(h, pos + 1, head - 1, &len)) return cut();
     } else {
       return Status::Error("field 'hops[]' is not a string");
     }
@@ -364,8 +367,7 @@ Result<EventEnvelope> ParseEventEnvelope(std::string_view bytes) {
     default:
       return fail("field 'core' is not bin");
   }
-  if (pos + 1 + width > bytes.size()) return fail("truncated in the core's length");
-  for (std::size_t i = 0; i < width; ++i) len = (len << 8) | u8(pos + 1 + i);
+  if (!ReadBigEndian(bytes, pos + 1, width, &len)) return fail("truncated in the core's length");
   pos += 1 + width;
   if (len > bytes.size() - pos) return fail("core of " + std::to_string(len) + " bytes is cut off");
   EventEnvelope env;

@@ -321,11 +321,12 @@ class FlipEveryMessage:
         self._streams = {}  # connection index -> [bytes seen, offset of the next frame]
 
     def __call__(self, index, offset, data):
-        stream, _ = self._streams.setdefault(index, [bytearray(), self.GREETING])
+        state = self._streams.setdefault(index, [bytearray(), self.GREETING])
+        stream = state[0]
         stream.extend(data)
         out = bytearray(data)
         while True:
-            start = self._streams[index][1]
+            start = state[1]
             if start + 2 > len(stream):
                 break
             flags = stream[start]
@@ -342,7 +343,7 @@ class FlipEveryMessage:
             if self.active and body.startswith(b"\x07MESSAGE") and end > offset:
                 out[end - 1 - offset] ^= 0x40
                 self.flipped += 1
-            self._streams[index][1] = end
+            state[1] = end
         return bytes(out)
 
 
