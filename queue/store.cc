@@ -95,18 +95,90 @@ std::vector<std::string> OutboundEntry::Peers() const {
 }
 
 // --- WriteBatch ---------------------------------------------------------------------------------
-struct WriteBatch::Impl {
-  // Column family handles are bound at Commit time; until then operations are recorded per CF.
-  struct Op {
-    enum Kind { kPut, kDelete, kDeleteRange } kind;
-    Cf cf;
-    std::string key, value;
-  };
-  std::vector<Op> ops;
-  std::size_t bytes = 0;
+// A batch is built before, and apart from, any Store, straight into a RocksDB batch (each
+// value copied once, into the batch that is written). RocksDB records a column family by its
+// id, so the batch names each family by a stand-in handle carrying the id that a store
+// created by relay gives it: the default family is 0, then kCfNames in order. Store::Open checks
+// that its families have those ids; a store whose families were made otherwise has the batch
+// rewritten with its own ids at Commit (CfRemap).
+namespace {
+
+class CfStandIn : public rocksdb::ColumnFamilyHandle {
+ public:
+  explicit CfStandIn(Cf cf) : cf_(cf), name_(kCfNames[cf]) {}
+  const std::string& GetName() const override { return name_; }
+  std::uint32_t GetID() const override { return static_cast<std::uint32_t>(cf_) + 1; }
+  rocksdb::Status GetDescriptor(rocksdb::ColumnFamilyDescriptor*) override {
+    return rocksdb::Status::NotSupported("a write batch's stand-in column family");
+  }
+  const rocksdb::Comparator* GetComparator() const override {
+    return rocksdb::BytewiseComparator();
+  }
+
+ private:
+  Cf cf_;
+  std::string name_;
 };
 
-WriteBatch::WriteBatch() : impl_(std::make_unique<Impl>()) {}
+rocksdb::ColumnFamilyHandle* StandIn(Cf cf) {
+  static const std::array<CfStandIn, kCfCount> stand_ins = {CfStandIn(kOutbound),
+                                                            CfStandIn(kInbound), CfStandIn(kDedup),
+                                                            CfStandIn(kMeta), CfStandIn(kAttest)};
+  return const_cast<CfStandIn*>(&stand_ins[cf]);
+}
+
+}  // namespace
+
+struct WriteBatch::Impl {
+  explicit Impl(std::size_t reserve_bytes) : wb(reserve_bytes + 12) {}  // + its header
+  rocksdb::WriteBatch wb;
+  rocksdb::Status status;  // the first failure to add to wb (a value over RocksDB's limits)
+  void Put(Cf cf, std::string_view key, std::string_view value) {
+    Keep(wb.Put(StandIn(cf), ToSlice(key), ToSlice(value)));
+  }
+  void Delete(Cf cf, std::string_view key) { Keep(wb.Delete(StandIn(cf), ToSlice(key))); }
+  void DeleteRange(Cf cf, std::string_view from, std::string_view to) {
+    Keep(wb.DeleteRange(StandIn(cf), ToSlice(from), ToSlice(to)));
+  }
+  void Keep(const rocksdb::Status& s) {
+    if (!s.ok() && status.ok()) status = s;
+  }
+};
+
+namespace {
+
+// Rewrites a batch built with the stand-in ids for a store whose families have other ids.
+class CfRemap : public rocksdb::WriteBatch::Handler {
+ public:
+  CfRemap(const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& cf, rocksdb::WriteBatch* out)
+      : cf_(cf), out_(out) {}
+  rocksdb::Status PutCF(std::uint32_t id, const rocksdb::Slice& k,
+                        const rocksdb::Slice& v) override {
+    return Family(id) ? out_->Put(Family(id), k, v) : Unknown(id);
+  }
+  rocksdb::Status DeleteCF(std::uint32_t id, const rocksdb::Slice& k) override {
+    return Family(id) ? out_->Delete(Family(id), k) : Unknown(id);
+  }
+  rocksdb::Status DeleteRangeCF(std::uint32_t id, const rocksdb::Slice& from,
+                                const rocksdb::Slice& to) override {
+    return Family(id) ? out_->DeleteRange(Family(id), from, to) : Unknown(id);
+  }
+
+ private:
+  rocksdb::ColumnFamilyHandle* Family(std::uint32_t id) const {
+    return id >= 1 && id <= kCfCount ? cf_[id - 1] : nullptr;
+  }
+  static rocksdb::Status Unknown(std::uint32_t id) {
+    return rocksdb::Status::InvalidArgument("column family id " + std::to_string(id));
+  }
+  const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& cf_;
+  rocksdb::WriteBatch* out_;
+};
+
+}  // namespace
+
+WriteBatch::WriteBatch() : WriteBatch(0) {}
+WriteBatch::WriteBatch(std::size_t reserve_bytes) : impl_(std::make_unique<Impl>(reserve_bytes)) {}
 WriteBatch::~WriteBatch() = default;
 
 std::size_t AppendOutboundHead(const std::vector<std::string>& peers, std::uint64_t attestation,
@@ -163,8 +235,7 @@ std::string_view OutboundValueEvent(std::string_view value) {
 }
 
 void WriteBatch::PutOutbound(std::uint64_t seq, std::string value) {
-  impl_->bytes += value.size() + 8;
-  impl_->ops.push_back({Impl::Op::kPut, kOutbound, Key64(seq), std::move(value)});
+  impl_->Put(kOutbound, Key64(seq), value);
 }
 
 void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string>& peers,
@@ -174,47 +245,41 @@ void WriteBatch::AppendOutbound(std::uint64_t seq, const std::vector<std::string
 }
 
 void WriteBatch::PutAttestation(std::uint64_t key, std::string_view attestation) {
-  impl_->bytes += attestation.size() + 8;
-  impl_->ops.push_back({Impl::Op::kPut, kAttest, Key64(key), std::string(attestation)});
+  impl_->Put(kAttest, Key64(key), attestation);
 }
 
 void WriteBatch::DeleteAttestationRange(std::uint64_t from, std::uint64_t to_exclusive) {
-  impl_->ops.push_back({Impl::Op::kDeleteRange, kAttest, Key64(from), Key64(to_exclusive)});
+  impl_->DeleteRange(kAttest, Key64(from), Key64(to_exclusive));
 }
 
 void WriteBatch::DeleteOutboundRange(std::uint64_t from, std::uint64_t to_exclusive) {
-  impl_->ops.push_back({Impl::Op::kDeleteRange, kOutbound, Key64(from), Key64(to_exclusive)});
+  impl_->DeleteRange(kOutbound, Key64(from), Key64(to_exclusive));
 }
 
 void WriteBatch::PutInbound(std::uint64_t seq, std::string_view encoded_event) {
-  impl_->bytes += encoded_event.size() + 8;
-  impl_->ops.push_back({Impl::Op::kPut, kInbound, Key64(seq), std::string(encoded_event)});
+  impl_->Put(kInbound, Key64(seq), encoded_event);
 }
 
 void WriteBatch::DeleteInboundRange(std::uint64_t from, std::uint64_t to_exclusive) {
-  impl_->ops.push_back({Impl::Op::kDeleteRange, kInbound, Key64(from), Key64(to_exclusive)});
+  impl_->DeleteRange(kInbound, Key64(from), Key64(to_exclusive));
 }
 
 void WriteBatch::PutDedup(std::string_view key, std::int64_t expire_ms, std::string_view value) {
   std::string v = Key64(static_cast<std::uint64_t>(expire_ms));
   v.append(value);
-  impl_->bytes += key.size() + v.size();
-  impl_->ops.push_back({Impl::Op::kPut, kDedup, std::string(key), std::move(v)});
+  impl_->Put(kDedup, key, v);
 }
 
-void WriteBatch::DeleteDedup(std::string_view key) {
-  impl_->ops.push_back({Impl::Op::kDelete, kDedup, std::string(key), {}});
-}
+void WriteBatch::DeleteDedup(std::string_view key) { impl_->Delete(kDedup, key); }
 
 void WriteBatch::PutCounter(std::string_view name, std::uint64_t value) {
-  impl_->ops.push_back({Impl::Op::kPut, kMeta, std::string(name), Key64(value)});
+  impl_->Put(kMeta, name, Key64(value));
 }
 
-std::size_t WriteBatch::Count() const { return impl_->ops.size(); }
-std::size_t WriteBatch::ByteSize() const { return impl_->bytes; }
+std::size_t WriteBatch::Count() const { return impl_->wb.Count(); }
 void WriteBatch::Clear() {
-  impl_->ops.clear();
-  impl_->bytes = 0;
+  impl_->wb.Clear();
+  impl_->status = rocksdb::Status::OK();
 }
 
 // --- Store --------------------------------------------------------------------------------------
@@ -226,6 +291,9 @@ struct Store::Impl {
   std::string first_failure;  // under failure_mu once write_failed is set
   std::function<void(const Status&)> on_write_failure;
   std::array<rocksdb::ColumnFamilyHandle*, kCfCount> cf{};
+  // Whether the families have the ids WriteBatch records (they do unless the store was made
+  // with its families in another order).
+  bool stand_in_ids = true;
   ~Impl() {
     if (db) {
       for (auto* h : cf)
@@ -298,12 +366,25 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   // Queue contents are short-lived and mostly incompressible chat text: spend no CPU on it.
   log_options.compression = rocksdb::kNoCompression;
 
+  // Received events stay only until they are delivered (what is delivered is removed every
+  // second), and a bundle import or a link's burst writes them faster than that: small
+  // memtables, two at most (writes wait for the flush), so that receiving holds at most about
+  // 16 MiB of them in memory whatever arrives -- the store takes a backlog, not RAM. They are
+  // read once (delivery) and once more (collection): no block cache.
+  rocksdb::ColumnFamilyOptions inbound_options = log_options;
+  inbound_options.write_buffer_size = 8u << 20;
+  inbound_options.max_write_buffer_number = 2;
+  rocksdb::BlockBasedTableOptions read_once;
+  read_once.no_block_cache = true;
+  inbound_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(read_once));
+
   rocksdb::ColumnFamilyOptions lookup_options;
   lookup_options.write_buffer_size = 32u << 20;
   // Most dedup look-ups are for ids never seen (every new event): a Bloom filter over the
   // memtable's whole keys answers them without walking its skip list (about 15 % of the
-  // inbound thread's time before). 0.1 of the memtable: 3.2 MiB per lookup family.
-  lookup_options.memtable_prefix_bloom_size_ratio = 0.1;
+  // inbound thread's time before). 0.02 of the memtable, 640 KiB per lookup family: about 12
+  // bits for each of the ~450,000 dedup entries a full memtable holds (under 1 % false hits).
+  lookup_options.memtable_prefix_bloom_size_ratio = 0.02;
   lookup_options.memtable_whole_key_filtering = true;
   static DedupExpiryFilter expiry_filter;
   rocksdb::BlockBasedTableOptions table;
@@ -314,7 +395,9 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   cfs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
   for (std::size_t i = 0; i < kCfCount; ++i) {
     bool lookup = (i == kDedup || i == kMeta);
-    cfs.emplace_back(kCfNames[i], lookup ? lookup_options : log_options);
+    cfs.emplace_back(kCfNames[i], lookup          ? lookup_options
+                                  : i == kInbound ? inbound_options
+                                                  : log_options);
     if (i == kDedup) cfs.back().options.compaction_filter = &expiry_filter;
   }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
@@ -325,7 +408,10 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   impl->db.reset(raw);
   // handles[0] is the default family, which relay does not use.
   (void)raw->DestroyColumnFamilyHandle(handles[0]);
-  for (std::size_t i = 0; i < kCfCount; ++i) impl->cf[i] = handles[i + 1];
+  for (std::size_t i = 0; i < kCfCount; ++i) {
+    impl->cf[i] = handles[i + 1];
+    if (impl->cf[i]->GetID() != StandIn(static_cast<Cf>(i))->GetID()) impl->stand_in_ids = false;
+  }
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
@@ -335,22 +421,15 @@ void Store::SetWriteFailureHandler(std::function<void(const Status&)> handler) {
 }
 
 Status Store::Commit(WriteBatch& batch, bool sync) {
-  rocksdb::WriteBatch wb(batch.ByteSize() + 64 * batch.Count() + 64);
-  for (const auto& op : batch.impl_->ops) {
-    rocksdb::Status s;
-    auto* cf = impl_->cf[op.cf];
-    switch (op.kind) {
-      case WriteBatch::Impl::Op::kPut:
-        s = wb.Put(cf, op.key, op.value);
-        break;
-      case WriteBatch::Impl::Op::kDelete:
-        s = wb.Delete(cf, op.key);
-        break;
-      case WriteBatch::Impl::Op::kDeleteRange:
-        s = wb.DeleteRange(cf, op.key, op.value);
-        break;
-    }
-    if (!s.ok()) return Status::Error("building write batch: " + s.ToString());
+  if (!batch.impl_->status.ok())
+    return Status::Error("building write batch: " + batch.impl_->status.ToString());
+  rocksdb::WriteBatch* wb = &batch.impl_->wb;
+  rocksdb::WriteBatch remapped;
+  if (!impl_->stand_in_ids) {
+    CfRemap remap(impl_->cf, &remapped);
+    if (rocksdb::Status s = wb->Iterate(&remap); !s.ok())
+      return Status::Error("building write batch: " + s.ToString());
+    wb = &remapped;
   }
   if (impl_->write_failed.load()) {
     // RocksDB (7.x) must not be written to again after a failed write: its WAL writer asserts.
@@ -360,7 +439,7 @@ Status Store::Commit(WriteBatch& batch, bool sync) {
   }
   rocksdb::WriteOptions wo;
   wo.sync = sync;
-  rocksdb::Status s = impl_->db->Write(wo, &wb);
+  rocksdb::Status s = impl_->db->Write(wo, wb);
   if (!s.ok()) {
     std::string what = s.IsNoSpace() || s.ToString().find("No space") != std::string::npos
                            ? "store is out of disk space: "

@@ -34,6 +34,8 @@ namespace relay::queue {
 class WriteBatch {
  public:
   WriteBatch();
+  // With room for about `reserve_bytes` of keys and values, when the caller knows it.
+  explicit WriteBatch(std::size_t reserve_bytes);
   ~WriteBatch();
   WriteBatch(const WriteBatch&) = delete;
   WriteBatch& operator=(const WriteBatch&) = delete;
@@ -56,7 +58,6 @@ class WriteBatch {
   void PutCounter(std::string_view name, std::uint64_t value);
 
   std::size_t Count() const;
-  std::size_t ByteSize() const;
   void Clear();
 
  private:
