@@ -246,7 +246,11 @@ std::optional<InboundDrop> Daemon::Impl::CheckOrigin(const Event& ev, std::size_
 Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport* bundle) {
   std::int64_t now = NowMs();
   std::int64_t expire = now + config.dedup_ttl.count();
-  queue::WriteBatch batch;
+  // What is stored is about what was received (events, smaller than their frames, and their
+  // dedup keys): room for it at once rather than growing by doubling (a bundle's slice).
+  std::size_t received_bytes = 0;
+  for (const ReceivedFrame& rf : work) received_bytes += rf.bytes.size();
+  queue::WriteBatch batch(received_bytes);
   std::vector<std::uint64_t> accepted_before = accepted;
   auto ranges_before = file_ranges;
   std::uint64_t in_before = next_in;
