@@ -719,7 +719,7 @@ Result<double> MeasureCommits(queue::Store& store, std::uint64_t* seq, int entri
   auto t0 = Clock::now();
   double elapsed = 0;
   do {
-    queue::WriteBatch batch;
+    queue::WriteBatch batch(store);
     for (int i = 0; i < entries; ++i)
       batch.AppendOutbound((*seq)++, peers, 0, std::string_view(), value);
     if (Status s = store.Commit(batch, /*sync=*/true); !s) return s;

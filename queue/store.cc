@@ -95,90 +95,27 @@ std::vector<std::string> OutboundEntry::Peers() const {
 }
 
 // --- WriteBatch ---------------------------------------------------------------------------------
-// A batch is built before, and apart from, any Store, straight into a RocksDB batch (each
-// value copied once, into the batch that is written). RocksDB records a column family by its
-// id, so the batch names each family by a stand-in handle carrying the id that a store
-// created by relay gives it: the default family is 0, then kCfNames in order. Store::Open checks
-// that its families have those ids; a store whose families were made otherwise has the batch
-// rewritten with its own ids at Commit (CfRemap).
-namespace {
-
-class CfStandIn : public rocksdb::ColumnFamilyHandle {
- public:
-  explicit CfStandIn(Cf cf) : cf_(cf), name_(kCfNames[cf]) {}
-  const std::string& GetName() const override { return name_; }
-  std::uint32_t GetID() const override { return static_cast<std::uint32_t>(cf_) + 1; }
-  rocksdb::Status GetDescriptor(rocksdb::ColumnFamilyDescriptor*) override {
-    return rocksdb::Status::NotSupported("a write batch's stand-in column family");
-  }
-  const rocksdb::Comparator* GetComparator() const override {
-    return rocksdb::BytewiseComparator();
-  }
-
- private:
-  Cf cf_;
-  std::string name_;
-};
-
-rocksdb::ColumnFamilyHandle* StandIn(Cf cf) {
-  static const std::array<CfStandIn, kCfCount> stand_ins = {CfStandIn(kOutbound),
-                                                            CfStandIn(kInbound), CfStandIn(kDedup),
-                                                            CfStandIn(kMeta), CfStandIn(kAttest)};
-  return const_cast<CfStandIn*>(&stand_ins[cf]);
-}
-
-}  // namespace
-
 struct WriteBatch::Impl {
-  explicit Impl(std::size_t reserve_bytes) : wb(reserve_bytes + 12) {}  // + its header
+  Impl(const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& families,
+       std::size_t reserve_bytes)
+      : cf(families), wb(reserve_bytes + 12) {}                  // + the batch's header
+  const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& cf;  // of the store it is for
   rocksdb::WriteBatch wb;
-  rocksdb::Status status;  // the first failure to add to wb (a value over RocksDB's limits)
-  void Put(Cf cf, std::string_view key, std::string_view value) {
-    Keep(wb.Put(StandIn(cf), ToSlice(key), ToSlice(value)));
+  std::size_t count = 0;   // operations added, taken or not
+  rocksdb::Status status;  // the first failure to add one (a value over RocksDB's limits)
+  void Put(Cf family, std::string_view key, std::string_view value) {
+    Keep(wb.Put(cf[family], ToSlice(key), ToSlice(value)));
   }
-  void Delete(Cf cf, std::string_view key) { Keep(wb.Delete(StandIn(cf), ToSlice(key))); }
-  void DeleteRange(Cf cf, std::string_view from, std::string_view to) {
-    Keep(wb.DeleteRange(StandIn(cf), ToSlice(from), ToSlice(to)));
+  void Delete(Cf family, std::string_view key) { Keep(wb.Delete(cf[family], ToSlice(key))); }
+  void DeleteRange(Cf family, std::string_view from, std::string_view to) {
+    Keep(wb.DeleteRange(cf[family], ToSlice(from), ToSlice(to)));
   }
   void Keep(const rocksdb::Status& s) {
+    ++count;
     if (!s.ok() && status.ok()) status = s;
   }
 };
 
-namespace {
-
-// Rewrites a batch built with the stand-in ids for a store whose families have other ids.
-class CfRemap : public rocksdb::WriteBatch::Handler {
- public:
-  CfRemap(const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& cf, rocksdb::WriteBatch* out)
-      : cf_(cf), out_(out) {}
-  rocksdb::Status PutCF(std::uint32_t id, const rocksdb::Slice& k,
-                        const rocksdb::Slice& v) override {
-    return Family(id) ? out_->Put(Family(id), k, v) : Unknown(id);
-  }
-  rocksdb::Status DeleteCF(std::uint32_t id, const rocksdb::Slice& k) override {
-    return Family(id) ? out_->Delete(Family(id), k) : Unknown(id);
-  }
-  rocksdb::Status DeleteRangeCF(std::uint32_t id, const rocksdb::Slice& from,
-                                const rocksdb::Slice& to) override {
-    return Family(id) ? out_->DeleteRange(Family(id), from, to) : Unknown(id);
-  }
-
- private:
-  rocksdb::ColumnFamilyHandle* Family(std::uint32_t id) const {
-    return id >= 1 && id <= kCfCount ? cf_[id - 1] : nullptr;
-  }
-  static rocksdb::Status Unknown(std::uint32_t id) {
-    return rocksdb::Status::InvalidArgument("column family id " + std::to_string(id));
-  }
-  const std::array<rocksdb::ColumnFamilyHandle*, kCfCount>& cf_;
-  rocksdb::WriteBatch* out_;
-};
-
-}  // namespace
-
-WriteBatch::WriteBatch() : WriteBatch(0) {}
-WriteBatch::WriteBatch(std::size_t reserve_bytes) : impl_(std::make_unique<Impl>(reserve_bytes)) {}
 WriteBatch::~WriteBatch() = default;
 
 std::size_t AppendOutboundHead(const std::vector<std::string>& peers, std::uint64_t attestation,
@@ -276,9 +213,10 @@ void WriteBatch::PutCounter(std::string_view name, std::uint64_t value) {
   impl_->Put(kMeta, name, Key64(value));
 }
 
-std::size_t WriteBatch::Count() const { return impl_->wb.Count(); }
+std::size_t WriteBatch::Count() const { return impl_->count; }
 void WriteBatch::Clear() {
   impl_->wb.Clear();
+  impl_->count = 0;
   impl_->status = rocksdb::Status::OK();
 }
 
@@ -291,9 +229,6 @@ struct Store::Impl {
   std::string first_failure;  // under failure_mu once write_failed is set
   std::function<void(const Status&)> on_write_failure;
   std::array<rocksdb::ColumnFamilyHandle*, kCfCount> cf{};
-  // Whether the families have the ids WriteBatch records (they do unless the store was made
-  // with its families in another order).
-  bool stand_in_ids = true;
   ~Impl() {
     if (db) {
       for (auto* h : cf)
@@ -336,6 +271,9 @@ class StoreLogger : public rocksdb::Logger {
     }
   }
 };
+
+WriteBatch::WriteBatch(const Store& store, std::size_t reserve_bytes)
+    : impl_(std::make_unique<Impl>(store.impl_->cf, reserve_bytes)) {}
 
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Store::~Store() = default;
@@ -408,10 +346,7 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir) {
   impl->db.reset(raw);
   // handles[0] is the default family, which relay does not use.
   (void)raw->DestroyColumnFamilyHandle(handles[0]);
-  for (std::size_t i = 0; i < kCfCount; ++i) {
-    impl->cf[i] = handles[i + 1];
-    if (impl->cf[i]->GetID() != StandIn(static_cast<Cf>(i))->GetID()) impl->stand_in_ids = false;
-  }
+  for (std::size_t i = 0; i < kCfCount; ++i) impl->cf[i] = handles[i + 1];
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
@@ -423,14 +358,8 @@ void Store::SetWriteFailureHandler(std::function<void(const Status&)> handler) {
 Status Store::Commit(WriteBatch& batch, bool sync) {
   if (!batch.impl_->status.ok())
     return Status::Error("building write batch: " + batch.impl_->status.ToString());
-  rocksdb::WriteBatch* wb = &batch.impl_->wb;
-  rocksdb::WriteBatch remapped;
-  if (!impl_->stand_in_ids) {
-    CfRemap remap(impl_->cf, &remapped);
-    if (rocksdb::Status s = wb->Iterate(&remap); !s.ok())
-      return Status::Error("building write batch: " + s.ToString());
-    wb = &remapped;
-  }
+  if (&batch.impl_->cf != &impl_->cf)
+    return Status::Error("a write batch made for another store");  // a programming error
   if (impl_->write_failed.load()) {
     // RocksDB (7.x) must not be written to again after a failed write: its WAL writer asserts.
     std::lock_guard<std::mutex> lock(impl_->failure_mu);  // first_failure may be being set
@@ -439,7 +368,7 @@ Status Store::Commit(WriteBatch& batch, bool sync) {
   }
   rocksdb::WriteOptions wo;
   wo.sync = sync;
-  rocksdb::Status s = impl_->db->Write(wo, wb);
+  rocksdb::Status s = impl_->db->Write(wo, &batch.impl_->wb);
   if (!s.ok()) {
     std::string what = s.IsNoSpace() || s.ToString().find("No space") != std::string::npos
                            ? "store is out of disk space: "

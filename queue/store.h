@@ -31,11 +31,14 @@
 
 namespace relay::queue {
 
+class Store;
+
+// Operations written together by Store::Commit, all or none. A batch is made for one store
+// and built straight into RocksDB's own batch (each value copied once).
 class WriteBatch {
  public:
-  WriteBatch();
-  // With room for about `reserve_bytes` of keys and values, when the caller knows it.
-  explicit WriteBatch(std::size_t reserve_bytes);
+  // `reserve_bytes`: room for about that many bytes of keys and values, when known.
+  explicit WriteBatch(const Store& store, std::size_t reserve_bytes = 0);
   ~WriteBatch();
   WriteBatch(const WriteBatch&) = delete;
   WriteBatch& operator=(const WriteBatch&) = delete;
@@ -142,6 +145,7 @@ class Store {
   std::uint64_t ApproximateSize() const;
 
  private:
+  friend class WriteBatch;  // a batch is built with the store's column families
   struct Impl;
   explicit Store(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

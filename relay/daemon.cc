@@ -240,7 +240,7 @@ Status Daemon::Impl::Open() {
     // site loses its data folder but keeps its key, its new events must not reuse event ids
     // or link sequences its peers have already accepted (they would be dropped as replays).
     std::uint64_t start = static_cast<std::uint64_t>(NowMs()) * 1000;
-    queue::WriteBatch b;
+    queue::WriteBatch b(*store);
     b.PutCounter(kNextOrigin, start);
     b.PutCounter(kNextOut, start);
     if (Status s = store->Commit(b, true); !s) return s;
@@ -291,7 +291,7 @@ Status Daemon::Impl::CheckStoreFormat() {
           "Drain it with the previous version first (docs/wire-format.md, \"Upgrading a "
           "federation\"), or move the folder away");
   }
-  queue::WriteBatch b;
+  queue::WriteBatch b(*store);
   b.PutCounter(kStoreFormat, kStoreFormatVersion);
   return store->Commit(b, true);
 }
@@ -300,7 +300,7 @@ Status Daemon::Impl::ResignOwnAttestations() {
   std::uint64_t signer = 0;
   for (std::size_t i = 0; i < 8; ++i) signer = (signer << 8) | key->identity().sign_pk[i];
   if (store->GetCounter(kAttestSigner, 0) == signer) return Status::Ok();
-  queue::WriteBatch b;
+  queue::WriteBatch b(*store);
   std::uint64_t resigned = 0;
   std::vector<crypto::Digest> digests;
   Status committed;

@@ -326,7 +326,7 @@ Result<ExportReport> Daemon::Impl::Export(const ExportOptions& o) {
                   "what is not acknowledged)";
     return report;
   }
-  queue::WriteBatch b;
+  queue::WriteBatch b(*store);
   b.PutCounter(cursor, std::max(exported, pos - 1));
   if (Status s = store->Commit(b, true); !s) return s;
   {
@@ -484,7 +484,7 @@ ImportResult Daemon::Impl::ImportOne(const std::string& path) {
       return r;
     }
     if (b.header.kind == crypto::BundleKind::kResend) QueueResend(p, b.ack_through, b.ranges);
-    queue::WriteBatch wb;
+    queue::WriteBatch wb(*store);
     wb.PutDedup(bundle_key, now + kForeverMs, std::to_string(now));
     if (Status s = store->Commit(wb, true); !s) {
       r.message = s.message();

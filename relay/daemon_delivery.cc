@@ -31,7 +31,7 @@ Status Daemon::Impl::RecoverSinks() {
     std::uint64_t recorded = store->GetCounter(SinkPosKey(name), kUnset);
     if (recorded == kUnset) {
       // First use of this file: whatever it holds is not ours; start after it.
-      queue::WriteBatch b;
+      queue::WriteBatch b(*store);
       b.PutCounter(SinkPosKey(name), ch.jsonl->size());
       if (Status s = store->Commit(b, true); !s) return s;
       continue;
@@ -114,7 +114,7 @@ bool Daemon::Impl::DeliverBatch() {
     }
     ++metrics.blobs_delivered;
   }
-  queue::WriteBatch batch;
+  queue::WriteBatch batch(*store);
   for (auto& [name, text] : lines) {
     if (text.empty()) continue;  // channel not in this batch
     chat::JsonlFile& f = *channels[name].jsonl;

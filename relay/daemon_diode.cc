@@ -77,7 +77,7 @@ Status Daemon::Impl::StartDiode() {
                                        .count());
     const std::uint64_t stream =
         std::max(store->GetCounter(DiodeStreamKey(peers[i].name), 0) + 1, now_us);
-    queue::WriteBatch stream_batch;
+    queue::WriteBatch stream_batch(*store);
     stream_batch.PutCounter(DiodeStreamKey(peers[i].name), stream);
     if (Status s = store->Commit(stream_batch, true); !s)
       return s.Wrap("recording the diode stream for peer '" + peers[i].name + "'");
@@ -218,7 +218,7 @@ void Daemon::Impl::DiodeSendLoop() {
       }
       if (!resending) {
         ds.scan = from;
-        queue::WriteBatch b;
+        queue::WriteBatch b(*store);
         b.PutCounter(DiodePosKey(peers[ds.peer].name), ds.pos - 1);
         (void)store->Commit(b, false);  // lost: those frames are sent again, deduplicated
       }
@@ -274,7 +274,7 @@ void Daemon::Impl::DiodeRecvLoop() {
   // Writes the record of each peer's newest stream when it changed (not synced: an older
   // record after a crash only counts more as missing).
   auto write_records = [&] {
-    queue::WriteBatch batch;
+    queue::WriteBatch batch(*store);
     for (std::size_t p = 0; p < peers.size(); ++p) {
       const auto sender = static_cast<std::uint32_t>(p);
       std::vector<std::uint64_t> open;
@@ -356,7 +356,7 @@ void Daemon::Impl::DiodeRecvLoop() {
     }
     // A newer stream of a peer: remember it now, so that its older streams stay refused as
     // replays after a restart (rare: once per start of the sender).
-    queue::WriteBatch floors;
+    queue::WriteBatch floors(*store);
     for (std::size_t p = 0; p < peers.size(); ++p) {
       const std::uint64_t highest = decoder.HighestStream(static_cast<std::uint32_t>(p));
       if (highest <= diode_stream_floor[p]) continue;
@@ -417,7 +417,7 @@ void Daemon::Impl::ApplyDiodeRetention() {
       p.acked = expired;
       p.metrics->acked_through = expired;
     }
-    queue::WriteBatch b;
+    queue::WriteBatch b(*store);
     b.PutCounter(AckedKey(p.name), expired);
     (void)store->Commit(b, false);
     metrics.diode_retention_dropped += dropped;

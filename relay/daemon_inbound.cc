@@ -250,7 +250,7 @@ Status Daemon::Impl::ProcessFrames(std::deque<ReceivedFrame>& work, BundleImport
   // dedup keys): room for it at once rather than growing by doubling (a bundle's slice).
   std::size_t received_bytes = 0;
   for (const ReceivedFrame& rf : work) received_bytes += rf.bytes.size();
-  queue::WriteBatch batch(received_bytes);
+  queue::WriteBatch batch(*store, received_bytes);
   std::vector<std::uint64_t> accepted_before = accepted;
   auto ranges_before = file_ranges;
   std::uint64_t in_before = next_in;

@@ -392,7 +392,7 @@ void Daemon::Impl::CommitIngest(std::vector<PendingIngest>& work,
                                 std::unordered_map<std::string, std::string>& round_keys) {
   std::int64_t now = NowMs();
   std::int64_t expire = now + config.dedup_ttl.count();
-  queue::WriteBatch batch;
+  queue::WriteBatch batch(*store);
   std::vector<std::vector<std::pair<std::string, bool>>> answers(work.size());
   std::uint64_t new_events = 0, duplicates = 0;
   std::lock_guard<std::mutex> lock(out_mu);
@@ -534,7 +534,7 @@ Result<std::uint64_t> Daemon::Impl::RebaseLog(std::uint64_t floor) {
     if (it == old_seqs.end() || *it != old) return std::nullopt;
     return floor + 1 + static_cast<std::uint64_t>(it - old_seqs.begin());
   };
-  queue::WriteBatch b;
+  queue::WriteBatch b(*store);
   std::set<std::uint64_t> moved_attestations;
   s = store->ScanOutbound(1, [&](const queue::OutboundEntry& e) {
     if (e.seq > head) return false;

@@ -117,7 +117,7 @@ void Daemon::Impl::CollectInbound() {
     log::Error("inbound GC: " + scan.message());
     return;
   }
-  queue::WriteBatch b;
+  queue::WriteBatch b(*store);
   b.DeleteInboundRange(inbound_removed + 1, removable + 1);
   if (Status s = store->Commit(b, false); !s) {
     log::Error("inbound GC: " + s.message());
@@ -174,7 +174,7 @@ void Daemon::Impl::CollectOutbound() {
     // How far each peer was sent, so that its acknowledgements up to there are expected after a
     // restart too (AcceptAck). Not synced: a lost value only refuses a few early acks, which
     // come again once the frames are sent again.
-    queue::WriteBatch b;
+    queue::WriteBatch b(*store);
     for (std::size_t i = 0; i < peers.size(); ++i) {
       if (sent[i] <= peers[i].sent_recorded) continue;
       b.PutCounter(SentKey(peers[i].name), sent[i]);
@@ -186,7 +186,7 @@ void Daemon::Impl::CollectOutbound() {
     }
   }
   if (low > gc_deleted_through) {
-    queue::WriteBatch b;
+    queue::WriteBatch b(*store);
     b.DeleteOutboundRange(gc_deleted_through + 1, low + 1);
     // An attestation's key is the highest entry that refers to it: it goes with that entry.
     b.DeleteAttestationRange(gc_deleted_through + 1, low + 1);

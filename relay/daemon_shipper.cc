@@ -109,7 +109,7 @@ Status Daemon::Impl::AcceptAck(std::size_t peer, std::uint64_t seq, bool by_prev
   if (advanced) {
     // Not synced: a lost cursor update only means those frames are sent again and dropped by
     // the receiver as already accepted.
-    queue::WriteBatch b;
+    queue::WriteBatch b(*store);
     b.PutCounter(AckedKey(p.name), seq);
     if (Status s = store->Commit(b, false); !s) log::Error("storing ack cursor: " + s.message());
     ship_cv.notify_all();

@@ -692,7 +692,7 @@ struct MattermostBridge::Impl {
 
   Status Put(const std::vector<std::pair<std::string, std::string>>& kv,
              const std::vector<std::string>& erase, bool sync) {
-    queue::WriteBatch b;
+    queue::WriteBatch b(*hooks.store);
     std::int64_t expire = NowMs() + kMappingTtlMs;
     for (const auto& [k, v] : kv) b.PutDedup(k, expire, v);
     for (const auto& k : erase) b.DeleteDedup(k);
@@ -996,7 +996,7 @@ struct MattermostBridge::Impl {
           }
         }
         cursor = seq;
-        queue::WriteBatch b;
+        queue::WriteBatch b(*hooks.store);
         b.PutCounter(kReplayedCounter, cursor);
         // Not synced: replaying an event again is a no-op (mappings and reactor sets).
         if (Status c = hooks.store->Commit(b, false); !c) {

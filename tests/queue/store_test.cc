@@ -21,7 +21,7 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
   TempDir dir;
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
-  WriteBatch b;
+  WriteBatch b(**store);
   const std::string d(32, 'd');  // a core's digest
   b.AppendOutbound(1, {"aws", "enclave"}, 2, d, "e1");
   b.AppendOutbound(2, {"aws"}, 2, d, "e2");
@@ -60,7 +60,7 @@ TEST_CASE("outbound log stores an event once for several peers and scans in orde
                                           0, "", ""}
                   .HasPeer("aw"));
 
-  WriteBatch del;
+  WriteBatch del(**store);
   del.DeleteOutboundRange(1, 3);
   REQUIRE((*store)->Commit(del, false).ok());
   CHECK((*store)->FirstOutboundSeq() == std::optional<std::uint64_t>(3));
@@ -70,7 +70,7 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
   TempDir dir;
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
-  WriteBatch b;
+  WriteBatch b(**store);
   b.PutAttestation(5, "att-5");
   b.PutAttestation(9, "att-9");
   REQUIRE((*store)->Commit(b, true).ok());
@@ -80,7 +80,7 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
   auto none = (*store)->GetAttestation(6);
   REQUIRE(none.ok());
   CHECK_FALSE(none->has_value());
-  WriteBatch del;
+  WriteBatch del(**store);
   del.DeleteAttestationRange(1, 6);
   REQUIRE((*store)->Commit(del, false).ok());
   CHECK_FALSE((*store)->GetAttestation(5)->has_value());
@@ -97,7 +97,7 @@ TEST_CASE("attestations are stored by key, read back, and deleted by range") {
   std::string value = relay::queue::EncodeOutboundValue({"aws"}, 0, std::string(32, 'd'), "event");
   relay::queue::SetOutboundAttestation(&value, 42);
   CHECK(relay::queue::OutboundValueEvent(value) == "event");
-  WriteBatch put;
+  WriteBatch put(**store);
   put.PutOutbound(7, value);
   REQUIRE((*store)->Commit(put, false).ok());
   std::uint64_t seen = 0;
@@ -125,7 +125,7 @@ TEST_CASE("counters and entries survive reopening") {
   {
     auto store = Store::Open(dir.path().string());
     REQUIRE(store.ok());
-    WriteBatch b;
+    WriteBatch b(**store);
     b.PutCounter("acked/aws", 77);
     b.PutCounter("acked/enclave", 5);
     b.PutInbound(10, "ten");
@@ -150,10 +150,10 @@ TEST_CASE("counters and entries survive reopening") {
   CHECK(got == "ten");
 }
 
-TEST_CASE("a store whose column families were made in another order takes batches too") {
+TEST_CASE("a store whose column families were made in another order is written to by name") {
   TempDir dir;
   {
-    // The families in reverse order: their ids are not the ones a batch records.
+    // The families in reverse order: other ids than a store relay creates.
     rocksdb::DBOptions options;
     options.create_if_missing = true;
     options.create_missing_column_families = true;
@@ -172,7 +172,7 @@ TEST_CASE("a store whose column families were made in another order takes batche
   }
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
-  WriteBatch b;
+  WriteBatch b(**store);
   b.PutCounter("acked/aws", 7);
   b.PutInbound(3, "three");
   b.PutAttestation(4, "att");
@@ -201,7 +201,7 @@ TEST_CASE("a store whose column families were made in another order takes batche
               .ok());
   CHECK(inbound == "three");
   CHECK(outbound == "five");
-  // Nothing went to a family by another's id: the counter is not an inbound event.
+  // Nothing went to another family: the inbound event is not a counter.
   CHECK((*store)->GetCounter("three", 0) == 0);
 }
 
@@ -221,7 +221,7 @@ TEST_CASE("dedup entries expire, and compaction drops expired ones") {
   auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
                  std::chrono::system_clock::now().time_since_epoch())
                  .count();
-  WriteBatch b;
+  WriteBatch b(**store);
   b.PutDedup("e:europe:1", 1000, "");
   b.PutDedup("c:client-7", now + 3'600'000, "europe:2");
   REQUIRE((*store)->Commit(b, true).ok());
@@ -239,7 +239,7 @@ TEST_CASE("batched dedup lookups answer each key") {
   TempDir dir;
   auto store = Store::Open(dir.path().string());
   REQUIRE(store.ok());
-  WriteBatch b;
+  WriteBatch b(**store);
   b.PutDedup("e:a", 5000, "");
   b.PutDedup("e:b", 100, "");
   REQUIRE((*store)->Commit(b, true).ok());

@@ -345,7 +345,7 @@ TEST_CASE("a store of wire version 1 with events still queued is refused at star
     // and a flat version-1 event).
     auto store = relay::queue::Store::Open(base + "/data");
     REQUIRE(store.ok());
-    relay::queue::WriteBatch b;
+    relay::queue::WriteBatch b(**store);
     b.PutCounter("next/out", 11);
     b.PutCounter("next/origin", 11);
     b.PutOutbound(10, std::string("\x01\x06"
@@ -364,7 +364,7 @@ TEST_CASE("a store of wire version 1 with events still queued is refused at star
     // Drained (the entry acknowledged and collected), the same store is taken and marked.
     auto store = relay::queue::Store::Open(base + "/data");
     REQUIRE(store.ok());
-    relay::queue::WriteBatch b;
+    relay::queue::WriteBatch b(**store);
     b.DeleteOutboundRange(1, 11);
     REQUIRE((*store)->Commit(b, true).ok());
   }
