@@ -537,11 +537,14 @@ struct MattermostBridge::Impl {
       }
     }
     // In the order the posts were created: a root before its replies (a reply or a reaction
-    // bumps the root's update_at, so update_at would put the root last), and the peer sees new
-    // posts in the channel's order. Versions of one post (listed twice when paging) oldest
-    // first, so the reaction diff compares against the newest.
+    // bumps the root's update_at, so update_at would put the root last; a reply may be made in
+    // the same millisecond as its root, so at one create_at roots come first), and the peer
+    // sees new posts in the channel's order. Versions of one post (listed twice when paging)
+    // oldest first, so the reaction diff compares against the newest.
     std::stable_sort(posts.begin(), posts.end(), [](const MmPost& a, const MmPost& b) {
-      return std::tie(a.create_at, a.update_at) < std::tie(b.create_at, b.update_at);
+      const bool a_reply = !a.root_id.empty(), b_reply = !b.root_id.empty();
+      return std::tie(a.create_at, a_reply, a.update_at) <
+             std::tie(b.create_at, b_reply, b.update_at);
     });
     Round round;
     std::int64_t max_update = static_cast<std::int64_t>(cursor);

@@ -126,10 +126,12 @@ class Chat:
                    and rx.search(r["path"].split("?")[0]) and r["status"] in statuses)
 
     # -- the human on this server ------------------------------------------------------------
-    def say(self, message, root_id="", file_ids=None):
+    def say(self, message, root_id="", file_ids=None, create_at=0):
         body = {"as": self.human, "channel_id": self.channel_id, "message": message}
         if root_id:
             body["root_id"] = root_id
+        if create_at:
+            body["create_at"] = create_at
         if file_ids:
             body["file_ids"] = file_ids
         return control(self.emu, "POST", "posts", body)
@@ -776,13 +778,16 @@ class ChatFaultTest(RelayTestCase):
     def test_catch_up_after_websocket_5xx_keeps_threads_and_reactions(self):
         """While the WebSocket upgrade fails (503 for 4 s), a new thread root gets a reply and a
         reaction: the relay learns of them through the REST catch-up, which lists the root
-        after its reply (a reply or a reaction bumps the root's update_at). The reply must
-        still land in the root's thread at the peer, and the reaction must cross."""
+        after its reply (a reply or a reaction bumps the root's update_at). The reply is made in
+        the same millisecond as its root (a server's clock allows it: it failed one CI run by
+        chance), so only the thread, not the time, can order them. The reply must still land in
+        the root's thread at the peer, and the reaction must cross."""
         eu, aws = self.chat_pair()
         eu.fault(kind="status", status=503, duration_ms=4000, path_regex=P_WS)
         eu.drop_ws(keep_buffer=False)
         root = eu.say("eu root during the WebSocket outage")
-        eu.say("eu reply during the WebSocket outage", root_id=root["id"])
+        eu.say("eu reply during the WebSocket outage", root_id=root["id"],
+               create_at=root["create_at"])
         eu.react(root["id"], "fire")
         remote_root = self.wait_post(aws, "eu root during the WebSocket outage", timeout=40)
         remote_reply = self.wait_post(aws, "eu reply during the WebSocket outage", timeout=10)
