@@ -34,7 +34,8 @@ namespace relay::queue {
 class Store;
 
 // Operations written together by Store::Commit, all or none. A batch is made for one store
-// and built straight into RocksDB's own batch (each value copied once).
+// (and must not outlive it) and built straight into RocksDB's own batch (each value copied
+// once).
 class WriteBatch {
  public:
   // `reserve_bytes`: room for about that many bytes of keys and values, when known.

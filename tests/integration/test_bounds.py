@@ -267,10 +267,10 @@ class BundleBoundsTest(RelayTestCase):
                      "a memory figure: AddressSanitizer's quarantine and shadow would be measured")
     def test_a_genuine_1gib_bundle_costs_bounded_memory(self):
         """Item 7's figure for a genuine bundle: two bundles of 1 GiB (16,000 messages of 64 KiB
-        each) imported one after the other, each growing aws's peak RSS by at most 64 MiB until its events are delivered: the
-        bundle is read slice by slice, received events wait in small memtables (two of 8 MiB at
-        most: writes wait for the flush), and large blocks go back to the system when freed.
-        Every event arrives once."""
+        each) imported one after the other, each growing aws's peak RSS by at most 64 MiB until
+        its events are delivered: the bundle is read slice by slice, received events wait in
+        small memtables (two of 8 MiB at most: writes wait for the flush), and the heap's free
+        pages go back to the system after each slice. Every event arrives once."""
         eu, aws = self.site("europe"), self.site("aws")
         eu.write_config({"aws": {"site": aws}}, {CHANNEL: ["aws"]}, zmq_listen=False)
         aws.write_config({"europe": {"site": eu}}, {CHANNEL: ["europe"]}, zmq_listen=False)
