@@ -422,7 +422,8 @@ MmError HttpStatusError(const std::string& what, long status, const std::string&
     if (ec == std::errc() && end == v.data() + v.size() && !v.empty() && seconds >= 0) {
       e.retry_after = std::chrono::seconds(std::min<std::int64_t>(seconds, kMaxRetryAfter.count()));
     }
-  } else if (status >= 500) {
+  } else if (status >= 500 && status != 501) {
+    // 501 Not Implemented (e.g. custom emoji on older servers) answers the same every time.
     e.retryable = true;
   }
   DescribeErrorBody(body, &e);
@@ -510,6 +511,7 @@ struct Transfer {
   CURL* handle = nullptr;
   std::string body;
   std::string retry_after;
+  std::string date;  // the Date header: the server's clock
   std::size_t max_success_body = kMaxJsonReply;
   bool too_large = false;
   // When set, a 2xx body goes here piece by piece instead of into `body`.
@@ -551,19 +553,18 @@ size_t OnHeader(char* data, size_t size, size_t count, void* user) {
   std::string_view line(data, n);
   if (line.substr(0, 5) == "HTTP/") {
     t->retry_after.clear();  // a new response (after 100 Continue): forget earlier headers
+    t->date.clear();
     return n;
   }
-  constexpr std::string_view kName = "retry-after:";
-  if (line.size() >= kName.size()) {
-    bool match = true;
-    for (std::size_t i = 0; i < kName.size(); ++i) {
-      if (std::tolower(static_cast<unsigned char>(line[i])) != kName[i]) {
-        match = false;
-        break;
-      }
+  const auto named = [&line](std::string_view name) {
+    if (line.size() < name.size()) return false;
+    for (std::size_t i = 0; i < name.size(); ++i) {
+      if (std::tolower(static_cast<unsigned char>(line[i])) != name[i]) return false;
     }
-    if (match) t->retry_after = std::string(line.substr(kName.size()));
-  }
+    return true;
+  };
+  if (named("retry-after:")) t->retry_after = std::string(line.substr(12));
+  if (named("date:")) t->date = std::string(line.substr(5));
   return n;
 }
 
@@ -699,6 +700,22 @@ struct MattermostClient::Impl {
     std::string body;
   };
 
+  // The server's clock as of the last answer's Date header (whole seconds), and when that was
+  // here: server time is what the server's own queries compare.
+  std::int64_t server_date_ms = 0;
+  std::chrono::steady_clock::time_point server_date_at;
+
+  void NoteServerTime(const std::string& date) {
+    std::string_view v = date;
+    while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.remove_prefix(1);
+    while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) v.remove_suffix(1);
+    if (v.empty()) return;
+    const time_t t = curl_getdate(std::string(v).c_str(), nullptr);
+    if (t <= 0) return;
+    server_date_ms = static_cast<std::int64_t>(t) * 1000;
+    server_date_at = std::chrono::steady_clock::now();
+  }
+
   // Performs one request. A value only for 2xx statuses; everything else is classified.
   MmResult<Response> Perform(const Request& req) {
     const std::string what = std::string(req.method) + " " + req.path;
@@ -821,6 +838,7 @@ struct MattermostClient::Impl {
       }
       return Fail<Response>(MakeError(0, true, "connect", what + ": " + detail));
     }
+    NoteServerTime(t.date);
     if (status < 200 || status >= 300) {
       return Fail<Response>(HttpStatusError(what, status, t.body, t.retry_after));
     }
@@ -885,6 +903,13 @@ MmResult<MmUser> ParseUserReply(const Json& j) {
   return UserFromJson(j);
 }
 }  // namespace
+
+std::int64_t MattermostClient::ServerNowMs() const {
+  if (impl_->server_date_ms == 0) return 0;
+  return impl_->server_date_ms + std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::chrono::steady_clock::now() - impl_->server_date_at)
+                                     .count();
+}
 
 MmResult<MmUser> MattermostClient::GetMe() {
   Impl::Request req;
@@ -1031,6 +1056,15 @@ MmResult<MmPostList> MattermostClient::GetPostsPage(const std::string& channel_i
                                                     int per_page) {
   Impl::Request req;
   req.path = "/api/v4/channels/" + Escape(channel_id) + "/posts?page=" + std::to_string(page) +
+             "&per_page=" + std::to_string(per_page);
+  return impl_->Call<MmPostList>(req, PostListReplyFromJson);
+}
+
+MmResult<MmPostList> MattermostClient::GetPostsBefore(const std::string& channel_id,
+                                                      const std::string& before_post_id,
+                                                      int per_page) {
+  Impl::Request req;
+  req.path = "/api/v4/channels/" + Escape(channel_id) + "/posts?before=" + Escape(before_post_id) +
              "&per_page=" + std::to_string(per_page);
   return impl_->Call<MmPostList>(req, PostListReplyFromJson);
 }

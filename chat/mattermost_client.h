@@ -105,6 +105,10 @@ class MattermostClient {
   MattermostClient(const MattermostClient&) = delete;
   MattermostClient& operator=(const MattermostClient&) = delete;
 
+  // The server's clock now, from the last answer's Date header (second precision, so up to
+  // 1 s behind), or 0 before any answer. Bounds of server queries use it, not this host's clock.
+  std::int64_t ServerNowMs() const;
+
   MmResult<MmUser> GetMe();
   MmResult<MmUser> GetUser(const std::string& user_id);
   MmResult<MmPost> GetPost(const std::string& post_id);
@@ -123,6 +127,10 @@ class MattermostClient {
   MmResult<MmPostList> GetPostsSince(const std::string& channel_id, std::int64_t since_ms);
   // GET /channels/{id}/posts?page=N&per_page=M: current (not deleted) posts, newest first.
   MmResult<MmPostList> GetPostsPage(const std::string& channel_id, int page, int per_page);
+  // GET /channels/{id}/posts?before=post_id&per_page=N: the posts created before that one,
+  // newest first (anchored: posts made or deleted meanwhile do not shift it).
+  MmResult<MmPostList> GetPostsBefore(const std::string& channel_id,
+                                      const std::string& before_post_id, int per_page);
   MmResult<MmFileInfo> UploadFile(const std::string& channel_id, const std::string& name,
                                   const std::string& data);
   MmResult<MmFileInfo> GetFileInfo(const std::string& file_id);

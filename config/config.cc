@@ -346,6 +346,7 @@ class Loader {
   void ValidateChannel(const Section& section);
   // A comma-separated list of [peer.NAME] names, each declared and listed once (not `self`,
   // when set); problems name the entry.
+  std::vector<std::string> ReadSystemPostTypes(const Section& section, const Entry& entry);
   std::vector<std::string> ReadPeerList(const Section& section, const Entry& entry,
                                         std::string_view self = {});
   void ValidateMattermost(const Section* section);
@@ -600,6 +601,32 @@ std::vector<std::string> Loader::ReadPeerList(const Section& section, const Entr
       ValueProblem(section, entry, "peer " + Quote(name) + " is listed twice");
     } else {
       out.push_back(name);
+    }
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return out;
+}
+
+std::vector<std::string> Loader::ReadSystemPostTypes(const Section& section, const Entry& entry) {
+  std::vector<std::string> out;
+  std::string_view rest = entry.value;
+  while (true) {
+    const auto comma = rest.find(',');
+    const std::string type(Trim(rest.substr(0, comma)));
+    const bool well_formed = type.size() > 7 && type.size() <= 64 &&
+                             type.compare(0, 7, "system_") == 0 &&
+                             std::all_of(type.begin(), type.end(),
+                                         [](char c) { return (c >= 'a' && c <= 'z') || c == '_'; });
+    if (!well_formed) {
+      ValueProblem(section, entry,
+                   "bad system post type " + Quote(type) +
+                       " (expected Mattermost post types such as system_header_change, "
+                       "comma-separated)");
+    } else if (std::find(out.begin(), out.end(), type) != out.end()) {
+      ValueProblem(section, entry, "system post type " + Quote(type) + " is listed twice");
+    } else {
+      out.push_back(type);
     }
     if (comma == std::string_view::npos) break;
     rest.remove_prefix(comma + 1);
@@ -926,7 +953,8 @@ void Loader::ValidateChannel(const Section& section) {
     Problem("[" + section.name + "]: bad channel name " + Quote(channel.name) + ": " +
             std::string(kChannelNameRule));
   }
-  CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id", "webhook_url"});
+  CheckKeys(section, {"peers", "sink", "jsonl_path", "mattermost_channel_id", "webhook_url",
+                      "mattermost_system_posts"});
   if (const Entry* peers = Required(section, "peers")) {
     channel.peers = ReadPeerList(section, *peers);
   }
@@ -952,6 +980,7 @@ void Loader::ValidateChannel(const Section& section) {
     }
   };
   if (channel.sink != SinkKind::kWebhook) reject("webhook_url", "webhook");
+  if (channel.sink != SinkKind::kMattermost) reject("mattermost_system_posts", "mattermost");
   if (channel.sink == SinkKind::kWebhook) {
     reject("mattermost_channel_id", "mattermost");
     reject("jsonl_path", "jsonl");
@@ -980,6 +1009,9 @@ void Loader::ValidateChannel(const Section& section) {
     if (const Entry* id =
             Required(section, "mattermost_channel_id", "required when sink = mattermost")) {
       channel.mattermost_channel_id = id->value;
+    }
+    if (const Entry* kinds = Optional(section, "mattermost_system_posts")) {
+      channel.mattermost_system_posts = ReadSystemPostTypes(section, *kinds);
     }
     mattermost_channels_.push_back(channel.name);
     if (!kMattermostAvailable) {

@@ -81,6 +81,9 @@ struct ChannelConfig {
   std::string jsonl_path;  // absolute after loading
   std::string mattermost_channel_id;
   std::string webhook_url;  // sink = webhook: a Slack-compatible incoming webhook
+  // sink = mattermost: system post types (e.g. system_header_change) carried to the peers as
+  // notices; every other system post stays at this site (docs/mattermost.md).
+  std::vector<std::string> mattermost_system_posts;
 };
 
 struct Config {

@@ -149,6 +149,108 @@ int CmdPost(const po::variables_map& vm) {
   return 0;
 }
 
+// `--since`: an RFC 3339 time or a date (YYYY-MM-DD, midnight UTC), in ms since 1970.
+Result<std::int64_t> ParseSince(const std::string& text) {
+  std::string full = text;
+  if (text.size() == 10 && text[4] == '-' && text[7] == '-') full += "T00:00:00Z";
+  auto t = config::ParseTime(full);
+  if (!t) {
+    return Status::Error("--since " + JsonString(text) +
+                         ": expected a date (2026-01-31) or an RFC 3339 time "
+                         "(2026-01-31T08:00:00Z): " +
+                         t.message());
+  }
+  return static_cast<std::int64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(t.value().time_since_epoch()).count());
+}
+
+int CmdBackfill(const po::variables_map& vm) {
+  if (Status s = crypto::Init(); !s) return Fail(s.message());
+  auto cfg = Load(vm);
+  if (!cfg) return Fail(cfg.message());
+  const std::string channel = vm["channel"].as<std::string>();
+  std::int64_t since = 0;
+  if (vm.count("since")) {
+    auto parsed = ParseSince(vm["since"].as<std::string>());
+    if (!parsed) return Fail(parsed.message());
+    since = parsed.value();
+  }
+  auto client = ApiClient(*cfg);
+  if (!client) return Fail(client.message());
+  auto r = (*client)->Request(
+      "POST", "/v1/mattermost/backfill",
+      "{\"channel\":" + JsonString(channel) + ",\"since_ms\":" + std::to_string(since) + "}");
+  if (!r) return Fail(r.message() + " (is the relay daemon running?)");
+  if (r->status != 202)
+    return Fail("the daemon answered " + std::to_string(r->status) + ": " + r->body);
+  simdjson::dom::parser parser;
+  simdjson::dom::element doc;
+  std::uint64_t request = 0;
+  if (!parser.parse(r->body).get(doc) && doc["request"].get(request)) request = 0;
+  std::printf("backfill of channel '%s' asked (posts created from %s until bridging began)\n",
+              channel.c_str(),
+              since == 0 ? "the beginning"
+                         : config::FormatTime(std::chrono::system_clock::time_point(
+                                                  std::chrono::milliseconds(since)))
+                               .c_str());
+  if (vm.count("no-wait")) return 0;
+  // Progress until done. A daemon that stops meanwhile resumes the backfill when it starts.
+  std::string last;
+  int unanswered = 0;
+  while (true) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    auto st = (*client)->Request("GET", "/v1/status");
+    if (!st || st->status != 200) {
+      if (++unanswered >= 60) {
+        return Fail(
+            "the daemon does not answer; the backfill is stored and goes on when the "
+            "daemon runs again (see `relay status`)");
+      }
+      continue;
+    }
+    unanswered = 0;
+    simdjson::dom::element status;
+    simdjson::dom::array channels;
+    if (parser.parse(st->body).get(status) || status["mattermost"]["channels"].get(channels))
+      return Fail("the daemon's status has no chat channels: " + st->body);
+    for (simdjson::dom::element c : channels) {
+      std::string_view name, state;
+      if (c["name"].get(name) || name != channel) continue;
+      simdjson::dom::element b;
+      if (c["backfill"].get(b) || b["state"].get(state)) continue;
+      auto u64 = [&b](const char* key) {
+        std::uint64_t v = 0;
+        return b[key].get(v) ? std::uint64_t{0} : v;
+      };
+      const std::uint64_t req = u64("request"), listed = u64("listed"), done = u64("done"),
+                          captured = u64("captured");
+      double seconds = 0;
+      if (b["seconds"].get(seconds)) seconds = 0;
+      // After a restart the daemon resumes it as request 0.
+      if (req != request && req != 0) continue;
+      std::string line;
+      if (state == "listing") {
+        line = "listing: " + std::to_string(listed) + " posts found";
+      } else if (state == "capturing") {
+        line = "carrying: " + std::to_string(done) + " of " + std::to_string(listed) + " posts";
+      } else if (state == "done") {
+        char rate[64];
+        std::snprintf(rate, sizeof rate, "%.1f s, %.0f posts/s", seconds,
+                      seconds > 0 ? static_cast<double>(listed) / seconds : 0.0);
+        std::printf("done: %llu posts carried (%llu changes with their reactions) in %s\n",
+                    static_cast<unsigned long long>(listed),
+                    static_cast<unsigned long long>(captured), rate);
+        return 0;
+      } else {
+        line = std::string(state);
+      }
+      if (line != last) std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
+      last = line;
+    }
+  }
+}
+
 int CmdStatus(const po::variables_map& vm) {
   if (Status s = crypto::Init(); !s) return Fail(s.message());
   auto cfg = Load(vm);
@@ -444,6 +546,17 @@ const std::vector<Command>& Commands() {
          o.add_options()("json", "machine-readable output");
        },
        CmdStatus},
+      {"backfill", "--config FILE --channel NAME [--since DATE] [--no-wait]",
+       "carry a Mattermost channel's history (posts from before bridging began) to the peers, "
+       "through the running daemon",
+       [](auto& o, auto&) {
+         AddConfig(o);
+         o.add_options()("channel", po::value<std::string>()->required(), "channel name")(
+             "since", po::value<std::string>(),
+             "only posts created from then: 2026-01-31 or 2026-01-31T08:00:00Z (default: all)")(
+             "no-wait", "return once the daemon has the request (progress: relay status)");
+       },
+       CmdBackfill},
       {"export", "--config FILE --peer NAME --out DIR [--all] [--ack]",
        "write sneakernet bundle(s) for a peer (or, with --ack, an acknowledgement file)",
        [](auto& o, auto&) {

@@ -477,15 +477,44 @@ std::string Daemon::Impl::StatusJson() {
     }
     out += "}";
   }
-  // Things the operator should act on, one sentence each (shown by `relay status`).
-  out += "],\"warnings\":[";
-  bool first = true;
-  for (std::size_t i = 0; i < peers.size(); ++i) {
-    const std::string notice = PreviousKeyNotice(i, now);
-    if (notice.empty()) continue;
-    out += (first ? "" : ",") + JsonString(notice);
-    first = false;
+  out += "]";
+  std::vector<std::string> notices;
+  if (bridge) {
+    // Chat channels whose replay is held, and why (docs/mattermost.md, "Errors").
+    out += ",\"mattermost\":{\"channels\":[";
+    bool first_channel = true;
+    for (const MattermostBridge::ChannelReplay& c : bridge->Channels()) {
+      out += std::string(first_channel ? "" : ",") + "{\"name\":" + JsonString(c.channel) +
+             ",\"blocked\":" + (c.blocked ? "true" : "false");
+      if (c.blocked) {
+        out +=
+            ",\"reason\":" + JsonString(c.reason) + ",\"since_ms\":" + std::to_string(c.since_ms);
+        notices.push_back("chat channel '" + c.channel + "' is held since " +
+                          config::FormatTime(std::chrono::system_clock::time_point(
+                              std::chrono::milliseconds(c.since_ms))) +
+                          ": " + c.reason + " (its events wait, in order)");
+      }
+      const MattermostBridge::BackfillProgress& b = c.backfill;
+      if (!b.state.empty()) {
+        out += ",\"backfill\":{\"state\":" + JsonString(b.state) +
+               ",\"request\":" + std::to_string(b.request) +
+               ",\"since_ms\":" + std::to_string(b.since_ms) +
+               ",\"listed\":" + std::to_string(b.listed) + ",\"done\":" + std::to_string(b.done) +
+               ",\"captured\":" + std::to_string(b.captured) +
+               ",\"seconds\":" + std::to_string(b.seconds) + "}";
+      }
+      out += "}";
+      first_channel = false;
+    }
+    out += "]}";
   }
+  // Things the operator should act on, one sentence each (shown by `relay status`).
+  for (std::size_t i = 0; i < peers.size(); ++i) {
+    std::string notice = PreviousKeyNotice(i, now);
+    if (!notice.empty()) notices.push_back(std::move(notice));
+  }
+  out += ",\"warnings\":[";
+  for (std::size_t i = 0; i < notices.size(); ++i) out += (i ? "," : "") + JsonString(notices[i]);
   out += "]}";
   return out;
 }

@@ -615,6 +615,8 @@ struct Daemon::Impl : transports::LinkHandler {
   // Export and import can take a while: they run on bundle_pool and answer when done; 429 with
   // Retry-After when every worker is busy and the pool's queue is full.
   void BundleRequest(const std::string& path, std::string body, const HttpResponder& respond);
+  // POST /v1/mattermost/backfill {"channel": NAME, "since_ms": N}: `relay backfill`.
+  void BackfillRequest(const std::string& body, const HttpResponder& respond);
   void ServeBundleRequest(const std::string& path, const std::string& body,
                           const HttpResponder& respond);
 

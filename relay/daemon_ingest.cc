@@ -6,6 +6,8 @@
 
 #include <sys/statvfs.h>
 
+#include <simdjson.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -159,7 +161,8 @@ void Daemon::Impl::Route(HttpRequest&& req, const HttpResponder& respond) {
     respond({200, "application/json", "{\"status\":\"ok\"}"});
   } else if (path == "/metrics") {
     metrics.store_bytes = store->ApproximateSize();
-    respond({200, "text/plain; version=0.0.4", metrics.RenderPrometheus(config.site_name)});
+    respond({200, "text/plain; version=0.0.4",
+             metrics.RenderPrometheus(config.site_name) + (bridge ? bridge->MetricsText() : "")});
   } else if (path == "/v1/bundles/export" || path == "/v1/bundles/import") {
     if (req.method != "POST") {
       respond({405, "application/json", JsonError("use POST for " + path)});
@@ -168,8 +171,42 @@ void Daemon::Impl::Route(HttpRequest&& req, const HttpResponder& respond) {
     BundleRequest(path, std::move(req.body), respond);
   } else if (path == "/v1/status") {
     respond({200, "application/json", StatusJson()});
+  } else if (path == "/v1/mattermost/backfill") {
+    if (req.method != "POST") {
+      respond({405, "application/json", JsonError("use POST for " + path)});
+      return;
+    }
+    BackfillRequest(req.body, respond);
   } else {
     respond({404, "application/json", JsonError("no such endpoint: " + path)});
+  }
+}
+
+void Daemon::Impl::BackfillRequest(const std::string& body, const HttpResponder& respond) {
+  simdjson::dom::parser parser;
+  simdjson::dom::element doc;
+  std::string_view channel;
+  std::int64_t since_ms = 0;
+  if (parser.parse(body).get(doc) || doc.type() != simdjson::dom::element_type::OBJECT) {
+    respond({400, "application/json", JsonError("body must be a JSON object")});
+  } else if (doc["channel"].get(channel)) {
+    respond({400, "application/json", JsonError("missing field 'channel' (string)")});
+  } else if (doc["since_ms"].get(since_ms) || since_ms < 0) {
+    respond({400, "application/json",
+             JsonError("missing or bad field 'since_ms' (milliseconds since 1970, at least 0)")});
+  } else if (!bridge) {
+    respond({400, "application/json",
+             JsonError("no channel of this site uses sink = mattermost: nothing to backfill")});
+  } else if (Status s = bridge->Backfill(std::string(channel), since_ms); !s) {
+    respond({400, "application/json", JsonError(s.message())});
+  } else {
+    std::uint64_t request = 0;
+    for (const MattermostBridge::ChannelReplay& c : bridge->Channels()) {
+      if (c.channel == channel) request = c.backfill.request;
+    }
+    respond(
+        {202, "application/json",
+         "{\"channel\":" + JsonString(channel) + ",\"request\":" + std::to_string(request) + "}"});
   }
 }
 

@@ -52,7 +52,11 @@ constexpr int kMaxSizeMismatches = 5;
 // was saved (pendingPostIDsCacheTTL); a create re-sent within this much of the previous attempt
 // is safe whatever became of that attempt (the margin covers the attempt's own time in flight).
 constexpr std::int64_t kPendingPostIdTrustMs = 20000;
+// How far before a create's first attempt (server time) the look-up for its post reads.
+constexpr std::int64_t kLookBackMs = 120000;
 std::string CursorKey(const std::string& channel) { return "mmcursor/" + channel; }
+std::string StartKey(const std::string& channel) { return "mmstart/" + channel; }
+constexpr std::uint64_t kUnset = ~std::uint64_t{0};
 std::string StateKey(const std::string& post_id) { return "s:" + post_id; }
 std::string ReactionsKey(const std::string& post_id) { return "x:" + post_id; }
 std::string IntentKey(const std::string& event_id) { return "i:" + event_id; }
@@ -141,13 +145,15 @@ struct MattermostBridge::Impl {
     return hooks.store->GetDedup(key, NowMs());
   }
 
-  // Runs `call` until it succeeds, fails for good, or the bridge stops. Counts retries.
+  // Runs `call` until it succeeds, fails for good, the bridge stops, or (max_attempts > 0)
+  // that many attempts failed. Counts retries.
   template <typename T, typename F>
-  chat::MmResult<T> Retry(const char* what, F call) {
+  chat::MmResult<T> Retry(const char* what, F call, int max_attempts = 0) {
     std::chrono::milliseconds backoff(250);
-    while (true) {
+    for (int attempt = 1;; ++attempt) {
       chat::MmResult<T> r = call();
       if (r.ok() || !r.error.retryable || stop) return r;
+      if (max_attempts > 0 && attempt >= max_attempts) return r;
       ++hooks.metrics->mm_retries;
       std::chrono::milliseconds wait = r.error.http_status == 429 && r.error.retry_after.count() > 0
                                            ? r.error.retry_after
@@ -179,6 +185,7 @@ struct MattermostBridge::Impl {
     // A post could not be captured now (its attachment's chunks were not stored): the round's
     // cursor must not move past it, and a catch-up must follow.
     bool incomplete = false;
+    bool backfill = false;  // history asked for by `relay backfill`: not filtered out
   };
 
   PostState LoadState(Round& round, const std::string& post_id) {
@@ -196,6 +203,7 @@ struct MattermostBridge::Impl {
   }
 
   std::map<std::string, std::string> usernames;  // capture thread only
+  std::map<std::string, std::int64_t> starts;    // relay channel -> ChannelStart, capture thread
 
   std::string Username(chat::MattermostClient& client, const std::string& user_id) {
     auto it = usernames.find(user_id);
@@ -379,6 +387,32 @@ struct MattermostBridge::Impl {
     if (deleted && post.delete_at == 0) post.delete_at = std::max<std::int64_t>(post.update_at, 1);
     Json props = ParseProps(post.props_json);
     bool relay_made = props.contains("relay_event_id") || (!bot.empty() && post.user_id == bot);
+    if (!relay_made) {
+      auto start = ChannelStart(client, post.channel_id, channel);
+      if (!start) {
+        round.incomplete = true;  // captured by the catch-up that follows
+        return;
+      }
+      // History (created before bridging began) stays here, with its edits and reactions.
+      if (post.create_at < *start && !round.backfill && !LoadState(round, post.id).known) return;
+      if (!post.type.empty()) {
+        // A system post (joins, header changes, ...): a notice when the channel carries its
+        // kind, else it stays here.
+        const auto& kinds = sinks.at(channel)->mattermost_system_posts;
+        if (std::find(kinds.begin(), kinds.end(), post.type) == kinds.end()) {
+          if (!LoadState(round, post.id).known) {
+            ++hooks.metrics->mm_system_posts_skipped;
+            PostState st;
+            st.known = true;
+            st.update_at = post.update_at;
+            round.states[post.id] = st;
+          }
+          return;
+        }
+        post.message = "[notice] " + post.message;
+        post.file_ids.clear();
+      }
+    }
     // The post itself first: a reaction change of a new post must follow the post's creation
     // in the submission, or the committer cannot map it (the post is not bridged yet).
     if (!relay_made) CapturePostChange(client, round, channel, post, deleted);
@@ -465,6 +499,8 @@ struct MattermostBridge::Impl {
     auto ch = relay_by_mm.find(mm_channel);
     if (ch == relay_by_mm.end()) return;
     if (r.user_id == BotId(client)) return;
+    // Only posts that crossed (history and system posts do not, nor their reactions).
+    if (!Get(MattermostBridge::PostToEventKey(r.post_id))) return;
     std::set<std::string>& seen = LoadReactions(round, r.post_id);
     std::string key = r.user_id + "/" + r.emoji_name;
     if (added == (seen.count(key) > 0)) return;  // already known
@@ -497,9 +533,82 @@ struct MattermostBridge::Impl {
     return true;
   }
 
-  // Catches up one channel over REST `since`, from its cursor minus the overlap window.
+  // The moment bridging of `channel` began, in server time: posts created before it are the
+  // channel's history and are not bridged (docs/mattermost.md, "Where bridging starts"). A
+  // channel seen for the first time starts now: after its newest post and at the server's clock
+  // (the Date of the answer); the start and a cursor at it are stored before anything else is
+  // captured. A channel bridged before starts were kept (a cursor, no start) starts at 0.
+  std::optional<std::int64_t> ChannelStart(chat::MattermostClient& client,
+                                           const std::string& mm_channel,
+                                           const std::string& channel) {
+    auto it = starts.find(channel);
+    if (it != starts.end()) return it->second;
+    const std::uint64_t stored = hooks.store->GetCounter(StartKey(channel), kUnset);
+    if (stored != kUnset) return starts[channel] = static_cast<std::int64_t>(stored);
+    std::int64_t start = 0;
+    CaptureSubmission sub;
+    if (hooks.store->GetCounter(CursorKey(channel), 0) == 0) {
+      auto newest = Retry<chat::MmPostList>("GET /channels/{id}/posts?page",
+                                            [&] { return client.GetPostsPage(mm_channel, 0, 1); });
+      if (!newest.ok()) {
+        log::Error("mattermost capture: cannot learn where channel '" + channel +
+                   "' starts: " + newest.error.message);
+        return std::nullopt;
+      }
+      start = client.ServerNowMs();
+      for (const MmPost& p : newest.value->posts) {
+        if (InOrder(*newest.value, p.id)) start = std::max(start, p.create_at + 1);
+      }
+      sub.counters.emplace_back(CursorKey(channel), static_cast<std::uint64_t>(start));
+      log::Info("mattermost capture: channel '" + channel + "' is bridged from now on (server " +
+                "time " + std::to_string(start) + "); its history crosses only with " +
+                "`relay backfill`");
+    }
+    sub.counters.emplace_back(StartKey(channel), static_cast<std::uint64_t>(start));
+    if (Status s = hooks.submit(sub); !s) {
+      log::Error("mattermost capture: storing where channel '" + channel +
+                 "' starts failed: " + s.message());
+      return std::nullopt;
+    }
+    return starts[channel] = start;
+  }
+
+  static bool InOrder(const chat::MmPostList& list, const std::string& id) {
+    return std::find(list.order.begin(), list.order.end(), id) != list.order.end();
+  }
+
+  // The posts a list answers with: those in `order`. `posts` also holds the roots (and, for
+  // pages, other replies) of the threads in the answer, which may be older than the query.
+  static std::vector<MmPost> Answered(chat::MmPostList& list) {
+    std::set<std::string> ids(list.order.begin(), list.order.end());
+    std::vector<MmPost> out;
+    for (MmPost& p : list.posts) {
+      if (ids.erase(p.id)) out.push_back(std::move(p));
+    }
+    return out;
+  }
+
+  static void SortByCreation(std::vector<MmPost>& posts) {
+    std::stable_sort(posts.begin(), posts.end(), [](const MmPost& a, const MmPost& b) {
+      const bool a_reply = !a.root_id.empty(), b_reply = !b.root_id.empty();
+      return std::tie(a.create_at, a_reply, a.update_at) <
+             std::tie(b.create_at, b_reply, b.update_at);
+    });
+  }
+
+  // The answered post created first (`posts` is a JSON object: in no particular order).
+  static const MmPost& Oldest(const std::vector<MmPost>& posts) {
+    return *std::min_element(posts.begin(), posts.end(), [](const MmPost& a, const MmPost& b) {
+      return a.create_at < b.create_at;
+    });
+  }
+
+  // Catches up one channel over REST `since`, from its cursor minus the overlap window. Only the
+  // posts in each answer's `order` are read, and the cursor moves to the newest update_at among
+  // them (server time): never past a change not yet read.
   bool CatchUp(chat::MattermostClient& client, const std::string& mm_channel,
                const std::string& channel) {
+    if (!ChannelStart(client, mm_channel, channel)) return false;
     std::uint64_t cursor = hooks.store->GetCounter(CursorKey(channel), 0);
     std::int64_t since = std::max<std::int64_t>(
         0, static_cast<std::int64_t>(cursor) - config.mattermost_catchup_overlap.count());
@@ -511,12 +620,14 @@ struct MattermostBridge::Impl {
       return false;
     }
     ++hooks.metrics->mm_catchups;
-    std::vector<MmPost> posts = list.value->posts;
-    if (list.value->order.size() >= kSinceCap) {
+    const bool capped = list.value->order.size() >= kSinceCap;
+    std::vector<MmPost> posts = Answered(*list.value);
+    if (capped) {
       // The server returns at most 1000 rows for `since`, an arbitrary subset when more
-      // changed. Page through the channel's current posts (newest first) back to `since` so no
-      // new post or edit of a new post is missed; only edits and deletes of posts created
-      // before `since` can hide behind the cap (see docs/mattermost.md).
+      // changed. Page through the channel's current posts (newest first, by create_at) until a
+      // page's oldest answered post is older than `since`, so no new post or edit of a new post
+      // is missed; only edits and deletes of posts created before `since` can hide behind the
+      // cap (see docs/mattermost.md).
       log::Warning("mattermost capture: channel '" + channel +
                    "' has more than 1000 changes to catch up; paging through its posts");
       for (int page = 0; page < kMaxPages && !stop; ++page) {
@@ -528,12 +639,13 @@ struct MattermostBridge::Impl {
                      "' failed: " + more.error.message);
           return false;
         }
-        bool older = false;
-        for (MmPost& p : more.value->posts) {
+        std::vector<MmPost> answered = Answered(*more.value);
+        bool older = answered.empty();
+        for (MmPost& p : answered) {
           if (p.create_at <= since) older = true;
           posts.push_back(std::move(p));
         }
-        if (more.value->order.empty() || older) break;
+        if (older) break;
       }
     }
     // In the order the posts were created: a root before its replies (a reply or a reaction
@@ -541,11 +653,7 @@ struct MattermostBridge::Impl {
     // the same millisecond as its root, so at one create_at roots come first), and the peer
     // sees new posts in the channel's order. Versions of one post (listed twice when paging)
     // oldest first, so the reaction diff compares against the newest.
-    std::stable_sort(posts.begin(), posts.end(), [](const MmPost& a, const MmPost& b) {
-      const bool a_reply = !a.root_id.empty(), b_reply = !b.root_id.empty();
-      return std::tie(a.create_at, a_reply, a.update_at) <
-             std::tie(b.create_at, b_reply, b.update_at);
-    });
+    SortByCreation(posts);
     Round round;
     std::int64_t max_update = static_cast<std::int64_t>(cursor);
     for (MmPost& p : posts) {
@@ -561,6 +669,159 @@ struct MattermostBridge::Impl {
     bool ok = true;
     for (const auto& [mm, channel] : relay_by_mm) ok = CatchUp(client, mm, channel) && ok;
     return ok;
+  }
+
+  // ---- backfill ----------------------------------------------------------------------------
+  // `relay backfill` carries a channel's history (posts created before bridging began, from a
+  // given time) as new posts, oldest first, roots before their replies. The request is stored
+  // (a killed daemon resumes it); the capture thread lists the history through anchored pages,
+  // then captures it a chunk at a time between WebSocket reads, so live capture goes on. Posts
+  // already captured are known by their state and never captured twice.
+  static std::string BackfillKey(const std::string& channel) { return "mmbackfill/" + channel; }
+  static constexpr std::size_t kBackfillChunk = 200;
+
+  struct BackfillJob {
+    std::string channel, mm_channel;
+    std::int64_t since = 0, start = 0;
+    bool listed = false;
+    std::string before;  // the oldest post listed so far: the next page's anchor
+    int pages = 0;
+    std::map<std::string, MmPost> found;
+    std::vector<MmPost> posts;  // listed, in creation order
+    std::size_t next = 0;
+    std::uint64_t captured = 0;  // changes committed (posts and their reactions)
+    Clock::time_point began = Clock::now();
+  };
+  std::optional<BackfillJob> job;          // capture thread
+  std::atomic<bool> backfill_asked{true};  // look for stored requests (start, Backfill())
+  std::map<std::string, MattermostBridge::BackfillProgress> backfill_view;  // under view_mu
+
+  void PublishBackfill(const BackfillJob& j, const char* state) {
+    std::lock_guard<std::mutex> lock(view_mu);
+    auto& v = backfill_view[j.channel];
+    v.state = state;
+    v.since_ms = j.since;
+    v.listed = j.listed ? j.posts.size() : j.found.size();
+    v.done = j.next;
+    v.captured = j.captured;
+    v.seconds = std::chrono::duration<double>(Clock::now() - j.began).count();
+  }
+
+  Status AskBackfill(const std::string& channel, std::int64_t since_ms) {
+    bool bridged = false;
+    for (const auto& [mm, name] : relay_by_mm) bridged = bridged || name == channel;
+    if (!bridged)
+      return Status::Error("channel '" + channel +
+                           "' is not a channel with sink = mattermost in this configuration");
+    if (since_ms < 0) return Status::Error("the backfill's start time is before 1970");
+    queue::WriteBatch b(*hooks.store);
+    b.PutCounter(BackfillKey(channel), static_cast<std::uint64_t>(since_ms) + 1);
+    if (Status s = hooks.store->Commit(b, true); !s) return s;
+    {
+      std::lock_guard<std::mutex> lock(view_mu);
+      auto& v = backfill_view[channel];
+      const std::uint64_t request = v.request + 1;
+      v = MattermostBridge::BackfillProgress{};
+      v.state = "queued";
+      v.since_ms = since_ms;
+      v.request = request;
+    }
+    backfill_asked = true;
+    cv.notify_all();
+    return Status::Ok();
+  }
+
+  // One step of the backfill in progress (a page listed, or a chunk captured), starting a
+  // stored one when none runs. True when there is more to do.
+  bool StepBackfill(chat::MattermostClient& client) {
+    if (!job) {
+      if (!backfill_asked.exchange(false)) return false;
+      for (const auto& [mm, channel] : relay_by_mm) {
+        const std::uint64_t asked = hooks.store->GetCounter(BackfillKey(channel), 0);
+        if (asked == 0) continue;
+        auto start = ChannelStart(client, mm, channel);
+        if (!start) {
+          backfill_asked = true;
+          return false;
+        }
+        job.emplace();
+        job->channel = channel;
+        job->mm_channel = mm;
+        job->since = static_cast<std::int64_t>(asked - 1);
+        job->start = *start;
+        log::Info("mattermost backfill: channel '" + channel + "': listing the posts created " +
+                  "from " + std::to_string(job->since) + " until bridging began (" +
+                  std::to_string(job->start) + ", server time)");
+        PublishBackfill(*job, "listing");
+        break;
+      }
+      if (!job) return false;
+    }
+    BackfillJob& j = *job;
+    if (!j.listed) {
+      auto page = Retry<chat::MmPostList>("GET /channels/{id}/posts?before", [&] {
+        return j.before.empty() ? client.GetPostsPage(j.mm_channel, 0, kPageSize)
+                                : client.GetPostsBefore(j.mm_channel, j.before, kPageSize);
+      });
+      if (!page.ok()) {
+        log::Error("mattermost backfill: channel '" + j.channel +
+                   "': listing failed, trying again: " + page.error.message);
+        Sleep(std::chrono::milliseconds(1000));
+        return true;
+      }
+      std::vector<MmPost> answered = Answered(*page.value);
+      bool last = answered.empty() || ++j.pages >= kMaxPages;
+      if (!answered.empty()) j.before = Oldest(answered).id;
+      for (MmPost& p : answered) {
+        if (p.create_at < j.since) {
+          last = true;
+        } else if (p.create_at < j.start && p.original_id.empty()) {
+          j.found.emplace(p.id, std::move(p));
+        }
+      }
+      if (last) {
+        if (j.pages >= kMaxPages)
+          log::Warning("mattermost backfill: channel '" + j.channel + "': only the newest " +
+                       std::to_string(kMaxPages * kPageSize) + " posts are listed");
+        for (auto& [id, p] : j.found) j.posts.push_back(std::move(p));
+        j.found.clear();
+        SortByCreation(j.posts);
+        j.listed = true;
+        log::Info("mattermost backfill: channel '" + j.channel +
+                  "': " + std::to_string(j.posts.size()) + " posts to carry");
+      }
+      PublishBackfill(j, "listing");
+      return true;
+    }
+    if (j.next < j.posts.size()) {
+      Round round;
+      round.backfill = true;
+      const std::size_t end = std::min(j.next + kBackfillChunk, j.posts.size());
+      for (std::size_t i = j.next; i < end; ++i) {
+        ProcessPost(client, round, j.posts[i], /*deleted=*/false, /*reactions_known=*/true);
+      }
+      const std::size_t changes = round.sub.changes.size();
+      if (!Submit(round)) return true;  // the same chunk again (what was stored is known)
+      j.captured += changes;
+      j.next = end;
+      PublishBackfill(j, "capturing");
+      return true;
+    }
+    queue::WriteBatch b(*hooks.store);
+    b.PutCounter(BackfillKey(j.channel), 0);
+    if (Status s = hooks.store->Commit(b, true); !s) {
+      log::Error("mattermost backfill: " + s.message());
+      Sleep(std::chrono::milliseconds(1000));
+      return true;
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - j.began).count();
+    log::Info("mattermost backfill: channel '" + j.channel + "': done, " +
+              std::to_string(j.posts.size()) + " posts listed, " + std::to_string(j.captured) +
+              " changes captured in " + std::to_string(static_cast<long>(seconds)) + " s");
+    PublishBackfill(j, "done");
+    job.reset();
+    backfill_asked = true;  // another channel may be waiting
+    return false;
   }
 
   void CaptureLoop() {
@@ -580,9 +841,15 @@ struct MattermostBridge::Impl {
           // A server that cannot be reached over the WebSocket may still answer REST: capture
           // goes on over REST every poll_interval (and at once when a catch-up is due) until
           // the WebSocket is back.
-          Sleep(std::min<std::chrono::milliseconds>(
-              backoff, std::max<std::chrono::milliseconds>(config.mattermost_poll_interval,
-                                                           std::chrono::milliseconds(500))));
+          // The wait before the next attempt goes to the backfill, if one runs.
+          const auto until = Clock::now() + std::min<std::chrono::milliseconds>(
+                                                backoff, std::max<std::chrono::milliseconds>(
+                                                             config.mattermost_poll_interval,
+                                                             std::chrono::milliseconds(500)));
+          while (!stop && Clock::now() < until && StepBackfill(client)) {
+          }
+          if (Clock::now() < until)
+            Sleep(std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()));
           backoff = std::min(backoff * 2, std::chrono::milliseconds(30000));
           if ((need_catchup || Clock::now() - last_catchup >= config.mattermost_poll_interval) &&
               CatchUpAll(client)) {
@@ -601,7 +868,8 @@ struct MattermostBridge::Impl {
           last_catchup = Clock::now();
         }
       }
-      auto r = ws.Read(std::chrono::milliseconds(500));
+      const bool more_backfill = StepBackfill(client);
+      auto r = ws.Read(std::chrono::milliseconds(more_backfill ? 1 : 500));
       if (!r.ok()) {
         if (r.error.id == "timeout") continue;
         log::Warning("mattermost capture: WebSocket lost (" + r.error.message + "), resuming");
@@ -683,8 +951,44 @@ struct MattermostBridge::Impl {
     return props.dump(-1, ' ', false, Json::error_handler_t::replace);
   }
 
-  // Result of applying one event: done (also for events skipped for good), or retry later.
-  enum class Applied { kDone, kStopped };
+  // Result of applying one event: done (also for events given up with a note or a log line),
+  // stopped (the bridge stops or the store failed), or held: the channel cannot take anything
+  // for now (`held_reason` says why) and the event is tried again after a backoff.
+  enum class Applied { kDone, kStopped, kHeld };
+  std::string held_reason;                        // replay thread
+  std::chrono::milliseconds held_retry_after{0};  // a 429's Retry-After: the next try's time
+
+  // Quick retries inside one attempt at an event; past them the channel is held (with its own,
+  // longer backoff) so the other channels go on.
+  static constexpr int kReplayAttempts = 3;
+
+  // What a call's failure says: about the channel, the token or the server (every event of the
+  // channel would fail alike: hold the channel until it passes), or about this one event.
+  enum class Call { kCreate, kUpload, kChange, kReaction };
+  static bool HoldsChannel(const MmError& e, Call call) {
+    if (e.retryable) return true;  // 429, 5xx but 501, timeouts, connection errors, bad replies
+    switch (e.http_status) {
+      case 401:  // token revoked or expired, bot deactivated
+        return true;
+      case 403:  // bot removed from the channel, read-only or moderated channel, archived
+        return e.id != "api.emoji.disabled.app_error" &&
+               e.id != "api.file.attachments.disabled.app_error" &&
+               e.id != "api.reaction.save_reaction.user_id.app_error";
+      case 404:  // the channel is gone (for a post's change: the post is)
+        return call == Call::kCreate || call == Call::kUpload;
+      case 400:  // archived channel
+        return e.id.find("can_not_post_to_deleted") != std::string::npos ||
+               e.id.find("archived_channel") != std::string::npos;
+      default:
+        return false;
+    }
+  }
+
+  Applied Held(const char* what, const MmError& e) {
+    held_reason = std::string(what) + ": " + e.message;
+    held_retry_after = e.http_status == 429 ? e.retry_after : std::chrono::milliseconds(0);
+    return Applied::kHeld;
+  }
 
   Applied Fail(const Event& e, const std::string& why) {
     ++hooks.metrics->mm_replay_failures;
@@ -702,36 +1006,84 @@ struct MattermostBridge::Impl {
     return hooks.store->Commit(b, sync);
   }
 
-  // Looks for a post this relay created for `event_id` (after a crash between create and
-  // mapping, or a create whose answer was lost): the origin marker in props identifies it.
-  std::optional<std::string> FindCreated(chat::MattermostClient& client,
-                                         const std::string& mm_channel, const std::string& event_id,
-                                         std::int64_t intent_ms) {
-    auto list = Retry<chat::MmPostList>("GET /channels/{id}/posts?since", [&] {
-      return client.GetPostsSince(mm_channel, std::max<std::int64_t>(0, intent_ms - 120000));
-    });
-    if (!list.ok()) return std::nullopt;
-    for (const MmPost& p : list.value->posts) {
-      if (!p.original_id.empty()) continue;
-      Json props = ParseProps(p.props_json);
-      if (props.value("relay_event_id", "") == event_id) return p.id;
-    }
-    return std::nullopt;
-  }
-
   // The intent record of a create: when the first attempt was about to be sent and when the
-  // latest one was ("<first> <last>", ms; records of older versions hold one number).
+  // latest one was (this host's clock, ms), and the server's clock at the first attempt
+  // ("<first> <last> <server first>"; records of older versions hold one or two numbers).
   struct Intent {
-    std::int64_t first_ms = 0, last_ms = 0;
-    std::string Encode() const { return std::to_string(first_ms) + " " + std::to_string(last_ms); }
+    std::int64_t first_ms = 0, last_ms = 0, server_first_ms = 0;
+    std::string Encode() const {
+      return std::to_string(first_ms) + " " + std::to_string(last_ms) + " " +
+             std::to_string(server_first_ms);
+    }
     static Intent Decode(const std::string& s) {
       Intent in;
       std::istringstream text(s);
       text >> in.first_ms;
       if (!(text >> in.last_ms)) in.last_ms = in.first_ms;
+      if (!(text >> in.server_first_ms)) in.server_first_ms = 0;
       return in;
     }
   };
+
+  // The outcome of a look-up for an earlier create's post: found, not there (`done` without a
+  // post), or not known (`done` false: the server did not answer; nothing may be re-sent).
+  struct LookUp {
+    bool done = false;
+    std::optional<std::string> post_id;
+    MmError error;
+  };
+
+  // Looks for a post this relay created for `event_id` (after a crash between create and
+  // mapping, or a create whose answer was lost): the origin marker in props identifies it. The
+  // post was created after the first attempt was sent, in server time: the look-up reads the
+  // channel's changes since then (less a margin for the Date header's whole seconds and the
+  // time in flight), and pages back through a busy channel whose changes exceed the `since` cap.
+  // Intents of older versions have no server time: this host's clock, as before.
+  LookUp FindCreated(chat::MattermostClient& client, const std::string& mm_channel,
+                     const std::string& event_id, const Intent& intent) {
+    LookUp out;
+    const std::int64_t sent = intent.server_first_ms > 0 ? intent.server_first_ms : intent.first_ms;
+    const std::int64_t bound = std::max<std::int64_t>(0, sent - kLookBackMs);
+    auto find = [&](const chat::MmPostList& list) {
+      for (const MmPost& p : list.posts) {
+        if (!p.original_id.empty()) continue;
+        if (ParseProps(p.props_json).value("relay_event_id", "") == event_id) {
+          out.post_id = p.id;
+          return true;
+        }
+      }
+      return false;
+    };
+    auto list = Retry<chat::MmPostList>(
+        "GET /channels/{id}/posts?since", [&] { return client.GetPostsSince(mm_channel, bound); },
+        kReplayAttempts);
+    if (!list.ok()) {
+      out.error = list.error;
+      return out;
+    }
+    if (find(*list.value) || list.value->order.size() < kSinceCap) {
+      out.done = true;
+      return out;
+    }
+    for (int page = 0; page < kMaxPages; ++page) {
+      if (stop) {
+        out.error.message = "stopped";
+        return out;
+      }
+      auto more = Retry<chat::MmPostList>(
+          "GET /channels/{id}/posts?page",
+          [&] { return client.GetPostsPage(mm_channel, page, kPageSize); }, kReplayAttempts);
+      if (!more.ok()) {
+        out.error = more.error;
+        return out;
+      }
+      if (find(*more.value)) break;
+      std::vector<MmPost> answered = Answered(*more.value);
+      if (answered.empty() || Oldest(answered).create_at < bound) break;
+    }
+    out.done = true;
+    return out;
+  }
 
   // The create's idempotency key (see MmNewPost::pending_post_id): the same for every attempt
   // at one event in one channel, whichever relay process sends it.
@@ -741,13 +1093,14 @@ struct MattermostBridge::Impl {
 
   // Before a create is sent again: was an earlier attempt carried out after all (its answer
   // lost, or carried out late by a slow server)? An attempt sent less than
-  // kPendingPostIdTrustMs ago is covered by the server's pending_post_id de-duplication, and
-  // older ones by the look-up. When the latest attempt is older than that, the look-up alone
-  // decides, so it waits until that attempt can no longer be in flight (timeout) nor hidden by
-  // the read replica's lag (catchup_overlap, the lag allowed for everywhere else).
-  std::optional<std::string> LookUpBeforeResend(chat::MattermostClient& client,
-                                                const std::string& mm_channel,
-                                                const std::string& event_id, const Intent& intent) {
+  // kPendingPostIdTrustMs ago is covered by the server's pending_post_id de-duplication (on the
+  // node that saw it), and older ones by the look-up. When the latest attempt is older than
+  // that, the look-up alone decides, so it waits until that attempt can no longer be in flight
+  // (timeout) nor hidden by the read replica's lag (catchup_overlap, the lag allowed for
+  // everywhere else). A cluster whose nodes do not share that cache is covered by the look-up
+  // before every resend, whatever the attempt's age.
+  LookUp LookUpBeforeResend(chat::MattermostClient& client, const std::string& mm_channel,
+                            const std::string& event_id, const Intent& intent) {
     std::int64_t now = NowMs();
     if (now - intent.last_ms >= kPendingPostIdTrustMs) {
       std::int64_t settled = intent.last_ms + config.mattermost_timeout.count() +
@@ -759,8 +1112,12 @@ struct MattermostBridge::Impl {
         Sleep(std::chrono::milliseconds(settled - now));
       }
     }
-    if (stop) return std::nullopt;
-    return FindCreated(client, mm_channel, event_id, intent.first_ms);
+    if (stop) {
+      LookUp l;
+      l.error.message = "stopped";
+      return l;
+    }
+    return FindCreated(client, mm_channel, event_id, intent);
   }
 
   Applied Mapped(const Event& e, const std::string& post_id) {
@@ -773,18 +1130,87 @@ struct MattermostBridge::Impl {
     return Applied::kDone;
   }
 
+  // Sends the create of `np` for `e` (each attempt after the first looks for the post first)
+  // and maps it. A refusal about the post itself (the server would refuse it again) is
+  // returned in `refused`, with nothing mapped; anything else about the channel holds it.
+  Applied Create(chat::MattermostClient& client, const Event& e, const chat::MmNewPost& np,
+                 Intent& intent, std::optional<MmError>* refused) {
+    bool first_try = true;
+    bool unknown = false;  // a look-up failed: whether an attempt was carried out is not known
+    Status stored;
+    auto created = Retry<std::string>(
+        "POST /posts",
+        [&]() -> chat::MmResult<std::string> {
+          chat::MmResult<std::string> r;
+          if (!first_try) {
+            LookUp l = LookUpBeforeResend(client, np.channel_id, e.id, intent);
+            if (l.post_id) {
+              log::Info("mattermost replay: event " + e.id + " was created by an earlier " +
+                        "attempt as post " + *l.post_id + "; not creating it again");
+              r.value = *l.post_id;
+              return r;
+            }
+            if (!l.done) {
+              unknown = true;
+              r.error = l.error;
+              r.error.retryable = false;
+              return r;
+            }
+          }
+          first_try = false;
+          // The intent (synced) says when this attempt was sent: after a crash, the next process
+          // knows whether the server's de-duplication still covers it, and from when (server
+          // time) to look for the post.
+          intent.last_ms = NowMs();
+          if (intent.first_ms == 0) {
+            intent.first_ms = intent.last_ms;
+            intent.server_first_ms = client.ServerNowMs();
+          }
+          if (stored = Put({{IntentKey(e.id), intent.Encode()}}, {}, true); !stored) {
+            r.error.message = "storing the intent failed: " + stored.message();
+            return r;  // not retryable
+          }
+          auto c = client.CreatePost(np);
+          if (c.ok()) {
+            r.value = c.value->id;
+          } else {
+            r.error = c.error;
+          }
+          return r;
+        },
+        kReplayAttempts);
+    if (!stored) {
+      log::Error("mattermost replay: " + stored.message());
+      return Applied::kStopped;
+    }
+    if (created.ok()) return Mapped(e, *created.value);
+    if (stop) return Applied::kStopped;
+    // The intent stays: the next attempt looks for the post before sending it again.
+    if (unknown) return Held("looking for an earlier create", created.error);
+    if (HoldsChannel(created.error, Call::kCreate)) return Held("POST /posts", created.error);
+    // Refused for what the post is; the look-up before this attempt found no earlier one.
+    if (Status s = Put({}, {IntentKey(e.id)}, false); !s) {
+      log::Error("mattermost replay: " + s.message());
+      return Applied::kStopped;
+    }
+    *refused = created.error;
+    return Applied::kDone;
+  }
+
   Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
     if (Get(EventToPostKey(e.id))) return Applied::kDone;  // created before
     Intent intent;
     if (auto stored = Get(IntentKey(e.id))) {
-      // A create was sent before a restart and its outcome never recorded.
+      // A create was sent before a restart (or before the channel was held) and its outcome
+      // never recorded.
       intent = Intent::Decode(*stored);
-      auto found = LookUpBeforeResend(client, mm_channel, e.id, intent);
+      LookUp found = LookUpBeforeResend(client, mm_channel, e.id, intent);
       if (stop) return Applied::kStopped;
-      if (found) {
-        log::Info("mattermost replay: event " + e.id + " was created before a restart as post " +
-                  *found + "; not creating it again");
-        return Mapped(e, *found);
+      if (!found.done) return Held("looking for an earlier create", found.error);
+      if (found.post_id) {
+        log::Info("mattermost replay: event " + e.id + " was created before as post " +
+                  *found.post_id + "; not creating it again");
+        return Mapped(e, *found.post_id);
       }
     }
     chat::MmNewPost np;
@@ -818,65 +1244,51 @@ struct MattermostBridge::Impl {
           continue;
         }
       }
-      auto up = Retry<chat::MmFileInfo>("POST /files", [&] {
-        return f.is_blob() ? client.UploadFileFromPath(mm_channel, f.name, spool)
-                           : client.UploadFile(mm_channel, f.name, f.data);
-      });
+      auto up = Retry<chat::MmFileInfo>(
+          "POST /files",
+          [&] {
+            return f.is_blob() ? client.UploadFileFromPath(mm_channel, f.name, spool)
+                               : client.UploadFile(mm_channel, f.name, f.data);
+          },
+          kReplayAttempts);
       if (stop) return Applied::kStopped;
-      if (up.ok() && f.is_blob()) ++hooks.metrics->blobs_delivered;
       if (!up.ok()) {
+        if (HoldsChannel(up.error, Call::kUpload)) return Held("POST /files", up.error);
         np.message +=
             "\n[attachment '" + f.name + "' could not be uploaded: " + up.error.message + "]";
         continue;
       }
+      if (f.is_blob()) ++hooks.metrics->blobs_delivered;
       np.file_ids.push_back(up.value->id);
     }
     np.props_json = PropsFor(e);
-    // A failed create may still have created the post (the answer was lost, or a slow server
-    // carries it out after the client gave up): before trying again, look for it.
-    bool first_try = true;
-    Status stored;
-    auto created = Retry<std::string>("POST /posts", [&]() -> chat::MmResult<std::string> {
-      chat::MmResult<std::string> r;
-      if (!first_try) {
-        if (auto found = LookUpBeforeResend(client, mm_channel, e.id, intent)) {
-          log::Info("mattermost replay: event " + e.id + " was created by an earlier attempt " +
-                    "as post " + *found + "; not creating it again");
-          r.value = *found;
-          return r;
-        }
-        if (stop) {
-          r.error.message = "stopped";
-          return r;
-        }
+    // A refusal about the post itself never makes it vanish: a reply whose root is gone here
+    // becomes a new thread, anything else a note in its place (docs/mattermost.md).
+    for (int variant = 0;; ++variant) {
+      std::optional<MmError> refused;
+      Applied a = Create(client, e, np, intent, &refused);
+      if (!refused) return a;
+      log::Warning("mattermost replay: event " + e.id + " was refused by the server (" +
+                   refused->message + ")");
+      if (variant == 0 && !np.root_id.empty() && refused->id.find("root") != std::string::npos) {
+        np.root_id.clear();
+        np.message = "[in reply to a post that is no longer here]\n" + np.message;
+        np.pending_post_id = PendingPostId(mm_channel, e.id) + ":thread";
+        intent = Intent{};
+        continue;
       }
-      first_try = false;
-      // The intent (synced) says when this attempt was sent: after a crash, the next process
-      // knows whether the server's de-duplication still covers it.
-      intent.last_ms = NowMs();
-      if (intent.first_ms == 0) intent.first_ms = intent.last_ms;
-      if (stored = Put({{IntentKey(e.id), intent.Encode()}}, {}, true); !stored) {
-        r.error.message = "storing the intent failed: " + stored.message();
-        return r;  // not retryable
+      if (variant < 2 && np.pending_post_id.find(":note") == std::string::npos) {
+        ++hooks.metrics->mm_replay_failures;
+        np.root_id.clear();
+        np.file_ids.clear();
+        np.message = "[a message from " + e.author + " (" + e.origin_site +
+                     ") could not be posted here: " + refused->message + "]";
+        np.pending_post_id = PendingPostId(mm_channel, e.id) + ":note";
+        intent = Intent{};
+        continue;
       }
-      auto c = client.CreatePost(np);
-      if (c.ok()) {
-        r.value = c.value->id;
-      } else {
-        r.error = c.error;
-      }
-      return r;
-    });
-    if (!stored) {
-      log::Error("mattermost replay: " + stored.message());
-      return Applied::kStopped;
+      return Fail(e, refused->message);
     }
-    if (stop && !created.ok()) return Applied::kStopped;
-    if (!created.ok()) {
-      (void)Put({}, {IntentKey(e.id)}, false);
-      return Fail(e, created.error.message);
-    }
-    return Mapped(e, *created.value);
   }
 
   Applied ApplyReaction(chat::MattermostClient& client, const Event& e, const std::string& local) {
@@ -894,17 +1306,26 @@ struct MattermostBridge::Impl {
     }
     std::string bot = BotId(client);
     if (add && was_empty) {
-      auto r =
-          Retry<bool>("POST /reactions", [&] { return client.AddReaction(bot, local, emoji); });
-      if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+      auto r = Retry<bool>(
+          "POST /reactions", [&] { return client.AddReaction(bot, local, emoji); },
+          kReplayAttempts);
+      if (!r.ok()) return Refused(e, "POST /reactions", r.error, Call::kReaction);
     } else if (!add && reactors.empty()) {
-      auto r =
-          Retry<bool>("DELETE reaction", [&] { return client.RemoveReaction(bot, local, emoji); });
+      auto r = Retry<bool>(
+          "DELETE reaction", [&] { return client.RemoveReaction(bot, local, emoji); },
+          kReplayAttempts);
       if (!r.ok() && r.error.http_status != 404)
-        return stop ? Applied::kStopped : Fail(e, r.error.message);
+        return Refused(e, "DELETE reaction", r.error, Call::kReaction);
     }
     if (Status s = Put({{key, JoinSet(reactors)}}, {}, false); !s) return Applied::kStopped;
     return Applied::kDone;
+  }
+
+  // A call for `e` failed: stopped, held (about the channel), or given up for this event.
+  Applied Refused(const Event& e, const char* what, const MmError& error, Call call) {
+    if (stop) return Applied::kStopped;
+    if (HoldsChannel(error, call)) return Held(what, error);
+    return Fail(e, error.message);
   }
 
   Applied Apply(chat::MattermostClient& client, const Event& e, const config::ChannelConfig& ch) {
@@ -918,9 +1339,10 @@ struct MattermostBridge::Impl {
       if (!config.mattermost_icon_url.empty())
         body["icon_url"] = Replace(Replace(config.mattermost_icon_url, "{author}", e.author),
                                    "{site}", e.origin_site);
-      auto r = Retry<bool>("POST webhook",
-                           [&] { return chat::PostWebhook(ch.webhook_url, body.dump(), options); });
-      if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+      auto r = Retry<bool>(
+          "POST webhook", [&] { return chat::PostWebhook(ch.webhook_url, body.dump(), options); },
+          kReplayAttempts);
+      if (!r.ok()) return Refused(e, "POST webhook", r.error, Call::kCreate);
       return Applied::kDone;
     }
     const std::string& mm_channel = ch.mattermost_channel_id;
@@ -935,15 +1357,17 @@ struct MattermostBridge::Impl {
     if (!local) return Fail(e, "the post it applies to (" + e.ref + ") is not known here");
     switch (e.kind) {
       case EventKind::kEdit: {
-        auto r = Retry<MmPost>("PUT /posts/{id}/patch",
-                               [&] { return client.PatchPost(*local, e.text, PropsFor(e)); });
-        if (!r.ok()) return stop ? Applied::kStopped : Fail(e, r.error.message);
+        auto r = Retry<MmPost>(
+            "PUT /posts/{id}/patch", [&] { return client.PatchPost(*local, e.text, PropsFor(e)); },
+            kReplayAttempts);
+        if (!r.ok()) return Refused(e, "PUT /posts/{id}/patch", r.error, Call::kChange);
         return Applied::kDone;
       }
       case EventKind::kDelete: {
-        auto r = Retry<bool>("DELETE /posts/{id}", [&] { return client.DeletePost(*local); });
+        auto r = Retry<bool>(
+            "DELETE /posts/{id}", [&] { return client.DeletePost(*local); }, kReplayAttempts);
         if (!r.ok() && r.error.http_status != 404)
-          return stop ? Applied::kStopped : Fail(e, r.error.message);
+          return Refused(e, "DELETE /posts/{id}", r.error, Call::kChange);
         return Applied::kDone;
       }
       case EventKind::kReactionAdd:
@@ -956,58 +1380,195 @@ struct MattermostBridge::Impl {
     return Applied::kDone;
   }
 
-  void ReplayLoop() {
-    chat::MattermostClient client(options);
-    std::uint64_t cursor = hooks.store->GetCounter(kReplayedCounter, 0);
-    replayed = cursor;
-    while (!stop) {
-      std::uint64_t head = hooks.stored_head();
-      if (head <= cursor) {
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stop.load(); });
-        continue;
+  // ---- replay order and held channels ----------------------------------------------------------
+  // Events are applied in inbound order per channel. A channel whose replay is held waits at
+  // the event it stopped at (later events of that channel wait behind it, in order) while the
+  // other channels go on; it is tried again after a backoff, and the first success releases
+  // it. Persisted: the inbound sequence through which every channel is done (kReplayedCounter,
+  // where a restart resumes) and, per channel, the last event applied (so the events other
+  // channels applied past a held one are not applied twice).
+  struct Block {
+    std::uint64_t seq = 0;  // the event it stopped at
+    std::string reason;
+    std::int64_t since_ms = 0;
+    Clock::time_point next;
+    std::chrono::milliseconds backoff{1000};
+    bool retrying = false;  // its events are being tried again
+  };
+  static constexpr std::chrono::milliseconds kMaxHoldBackoff{30000};
+  std::map<std::string, Block> blocks;           // replay thread
+  std::map<std::string, std::uint64_t> applied;  // relay channel -> last event applied
+  mutable std::mutex view_mu;
+  std::vector<MattermostBridge::ChannelReplay> view;  // for status and metrics, under view_mu
+
+  static std::string AppliedKey(const std::string& channel) { return "mm/replayed/" + channel; }
+
+  void PublishView() {
+    std::vector<MattermostBridge::ChannelReplay> next;
+    for (const auto& [name, ch] : sinks) {
+      MattermostBridge::ChannelReplay c;
+      c.channel = name;
+      auto it = blocks.find(name);
+      if (it != blocks.end()) {
+        c.blocked = true;
+        c.reason = it->second.reason;
+        c.since_ms = it->second.since_ms;
       }
-      std::vector<std::pair<std::uint64_t, std::string>> batch;
-      Status s = hooks.store->ScanInbound(cursor + 1, [&](std::uint64_t seq, std::string_view ev) {
-        if (seq > head) return false;
+      next.push_back(std::move(c));
+    }
+    std::lock_guard<std::mutex> lock(view_mu);
+    view.swap(next);
+  }
+
+  // Through which inbound sequence every channel is done, `scanned` being the last event looked
+  // at for the channels that are not held.
+  std::uint64_t DoneThrough(std::uint64_t scanned) const {
+    std::uint64_t done = scanned;
+    for (const auto& [name, b] : blocks) done = std::min(done, b.seq - 1);
+    return done;
+  }
+
+  bool Persist(std::uint64_t scanned, const std::string& channel, std::uint64_t seq) {
+    queue::WriteBatch b(*hooks.store);
+    const std::uint64_t done = DoneThrough(scanned);
+    b.PutCounter(kReplayedCounter, done);
+    if (!channel.empty()) b.PutCounter(AppliedKey(channel), seq);
+    // Not synced: replaying an event again is a no-op (mappings, intents and reactor sets).
+    if (Status c = hooks.store->Commit(b, false); !c) {
+      log::Error("mattermost replay: " + c.message());
+      return false;
+    }
+    replayed = done;
+    return true;
+  }
+
+  // Applies one stored event if it is for a chat channel that is not held and not applied yet.
+  // Returns the channel it applied (empty when none), or nullopt when the bridge must stop.
+  std::optional<std::string> Replay(chat::MattermostClient& client, std::uint64_t seq,
+                                    std::string_view bytes, const std::string* only) {
+    auto ev = DecodeEvent(bytes);
+    if (!ev) return std::string();
+    auto it = sinks.find(ev->channel);
+    if (it == sinks.end() || (only != nullptr && ev->channel != *only)) return std::string();
+    if (only == nullptr && blocks.count(ev->channel)) return std::string();
+    if (seq <= applied[ev->channel]) return std::string();
+    Applied a = Apply(client, *ev, *it->second);
+    if (a == Applied::kStopped) return std::nullopt;
+    if (a == Applied::kHeld) {
+      const bool fresh = blocks.count(ev->channel) == 0;  // else held again while retried
+      Block& b = blocks[ev->channel];
+      b.retrying = false;
+      if (fresh) {
+        b.since_ms = NowMs();
+        ++hooks.metrics->mm_channel_holds;
+      } else {
+        b.backoff = std::min(b.backoff * 2, kMaxHoldBackoff);
+      }
+      // A rate limit says when to come back; anything else backs off.
+      const std::chrono::milliseconds wait =
+          held_retry_after.count() > 0 ? held_retry_after : b.backoff;
+      if (fresh || b.reason != held_reason)
+        log::Warning("mattermost replay: channel '" + ev->channel + "' is held at event " + ev->id +
+                     " (" + held_reason + "); its later events wait, in order; " + "retrying in " +
+                     std::to_string(wait.count()) + " ms");
+      b.seq = seq;
+      b.reason = held_reason;
+      b.next = Clock::now() + wait;
+      PublishView();
+      return std::string();
+    }
+    ++hooks.metrics->mm_replayed;
+    // The post is on the server (or was given up): its spooled blobs are done with.
+    for (const Attachment& f : ev->files) {
+      if (!f.is_blob()) continue;
+      ::unlink(SpoolInPath(config.data_dir, ev->origin_site, f.blob_id).c_str());
+    }
+    blob_waiter.Forget(ev->id);
+    applied[ev->channel] = seq;
+    return ev->channel;
+  }
+
+  // Replays stored events from `from` through `to` (inclusive), of `only` when set, committing
+  // the cursors after each. False when the bridge must stop. Without `only`, `*scanned` is the
+  // last sequence read.
+  bool ReplayRange(chat::MattermostClient& client, std::uint64_t from, std::uint64_t to,
+                   const std::string* only, std::uint64_t* scanned) {
+    std::vector<std::pair<std::uint64_t, std::string>> batch;
+    while (from <= to && !stop) {
+      batch.clear();
+      Status s = hooks.store->ScanInbound(from, [&](std::uint64_t seq, std::string_view ev) {
+        if (seq > to) return false;
         batch.emplace_back(seq, std::string(ev));
         return batch.size() < 256;
       });
       if (!s) {
         log::Error("mattermost replay: " + s.message());
         Sleep(std::chrono::milliseconds(1000));
-        continue;
+        return true;
       }
       if (batch.empty()) {
-        // Entries between cursor and head were removed after the JSONL delivery; none were ours.
-        cursor = head;
-        continue;
+        // Entries up to `to` were removed after the JSONL delivery; none were ours.
+        if (only == nullptr) {
+          *scanned = to;
+          if (!Persist(*scanned, "", 0)) return false;
+        }
+        return true;
       }
       for (const auto& [seq, bytes] : batch) {
-        auto ev = DecodeEvent(bytes);
-        if (ev) {
-          auto it = sinks.find(ev->channel);
-          if (it != sinks.end()) {
-            if (Apply(client, *ev, *it->second) == Applied::kStopped) return;
-            ++hooks.metrics->mm_replayed;
-            // The post is on the server (or was given up): its spooled blobs are done with.
-            for (const Attachment& f : ev->files) {
-              if (!f.is_blob()) continue;
-              ::unlink(SpoolInPath(config.data_dir, ev->origin_site, f.blob_id).c_str());
-            }
-            blob_waiter.Forget(ev->id);
-          }
+        auto channel = Replay(client, seq, bytes, only);
+        if (!channel) return false;
+        if (only == nullptr) *scanned = seq;
+        if (only != nullptr) {
+          Block& b = blocks.at(*only);
+          if (!b.retrying) return true;  // held again
+          // Done through here: the cursor (and so the store's clean-up) may pass this event.
+          b.seq = seq + 1;
         }
-        cursor = seq;
-        queue::WriteBatch b(*hooks.store);
-        b.PutCounter(kReplayedCounter, cursor);
-        // Not synced: replaying an event again is a no-op (mappings and reactor sets).
-        if (Status c = hooks.store->Commit(b, false); !c) {
-          log::Error("mattermost replay: " + c.message());
-          return;
-        }
-        replayed = cursor;
+        if (!Persist(*scanned, *channel, seq)) return false;
       }
+      from = batch.back().first + 1;
+    }
+    return true;
+  }
+
+  void ReplayLoop() {
+    chat::MattermostClient client(options);
+    std::uint64_t scanned = hooks.store->GetCounter(kReplayedCounter, 0);
+    for (const auto& [name, ch] : sinks)
+      applied[name] = hooks.store->GetCounter(AppliedKey(name), 0);
+    replayed = scanned;
+    PublishView();
+    while (!stop) {
+      // Held channels whose backoff is over: their events from where they stopped.
+      for (auto it = blocks.begin(); it != blocks.end() && !stop;) {
+        const std::string name = it->first;
+        if (Clock::now() < it->second.next) {
+          ++it;
+          continue;
+        }
+        const std::int64_t since = it->second.since_ms;
+        it->second.retrying = true;
+        std::uint64_t unused = scanned;
+        if (!ReplayRange(client, it->second.seq, scanned, &name, &unused)) return;
+        it = blocks.find(name);
+        if (it != blocks.end() && it->second.retrying) {
+          // Every event through `scanned` is applied: released.
+          log::Info("mattermost replay: channel '" + name + "' is released after " +
+                    std::to_string((NowMs() - since) / 1000) + " s held");
+          it = blocks.erase(it);
+          PublishView();
+          if (!Persist(scanned, "", 0)) return;
+        } else if (it != blocks.end()) {
+          ++it;
+        }
+      }
+      std::uint64_t head = hooks.stored_head();
+      if (head <= scanned) {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stop.load(); });
+        continue;
+      }
+      if (!ReplayRange(client, scanned + 1, head, nullptr, &scanned)) return;
     }
   }
 };
@@ -1061,5 +1622,31 @@ void MattermostBridge::Stop() {
 void MattermostBridge::Notify() { impl_->cv.notify_all(); }
 
 std::uint64_t MattermostBridge::replayed_through() const { return impl_->replayed.load(); }
+
+std::vector<MattermostBridge::ChannelReplay> MattermostBridge::Channels() const {
+  std::lock_guard<std::mutex> lock(impl_->view_mu);
+  std::vector<ChannelReplay> out = impl_->view;
+  for (ChannelReplay& c : out) {
+    auto it = impl_->backfill_view.find(c.channel);
+    if (it != impl_->backfill_view.end()) c.backfill = it->second;
+  }
+  return out;
+}
+
+Status MattermostBridge::Backfill(const std::string& channel, std::int64_t since_ms) {
+  return impl_->AskBackfill(channel, since_ms);
+}
+
+std::string MattermostBridge::MetricsText() const {
+  std::string out =
+      "# HELP relay_mattermost_channel_blocked 1 while the channel's replay is held by an error "
+      "about the channel, the token or the server (relay status says why).\n"
+      "# TYPE relay_mattermost_channel_blocked gauge\n";
+  for (const ChannelReplay& c : Channels()) {
+    out += "relay_mattermost_channel_blocked{channel=\"" + c.channel + "\"} " +
+           (c.blocked ? "1" : "0") + "\n";
+  }
+  return out;
+}
 
 }  // namespace relay

@@ -10,8 +10,9 @@
 // Replay reads the inbound store in order (its own cursor), and applies each event to the
 // server: create (with an intent record so a crash between "created" and "mapped" cannot create
 // a duplicate), edit, delete, reactions (one bot reaction per emoji while any remote reactor is
-// left) and attachments. 429 and 5xx are retried; a 4xx that can never succeed is counted and
-// skipped so one bad event does not block the channel.
+// left) and attachments. An error about the channel, the token or the server (401, 403, 429,
+// 5xx, an archived or missing channel) holds that channel's replay, in order, until it passes;
+// a refusal of one post's content leaves a note in its place.
 //
 // Loop prevention: posts created by the relay carry props.relay_event_id and are never
 // captured; neither is anything by the relay's bot user.
@@ -79,6 +80,34 @@ class MattermostBridge {
   void Notify();
   // Inbound sequence through which every event for a Mattermost channel has been applied.
   std::uint64_t replayed_through() const;
+
+  // Progress of a `relay backfill` of one channel (docs/mattermost.md, "History").
+  struct BackfillProgress {
+    std::string state;           // "" (none asked since start), queued, listing, capturing, done
+    std::uint64_t request = 0;   // counts requests since the daemon started
+    std::int64_t since_ms = 0;   // posts created from then (server time)
+    std::uint64_t listed = 0;    // history posts found so far
+    std::uint64_t done = 0;      // of them, processed
+    std::uint64_t captured = 0;  // changes committed (posts and their reactions)
+    double seconds = 0;
+  };
+  // Asks for the history of `channel` (a Mattermost channel of this site) created from
+  // `since_ms` (server time; 0: all) until bridging began. Stored first: a daemon killed during
+  // it resumes it at start. Posts already carried are not carried again.
+  Status Backfill(const std::string& channel, std::int64_t since_ms);
+
+  // Replay of one chat channel: held (blocked) by an error about the channel, the token or the
+  // server, with the reason and since when (ms), or flowing; and its backfill, if any.
+  struct ChannelReplay {
+    std::string channel;
+    bool blocked = false;
+    std::string reason;
+    std::int64_t since_ms = 0;
+    BackfillProgress backfill;
+  };
+  std::vector<ChannelReplay> Channels() const;
+  // relay_mattermost_channel_blocked{channel} as Prometheus text.
+  std::string MetricsText() const;
 
   // Key names in the store, shared with the committer.
   static std::string PostToEventKey(const std::string& post_id) { return "m:" + post_id; }

@@ -185,6 +185,12 @@ std::string Metrics::RenderPrometheus(const std::string& site) const {
          "Chat server calls retried after 429, 5xx or a timeout.", i64(mm_retries));
   Simple(&out, "relay_mattermost_files_too_large_total", "counter",
          "Attachments not carried because they exceed max_file_bytes.", i64(mm_files_too_large));
+  Simple(&out, "relay_mattermost_system_posts_skipped_total", "counter",
+         "System posts (joins, header changes, ...) not bridged (mattermost_system_posts).",
+         i64(mm_system_posts_skipped));
+  Simple(&out, "relay_mattermost_channel_holds_total", "counter",
+         "Times a channel's replay was held by an error about the channel, token or server.",
+         i64(mm_channel_holds));
   Simple(&out, "relay_blobs_sent_total", "counter", "Large attachments committed as chunk events.",
          i64(blobs_sent));
   Simple(&out, "relay_blob_chunks_received_total", "counter",

@@ -111,14 +111,16 @@ struct Metrics {
   std::atomic<std::uint64_t> diode_resend_ranges{0};      // log ranges queued by requests
   std::atomic<std::uint64_t> diode_retention_dropped{0};  // log entries dropped unacked
   // Mattermost adapter.
-  std::atomic<std::uint64_t> mm_captured{0};         // changes captured and committed
-  std::atomic<std::uint64_t> mm_catchups{0};         // REST catch-up queries
-  std::atomic<std::uint64_t> mm_ws_connects{0};      // WebSocket (re)connections
-  std::atomic<std::uint64_t> mm_seq_gaps{0};         // WebSocket sequence gaps seen
-  std::atomic<std::uint64_t> mm_replayed{0};         // events applied to the local server
-  std::atomic<std::uint64_t> mm_replay_failures{0};  // events that could never be applied
-  std::atomic<std::uint64_t> mm_retries{0};          // calls retried (429, 5xx, timeouts)
-  std::atomic<std::uint64_t> mm_files_too_large{0};  // attachments over the size limit
+  std::atomic<std::uint64_t> mm_captured{0};              // changes captured and committed
+  std::atomic<std::uint64_t> mm_catchups{0};              // REST catch-up queries
+  std::atomic<std::uint64_t> mm_ws_connects{0};           // WebSocket (re)connections
+  std::atomic<std::uint64_t> mm_seq_gaps{0};              // WebSocket sequence gaps seen
+  std::atomic<std::uint64_t> mm_replayed{0};              // events applied to the local server
+  std::atomic<std::uint64_t> mm_replay_failures{0};       // events that could never be applied
+  std::atomic<std::uint64_t> mm_retries{0};               // calls retried (429, 5xx, timeouts)
+  std::atomic<std::uint64_t> mm_files_too_large{0};       // attachments over the size limit
+  std::atomic<std::uint64_t> mm_system_posts_skipped{0};  // system posts not bridged
+  std::atomic<std::uint64_t> mm_channel_holds{0};         // replay held on a channel error
   // Large attachments (blobs carried in chunk events).
   std::atomic<std::uint64_t> blobs_sent{0};            // captured and committed as chunks
   std::atomic<std::uint64_t> blob_chunks_received{0};  // chunks written to the spool
