@@ -48,18 +48,58 @@ constexpr int kPageSize = 200;
 constexpr int kMaxPages = 500;  // 100,000 posts: a bound on one catch-up
 // Downloads whose size disagrees with the file info before the attachment is given up.
 constexpr int kMaxSizeMismatches = 5;
-// The server answers a repeated pending_post_id with the first post for 30 s after that post
-// was saved (pendingPostIDsCacheTTL); a create re-sent within this much of the previous attempt
-// is safe whatever became of that attempt (the margin covers the attempt's own time in flight).
-constexpr std::int64_t kPendingPostIdTrustMs = 20000;
 // How far before a create's first attempt (server time) the look-up for its post reads.
 constexpr std::int64_t kLookBackMs = 120000;
+// The server refuses a message over this many code points (model.PostMessageMaxRunesV2), on
+// create and on patch: longer ones are split into consecutive posts.
+constexpr std::size_t kMaxPostRunes = 16383;
+std::size_t RuneCount(std::string_view s) {
+  std::size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+// The texts of the posts `text` is carried in: itself when it fits, else parts marked
+// "(1/3) ", "(2/3) ", ... each within kMaxPostRunes, cut after a line break or a space in the
+// last fifth of a part when there is one (never inside a UTF-8 sequence).
+std::vector<std::string> PostParts(const std::string& text) {
+  if (RuneCount(text) <= kMaxPostRunes) return {text};
+  // Room for "(123/123) " and a note the replay may put in front.
+  constexpr std::size_t kPartRunes = kMaxPostRunes - 64;
+  std::vector<std::string> pieces;
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t end = pos, runes = 0, soft = std::string::npos;
+    while (end < text.size() && runes < kPartRunes) {
+      const unsigned char c = static_cast<unsigned char>(text[end]);
+      std::size_t len = c < 0x80 ? 1 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+      len = std::min(len, text.size() - end);
+      end += len;
+      ++runes;
+      if ((c == '\n' || c == ' ') && runes > kPartRunes * 4 / 5) soft = end;
+    }
+    if (end < text.size() && soft != std::string::npos) end = soft;
+    pieces.push_back(text.substr(pos, end - pos));
+    pos = end;
+  }
+  for (std::size_t i = 0; i < pieces.size(); ++i)
+    pieces[i] =
+        "(" + std::to_string(i + 1) + "/" + std::to_string(pieces.size()) + ") " + pieces[i];
+  return pieces;
+}
+
 std::string CursorKey(const std::string& channel) { return "mmcursor/" + channel; }
 std::string StartKey(const std::string& channel) { return "mmstart/" + channel; }
 constexpr std::uint64_t kUnset = ~std::uint64_t{0};
 std::string StateKey(const std::string& post_id) { return "s:" + post_id; }
 std::string ReactionsKey(const std::string& post_id) { return "x:" + post_id; }
 std::string IntentKey(const std::string& event_id) { return "i:" + event_id; }
+// Part k (2, 3, ...) of a post split in several: its key in place of the event id (mapping,
+// intent, props.relay_event_id, pending_post_id).
+std::string PartKey(const std::string& event_id, std::size_t k) {
+  return event_id + "#" + std::to_string(k);
+}
+// A split post: "<the thread its parts are in>\n<the full text>" (the latest version).
+std::string SplitKey(const std::string& event_id) { return "t:" + event_id; }
 std::string ReactorsKey(const std::string& post_id, const std::string& emoji) {
   return "r:" + post_id + ":" + emoji;
 }
@@ -1044,9 +1084,11 @@ struct MattermostBridge::Impl {
     LookUp out;
     const std::int64_t sent = intent.server_first_ms > 0 ? intent.server_first_ms : intent.first_ms;
     const std::int64_t bound = std::max<std::int64_t>(0, sent - kLookBackMs);
+    // A part of a split post that an edit deleted is no proof that a later one exists.
+    const bool part = event_id.find('#') != std::string::npos;
     auto find = [&](const chat::MmPostList& list) {
       for (const MmPost& p : list.posts) {
-        if (!p.original_id.empty()) continue;
+        if (!p.original_id.empty() || (part && p.delete_at > 0)) continue;
         if (ParseProps(p.props_json).value("relay_event_id", "") == event_id) {
           out.post_id = p.id;
           return true;
@@ -1092,25 +1134,21 @@ struct MattermostBridge::Impl {
   }
 
   // Before a create is sent again: was an earlier attempt carried out after all (its answer
-  // lost, or carried out late by a slow server)? An attempt sent less than
-  // kPendingPostIdTrustMs ago is covered by the server's pending_post_id de-duplication (on the
-  // node that saw it), and older ones by the look-up. When the latest attempt is older than
-  // that, the look-up alone decides, so it waits until that attempt can no longer be in flight
-  // (timeout) nor hidden by the read replica's lag (catchup_overlap, the lag allowed for
-  // everywhere else). A cluster whose nodes do not share that cache is covered by the look-up
-  // before every resend, whatever the attempt's age.
+  // lost, or carried out late by a slow server)? The server's pending_post_id de-duplication
+  // covers a repeat within 30 s only on the node that saw the first attempt (unless the
+  // cluster shares that cache), so the look-up decides: it waits until the latest attempt can
+  // no longer be in flight (`timeout`, when it got no answer; always after a restart) nor
+  // hidden by the read replica's lag (catchup_overlap, the lag allowed for everywhere else).
   LookUp LookUpBeforeResend(chat::MattermostClient& client, const std::string& mm_channel,
-                            const std::string& event_id, const Intent& intent) {
-    std::int64_t now = NowMs();
-    if (now - intent.last_ms >= kPendingPostIdTrustMs) {
-      std::int64_t settled = intent.last_ms + config.mattermost_timeout.count() +
-                             config.mattermost_catchup_overlap.count();
-      if (settled > now) {
-        log::Info("mattermost replay: waiting " + std::to_string(settled - now) +
-                  " ms before looking for event " + event_id + "'s post (an earlier create may " +
-                  "still be in flight or not yet readable)");
-        Sleep(std::chrono::milliseconds(settled - now));
-      }
+                            const std::string& event_id, const Intent& intent, bool answered) {
+    const std::int64_t now = NowMs();
+    const std::int64_t settled = intent.last_ms + config.mattermost_catchup_overlap.count() +
+                                 (answered ? 0 : config.mattermost_timeout.count());
+    if (settled > now) {
+      log::Info("mattermost replay: waiting " + std::to_string(settled - now) +
+                " ms before looking for event " + event_id + "'s post (an earlier create may " +
+                "still be in flight or not yet readable)");
+      Sleep(std::chrono::milliseconds(settled - now));
     }
     if (stop) {
       LookUp l;
@@ -1120,9 +1158,10 @@ struct MattermostBridge::Impl {
     return FindCreated(client, mm_channel, event_id, intent);
   }
 
-  Applied Mapped(const Event& e, const std::string& post_id) {
-    if (Status s = Put({{EventToPostKey(e.id), post_id}, {PostToEventKey(post_id), e.id}},
-                       {IntentKey(e.id)}, false);
+  // `key` (the event's id, or a part's) is `post_id`; the post stands for event `event_id`.
+  Applied Mapped(const std::string& key, const std::string& event_id, const std::string& post_id) {
+    if (Status s = Put({{EventToPostKey(key), post_id}, {PostToEventKey(post_id), event_id}},
+                       {IntentKey(key)}, false);
         !s) {
       log::Error("mattermost replay: " + s.message());
       return Applied::kStopped;
@@ -1133,19 +1172,20 @@ struct MattermostBridge::Impl {
   // Sends the create of `np` for `e` (each attempt after the first looks for the post first)
   // and maps it. A refusal about the post itself (the server would refuse it again) is
   // returned in `refused`, with nothing mapped; anything else about the channel holds it.
-  Applied Create(chat::MattermostClient& client, const Event& e, const chat::MmNewPost& np,
-                 Intent& intent, std::optional<MmError>* refused) {
+  Applied Create(chat::MattermostClient& client, const Event& e, const std::string& key,
+                 const chat::MmNewPost& np, Intent& intent, std::optional<MmError>* refused) {
     bool first_try = true;
-    bool unknown = false;  // a look-up failed: whether an attempt was carried out is not known
+    bool unknown = false;   // a look-up failed: whether an attempt was carried out is not known
+    bool answered = false;  // the latest attempt got an HTTP answer (it is not in flight)
     Status stored;
     auto created = Retry<std::string>(
         "POST /posts",
         [&]() -> chat::MmResult<std::string> {
           chat::MmResult<std::string> r;
           if (!first_try) {
-            LookUp l = LookUpBeforeResend(client, np.channel_id, e.id, intent);
+            LookUp l = LookUpBeforeResend(client, np.channel_id, key, intent, answered);
             if (l.post_id) {
-              log::Info("mattermost replay: event " + e.id + " was created by an earlier " +
+              log::Info("mattermost replay: event " + key + " was created by an earlier " +
                         "attempt as post " + *l.post_id + "; not creating it again");
               r.value = *l.post_id;
               return r;
@@ -1166,7 +1206,7 @@ struct MattermostBridge::Impl {
             intent.first_ms = intent.last_ms;
             intent.server_first_ms = client.ServerNowMs();
           }
-          if (stored = Put({{IntentKey(e.id), intent.Encode()}}, {}, true); !stored) {
+          if (stored = Put({{IntentKey(key), intent.Encode()}}, {}, true); !stored) {
             r.error.message = "storing the intent failed: " + stored.message();
             return r;  // not retryable
           }
@@ -1175,6 +1215,7 @@ struct MattermostBridge::Impl {
             r.value = c.value->id;
           } else {
             r.error = c.error;
+            answered = c.error.http_status != 0;
           }
           return r;
         },
@@ -1183,13 +1224,14 @@ struct MattermostBridge::Impl {
       log::Error("mattermost replay: " + stored.message());
       return Applied::kStopped;
     }
-    if (created.ok()) return Mapped(e, *created.value);
+    // The post stands for the post event (an edit may create parts of it).
+    if (created.ok()) return Mapped(key, e.kind == EventKind::kPost ? e.id : e.ref, *created.value);
     if (stop) return Applied::kStopped;
     // The intent stays: the next attempt looks for the post before sending it again.
     if (unknown) return Held("looking for an earlier create", created.error);
     if (HoldsChannel(created.error, Call::kCreate)) return Held("POST /posts", created.error);
     // Refused for what the post is; the look-up before this attempt found no earlier one.
-    if (Status s = Put({}, {IntentKey(e.id)}, false); !s) {
+    if (Status s = Put({}, {IntentKey(key)}, false); !s) {
       log::Error("mattermost replay: " + s.message());
       return Applied::kStopped;
     }
@@ -1197,21 +1239,78 @@ struct MattermostBridge::Impl {
     return Applied::kDone;
   }
 
-  Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
-    if (Get(EventToPostKey(e.id))) return Applied::kDone;  // created before
-    Intent intent;
-    if (auto stored = Get(IntentKey(e.id))) {
-      // A create was sent before a restart (or before the channel was held) and its outcome
-      // never recorded.
-      intent = Intent::Decode(*stored);
-      LookUp found = LookUpBeforeResend(client, mm_channel, e.id, intent);
-      if (stop) return Applied::kStopped;
-      if (!found.done) return Held("looking for an earlier create", found.error);
-      if (found.post_id) {
-        log::Info("mattermost replay: event " + e.id + " was created before as post " +
-                  *found.post_id + "; not creating it again");
-        return Mapped(e, *found.post_id);
+  // A create of `key` was sent before a restart (or before the channel was held) and its outcome
+  // never recorded: was it carried out? kDone with `*intent` loaded when it must be sent (again),
+  // or the post mapped (`*mapped`), or held.
+  Applied Resume(chat::MattermostClient& client, const Event& e, const std::string& key,
+                 const std::string& mm_channel, Intent* intent, bool* mapped) {
+    *mapped = false;
+    auto stored = Get(IntentKey(key));
+    if (!stored) return Applied::kDone;
+    *intent = Intent::Decode(*stored);
+    LookUp found = LookUpBeforeResend(client, mm_channel, key, *intent, /*answered=*/false);
+    if (stop) return Applied::kStopped;
+    if (!found.done) return Held("looking for an earlier create", found.error);
+    if (!found.post_id) return Applied::kDone;
+    log::Info("mattermost replay: event " + key + " was created before as post " + *found.post_id +
+              "; not creating it again");
+    *mapped = true;
+    return Mapped(key, e.kind == EventKind::kPost ? e.id : e.ref, *found.post_id);
+  }
+
+  // The props of part k of `e`'s post (k >= 2): the event's, with the part's own key.
+  std::string PartProps(const Event& e, const std::string& event_id, std::size_t k, std::size_t n) {
+    Json props = ParseProps(PropsFor(e));
+    props["relay_event_id"] = PartKey(event_id, k);
+    props["relay_part"] = std::to_string(k) + "/" + std::to_string(n);
+    return props.dump(-1, ' ', false, Json::error_handler_t::replace);
+  }
+
+  // Creates the parts after the first of event `event_id`'s split post (those not created yet),
+  // as replies in `root`, from its stored split record. `e` is the post or the edit asking.
+  Applied CreateParts(chat::MattermostClient& client, const Event& e, const std::string& event_id,
+                      const std::string& mm_channel) {
+    auto split = Get(SplitKey(event_id));
+    if (!split) return Applied::kDone;
+    const std::size_t nl = split->find('\n');
+    // The post's thread, or the first part's own when it started one.
+    std::string root = split->substr(0, nl);
+    if (root.empty()) root = Get(EventToPostKey(event_id)).value_or("");
+    const std::vector<std::string> parts =
+        PostParts(nl == std::string::npos ? std::string() : split->substr(nl + 1));
+    for (std::size_t k = 2; k <= parts.size(); ++k) {
+      const std::string key = PartKey(event_id, k);
+      if (Get(EventToPostKey(key))) continue;
+      Intent intent;
+      bool mapped = false;
+      if (Applied a = Resume(client, e, key, mm_channel, &intent, &mapped);
+          a != Applied::kDone || mapped) {
+        if (a != Applied::kDone) return a;
+        continue;
       }
+      chat::MmNewPost np;
+      np.channel_id = mm_channel;
+      np.message = parts[k - 1];
+      np.root_id = root;
+      // Per creating event: a part an edit deleted may be created again by a later edit, and
+      // the server would answer that with the deleted one.
+      np.pending_post_id = PendingPostId(mm_channel, key + "@" + e.id);
+      np.props_json = PartProps(e, event_id, k, parts.size());
+      std::optional<MmError> refused;
+      if (Applied a = Create(client, e, key, np, intent, &refused); a != Applied::kDone) return a;
+      if (refused) (void)Fail(e, "part " + std::to_string(k) + ": " + refused->message);
+    }
+    return Applied::kDone;
+  }
+
+  Applied ApplyPost(chat::MattermostClient& client, const Event& e, const std::string& mm_channel) {
+    // Created before (and, for a long one, the parts not yet created after a crash).
+    if (Get(EventToPostKey(e.id))) return CreateParts(client, e, e.id, mm_channel);
+    Intent intent;
+    bool mapped = false;
+    if (Applied a = Resume(client, e, e.id, mm_channel, &intent, &mapped);
+        a != Applied::kDone || mapped) {
+      return a != Applied::kDone ? a : CreateParts(client, e, e.id, mm_channel);
     }
     chat::MmNewPost np;
     np.channel_id = mm_channel;
@@ -1262,12 +1361,28 @@ struct MattermostBridge::Impl {
       np.file_ids.push_back(up.value->id);
     }
     np.props_json = PropsFor(e);
+    // Longer than the server takes: the first part is the post, the others replies in its thread
+    // (created after it, from the split record stored first).
+    const std::vector<std::string> parts = PostParts(np.message);
+    const bool split = parts.size() > 1;
+    const std::string full = np.message;
+    if (split) np.message = parts[0];
     // A refusal about the post itself never makes it vanish: a reply whose root is gone here
     // becomes a new thread, anything else a note in its place (docs/mattermost.md).
     for (int variant = 0;; ++variant) {
       std::optional<MmError> refused;
-      Applied a = Create(client, e, np, intent, &refused);
-      if (!refused) return a;
+      if (split && variant < 2 && np.pending_post_id.find(":note") == std::string::npos) {
+        // The thread the parts go in: the post's, or the first part's (known once created).
+        if (Status st = Put({{SplitKey(e.id), np.root_id + "\n" + full}}, {}, true); !st) {
+          log::Error("mattermost replay: " + st.message());
+          return Applied::kStopped;
+        }
+      }
+      Applied a = Create(client, e, e.id, np, intent, &refused);
+      if (!refused) {
+        if (a != Applied::kDone || !split) return a;
+        return CreateParts(client, e, e.id, mm_channel);
+      }
       log::Warning("mattermost replay: event " + e.id + " was refused by the server (" +
                    refused->message + ")");
       if (variant == 0 && !np.root_id.empty() && refused->id.find("root") != std::string::npos) {
@@ -1284,6 +1399,7 @@ struct MattermostBridge::Impl {
         np.message = "[a message from " + e.author + " (" + e.origin_site +
                      ") could not be posted here: " + refused->message + "]";
         np.pending_post_id = PendingPostId(mm_channel, e.id) + ":note";
+        if (split) (void)Put({}, {SplitKey(e.id)}, false);
         intent = Intent{};
         continue;
       }
@@ -1318,6 +1434,55 @@ struct MattermostBridge::Impl {
         return Refused(e, "DELETE reaction", r.error, Call::kReaction);
     }
     if (Status s = Put({{key, JoinSet(reactors)}}, {}, false); !s) return Applied::kStopped;
+    return Applied::kDone;
+  }
+
+  // How many posts event `event_id`'s post is carried in (1 unless it was split).
+  std::size_t SplitParts(const std::string& event_id) {
+    auto split = Get(SplitKey(event_id));
+    if (!split) return 1;
+    const std::size_t nl = split->find('\n');
+    return nl == std::string::npos ? 1 : PostParts(split->substr(nl + 1)).size();
+  }
+
+  // An edit: the post's new text, split like a new post's. Parts that exist are patched, new
+  // ones created in the post's thread, parts the new text no longer needs deleted.
+  Applied ApplyEdit(chat::MattermostClient& client, const Event& e, const std::string& local,
+                    const std::string& mm_channel) {
+    const std::size_t before = SplitParts(e.ref);
+    const std::vector<std::string> parts = PostParts(e.text);
+    if (before > 1 || parts.size() > 1) {
+      // The new version first: a crash part-way redoes the edit from it.
+      auto split = Get(SplitKey(e.ref));
+      const std::string root = split ? split->substr(0, split->find('\n')) : std::string();
+      if (Status st = Put({{SplitKey(e.ref), root + "\n" + e.text}}, {}, true); !st) {
+        log::Error("mattermost replay: " + st.message());
+        return Applied::kStopped;
+      }
+    }
+    for (std::size_t k = 1; k <= std::min(before, parts.size()); ++k) {
+      auto post =
+          k == 1 ? std::optional<std::string>(local) : Get(EventToPostKey(PartKey(e.ref, k)));
+      if (!post) continue;  // created below
+      const std::string props = k == 1 ? PropsFor(e) : PartProps(e, e.ref, k, parts.size());
+      auto r = Retry<MmPost>(
+          "PUT /posts/{id}/patch", [&] { return client.PatchPost(*post, parts[k - 1], props); },
+          kReplayAttempts);
+      if (!r.ok()) return Refused(e, "PUT /posts/{id}/patch", r.error, Call::kChange);
+    }
+    if (parts.size() > before) {
+      if (Applied a = CreateParts(client, e, e.ref, mm_channel); a != Applied::kDone) return a;
+    }
+    for (std::size_t k = before; k > parts.size(); --k) {
+      const std::string key = PartKey(e.ref, k);
+      if (auto post = Get(EventToPostKey(key))) {
+        auto r = Retry<bool>(
+            "DELETE /posts/{id}", [&] { return client.DeletePost(*post); }, kReplayAttempts);
+        if (!r.ok() && r.error.http_status != 404)
+          return Refused(e, "DELETE /posts/{id}", r.error, Call::kChange);
+        if (Status st = Put({}, {EventToPostKey(key)}, false); !st) return Applied::kStopped;
+      }
+    }
     return Applied::kDone;
   }
 
@@ -1356,14 +1521,18 @@ struct MattermostBridge::Impl {
     auto local = Get(EventToPostKey(e.ref));
     if (!local) return Fail(e, "the post it applies to (" + e.ref + ") is not known here");
     switch (e.kind) {
-      case EventKind::kEdit: {
-        auto r = Retry<MmPost>(
-            "PUT /posts/{id}/patch", [&] { return client.PatchPost(*local, e.text, PropsFor(e)); },
-            kReplayAttempts);
-        if (!r.ok()) return Refused(e, "PUT /posts/{id}/patch", r.error, Call::kChange);
-        return Applied::kDone;
-      }
+      case EventKind::kEdit:
+        return ApplyEdit(client, e, *local, ch.mattermost_channel_id);
       case EventKind::kDelete: {
+        // Every part of a split post (replies in the post's own thread go with it anyway).
+        for (std::size_t k = SplitParts(e.ref); k >= 2; --k) {
+          if (auto part = Get(EventToPostKey(PartKey(e.ref, k)))) {
+            auto r = Retry<bool>(
+                "DELETE /posts/{id}", [&] { return client.DeletePost(*part); }, kReplayAttempts);
+            if (!r.ok() && r.error.http_status != 404)
+              return Refused(e, "DELETE /posts/{id}", r.error, Call::kChange);
+          }
+        }
         auto r = Retry<bool>(
             "DELETE /posts/{id}", [&] { return client.DeletePost(*local); }, kReplayAttempts);
         if (!r.ok() && r.error.http_status != 404)
