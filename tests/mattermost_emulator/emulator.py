@@ -662,7 +662,8 @@ class Handler(BaseHTTPRequestHandler):
     def _write(self, ctx, resp):
         emu = self.server.emu
         self.send_response_only(resp.status)
-        self.send_header("Date", email.utils.formatdate(usegmt=True))
+        # The server's clock (clock_offset_ms included): a client may read server time here.
+        self.send_header("Date", email.utils.formatdate(emu.state.now() / 1000.0, usegmt=True))
         if ctx.request_id:
             self.send_header("X-Request-Id", ctx.request_id)
             self.send_header("X-Version-Id", emu.version_id)
@@ -1259,24 +1260,35 @@ def control(emu, ctx):
             if ch is None:
                 return _bad("unknown channel %r" % parts[1], 404)
             with st.lock:
+                # "as" (optional): the user making the change, as through the REST API; the
+                # server then posts its system message. Without it: a plain database change.
+                actor = _actor(emu, body, ctx) if (body.get("as") or ctx.query.get("as")) \
+                    else None
+
+                def changed(post, **extra):
+                    out = dict(extra, ok=True, post=gojson.loads(gojson.dumps(post))
+                               if post is not None else None)
+                    return _ok(out)
                 if parts[2] == "members" and m == "POST" and len(parts) == 3:
                     user = st.find_user(body.get("user") or "")
                     if user is None:
                         return _bad("unknown user %r" % body.get("user"))
-                    st.members[ch["id"]].add(user.id)
-                    return _ok({"members": sorted(st.members[ch["id"]])})
+                    post = st.add_channel_member(ch["id"], user, actor)
+                    return changed(post, members=sorted(st.members[ch["id"]]))
                 if parts[2] == "members" and m == "DELETE" and len(parts) == 4:
                     user = st.find_user(urllib.parse.unquote(parts[3]))
                     if user is None:
                         return _bad("unknown user %r" % parts[3])
-                    st.members[ch["id"]].discard(user.id)
-                    return _ok({"members": sorted(st.members[ch["id"]])})
+                    post = st.remove_channel_member(ch["id"], user, actor)
+                    return changed(post, members=sorted(st.members[ch["id"]]))
+                if parts[2] == "header" and m in ("POST", "PUT") and len(parts) == 3:
+                    if not isinstance(body.get("header"), str):
+                        return _bad("'header' (a string) is required")
+                    return changed(st.update_channel_header(ch["id"], body["header"], actor))
                 if parts[2] == "archive" and m == "POST":
-                    ch["delete_at"] = st.now()
-                    return _ok({"ok": True})
+                    return changed(st.archive_channel(ch["id"], actor))
                 if parts[2] == "unarchive" and m == "POST":
-                    ch["delete_at"] = 0
-                    return _ok({"ok": True})
+                    return changed(st.restore_channel(ch["id"], actor))
         if parts == ["hooks"] and m == "POST":
             hook = emu.create_hook(body.get("channel_id"), body.get("user"), body.get("id"),
                                    body.get("channel_locked", False))

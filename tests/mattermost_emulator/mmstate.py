@@ -175,6 +175,12 @@ DEFAULT_CONFIG = {
     # PreparePostForClient blanks `message` (and metadata) of posts with delete_at > 0.
     "blank_deleted_messages": True,
     "pending_post_id_ttl_ms": 30000,        # app.pendingPostIDsCacheTTL
+    # The pending_post_id cache (app.seenPendingPostIdsCache) is shared by the cluster only when
+    # it uses Redis as its cache; otherwise each node has its own. False: creates are spread
+    # round-robin over `cluster_nodes` nodes, each with its own cache, so a retried create that
+    # lands on another node is not de-duplicated.
+    "pending_post_id_shared": True,
+    "cluster_nodes": 2,
     # How long saving a created post takes (the store's INSERT). The pending_post_id is claimed
     # before it, so a repeat meanwhile is answered 500 api.post.deduplicate_create_post.pending;
     # other requests are served meanwhile. 0: the save is instant.
@@ -413,6 +419,10 @@ class State:
         self.reactions = {}      # (post_id, user_id, emoji) -> reaction dict (incl. deleted)
         self.files = {}          # id -> {"info": dict, "data": bytes}
         self.pending_ids = {}    # pending_post_id -> (post id or "", expires_at_ms)
+        # Without a shared cache (pending_post_id_shared false) node n > 0 has its own;
+        # node 0's is self.pending_ids.
+        self.node_pending_ids = {}
+        self._next_node = 0
 
     def reset(self, everything=False):
         with self.lock:
@@ -540,6 +550,99 @@ class State:
             self.channel_posts.setdefault(cid, [])
             return ch
 
+    # -- channel changes that make the server post a system message --------------------------
+    # (server/channels/app/channel.go). Without an actor the change is made as a direct
+    # database edit would make it: no system post. With one, the post the server makes:
+    # type system_*, user_id = the actor (or the member), a `posted` event, like any post.
+
+    def _system_post(self, actor, cid, ptype, message, props):
+        return self.create_post(actor, {"channel_id": cid, "message": message, "type": ptype,
+                                        "props": props}, system=True)[1]
+
+    def add_channel_member(self, cid, user, actor=None):
+        """app.AddChannelMember: postJoinChannelMessage when users join themselves,
+        PostAddToChannelMessage when someone else adds them. Returns the system post or None."""
+        with self.lock:
+            if user.id in self.members[cid]:
+                return None      # already a member: nothing saved, nothing posted
+            self.members[cid].add(user.id)
+            if actor is None:
+                return None
+            if actor.id == user.id:
+                return self._system_post(user, cid, "system_join_channel",
+                                         "%s joined the channel." % user.username,
+                                         {"username": user.username})
+            return self._system_post(actor, cid, "system_add_to_channel",
+                                     "%s added to the channel by %s." % (user.username,
+                                                                         actor.username),
+                                     {"userId": actor.id, "username": actor.username,
+                                      "addedUserId": user.id, "addedUsername": user.username})
+
+    def remove_channel_member(self, cid, user, actor=None):
+        """app.RemoveUserFromChannel / LeaveChannel: postRemoveFromChannelMessage (by the
+        remover) or postLeaveChannelMessage (users leaving themselves), after the removal."""
+        with self.lock:
+            if user.id not in self.members[cid]:
+                return None
+            self.members[cid].discard(user.id)
+            if actor is None:
+                return None
+            if actor.id == user.id:
+                return self._system_post(user, cid, "system_leave_channel",
+                                         "@%s left the channel." % user.username,
+                                         {"username": user.username})
+            return self._system_post(actor, cid, "system_remove_from_channel",
+                                     "@%s removed from the channel." % user.username,
+                                     {"removedUserId": user.id,
+                                      "removedUsername": user.username})
+
+    def update_channel_header(self, cid, header, actor=None):
+        """api4.patchChannel -> PostUpdateChannelHeaderMessage when the header changed."""
+        with self.lock:
+            ch = self.channels[cid]
+            old = ch.get("header", "")
+            ch["header"] = header
+            if actor is None or old == header:
+                return None
+            if old == "":
+                message = "%s updated the channel header to: %s" % (actor.username, header)
+            elif header == "":
+                message = "%s removed the channel header (was: %s)" % (actor.username, old)
+            else:
+                message = "%s updated the channel header from: %s to: %s" % (actor.username,
+                                                                              old, header)
+            return self._system_post(actor, cid, "system_header_change", message,
+                                     {"username": actor.username, "old_header": old,
+                                      "new_header": header})
+
+    def archive_channel(self, cid, actor=None):
+        """app.DeleteChannel: postDeleteChannelMessage, then the channel's DeleteAt is set
+        (posting to it is then 400 api.post.create_post.can_not_post_to_deleted.error)."""
+        with self.lock:
+            ch = self.channels[cid]
+            post = None
+            if ch["delete_at"]:
+                return None
+            if actor is not None:
+                post = self._system_post(actor, cid, "system_channel_deleted",
+                                         "%s archived the channel." % actor.username,
+                                         {"username": actor.username})
+            ch["delete_at"] = self.now()
+            return post
+
+    def restore_channel(self, cid, actor=None):
+        """app.RestoreChannel: DeleteAt back to 0, then postRestoreChannelMessage."""
+        with self.lock:
+            ch = self.channels[cid]
+            if not ch["delete_at"]:
+                return None
+            ch["delete_at"] = 0
+            if actor is None:
+                return None
+            return self._system_post(actor, cid, "system_channel_restored",
+                                     "%s unarchived the channel." % actor.username,
+                                     {"username": actor.username})
+
     def channel_struct(self, ch):
         with self.lock:
             posts = [self.posts[i] for i in self.channel_posts.get(ch["id"], [])]
@@ -548,8 +651,8 @@ class State:
             last_root = max([p["create_at"] for p in posts if p["root_id"] == ""], default=0)
             return Struct(id=ch["id"], create_at=ch["create_at"], update_at=ch["create_at"],
                           delete_at=ch["delete_at"], team_id=ch["team_id"], type=ch["type"],
-                          display_name=ch["display_name"], name=ch["name"], header="",
-                          purpose="", last_post_at=last, total_msg_count=len(live),
+                          display_name=ch["display_name"], name=ch["name"],
+                          header=ch.get("header", ""), purpose=ch.get("purpose", ""), last_post_at=last, total_msg_count=len(live),
                           extra_update_at=0, creator_id=ch["creator_id"], scheme_id=None,
                           props=None, group_constrained=None, shared=None,
                           total_msg_count_root=len([p for p in live if p["root_id"] == ""]),
@@ -741,8 +844,10 @@ class State:
 
     # -- posts: create -----------------------------------------------------------------------
 
-    def create_post(self, actor, body, allow_create_at=False, webhook=None):
-        """POST /api/v4/posts (api4.createPost -> app.CreatePostAsUser -> app.CreatePost)."""
+    def create_post(self, actor, body, allow_create_at=False, webhook=None, system=False):
+        """POST /api/v4/posts (api4.createPost -> app.CreatePostAsUser -> app.CreatePost).
+        `system`: a post the server itself makes (app.CreatePost called by the app layer for
+        join/leave/header/archive messages): no permission or type checks."""
         with self.lock:
             props = check_post_body(body)
             body = dict(body)
@@ -755,13 +860,13 @@ class State:
             cid = body.get("channel_id") or ""
             file_ids = self._dedup(body.get("file_ids") or [])
             # createPostChecks: create_post (and upload_file) permission on the channel.
-            if not self.can_write_channel(actor, cid):
+            if not system and not self.can_write_channel(actor, cid):
                 raise forbidden("userId=%s, permission=create_post" % actor.id)
             ch = self._channel_or_400(cid)
             ptype = body.get("type") or ""
-            if ptype.startswith("system_"):
+            if ptype.startswith("system_") and not system:
                 raise ApiError(400, "api.context.invalid_param.app_error", {"Name": "post.type"})
-            if ch["delete_at"]:
+            if ch["delete_at"] and not system:
                 raise ApiError(400, "api.post.create_post.can_not_post_to_deleted.error")
             if body.get("id"):
                 raise ApiError(400, "app.post.save.existing.app_error", {},
@@ -769,9 +874,10 @@ class State:
             self._check_file_count(file_ids)
             ppid = body.get("pending_post_id") or ""
             now = self.now()
+            pending_ids = self.pending_ids if system else self._pending_cache_for_this_request()
             # deduplicateCreatePost: a pending_post_id seen in the last 30 s returns that post.
             if ppid:
-                entry = self.pending_ids.get(ppid)
+                entry = pending_ids.get(ppid)
                 if entry and entry[1] <= now:
                     entry = None
                 if entry:
@@ -810,7 +916,7 @@ class State:
             p["hashtags"] = parse_hashtags(p["message"])
             self._check_valid(p)
             if ppid:
-                self.pending_ids[ppid] = ("", now + self.config["pending_post_id_ttl_ms"])
+                pending_ids[ppid] = ("", now + self.config["pending_post_id_ttl_ms"])
             save_ms = self.config.get("create_post_save_ms") or 0
             if save_ms:
                 # The server saves outside any lock: other requests (a repeat of this
@@ -833,16 +939,28 @@ class State:
                     self.posts[root_id]["update_at"] = p["create_at"]
                     self._record(root_id)
             except Exception:
-                self.pending_ids.pop(ppid, None)
+                pending_ids.pop(ppid, None)
                 raise
             if ppid:
-                self.pending_ids[ppid] = (pid, now + self.config["pending_post_id_ttl_ms"])
+                pending_ids[ppid] = (pid, now + self.config["pending_post_id_ttl_ms"])
             view = self.view(False)
             reply_count = self._reply_count_of(view, p) if root_id else 0
             client = self.post_struct(p, prepared=True, reply_count=reply_count,
                                       pending_post_id=ppid)
             self._publish_posted(actor, ch, p, client)
             return 201, client
+
+    def _pending_cache_for_this_request(self):
+        """The pending_post_id cache of the node that serves this create: the shared one, or
+        (no Redis) the next node's own, round-robin like a load balancer."""
+        if self.config["pending_post_id_shared"]:
+            return self.pending_ids
+        nodes = max(1, int(self.config["cluster_nodes"]))
+        node = self._next_node % nodes
+        self._next_node += 1
+        if node == 0:
+            return self.pending_ids
+        return self.node_pending_ids.setdefault(node, {})
 
     def _publish_posted(self, actor, ch, p, client):
         data = {"channel_display_name": ch["display_name"], "channel_name": ch["name"],

@@ -1582,6 +1582,146 @@ class ControlAndCliTest(EmuTestCase):
         return d
 
 
+class ServerBehaviourTest(EmuTestCase):
+    """The "real-server behaviours" of mattermost-api.md that need knobs or control calls."""
+
+    def test_date_header_follows_the_server_clock(self):
+        # A client may take server time from the Date header; the emulator's clock offset
+        # (POST __control/clock) moves it like every server timestamp.
+        import email.utils
+
+        def server_time():
+            r = self.api.get("/api/v4/system/ping", token=None)
+            return email.utils.parsedate_to_datetime(r.header("Date")).timestamp()
+
+        self.assertLess(abs(server_time() - time.time()), 2)
+        for offset in (-300000, 300000):
+            self.control("POST", "clock", {"offset_ms": offset})
+            self.assertLess(abs(server_time() - (time.time() + offset / 1000)), 2, offset)
+            post = self.create("stamped")
+            self.assertLess(abs(post["create_at"] / 1000 - (time.time() + offset / 1000)), 2)
+        # Control answers carry it too (harmless, same clock).
+        self.control("POST", "clock", {"offset_ms": 0})
+        self.assertLess(abs(server_time() - time.time()), 2)
+
+    def test_pending_post_id_cache_per_node_without_redis(self):
+        # Default: one cache for the cluster (Redis, or a single node): a retry is de-duplicated.
+        self.assertTrue(self.emu.state.config["pending_post_id_shared"])
+        first = self.create("once", pending_post_id="bot:n1")
+        self.assertEqual(self.create("once", pending_post_id="bot:n1")["id"], first["id"])
+        self.assertEqual(len(self.rows()), 1)
+        # Per node (no Redis): creates go round-robin over 2 nodes; the retry lands on the
+        # other node, which has never seen the id: a second post. The third attempt is back on
+        # the first node and is de-duplicated against the first post there.
+        self.control("POST", "config", {"pending_post_id_shared": False, "cluster_nodes": 2})
+        a = self.create("twice", pending_post_id="bot:n2")
+        b = self.create("twice", pending_post_id="bot:n2")
+        c = self.create("twice", pending_post_id="bot:n2")
+        self.assertNotEqual(a["id"], b["id"])
+        self.assertEqual(c["id"], a["id"])
+        self.assertEqual([r["message"] for r in self.rows()].count("twice"), 2)
+
+    def system_rows(self, ptype):
+        return [r for r in self.rows() if r["type"] == ptype]
+
+    def test_membership_changes_post_system_messages(self):
+        ws = self.ws(BOT)
+        ws.recv_json()                               # hello
+        # Without "as": a database change, nothing posted (and nothing else changes).
+        self.control("DELETE", "channels/%s/members/alice" % self.ch)
+        self.control("POST", "channels/%s/members" % self.ch, {"user": "alice"})
+        self.assertEqual(self.rows(), [])
+        # Removed by an admin: system_remove_from_channel by the remover, after the removal.
+        r = self.control("DELETE", "channels/%s/members/alice?as=root" % self.ch)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertNotIn(self.alice.id, r.json()["members"])
+        post = r.json()["post"]
+        self.assertEqual((post["type"], post["user_id"], post["message"]),
+                         ("system_remove_from_channel", self.admin.id,
+                          "@alice removed from the channel."))
+        self.assertEqual(post["props"], {"removedUserId": self.alice.id,
+                                         "removedUsername": "alice"})
+        # Added back by the admin: system_add_to_channel by the actor.
+        post = self.control("POST", "channels/%s/members" % self.ch,
+                            {"user": "alice", "as": "root"}).json()["post"]
+        self.assertEqual((post["type"], post["user_id"], post["message"]),
+                         ("system_add_to_channel", self.admin.id,
+                          "alice added to the channel by root."))
+        self.assertEqual(post["props"]["addedUserId"], self.alice.id)
+        self.assertEqual(post["props"]["addedUsername"], "alice")
+        # Adding a member again changes nothing and posts nothing.
+        self.assertIsNone(self.control("POST", "channels/%s/members" % self.ch,
+                                       {"user": "alice", "as": "root"}).json()["post"])
+        # Leaving and joining oneself: system_leave_channel / system_join_channel by the user.
+        self.control("DELETE", "channels/%s/members/alice?as=alice" % self.ch)
+        self.control("POST", "channels/%s/members" % self.ch, {"user": "alice", "as": "alice"})
+        # (rows come by create_at, and these are made within a millisecond: compare sorted)
+        self.assertEqual(sorted((r["type"], r["user_id"]) for r in self.rows()),
+                         sorted([("system_remove_from_channel", self.admin.id),
+                                 ("system_add_to_channel", self.admin.id),
+                                 ("system_leave_channel", self.alice.id),
+                                 ("system_join_channel", self.alice.id)]))
+        self.assertEqual(self.system_rows("system_join_channel")[0]["message"],
+                         "alice joined the channel.")
+        # They are stored posts: published as `posted`, returned by catch-up with their type.
+        types = [json.loads(ws.recv_json()["data"]["post"])["type"] for _ in range(4)]
+        self.assertEqual(types, ["system_remove_from_channel", "system_add_to_channel",
+                                 "system_leave_channel", "system_join_channel"])
+        since = self.since(1)
+        self.assertEqual(sorted(since["posts"][i]["type"] for i in since["order"]),
+                         sorted(types))
+        # A client cannot create them itself.
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "x",
+                                            "type": "system_join_channel"})
+        self.assertEqual(r.status, 400)
+        # Bot removed from the channel: its creates are 403 until it is added back.
+        self.control("DELETE", "channels/%s/members/relay-bot?as=root" % self.ch)
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "blocked"})
+        self.assertAppError(r, 403, "api.context.permissions.app_error")
+        self.control("POST", "channels/%s/members" % self.ch, {"user": "relay-bot", "as": "root"})
+        self.create("unblocked")
+
+    def test_header_change_posts_a_system_message(self):
+        self.control("POST", "channels/%s/header" % self.ch, {"header": "quiet"})  # no actor
+        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.api.get("/api/v4/channels/" + self.ch).json()["header"], "quiet")
+        for new, message in (("Q3 plan", "alice updated the channel header from: quiet to: "
+                                         "Q3 plan"),
+                             ("", "alice removed the channel header (was: Q3 plan)"),
+                             ("on call: bob", "alice updated the channel header to: on call: "
+                                              "bob")):
+            post = self.control("POST", "channels/%s/header" % self.ch,
+                                {"header": new, "as": "alice"}).json()["post"]
+            self.assertEqual((post["type"], post["user_id"], post["message"]),
+                             ("system_header_change", self.alice.id, message))
+            self.assertEqual(post["props"]["new_header"], new)
+        # The same header again: nothing posted.
+        self.assertIsNone(self.control("POST", "channels/%s/header" % self.ch,
+                                       {"header": "on call: bob", "as": "alice"}).json()["post"])
+        self.assertEqual(len(self.system_rows("system_header_change")), 3)
+        # System messages cannot be edited.
+        pid = self.system_rows("system_header_change")[0]["id"]
+        r = self.api.request("PUT", "/api/v4/posts/%s/patch" % pid, {"message": "x"},
+                             token=ADMIN)
+        self.assertAppError(r, 400, "api.post.update_post.system_message.app_error")
+
+    def test_archived_channel_refuses_posts_until_restored(self):
+        post = self.control("POST", "channels/%s/archive" % self.ch,
+                            {"as": "root"}).json()["post"]
+        self.assertEqual((post["type"], post["message"]),
+                         ("system_channel_deleted", "root archived the channel."))
+        r = self.api.post("/api/v4/posts", {"channel_id": self.ch, "message": "into the void"})
+        self.assertAppError(r, 400, "api.post.create_post.can_not_post_to_deleted.error")
+        self.assertTrue(self.api.get("/api/v4/channels/" + self.ch).json()["delete_at"] > 0)
+        post = self.control("POST", "channels/%s/unarchive" % self.ch,
+                            {"as": "root"}).json()["post"]
+        self.assertEqual((post["type"], post["message"]),
+                         ("system_channel_restored", "root unarchived the channel."))
+        self.create("back again")
+        self.assertEqual(sorted(r["type"] for r in self.rows()),
+                         ["", "system_channel_deleted", "system_channel_restored"])
+
+
 class GoJsonTest(unittest.TestCase):
     def test_float_and_string_encoding_like_go(self):
         cases = {1.0: "1", 100.0: "100", 0.1: "0.1", 1e20: "100000000000000000000",
