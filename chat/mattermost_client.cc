@@ -693,6 +693,10 @@ struct MattermostClient::Impl {
     const std::function<bool(std::string_view)>* body_sink = nullptr;
     std::size_t max_body = kMaxJsonReply;
     const char* max_body_what = "reply";
+    // On a new connection: libcurl silently sends a request again when a reused connection dies
+    // before any answer, and a create sent twice is two posts on a cluster whose nodes do not
+    // share the pending_post_id cache. Only the caller, after looking, may send it again.
+    bool fresh_connection = false;
   };
 
   struct Response {
@@ -761,6 +765,7 @@ struct MattermostClient::Impl {
     SetLong(handle, CURLOPT_TIMEOUT_MS, static_cast<long>(options.timeout.count()));
     SetLong(handle, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(options.timeout.count()));
     SetLong(handle, CURLOPT_TCP_KEEPALIVE, 1L);
+    if (req.fresh_connection) SetLong(handle, CURLOPT_FRESH_CONNECT, 1L);
     SetLong(handle, CURLOPT_SSL_VERIFYPEER, 1L);
     SetLong(handle, CURLOPT_SSL_VERIFYHOST, 2L);
     if (!options.ca_file.empty()) SetString(handle, CURLOPT_CAINFO, options.ca_file);
@@ -953,6 +958,7 @@ MmResult<MmPost> MattermostClient::CreatePost(const MmNewPost& post) {
   Impl::Request req;
   req.method = "POST";
   req.path = "/api/v4/posts";
+  req.fresh_connection = true;
   std::string error;
   std::optional<Json> props = PropsObject(post.props_json, &error);
   if (!props) return Fail<MmPost>(InvalidArgument("POST /api/v4/posts", error));
