@@ -313,6 +313,16 @@ int CmdStatus(const po::variables_map& vm) {
     }
     if (!line.empty()) std::printf("frames and events refused: %s\n", line.c_str());
   }
+  simdjson::dom::array chat;
+  if (!doc["mattermost"]["channels"].get(chat)) {
+    for (simdjson::dom::element c : chat) {
+      simdjson::dom::element b;
+      if (c["backfill"].get(b)) continue;
+      std::printf("chat channel %s: backfill %s, %lld of %lld posts\n", str(c, "name").c_str(),
+                  str(b, "state").c_str(), static_cast<long long>(num(b, "done")),
+                  static_cast<long long>(num(b, "listed")));
+    }
+  }
   simdjson::dom::array warnings;
   if (!doc["warnings"].get(warnings)) {
     for (simdjson::dom::element w : warnings) {
