@@ -100,6 +100,9 @@ std::string PartKey(const std::string& event_id, std::size_t k) {
 }
 // A split post: "<the thread its parts are in>\n<the full text>" (the latest version).
 std::string SplitKey(const std::string& event_id) { return "t:" + event_id; }
+// How many posts of a split post may exist on the server: raised before a part is created,
+// lowered once an edit's surplus parts are deleted.
+std::string PartCountKey(const std::string& event_id) { return "n:" + event_id; }
 std::string ReactorsKey(const std::string& post_id, const std::string& emoji) {
   return "r:" + post_id + ":" + emoji;
 }
@@ -226,6 +229,7 @@ struct MattermostBridge::Impl {
     // cursor must not move past it, and a catch-up must follow.
     bool incomplete = false;
     bool backfill = false;  // history asked for by `relay backfill`: not filtered out
+    bool live = false;      // from the WebSocket
   };
 
   PostState LoadState(Round& round, const std::string& post_id) {
@@ -428,7 +432,8 @@ struct MattermostBridge::Impl {
     Json props = ParseProps(post.props_json);
     bool relay_made = props.contains("relay_event_id") || (!bot.empty() && post.user_id == bot);
     if (!relay_made) {
-      auto start = ChannelStart(client, post.channel_id, channel);
+      auto start =
+          ChannelStart(client, post.channel_id, channel, round.live ? post.create_at : INT64_MAX);
       if (!start) {
         round.incomplete = true;  // captured by the catch-up that follows
         return;
@@ -457,7 +462,8 @@ struct MattermostBridge::Impl {
     // in the submission, or the committer cannot map it (the post is not bridged yet).
     if (!relay_made) CapturePostChange(client, round, channel, post, deleted);
 
-    if (reactions_known && post.delete_at == 0) {
+    // Reactions of a post not captured (yet): they cross with it, later.
+    if (reactions_known && post.delete_at == 0 && (relay_made || LoadState(round, post.id).known)) {
       std::set<std::string>& seen = LoadReactions(round, post.id);
       std::set<std::string> now;
       for (const auto& r : post.reactions) {
@@ -578,9 +584,12 @@ struct MattermostBridge::Impl {
   // channel seen for the first time starts now: after its newest post and at the server's clock
   // (the Date of the answer); the start and a cursor at it are stored before anything else is
   // captured. A channel bridged before starts were kept (a cursor, no start) starts at 0.
+  // `live_at`: the creation time of a post that arrived live (a WebSocket event) and so is not
+  // history, when that is what makes the channel seen.
   std::optional<std::int64_t> ChannelStart(chat::MattermostClient& client,
                                            const std::string& mm_channel,
-                                           const std::string& channel) {
+                                           const std::string& channel,
+                                           std::int64_t live_at = INT64_MAX) {
     auto it = starts.find(channel);
     if (it != starts.end()) return it->second;
     const std::uint64_t stored = hooks.store->GetCounter(StartKey(channel), kUnset);
@@ -599,6 +608,7 @@ struct MattermostBridge::Impl {
       for (const MmPost& p : newest.value->posts) {
         if (InOrder(*newest.value, p.id)) start = std::max(start, p.create_at + 1);
       }
+      start = std::min(start, live_at);
       sub.counters.emplace_back(CursorKey(channel), static_cast<std::uint64_t>(start));
       log::Info("mattermost capture: channel '" + channel + "' is bridged from now on (server " +
                 "time " + std::to_string(start) + "); its history crosses only with " +
@@ -730,15 +740,19 @@ struct MattermostBridge::Impl {
     std::vector<MmPost> posts;  // listed, in creation order
     std::size_t next = 0;
     std::uint64_t captured = 0;  // changes committed (posts and their reactions)
+    std::uint64_t request = 0;   // the request it serves (0: resumed after a restart)
+    std::uint64_t asked = 0;     // the stored request's value (since + 1)
     Clock::time_point began = Clock::now();
   };
-  std::optional<BackfillJob> job;          // capture thread
+  std::map<std::string, std::uint64_t> backfill_requests;  // latest request per channel, view_mu
+  std::optional<BackfillJob> job;                          // capture thread
   std::atomic<bool> backfill_asked{true};  // look for stored requests (start, Backfill())
   std::map<std::string, MattermostBridge::BackfillProgress> backfill_view;  // under view_mu
 
   void PublishBackfill(const BackfillJob& j, const char* state) {
     std::lock_guard<std::mutex> lock(view_mu);
     auto& v = backfill_view[j.channel];
+    v.request = j.request;
     v.state = state;
     v.since_ms = j.since;
     v.listed = j.listed ? j.posts.size() : j.found.size();
@@ -754,17 +768,18 @@ struct MattermostBridge::Impl {
       return Status::Error("channel '" + channel +
                            "' is not a channel with sink = mattermost in this configuration");
     if (since_ms < 0) return Status::Error("the backfill's start time is before 1970");
-    queue::WriteBatch b(*hooks.store);
-    b.PutCounter(BackfillKey(channel), static_cast<std::uint64_t>(since_ms) + 1);
-    if (Status s = hooks.store->Commit(b, true); !s) return s;
     {
-      std::lock_guard<std::mutex> lock(view_mu);
+      std::lock_guard<std::mutex> lock(view_mu);  // against the running job's clear
+      queue::WriteBatch b(*hooks.store);
+      b.PutCounter(BackfillKey(channel), static_cast<std::uint64_t>(since_ms) + 1);
+      if (Status s = hooks.store->Commit(b, true); !s) return s;
       auto& v = backfill_view[channel];
-      const std::uint64_t request = v.request + 1;
+      const std::uint64_t request = backfill_requests[channel] + 1;
       v = MattermostBridge::BackfillProgress{};
       v.state = "queued";
       v.since_ms = since_ms;
       v.request = request;
+      backfill_requests[channel] = request;
     }
     backfill_asked = true;
     cv.notify_all();
@@ -788,7 +803,12 @@ struct MattermostBridge::Impl {
         job->channel = channel;
         job->mm_channel = mm;
         job->since = static_cast<std::int64_t>(asked - 1);
+        job->asked = asked;
         job->start = *start;
+        {
+          std::lock_guard<std::mutex> lock(view_mu);
+          job->request = backfill_requests[channel];
+        }
         log::Info("mattermost backfill: channel '" + channel + "': listing the posts created " +
                   "from " + std::to_string(job->since) + " until bridging began (" +
                   std::to_string(job->start) + ", server time)");
@@ -847,9 +867,20 @@ struct MattermostBridge::Impl {
       PublishBackfill(j, "capturing");
       return true;
     }
-    queue::WriteBatch b(*hooks.store);
-    b.PutCounter(BackfillKey(j.channel), 0);
-    if (Status s = hooks.store->Commit(b, true); !s) {
+    // Done: the request is cleared unless a newer one replaced it meanwhile (that one runs
+    // next). (A request arrives on another thread: compare and clear under view_mu, which
+    // AskBackfill holds while it stores one.)
+    Status s;
+    {
+      std::lock_guard<std::mutex> lock(view_mu);
+      if (hooks.store->GetCounter(BackfillKey(j.channel), 0) == j.asked &&
+          backfill_requests[j.channel] == j.request) {
+        queue::WriteBatch b(*hooks.store);
+        b.PutCounter(BackfillKey(j.channel), 0);
+        s = hooks.store->Commit(b, true);
+      }
+    }
+    if (!s) {
       log::Error("mattermost backfill: " + s.message());
       Sleep(std::chrono::milliseconds(1000));
       return true;
@@ -940,6 +971,7 @@ struct MattermostBridge::Impl {
         next_seq = ev.seq + 1;
       }
       Round round;
+      round.live = true;
       if (ev.event == "posted" || ev.event == "post_edited" || ev.event == "post_deleted") {
         auto post = chat::ParseMmPost(ev.post_json);
         if (!post.ok()) {
@@ -1024,6 +1056,13 @@ struct MattermostBridge::Impl {
     }
   }
 
+  // Held until `wait` has passed (0: the usual backoff).
+  Applied HeldFor(const char* what, const MmError& e, std::chrono::milliseconds wait) {
+    Applied a = Held(what, e);
+    if (wait.count() > 0) held_retry_after = wait;
+    return a;
+  }
+
   Applied Held(const char* what, const MmError& e) {
     held_reason = std::string(what) + ": " + e.message;
     held_retry_after = e.http_status == 429 ? e.retry_after : std::chrono::milliseconds(0);
@@ -1071,6 +1110,7 @@ struct MattermostBridge::Impl {
     bool done = false;
     std::optional<std::string> post_id;
     MmError error;
+    std::chrono::milliseconds wait{0};  // not done yet: look again after this long
   };
 
   // Looks for a post this relay created for `event_id` (after a crash between create and
@@ -1142,13 +1182,18 @@ struct MattermostBridge::Impl {
   LookUp LookUpBeforeResend(chat::MattermostClient& client, const std::string& mm_channel,
                             const std::string& event_id, const Intent& intent, bool answered) {
     const std::int64_t now = NowMs();
-    const std::int64_t settled = intent.last_ms + config.mattermost_catchup_overlap.count() +
-                                 (answered ? 0 : config.mattermost_timeout.count());
-    if (settled > now) {
-      log::Info("mattermost replay: waiting " + std::to_string(settled - now) +
-                " ms before looking for event " + event_id + "'s post (an earlier create may " +
-                "still be in flight or not yet readable)");
-      Sleep(std::chrono::milliseconds(settled - now));
+    const std::int64_t span = config.mattermost_catchup_overlap.count() +
+                              (answered ? 0 : config.mattermost_timeout.count());
+    // (At most `span` from now: a clock stepped back must not park the channel for hours.)
+    const std::int64_t wait = std::min(intent.last_ms + span - now, span);
+    if (wait > 0) {
+      // The channel is held meanwhile (the other channels go on).
+      LookUp l;
+      l.wait = std::chrono::milliseconds(wait);
+      l.error.message = "waiting " + std::to_string(wait) + " ms before looking for event " +
+                        event_id + "'s post (an earlier create may still be in flight or not " +
+                        "yet readable)";
+      return l;
     }
     if (stop) {
       LookUp l;
@@ -1174,8 +1219,15 @@ struct MattermostBridge::Impl {
   // returned in `refused`, with nothing mapped; anything else about the channel holds it.
   Applied Create(chat::MattermostClient& client, const Event& e, const std::string& key,
                  const chat::MmNewPost& np, Intent& intent, std::optional<MmError>* refused) {
+    // The look-up after a lost answer is bounded by the server's clock at the first attempt:
+    // learn it first when no answer has come yet (a fresh process).
+    if (client.ServerNowMs() == 0) {
+      auto me = client.GetMe();
+      if (!me.ok() && HoldsChannel(me.error, Call::kCreate)) return Held("GET /users/me", me.error);
+    }
     bool first_try = true;
-    bool unknown = false;   // a look-up failed: whether an attempt was carried out is not known
+    bool unknown = false;  // a look-up failed: whether an attempt was carried out is not known
+    std::chrono::milliseconds settle{0};  // or is not due yet: when to look
     bool answered = false;  // the latest attempt got an HTTP answer (it is not in flight)
     Status stored;
     auto created = Retry<std::string>(
@@ -1192,6 +1244,7 @@ struct MattermostBridge::Impl {
             }
             if (!l.done) {
               unknown = true;
+              settle = l.wait;
               r.error = l.error;
               r.error.retryable = false;
               return r;
@@ -1228,7 +1281,7 @@ struct MattermostBridge::Impl {
     if (created.ok()) return Mapped(key, e.kind == EventKind::kPost ? e.id : e.ref, *created.value);
     if (stop) return Applied::kStopped;
     // The intent stays: the next attempt looks for the post before sending it again.
-    if (unknown) return Held("looking for an earlier create", created.error);
+    if (unknown) return HeldFor("looking for an earlier create", created.error, settle);
     if (HoldsChannel(created.error, Call::kCreate)) return Held("POST /posts", created.error);
     // Refused for what the post is; the look-up before this attempt found no earlier one.
     if (Status s = Put({}, {IntentKey(key)}, false); !s) {
@@ -1250,7 +1303,7 @@ struct MattermostBridge::Impl {
     *intent = Intent::Decode(*stored);
     LookUp found = LookUpBeforeResend(client, mm_channel, key, *intent, /*answered=*/false);
     if (stop) return Applied::kStopped;
-    if (!found.done) return Held("looking for an earlier create", found.error);
+    if (!found.done) return HeldFor("looking for an earlier create", found.error, found.wait);
     if (!found.post_id) return Applied::kDone;
     log::Info("mattermost replay: event " + key + " was created before as post " + *found.post_id +
               "; not creating it again");
@@ -1287,6 +1340,12 @@ struct MattermostBridge::Impl {
           a != Applied::kDone || mapped) {
         if (a != Applied::kDone) return a;
         continue;
+      }
+      if (PartCount(event_id) < k) {
+        if (Status st = Put({{PartCountKey(event_id), std::to_string(k)}}, {}, true); !st) {
+          log::Error("mattermost replay: " + st.message());
+          return Applied::kStopped;
+        }
       }
       chat::MmNewPost np;
       np.channel_id = mm_channel;
@@ -1437,40 +1496,47 @@ struct MattermostBridge::Impl {
     return Applied::kDone;
   }
 
-  // How many posts event `event_id`'s post is carried in (1 unless it was split).
-  std::size_t SplitParts(const std::string& event_id) {
-    auto split = Get(SplitKey(event_id));
-    if (!split) return 1;
-    const std::size_t nl = split->find('\n');
-    return nl == std::string::npos ? 1 : PostParts(split->substr(nl + 1)).size();
+  // How many posts of event `event_id`'s post may exist (1 unless it was split).
+  std::size_t PartCount(const std::string& event_id) {
+    auto n = Get(PartCountKey(event_id));
+    std::size_t count = 1;
+    if (n) {
+      std::istringstream text(*n);
+      if (!(text >> count) || count < 1) count = 1;
+    }
+    return count;
   }
 
   // An edit: the post's new text, split like a new post's. Parts that exist are patched, new
-  // ones created in the post's thread, parts the new text no longer needs deleted.
+  // ones created in the post's thread, parts the new text no longer needs deleted. Every step
+  // can be done again: after a hold or a crash the edit is applied again from the start.
   Applied ApplyEdit(chat::MattermostClient& client, const Event& e, const std::string& local,
                     const std::string& mm_channel) {
-    const std::size_t before = SplitParts(e.ref);
+    const std::size_t before = PartCount(e.ref);
     const std::vector<std::string> parts = PostParts(e.text);
-    if (before > 1 || parts.size() > 1) {
-      // The new version first: a crash part-way redoes the edit from it.
-      auto split = Get(SplitKey(e.ref));
-      const std::string root = split ? split->substr(0, split->find('\n')) : std::string();
-      if (Status st = Put({{SplitKey(e.ref), root + "\n" + e.text}}, {}, true); !st) {
-        log::Error("mattermost replay: " + st.message());
-        return Applied::kStopped;
-      }
+    auto first = Retry<MmPost>(
+        "PUT /posts/{id}/patch", [&] { return client.PatchPost(local, parts[0], PropsFor(e)); },
+        kReplayAttempts);
+    if (!first.ok()) return Refused(e, "PUT /posts/{id}/patch", first.error, Call::kChange);
+    if (before == 1 && parts.size() == 1) return Applied::kDone;
+    // The thread the parts are in: the split record's, or (a post not split before) the
+    // post's own thread as the server has it ("" for a root: its own, see CreateParts).
+    auto split = Get(SplitKey(e.ref));
+    const std::string root = split ? split->substr(0, split->find('\n')) : first.value->root_id;
+    if (Status st = Put({{SplitKey(e.ref), root + "\n" + e.text}}, {}, true); !st) {
+      log::Error("mattermost replay: " + st.message());
+      return Applied::kStopped;
     }
-    for (std::size_t k = 1; k <= std::min(before, parts.size()); ++k) {
-      auto post =
-          k == 1 ? std::optional<std::string>(local) : Get(EventToPostKey(PartKey(e.ref, k)));
+    for (std::size_t k = 2; k <= std::min(before, parts.size()); ++k) {
+      auto post = Get(EventToPostKey(PartKey(e.ref, k)));
       if (!post) continue;  // created below
-      const std::string props = k == 1 ? PropsFor(e) : PartProps(e, e.ref, k, parts.size());
+      const std::string props = PartProps(e, e.ref, k, parts.size());
       auto r = Retry<MmPost>(
           "PUT /posts/{id}/patch", [&] { return client.PatchPost(*post, parts[k - 1], props); },
           kReplayAttempts);
       if (!r.ok()) return Refused(e, "PUT /posts/{id}/patch", r.error, Call::kChange);
     }
-    if (parts.size() > before) {
+    if (parts.size() > 1) {
       if (Applied a = CreateParts(client, e, e.ref, mm_channel); a != Applied::kDone) return a;
     }
     for (std::size_t k = before; k > parts.size(); --k) {
@@ -1482,6 +1548,10 @@ struct MattermostBridge::Impl {
           return Refused(e, "DELETE /posts/{id}", r.error, Call::kChange);
         if (Status st = Put({}, {EventToPostKey(key)}, false); !st) return Applied::kStopped;
       }
+    }
+    if (before > parts.size()) {
+      if (Status st = Put({{PartCountKey(e.ref), std::to_string(parts.size())}}, {}, false); !st)
+        return Applied::kStopped;
     }
     return Applied::kDone;
   }
@@ -1525,7 +1595,7 @@ struct MattermostBridge::Impl {
         return ApplyEdit(client, e, *local, ch.mattermost_channel_id);
       case EventKind::kDelete: {
         // Every part of a split post (replies in the post's own thread go with it anyway).
-        for (std::size_t k = SplitParts(e.ref); k >= 2; --k) {
+        for (std::size_t k = PartCount(e.ref); k >= 2; --k) {
           if (auto part = Get(EventToPostKey(PartKey(e.ref, k)))) {
             auto r = Retry<bool>(
                 "DELETE /posts/{id}", [&] { return client.DeletePost(*part); }, kReplayAttempts);
@@ -1660,10 +1730,14 @@ struct MattermostBridge::Impl {
   // Replays stored events from `from` through `to` (inclusive), of `only` when set, committing
   // the cursors after each. False when the bridge must stop. Without `only`, `*scanned` is the
   // last sequence read.
+  // `*complete` says whether every event through `to` was read (not cut short by a stop or a
+  // store error, nor by `only` being held again).
   bool ReplayRange(chat::MattermostClient& client, std::uint64_t from, std::uint64_t to,
-                   const std::string* only, std::uint64_t* scanned) {
+                   const std::string* only, std::uint64_t* scanned, bool* complete) {
+    *complete = false;
     std::vector<std::pair<std::uint64_t, std::string>> batch;
-    while (from <= to && !stop) {
+    while (from <= to) {
+      if (stop) return true;
       batch.clear();
       Status s = hooks.store->ScanInbound(from, [&](std::uint64_t seq, std::string_view ev) {
         if (seq > to) return false;
@@ -1681,6 +1755,7 @@ struct MattermostBridge::Impl {
           *scanned = to;
           if (!Persist(*scanned, "", 0)) return false;
         }
+        *complete = true;
         return true;
       }
       for (const auto& [seq, bytes] : batch) {
@@ -1697,6 +1772,7 @@ struct MattermostBridge::Impl {
       }
       from = batch.back().first + 1;
     }
+    *complete = true;
     return true;
   }
 
@@ -1718,9 +1794,10 @@ struct MattermostBridge::Impl {
         const std::int64_t since = it->second.since_ms;
         it->second.retrying = true;
         std::uint64_t unused = scanned;
-        if (!ReplayRange(client, it->second.seq, scanned, &name, &unused)) return;
+        bool complete = false;
+        if (!ReplayRange(client, it->second.seq, scanned, &name, &unused, &complete)) return;
         it = blocks.find(name);
-        if (it != blocks.end() && it->second.retrying) {
+        if (it != blocks.end() && it->second.retrying && complete && !stop) {
           // Every event through `scanned` is applied: released.
           log::Info("mattermost replay: channel '" + name + "' is released after " +
                     std::to_string((NowMs() - since) / 1000) + " s held");
@@ -1737,7 +1814,8 @@ struct MattermostBridge::Impl {
         cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stop.load(); });
         continue;
       }
-      if (!ReplayRange(client, scanned + 1, head, nullptr, &scanned)) return;
+      bool complete = false;
+      if (!ReplayRange(client, scanned + 1, head, nullptr, &scanned, &complete)) return;
     }
   }
 };

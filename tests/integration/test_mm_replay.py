@@ -2,7 +2,7 @@
 takes (16383 code points) is split into consecutive posts in one thread, marked "(1/3)" etc.;
 edits and deletes of a split post change every part; nothing is truncated."""
 
-from test_mattermost import ChatPairCase
+from test_mattermost import ChatPairCase, control
 
 LIMIT = 16383  # model.PostMessageMaxRunesV2: the emulator refuses more, as the server does
 
@@ -96,6 +96,32 @@ class SplitTest(ChatPairCase):
         self.assertEqual({p["root_id"] for p in parts}, {remote_root["id"]})
         self.assertEqual("".join(strip_marker(p["message"]) for p in parts), text)
         self.assertTrue(root)
+
+    def test_a_short_reply_edited_long_grows_in_its_thread_through_a_hold(self):
+        """A reply that fitted in one post is edited to two parts while aws's server fails
+        every new create for a while (the channel is held): the new part appears once the
+        hold ends, in the reply's thread (never as a reply to a reply)."""
+        eu, aws = self.chat_pair()
+        eu.say("the root")
+        remote_root = self.wait_post(aws, "the root")
+        root_eid = remote_root["props"]["relay_event_id"]
+        status, body = eu.site.post({"channel": "war-room", "author": "carol", "text": "short",
+                                     "thread": root_eid})
+        self.assertEqual(status, 202, body)
+        eid = body["id"]
+        self.wait_for(lambda: len(self.parts_of(aws, eid)) == 1, 60, "the short reply on aws")
+        control(aws.emu, "POST", "faults", {"kind": "status", "status": 503, "count": 6,
+                                             "method": "POST", "path_regex": "^/api/v4/posts$"})
+        text = long_text(2500, "g")
+        status, body = eu.site.post({"channel": "war-room", "author": "carol", "kind": "edit",
+                                     "ref": eid, "text": text})
+        self.assertEqual(status, 202, body)
+        self.wait_for(lambda: len(self.parts_of(aws, eid)) == 2, 90, "the edit in two parts",
+                      lambda: [p["message"][:12] for p in self.parts_of(aws, eid)])
+        parts = self.parts_of(aws, eid)
+        self.assertEqual({p["root_id"] for p in parts}, {remote_root["id"]})
+        self.assertEqual("".join(strip_marker(p["message"]) for p in parts), text)
+        self.assert_no_skips(aws)
 
     def assert_no_skips(self, chat):
         self.assertEqual(chat.site.metric("relay_mattermost_replay_failures_total"), 0,
