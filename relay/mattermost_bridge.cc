@@ -745,7 +745,7 @@ struct MattermostBridge::Impl {
     Clock::time_point began = Clock::now();
   };
   std::map<std::string, std::uint64_t> backfill_requests;  // latest request per channel, view_mu
-  std::optional<BackfillJob> job;                          // capture thread
+  std::unique_ptr<BackfillJob> job;                        // capture thread
   std::atomic<bool> backfill_asked{true};  // look for stored requests (start, Backfill())
   std::map<std::string, MattermostBridge::BackfillProgress> backfill_view;  // under view_mu
 
@@ -799,7 +799,7 @@ struct MattermostBridge::Impl {
           backfill_asked = true;
           return false;
         }
-        job.emplace();
+        job = std::make_unique<BackfillJob>();
         job->channel = channel;
         job->mm_channel = mm;
         job->since = static_cast<std::int64_t>(asked - 1);
