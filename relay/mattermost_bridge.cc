@@ -1088,11 +1088,15 @@ struct MattermostBridge::Impl {
   // The intent record of a create: when the first attempt was about to be sent and when the
   // latest one was (this host's clock, ms), and the server's clock at the first attempt
   // ("<first> <last> <server first>"; records of older versions hold one or two numbers).
+  // `uncertain`: some attempt may have been carried out (it was sent and got no answer, or a
+  // 5xx); false when every attempt was refused by the API itself (429, a 4xx with an error
+  // id), which creates nothing: then no look-up is needed before sending again.
   struct Intent {
     std::int64_t first_ms = 0, last_ms = 0, server_first_ms = 0;
+    bool uncertain = true;
     std::string Encode() const {
       return std::to_string(first_ms) + " " + std::to_string(last_ms) + " " +
-             std::to_string(server_first_ms);
+             std::to_string(server_first_ms) + " " + (uncertain ? "1" : "0");
     }
     static Intent Decode(const std::string& s) {
       Intent in;
@@ -1100,9 +1104,17 @@ struct MattermostBridge::Impl {
       text >> in.first_ms;
       if (!(text >> in.last_ms)) in.last_ms = in.first_ms;
       if (!(text >> in.server_first_ms)) in.server_first_ms = 0;
+      int u = 1;
+      if (text >> u) in.uncertain = u != 0;
       return in;
     }
   };
+
+  // An answer that proves the create was not carried out: the API refused it.
+  static bool NotCreated(const MmError& e) {
+    return e.http_status == 429 ||
+           (e.http_status >= 400 && e.http_status < 500 && !e.id.empty() && e.id != "sink");
+  }
 
   // The outcome of a look-up for an earlier create's post: found, not there (`done` without a
   // post), or not known (`done` false: the server did not answer; nothing may be re-sent).
@@ -1234,7 +1246,7 @@ struct MattermostBridge::Impl {
         "POST /posts",
         [&]() -> chat::MmResult<std::string> {
           chat::MmResult<std::string> r;
-          if (!first_try) {
+          if (!first_try && intent.uncertain) {
             LookUp l = LookUpBeforeResend(client, np.channel_id, key, intent, answered);
             if (l.post_id) {
               log::Info("mattermost replay: event " + key + " was created by an earlier " +
@@ -1254,6 +1266,8 @@ struct MattermostBridge::Impl {
           // The intent (synced) says when this attempt was sent: after a crash, the next process
           // knows whether the server's de-duplication still covers it, and from when (server
           // time) to look for the post.
+          const bool was_uncertain = intent.first_ms != 0 && intent.uncertain;
+          intent.uncertain = true;  // until the answer says otherwise
           intent.last_ms = NowMs();
           if (intent.first_ms == 0) {
             intent.first_ms = intent.last_ms;
@@ -1269,6 +1283,11 @@ struct MattermostBridge::Impl {
           } else {
             r.error = c.error;
             answered = c.error.http_status != 0;
+            if (NotCreated(c.error) && !was_uncertain) {
+              // Not synced: a crash before it is stored only makes the next process look.
+              intent.uncertain = false;
+              (void)Put({{IntentKey(key), intent.Encode()}}, {}, false);
+            }
           }
           return r;
         },
@@ -1301,6 +1320,7 @@ struct MattermostBridge::Impl {
     auto stored = Get(IntentKey(key));
     if (!stored) return Applied::kDone;
     *intent = Intent::Decode(*stored);
+    if (!intent->uncertain) return Applied::kDone;  // refused every time: nothing to look for
     LookUp found = LookUpBeforeResend(client, mm_channel, key, *intent, /*answered=*/false);
     if (stop) return Applied::kStopped;
     if (!found.done) return HeldFor("looking for an earlier create", found.error, found.wait);
@@ -1632,7 +1652,8 @@ struct MattermostBridge::Impl {
     std::int64_t since_ms = 0;
     Clock::time_point next;
     std::chrono::milliseconds backoff{1000};
-    bool retrying = false;  // its events are being tried again
+    bool retrying = false;      // its events are being tried again
+    std::uint64_t held_at = 0;  // the event it was last held at
   };
   static constexpr std::chrono::milliseconds kMaxHoldBackoff{30000};
   std::map<std::string, Block> blocks;           // replay thread
@@ -1700,9 +1721,12 @@ struct MattermostBridge::Impl {
       if (fresh) {
         b.since_ms = NowMs();
         ++hooks.metrics->mm_channel_holds;
-      } else {
+      } else if (b.held_at != seq) {
+        b.backoff = std::chrono::milliseconds(1000);  // it got further: start the backoff over
+      } else if (held_retry_after.count() == 0) {
         b.backoff = std::min(b.backoff * 2, kMaxHoldBackoff);
       }
+      b.held_at = seq;
       // A rate limit says when to come back; anything else backs off.
       const std::chrono::milliseconds wait =
           held_retry_after.count() > 0 ? held_retry_after : b.backoff;
