@@ -583,13 +583,21 @@ void Loader::ReadNumber(const Section& section, std::string_view key, std::uint6
   }
 }
 
+// The items of a comma-separated value, each trimmed (empty ones kept: the caller names them).
+std::vector<std::string> SplitCommas(std::string_view value) {
+  std::vector<std::string> items;
+  while (true) {
+    const auto comma = value.find(',');
+    items.emplace_back(Trim(value.substr(0, comma)));
+    if (comma == std::string_view::npos) return items;
+    value.remove_prefix(comma + 1);
+  }
+}
+
 std::vector<std::string> Loader::ReadPeerList(const Section& section, const Entry& entry,
                                               std::string_view self) {
   std::vector<std::string> out;
-  std::string_view rest = entry.value;
-  while (true) {
-    const auto comma = rest.find(',');
-    const std::string name(Trim(rest.substr(0, comma)));
+  for (const std::string& name : SplitCommas(entry.value)) {
     if (name.empty()) {
       ValueProblem(section, entry, "empty peer name in the list");
     } else if (declared_peers_.count(name) == 0) {
@@ -602,18 +610,13 @@ std::vector<std::string> Loader::ReadPeerList(const Section& section, const Entr
     } else {
       out.push_back(name);
     }
-    if (comma == std::string_view::npos) break;
-    rest.remove_prefix(comma + 1);
   }
   return out;
 }
 
 std::vector<std::string> Loader::ReadSystemPostTypes(const Section& section, const Entry& entry) {
   std::vector<std::string> out;
-  std::string_view rest = entry.value;
-  while (true) {
-    const auto comma = rest.find(',');
-    const std::string type(Trim(rest.substr(0, comma)));
+  for (const std::string& type : SplitCommas(entry.value)) {
     const bool well_formed = type.size() > 7 && type.size() <= 64 &&
                              type.compare(0, 7, "system_") == 0 &&
                              std::all_of(type.begin(), type.end(),
@@ -628,8 +631,6 @@ std::vector<std::string> Loader::ReadSystemPostTypes(const Section& section, con
     } else {
       out.push_back(type);
     }
-    if (comma == std::string_view::npos) break;
-    rest.remove_prefix(comma + 1);
   }
   return out;
 }
